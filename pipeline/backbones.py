@@ -1,0 +1,357 @@
+"""One registry: a model name plus a weights spec becomes a headless backbone.
+
+The embedding is defined once for every family: the *input of the model's final
+classification layer* (the layer a transfer-learning head replaces). We find that layer
+generically (the last ``nn.Linear`` producing the class logits; squeezenet's final 1x1
+conv) and replace it with ``nn.Identity`` — so resnet50 gives 2048, densenet121 1024,
+vgg 4096 (fc7), squeezenet 512 (pooled), inception_v3 2048, vit the class token.
+
+Preprocessing comes from the weights (``weights.transforms()``), never from constants in
+stage code; ``--weights none`` uses the architecture's default weights' transforms.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms._presets import ImageClassification
+
+from .errors import BackboneError, WeightsUnavailableError
+
+HUB_PREFIX = "hub:"
+# Used only for torch.hub entries that declare no preprocessing of their own (recorded as such).
+_IMAGENET_FALLBACK = dict(resize_size=[256], crop_size=[224], mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything that turns a PIL image into the model's input tensor (recorded in caches)."""
+
+    resize_size: list[int]
+    crop_size: list[int]
+    mean: list[float]
+    std: list[float]
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    source: str = "weights"  # where it came from: "weights" or "fallback"
+
+    @classmethod
+    def from_torchvision(cls, transform: ImageClassification, source: str = "weights") -> "Preprocessing":
+        return cls(
+            resize_size=list(transform.resize_size),
+            crop_size=list(transform.crop_size),
+            mean=[float(m) for m in transform.mean],
+            std=[float(s) for s in transform.std],
+            interpolation=InterpolationMode(transform.interpolation).value,
+            antialias=bool(transform.antialias),
+            source=source,
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def transform(self) -> ImageClassification:
+        """The exact torchvision preset transform (PIL or tensor in, normalised tensor out)."""
+        return ImageClassification(
+            crop_size=self.crop_size[0],
+            resize_size=self.resize_size[0] if len(self.resize_size) == 1 else tuple(self.resize_size),
+            mean=tuple(self.mean),
+            std=tuple(self.std),
+            interpolation=InterpolationMode(self.interpolation),
+            antialias=self.antialias,
+        )
+
+    @property
+    def input_size(self) -> int:
+        return int(self.crop_size[0])
+
+
+@dataclass
+class Backbone:
+    """A headless model ready for inference plus the facts a cache must record."""
+
+    name: str  # as given: "resnet50" or "hub:DIR:entry"
+    model: nn.Module
+    embed_dim: int
+    preprocessing: Preprocessing
+    weights_id: str  # "torchvision:ResNet50_Weights.IMAGENET1K_V2", "none", "file:sha256=…" (content, not path)
+    seed: int | None = None
+    removed_layer: str = ""  # dotted name of the classification layer replaced by Identity
+    weights_spec: str = "DEFAULT"  # what the user passed (a PATH is made absolute), to rebuild it later
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "model": self.name,
+            "weights": self.weights_id,
+            "seed": self.seed,
+            "embed_dim": self.embed_dim,
+            "preprocessing": self.preprocessing.to_dict(),
+            "removed_layer": self.removed_layer,
+            "weights_spec": self.weights_spec,
+        }
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def available_models() -> list[str]:
+    """Classification models in torchvision's registry."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def check_model_name(name: str) -> None:
+    if name.startswith(HUB_PREFIX) or name in available_models():
+        return
+    close = difflib.get_close_matches(name, available_models(), n=5, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else "see `python cli.py models` for the list"
+    raise BackboneError(f"unknown model {name!r}: {hint} (torch.hub entries: --model hub:REPO_OR_DIR:ENTRY)")
+
+
+def _weights_enum(name: str):
+    return torchvision.models.get_model_weights(name)
+
+
+def _resolve_torchvision_weights(name: str, spec: str):
+    """Map DEFAULT / enum member name / 'Enum.MEMBER' to a torchvision WeightsEnum member."""
+    enum = _weights_enum(name)
+    member = spec.split(".")[-1]
+    if member.upper() == "DEFAULT":
+        return enum.DEFAULT
+    try:
+        return enum[member]
+    except KeyError:
+        choices = ", ".join(["DEFAULT", *[w.name for w in enum], "none", "PATH"])
+        raise BackboneError(f"--weights {spec!r} is not a weights name of {name} (choices: {choices})") from None
+
+
+def _build_pretrained(name: str, weights) -> nn.Module:
+    """torchvision's own builder with ``weights`` (keeps builder quirks such as
+    inception's ``transform_input``); reads the local torch hub cache, downloads when online."""
+    filename = os.path.basename(weights.url)
+    expected = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    try:
+        return torchvision.models.get_model(name, weights=weights)
+    except Exception as exc:  # URLError, OSError, hash mismatch, unpickling
+        first_line = (str(exc).splitlines() or [""])[0][:120]
+        raise WeightsUnavailableError(
+            f"pretrained weights {type(weights).__name__}.{weights.name} are not in the local cache "
+            f"({expected}) and could not be downloaded ({type(exc).__name__}: {first_line}); "
+            f"go online once or copy {filename} there, or use --weights none (random init) or --weights PATH"
+        ) from exc
+
+
+def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise BackboneError(f"--weights {str(path)!r}: no such file; give DEFAULT, a weights name, none, or a state_dict file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(
+            f"--weights {str(path)!r} is not a loadable state_dict ({type(exc).__name__}); "
+            "save one with torch.save(model.state_dict(), path)"
+        ) from exc
+    for key in ("state_dict", "model", "model_state_dict"):  # common checkpoint wrappers
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"--weights {str(path)!r} does not hold a state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def file_digest(path: Path, algo: str = "sha256") -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- headless
+
+
+def find_classifier(model: nn.Module, num_classes: int | None = None) -> tuple[str, nn.Module]:
+    """The dotted name and module of the final classification layer.
+
+    The last registered ``nn.Linear`` whose output is the class logits (or, for
+    squeezenet-style models, the last 1x1 ``nn.Conv2d`` inside ``classifier``).
+    """
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if num_classes is not None:
+        matching = [(n, m) for n, m in linears if m.out_features == num_classes]
+        if matching:
+            return matching[-1]
+    classifier = getattr(model, "classifier", None)
+    if isinstance(classifier, nn.Sequential):
+        convs = [(f"classifier.{n}", m) for n, m in classifier.named_modules() if isinstance(m, nn.Conv2d)]
+        if convs and (num_classes is None or convs[-1][1].out_channels == num_classes):
+            return convs[-1]
+    if linears:
+        return linears[-1]
+    raise BackboneError(f"cannot find the classification layer of {type(model).__name__}; it has no nn.Linear")
+
+
+def _set_submodule(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def make_headless(model: nn.Module, num_classes: int | None = None) -> str:
+    """Replace the final classification layer with Identity (in place); returns its name."""
+    name, layer = find_classifier(model, num_classes)
+    if isinstance(layer, nn.Conv2d):  # squeezenet: conv -> ReLU -> avgpool; keep the pooled 512 input
+        _set_submodule(model, name.split(".")[0], nn.Sequential(nn.AdaptiveAvgPool2d((1, 1))))
+        return name.split(".")[0]
+    _set_submodule(model, name, nn.Identity())
+    return name
+
+
+def _probe_embed_dim(model: nn.Module, size: int) -> int:
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, size, size))
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if out.ndim != 2:
+        out = torch.flatten(out, 1)
+    return int(out.shape[1])
+
+
+def _strip_classifier_keys(state: dict[str, torch.Tensor], removed: str) -> dict[str, torch.Tensor]:
+    prefix = removed + "."
+    return {k: v for k, v in state.items() if not k.startswith(prefix)}
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], removed: str, source: str) -> None:
+    state = _strip_classifier_keys(state, removed)
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {len(result.missing_keys)} keys (e.g. {result.missing_keys[0]})")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {len(result.unexpected_keys)} keys (e.g. {result.unexpected_keys[0]})")
+    if problems:
+        raise BackboneError(f"{source} does not match the architecture: {'; '.join(problems)}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_backbone(name: str, weights: str = "DEFAULT", seed: int = 0, device: str | torch.device = "cpu") -> Backbone:
+    """Build the headless backbone ``name`` with ``weights`` (DEFAULT, enum name, none, PATH).
+
+    Raises:
+        BackboneError: unknown model or weights spec, or a state_dict that does not fit.
+        WeightsUnavailableError: pretrained weights asked for but not obtainable.
+    """
+    check_model_name(name)
+    if name.startswith(HUB_PREFIX):
+        backbone = _load_hub(name, weights, seed)
+    else:
+        backbone = _load_torchvision(name, weights, seed)
+    spec = str(weights)
+    if Path(spec).expanduser().is_file():
+        spec = str(Path(spec).expanduser().resolve())
+    backbone.weights_spec = spec
+    backbone.model.eval().requires_grad_(False).to(device)
+    return backbone
+
+
+def _load_torchvision(name: str, weights: str, seed: int) -> Backbone:
+    enum = _weights_enum(name)
+    spec = str(weights)
+    is_path = spec.lower() not in ("none", "default") and (os.sep in spec or spec.endswith((".pt", ".pth", ".bin")) or Path(spec).is_file())
+    if spec.lower() == "none" or is_path:
+        torch.manual_seed(seed)
+        # init_weights=True: today's default for inception/googlenet, stated so it stays fixed.
+        extra = {"init_weights": True} if name in ("inception_v3", "googlenet") else {}
+        model = torchvision.models.get_model(name, weights=None, **extra)
+        preprocessing = Preprocessing.from_torchvision(enum.DEFAULT.transforms())
+        weights_id, used_seed = "none", seed
+        num_classes = 1000
+    else:
+        member = _resolve_torchvision_weights(name, spec)
+        num_classes = len(member.meta["categories"])
+        model = _build_pretrained(name, member)
+        preprocessing = Preprocessing.from_torchvision(member.transforms())
+        weights_id, used_seed = f"torchvision:{type(member).__name__}.{member.name}", None
+    removed = make_headless(model, num_classes)
+    if is_path:
+        path = Path(spec).expanduser().resolve()
+        _load_into(model, _load_state_file(path), removed, f"--weights {str(path)!r}")
+        weights_id, used_seed = f"file:sha256={file_digest(path)[:16]}", None
+    dim = _probe_embed_dim(model.eval(), preprocessing.input_size)
+    return Backbone(name, model, dim, preprocessing, weights_id, used_seed, removed)
+
+
+def parse_hub_name(name: str) -> tuple[str, str]:
+    """``hub:REPO_OR_DIR:ENTRY`` (REPO may carry ``:ref``) -> (repo_or_dir, entry)."""
+    body = name[len(HUB_PREFIX):]
+    repo, sep, entry = body.rpartition(":")
+    if not sep or not repo or not entry:
+        raise BackboneError(f"--model {name!r}: torch.hub models are written hub:REPO_OR_DIR:ENTRY, e.g. hub:pytorch/vision:resnet18 or hub:./myhub:mynet")
+    return repo, entry
+
+
+def _hub_preprocessing(model: nn.Module) -> Preprocessing:
+    declared = getattr(model, "featcache_preprocessing", None)
+    if isinstance(declared, dict):
+        return Preprocessing(**{**_IMAGENET_FALLBACK, **declared, "source": "hub entry"})
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and "input_size" in cfg:  # timm-style data config
+        size = int(cfg["input_size"][-1])
+        crop_pct = float(cfg.get("crop_pct", 0.875))
+        return Preprocessing(
+            resize_size=[int(size / crop_pct)],
+            crop_size=[size],
+            mean=[float(x) for x in cfg.get("mean", _IMAGENET_FALLBACK["mean"])],
+            std=[float(x) for x in cfg.get("std", _IMAGENET_FALLBACK["std"])],
+            interpolation=str(cfg.get("interpolation", "bilinear")),
+            source="hub pretrained_cfg",
+        )
+    return Preprocessing(**_IMAGENET_FALLBACK, source="fallback: ImageNet defaults (hub entry declares none)")
+
+
+def _load_hub(name: str, weights: str, seed: int) -> Backbone:
+    repo, entry = parse_hub_name(name)
+    local = Path(repo).expanduser()
+    source = "local" if local.is_dir() else "github"
+    spec = str(weights)
+    torch.manual_seed(seed)
+    kwargs: dict[str, Any] = {"pretrained": False} if spec.lower() == "none" else {}
+    try:
+        model = torch.hub.load(str(local.resolve()) if source == "local" else repo, entry, source=source, trust_repo=True, **kwargs)
+    except TypeError as exc:
+        raise BackboneError(f"hub entry {entry!r} does not accept pretrained=False ({exc}); use --weights DEFAULT or PATH") from exc
+    except Exception as exc:
+        raise BackboneError(
+            f"cannot load torch.hub entry {entry!r} from {repo!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            "check the name, or use a local hubconf folder when offline"
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise BackboneError(f"hub entry {entry!r} returned {type(model).__name__}, not an nn.Module")
+    preprocessing = _hub_preprocessing(model)
+    if hasattr(model, "reset_classifier"):  # timm models know their own head
+        model.reset_classifier(0)
+        removed = "reset_classifier(0)"
+    else:
+        removed = make_headless(model)
+    weights_id = f"hub:{entry}:default" if spec.lower() == "default" else f"hub:{entry}:{spec.lower()}"
+    if spec.lower() not in ("none", "default"):
+        path = Path(spec).expanduser().resolve()
+        _load_into(model, _load_state_file(path), removed, f"--weights {str(path)!r}")
+        weights_id = f"file:sha256={file_digest(path)[:16]}"
+    model.eval()
+    dim = _probe_embed_dim(model, preprocessing.input_size)
+    return Backbone(name, model, dim, preprocessing, weights_id, seed if spec.lower() == "none" else None, removed)

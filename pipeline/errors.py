@@ -1,0 +1,78 @@
+"""One exception hierarchy; the CLI maps each class to a documented exit code.
+
+Every message is one line that names the bad thing and says what to do about it.
+"""
+from __future__ import annotations
+
+from sklearn.exceptions import NotFittedError
+
+
+class ExitCode:
+    """Process exit codes (documented in the README and in ``--help``)."""
+
+    OK = 0
+    INTERNAL = 1  # a bug: please report it with --debug output
+    USAGE = 2  # bad option, path, model name or config
+    PARTIAL = 3  # finished, but some inputs failed (listed in the summary)
+    LOCKED = 4  # another process is writing the same cache/artifact
+    INCOMPATIBLE = 5  # cache/head/checkpoint corrupt, foreign, or built for something else
+    UNAVAILABLE = 6  # a resource is missing: pretrained weights offline, disk full, read-only
+    INTERRUPTED = 130  # SIGINT/SIGTERM: finished work was committed, then we stopped
+
+
+class FeatcacheError(Exception):
+    """Base of every error featcache raises on purpose (never for bugs)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class UsageError(FeatcacheError):
+    """A bad option value, path or combination of options."""
+
+
+class DataError(FeatcacheError):
+    """The image folder cannot be used as given (missing, empty, wrong layout)."""
+
+
+class BackboneError(FeatcacheError):
+    """Unknown model name or weights specification."""
+
+
+class WeightsUnavailableError(FeatcacheError):
+    """Pretrained weights were asked for but cannot be had (offline, not cached)."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+
+class CacheError(FeatcacheError):
+    """A cache file is corrupt, foreign, of a newer schema, or incompatible."""
+
+    exit_code = ExitCode.INCOMPATIBLE
+
+
+class IncompatibleError(FeatcacheError):
+    """Two artifacts do not belong together (e.g. a resnet50 head on a resnet18 cache)."""
+
+    exit_code = ExitCode.INCOMPATIBLE
+
+
+class LockHeldError(FeatcacheError):
+    """Another live process holds the lock on what we want to write."""
+
+    exit_code = ExitCode.LOCKED
+
+
+class StorageError(FeatcacheError):
+    """Writing failed (disk full, read-only directory); the previous state is intact."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+
+class Interrupted(FeatcacheError):
+    """SIGINT/SIGTERM arrived; finished work was committed before stopping."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
+class HeadNotFittedError(FeatcacheError, NotFittedError):
+    """A head used before ``fit``; also a scikit-learn ``NotFittedError``."""

@@ -1,0 +1,303 @@
+"""Stage 1: what is missing -> batches -> backbone -> cache writer.
+
+Reader (``ImageFileDataset`` + ``DataLoader`` workers: read, hash, decode, transform),
+mapper (``embed_batch``: the frozen backbone under ``inference_mode``) and writer
+(``CacheWriter``: buffered rows committed every ``commit_every`` images or
+``commit_seconds``) are separate pieces; ``run_extract`` only wires and times them.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__
+from .backbones import Backbone, load_backbone
+from .cache import CacheWriter, PendingRow
+from .data import DEFAULT_MAX_PIXELS, DecodeError, ImageRecord, ScanResult, decode_image, read_bytes, scan_folder
+from .errors import Interrupted, UsageError
+from .locks import WriterLock
+
+EMBEDDING_DEFINITION = "input of the model's final classification layer (classifier replaced by Identity)"
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+@dataclass
+class DecodedBatch:
+    positions: list[int]  # indices into the job's record list, for the decoded images
+    images: torch.Tensor | None  # [B, 3, H, W] float32, or None when none decoded
+    sha256: list[str]
+    failures: list[tuple[int, str]]  # (record index, reason)
+
+
+class ImageFileDataset(Dataset):
+    """Reads, hashes and decodes one file per item; never substitutes a failed file."""
+
+    def __init__(self, root: Path, records: Sequence[ImageRecord], transform: Callable, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.root = Path(root)
+        self.records = list(records)
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            data = read_bytes(self.root / self.records[i].relpath)
+            sha = hashlib.sha256(data).hexdigest()
+            image = decode_image(data, self.max_pixels)
+            return i, self.transform(image), sha
+        except DecodeError as exc:
+            return i, None, f"!{exc}"
+        except Exception as exc:  # a transform failure on a pathological image: record, do not stop
+            return i, None, f"!cannot preprocess: {type(exc).__name__}: {exc}"
+
+
+def collate_decoded(items: list[tuple[int, torch.Tensor | None, str]]) -> DecodedBatch:
+    ok = [(i, t, s) for i, t, s in items if t is not None]
+    failures = [(i, s[1:]) for i, t, s in items if t is None]
+    images = torch.stack([t for _, t, _ in ok]) if ok else None
+    return DecodedBatch([i for i, _, _ in ok], images, [s for _, _, s in ok], failures)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoders must not fight the backbone for cores
+
+
+def default_workers() -> int:
+    """Decoder processes: half the cores (the backbone uses the rest), at least 1, at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def make_loader(dataset: ImageFileDataset, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_decoded,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+# ----------------------------------------------------------------------------- mapper
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or auto)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UsageError(f"--device {device!r} is not supported; choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+def prepare_model(backbone: Backbone, device: torch.device, channels_last: bool = True) -> torch.nn.Module:
+    model = backbone.model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def embed_batch(model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool = True, amp_dtype: torch.dtype | None = None) -> np.ndarray:
+    """Backbone forward for one batch; returns float32 numpy [B, D]."""
+    x = images.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    with torch.inference_mode(), autocast:
+        out = model(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        out = torch.flatten(out, 1)
+    return out.float().cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+@dataclass
+class ExtractSummary:
+    cache: str
+    model: str
+    weights: str
+    embed_dim: int
+    device: str
+    new: int = 0
+    cached: int = 0
+    failed: int = 0  # files currently failing (this run's and earlier ones)
+    new_failed: int = 0
+    removed: int = 0
+    rows: int = 0  # rows the cache now holds
+    classes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    commits: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    interrupted: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["failures"] = [{"path": p, "reason": r} for p, r in self.failures]
+        d["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
+        return d
+
+
+def default_cache_path(model: str, weights: str, data_root: Path, cache_dir: Path | None = None) -> Path:
+    """``cache/<model>__<weights>__<root name>-<hash>.h5``: one cache per backbone, weights and root."""
+    base = Path(cache_dir or os.environ.get("FEATCACHE_CACHE_DIR", "cache"))
+    clean = lambda s: "".join(c if c.isalnum() or c in "-_." else "-" for c in s).strip("-")  # noqa: E731
+    w = Path(weights).stem if os.sep in str(weights) else str(weights)
+    root_tag = hashlib.sha1(str(Path(data_root).resolve()).encode()).hexdigest()[:8]
+    return base / f"{clean(model)}__{clean(w)}__{clean(Path(data_root).name) or 'root'}-{root_tag}.h5"
+
+
+def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.device) -> dict[str, Any]:
+    return {
+        **backbone.provenance(),
+        "embedding": EMBEDDING_DEFINITION,
+        "dtype": dtype,
+        "data_root": str(scan.root),
+        "layout": scan.layout,
+        "classes": list(scan.classes),
+        "engine": "eager",
+        "precision": "fp32",
+        "device": str(device),
+        "featcache_version": __version__,
+        "torch_version": str(torch.__version__),
+        "torchvision_version": str(torchvision.__version__),
+        "numpy_version": np.__version__,
+        "python_version": platform.python_version(),
+    }
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so both stop the loop through one path."""
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+ProgressFn = Callable[[int, int, float], None]
+
+
+def run_extract(
+    data_dir: str | os.PathLike,
+    model: str,
+    weights: str = "DEFAULT",
+    out: str | os.PathLike | None = None,
+    *,
+    batch_size: int = 32,
+    workers: int | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    layout: str = "auto",
+    seed: int = 0,
+    commit_every: int = 1000,
+    commit_seconds: float = 60.0,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    amp: bool = False,
+    wait: float = 0.0,
+    progress: ProgressFn | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+) -> ExtractSummary:
+    """Extract embeddings for every image under ``data_dir`` not yet in the cache.
+
+    Raises:
+        DataError, BackboneError, WeightsUnavailableError, CacheError, IncompatibleError,
+        LockHeldError, StorageError, Interrupted (after committing finished batches).
+    """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    if commit_every < 1:
+        raise UsageError(f"--commit-every must be at least 1 (got {commit_every})")
+    workers = default_workers() if workers is None else workers
+    if workers < 0:
+        raise UsageError(f"--workers must be 0 or more (got {workers})")
+    dev = resolve_device(device)
+    if amp and dev.type != "cuda":
+        raise UsageError("--amp needs a CUDA device (on CPU, reduced precision is slower without native bf16); drop --amp or use --device cuda")
+
+    scan = scan_folder(data_dir, layout)
+    backbone = load_backbone(model, weights, seed=seed)
+    out_path = Path(out) if out is not None else default_cache_path(model, weights, scan.root)
+    meta = build_meta(backbone, scan, dtype, dev)
+    summary = ExtractSummary(str(out_path), model, backbone.weights_id, backbone.embed_dim, str(dev), classes=list(scan.classes))
+    summary.skipped = list(scan.skipped)
+
+    t0 = time.perf_counter()
+    with WriterLock(out_path, command=f"extract --model {model}", wait=wait):
+        writer = CacheWriter(out_path, meta)
+        known = writer.known()
+        on_disk = {r.relpath for r in scan.records}
+        todo = [r for r in scan.records if known.get(r.relpath) != (r.size, r.mtime_ns)]
+        removed = sorted(set(known) - on_disk)
+        writer.remove(removed)
+        summary.removed = len(removed)
+        summary.cached = len(scan.records) - len(todo)
+        if removed or todo:
+            log(f"{len(todo)} to extract, {summary.cached} cached, {len(removed)} removed")
+
+        net = prepare_model(backbone, dev)
+        amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if amp else None
+        loader = make_loader(ImageFileDataset(scan.root, todo, backbone.preprocessing.transform(), max_pixels), batch_size, workers if todo else 0, dev.type == "cuda")
+        done, last_commit = 0, time.monotonic()
+        try:
+            with _sigterm_as_interrupt():
+                for batch in loader if todo else ():
+                    for i, reason in batch.failures:
+                        r = todo[i]
+                        writer.add_failure(r.relpath, reason, r.size, r.mtime_ns)
+                        summary.new_failed += 1
+                    if batch.images is not None:
+                        emb = embed_batch(net, batch.images, dev, amp_dtype=amp_dtype)
+                        rows = [PendingRow(todo[i].relpath, todo[i].label, todo[i].split, todo[i].size, todo[i].mtime_ns, s) for i, s in zip(batch.positions, batch.sha256)]
+                        writer.add(rows, emb)
+                        summary.new += len(rows)
+                    done += len(batch.positions) + len(batch.failures)
+                    if writer.pending >= commit_every or time.monotonic() - last_commit >= commit_seconds:
+                        writer.commit()
+                        last_commit = time.monotonic()
+                    if progress:
+                        progress(done, len(todo), time.perf_counter() - t0)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        writer.commit()  # finished batches are complete rows: keep them, interrupted or not
+        if not summary.interrupted:
+            writer.compact()
+        summary.commits = writer.commits
+        summary.failures = sorted(writer.failures.items())
+        summary.failed = len(summary.failures)
+        summary.rows = sum(writer.state.valid)
+    summary.seconds = round(time.perf_counter() - t0, 3)
+    summary.images_per_s = round(summary.new / summary.seconds, 2) if summary.seconds > 0 and summary.new else 0.0
+    if summary.interrupted:
+        raise Interrupted(f"interrupted after {summary.new} new images; they are committed to {str(out_path)!r}, run the same command again to resume")
+    return summary

@@ -1,0 +1,86 @@
+"""Advisory file locks for writers (one writer per cache or artifact at a time).
+
+``fcntl.flock`` locks die with their process, so a lock left by a killed writer is never
+stale: the next writer simply gets it. The lock file records who holds it, for messages.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from .errors import LockHeldError, StorageError
+
+
+def lock_path_for(target: Path) -> Path:
+    return target.with_name(target.name + ".lock")
+
+
+def _describe_holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return "another process"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
+    return f"PID {info.get('pid', '?')} on {info.get('host', '?')} (since {since}, running {info.get('command', '?')})"
+
+
+class WriterLock:
+    """Exclusive lock on ``target`` (held through ``target + '.lock'``).
+
+    ``wait`` seconds: 0 fails at once with :class:`LockHeldError`; otherwise polls until then.
+    """
+
+    def __init__(self, target: Path, command: str = "featcache", wait: float = 0.0):
+        self.target = Path(target)
+        self.path = lock_path_for(self.target)
+        self.command = command
+        self.wait = wait
+        self._fh = None
+
+    def acquire(self) -> "WriterLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(self.path, "a+")
+        except OSError as exc:
+            raise StorageError(f"cannot create lock file {str(self.path)!r}: {exc.strerror}; check that the folder is writable") from exc
+        deadline = time.monotonic() + max(self.wait, 0.0)
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = _describe_holder(self.path)
+                    fh.close()
+                    raise LockHeldError(
+                        f"{str(self.target)!r} is being written by {holder}; wait for it to finish "
+                        "or pass --wait SECONDS"
+                    ) from None
+                time.sleep(0.2)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": self.command}))
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            try:
+                self._fh.seek(0)
+                self._fh.truncate()
+            except OSError:
+                pass
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,86 @@
+"""Plain-text summaries of caches for terminals and JSON for machines (no training here)."""
+from __future__ import annotations
+
+import collections
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .cache import cache_disk_bytes, read_index_info, read_rows
+from .data import scan_folder
+from .errors import DataError
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def cache_status(path: str | os.PathLike, check_disk: bool = True) -> dict[str, Any]:
+    """What a cache holds: rows, classes with counts, splits, failures, provenance, freshness."""
+    path = Path(path)
+    table = read_rows(path)
+    meta = table.meta
+    classes = list(meta["classes"])
+    label_counts = collections.Counter(int(l) for l in table.labels)
+    per_class = {c: label_counts.get(i, 0) for i, c in enumerate(classes)}
+    unlabeled = label_counts.get(-1, 0)
+    splits = dict(collections.Counter(s or "(none)" for s in table.split))
+    info = read_index_info(path)
+    failures, updated, n_parts = info["failures"], info["updated"], info["parts"]
+    status: dict[str, Any] = {
+        "cache": str(path),
+        "rows": len(table.paths),
+        "embed_dim": meta["embed_dim"],
+        "dtype": meta["dtype"],
+        "classes": per_class,
+        "unlabeled": unlabeled,
+        "splits": splits,
+        "failed": len(failures),
+        "failures": [{"path": p, "reason": r} for p, r in failures],
+        "parts": n_parts,
+        "bytes_on_disk": cache_disk_bytes(path),
+        "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(updated)),
+        "provenance": meta,
+    }
+    if check_disk:
+        try:
+            scan = scan_folder(meta["data_root"], meta["layout"])
+            have = set(table.paths) | {p for p, _ in failures}
+            on_disk = {r.relpath for r in scan.records}
+            status["not_extracted"] = len(on_disk - have)
+            status["gone_from_disk"] = len(have - on_disk)
+        except DataError as exc:
+            status["not_extracted"] = None
+            status["data_root_problem"] = str(exc)
+    return status
+
+
+def format_cache_status(s: dict[str, Any]) -> str:
+    meta = s["provenance"]
+    pre = meta["preprocessing"]
+    lines = [
+        f"cache      {s['cache']}",
+        f"backbone   {meta['model']}  weights={meta['weights']}  embed_dim={s['embed_dim']} {s['dtype']}",
+        f"preprocess resize={pre['resize_size']} crop={pre['crop_size']} {pre['interpolation']} mean={pre['mean']} std={pre['std']}",
+        f"data root  {meta['data_root']}  (layout {meta['layout']})",
+        f"rows       {s['rows']}  in {s['parts']} part(s), {human_bytes(s['bytes_on_disk'])} on disk, updated {s['updated']}",
+        f"splits     {', '.join(f'{k}={v}' for k, v in s['splits'].items()) or '-'}",
+        f"classes    {len(s['classes'])}" + (f"  (+{s['unlabeled']} unlabeled)" if s["unlabeled"] else ""),
+    ]
+    width = max((len(c) for c in s["classes"]), default=0)
+    lines += [f"  {c:<{width}}  {n}" for c, n in s["classes"].items()]
+    if s.get("not_extracted") is not None:
+        lines.append(f"pending    {s['not_extracted']} file(s) on disk not yet extracted, {s.get('gone_from_disk', 0)} gone from disk")
+    elif s.get("data_root_problem"):
+        lines.append(f"pending    unknown: {s['data_root_problem']}")
+    lines.append(f"failed     {s['failed']}")
+    lines += [f"  {f['path']}: {f['reason']}" for f in s["failures"][:20]]
+    if s["failed"] > 20:
+        lines.append(f"  ... and {s['failed'] - 20} more (see --json)")
+    lines.append(f"versions   featcache {meta.get('featcache_version')}, torch {meta.get('torch_version')}, torchvision {meta.get('torchvision_version')}")
+    return "\n".join(lines)
