@@ -235,7 +235,12 @@ def _strip_classifier_keys(state: dict[str, torch.Tensor], removed: str) -> dict
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], removed: str, source: str) -> None:
     state = _strip_classifier_keys(state, removed)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        mismatches = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        example = mismatches[0] if mismatches else str(exc).splitlines()[0]
+        raise BackboneError(f"{source} does not match the architecture: {len(mismatches)} shape mismatch(es), e.g. {example[:160]}") from None
     problems = []
     if result.missing_keys:
         problems.append(f"missing {len(result.missing_keys)} keys (e.g. {result.missing_keys[0]})")

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny generated images, a small digits folder, the CLI runner."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def make_image(path: Path, size=(48, 40), seed: int = 0, fmt: str | None = None, mode: str = "RGB") -> Path:
+    """A deterministic noisy colour image (not blank, so embeddings differ per seed)."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).convert(mode).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def image_tree(tmp_path: Path) -> Path:
+    """ImageFolder tree: 3 classes x 4 images, mixed formats."""
+    root = tmp_path / "imgs"
+    exts = [".png", ".jpg", ".bmp", ".png"]
+    for c, cls in enumerate(["cat", "dog", "eel"]):
+        for i, ext in enumerate(exts):
+            make_image(root / cls / f"{i}{ext}", seed=10 * c + i)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_small(tmp_path_factory) -> Path:
+    from pipeline.demo import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits") / "digits", size=32, per_class=6)
+
+
+def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python cli.py ARGS`` in a real subprocess (exit codes and stdout as users see them)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})}, cwd=ROOT,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cli failed ({proc.returncode}): {proc.stderr}")
+    return proc
+
+
+def cli_json(*args: str, expect: int = 0) -> dict:
+    proc = run_cli(*args, "--json")
+    assert proc.returncode == expect, proc.stderr
+    lines = [l for l in proc.stdout.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stdout  # exactly one JSON object on stdout
+    return json.loads(lines[0])

@@ -1,0 +1,129 @@
+"""Real processes: SIGKILL mid-run then resume; SIGTERM; two writers on one cache."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_image, run_cli
+from pipeline import load_cache
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def many_images(tmp_path) -> Path:
+    root = tmp_path / "many"
+    for i in range(48):
+        make_image(root / ("a" if i % 2 else "b") / f"{i:03d}.jpg", size=(96, 80), seed=i)
+    return root
+
+
+def _start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _generation(path: Path) -> int:
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f.attrs["generation"])
+    except (OSError, KeyError):
+        return 0
+
+
+def _wait_for(cond, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+ARGS = ("-m", "resnet50", "-w", "none", "--batch-size", "4", "--commit-every", "4", "--workers", "0", "-q")
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, many_images):
+    out = tmp_path / "killed.h5"
+    proc = _start("extract", str(many_images), *ARGS, "--out", str(out))
+    assert _wait_for(lambda: _generation(out) >= 2), proc.stderr.read() if proc.poll() is not None else "no commit"
+    assert proc.poll() is None, "the run finished before it could be killed; use more images"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = load_cache(out)  # committed rows survive the kill intact
+    assert 8 <= len(partial) < 48
+
+    resumed = run_cli("extract", str(many_images), *ARGS, "--out", str(out), "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["cached"] == len(partial) and summary["new"] == 48 - len(partial)
+
+    ref = tmp_path / "clean.h5"
+    assert run_cli("extract", str(many_images), *ARGS, "--out", str(ref)).returncode == 0
+    a, b = load_cache(out), load_cache(ref)
+    assert a.paths == b.paths and list(a.labels) == list(b.labels)
+    np.testing.assert_allclose(a.embeddings, b.embeddings, rtol=1e-4, atol=1e-5)
+    assert not any(".tmp-" in p.name for p in tmp_path.rglob("*"))
+
+
+def test_sigterm_stops_cleanly_with_exit_130(tmp_path, many_images):
+    out = tmp_path / "t.h5"
+    proc = _start("extract", str(many_images), *ARGS, "--out", str(out))
+    assert _wait_for(lambda: _generation(out) >= 1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "run the same command again" in err
+    assert 4 <= len(load_cache(out)) < 48
+
+
+def test_interrupt_commits_buffered_batches(tmp_path, many_images):
+    """Ctrl-C between commits: finished batches still in the buffer are committed on the way out."""
+    from pipeline.errors import Interrupted
+    from pipeline.extract import run_extract
+
+    calls = []
+
+    def ctrl_c_after_three_batches(done, total, elapsed):
+        calls.append(done)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "i.h5"
+    with pytest.raises(Interrupted, match="12 new images"):
+        run_extract(many_images, "resnet18", "none", out, batch_size=4, workers=0, commit_every=1000, progress=ctrl_c_after_three_batches)
+    assert len(load_cache(out)) == 12
+
+
+def test_second_writer_is_refused_then_waits(tmp_path, many_images):
+    out = tmp_path / "c.h5"
+    first = _start("extract", str(many_images), *ARGS, "--out", str(out))
+    lock = out.with_name(out.name + ".lock")
+    assert _wait_for(lambda: lock.exists() and lock.stat().st_size > 0)
+    second = run_cli("extract", str(many_images), *ARGS, "--out", str(out))
+    assert second.returncode == 4, second.stderr
+    assert f"PID {first.pid}" in second.stderr and "--wait" in second.stderr
+    waited = run_cli("extract", str(many_images), *ARGS, "--out", str(out), "--wait", "300", "--json")
+    assert first.wait() == 0
+    assert waited.returncode == 0 and json.loads(waited.stdout)["new"] == 0
+    assert len(load_cache(out)) == 48
+
+
+def test_lock_of_killed_writer_is_not_stale(tmp_path, many_images):
+    out = tmp_path / "c.h5"
+    proc = _start("extract", str(many_images), *ARGS, "--out", str(out))
+    lock = out.with_name(out.name + ".lock")
+    assert _wait_for(lambda: lock.exists() and lock.stat().st_size > 0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    again = run_cli("extract", str(many_images), *ARGS, "--out", str(out))
+    assert again.returncode == 0, again.stderr
+    assert len(load_cache(out)) == 48
