@@ -59,3 +59,16 @@ def cli_json(*args: str, expect: int = 0) -> dict:
     lines = [l for l in proc.stdout.splitlines() if l.strip()]
     assert len(lines) == 1, proc.stdout  # exactly one JSON object on stdout
     return json.loads(lines[0])
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory) -> Path:
+    """All 1,797 digits through a seeded random resnet18: real embeddings a head must learn from."""
+    from pipeline.demo import write_digits
+    from pipeline.extract import run_extract
+
+    base = tmp_path_factory.mktemp("digits_full")
+    data = write_digits(base / "digits", size=32)
+    out = base / "digits_resnet18.h5"
+    run_extract(data, "resnet18", "none", out, batch_size=64)
+    return out
