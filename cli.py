@@ -159,6 +159,144 @@ def status(
     return 0
 
 
+def _floats(text: Optional[str], option: str) -> Optional[tuple[float, ...]]:
+    from pipeline.errors import UsageError
+
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: give comma-separated numbers, e.g. {option} 512,256") from None
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    from pipeline.metrics import format_metrics
+
+    for split in ("val", "test", "all"):
+        if split in metrics:
+            _err(format_metrics(split, metrics[split]))
+
+
+@command
+def fit_head(
+    cache: Path = typer.Argument(..., help="Cache .h5 written by extract."),
+    clf: str = typer.Option("logreg", "--clf", help="logreg, linear or mlp."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Head file; default heads/<cache>.<clf>.head.pt."),
+    C: Optional[float] = typer.Option(None, "--C", help="logreg: fix C (default: chosen by cross-validation on train)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", help="logreg: parallel CV jobs (joblib)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="torch heads: maximum epochs (default 100, early stopping on val loss)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="torch heads: AdamW learning rate."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="torch heads: AdamW weight decay."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="torch heads: minibatch size."),
+    hidden: Optional[str] = typer.Option(None, "--hidden", help="mlp: hidden sizes, e.g. 512,256."),
+    dropout: Optional[str] = typer.Option(None, "--dropout", help="mlp: dropout per hidden layer, e.g. 0.25,0.5."),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="torch heads: label smoothing."),
+    schedule: str = typer.Option("cosine", "--schedule", help="torch heads: cosine or step."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="torch heads: early-stopping patience in epochs (0 = off)."),
+    class_weight: Optional[str] = typer.Option(None, "--class-weight", help="balanced: weight classes inversely to their frequency."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Validation share when the data is not pre-split (hash of path: stable)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the split and the head."),
+    stream: bool = typer.Option(False, "--stream", help="torch heads: stream the cache in chunks instead of loading it."),
+    memory_budget_gb: float = typer.Option(4.0, "--memory-budget", help="GiB of embeddings to load before streaming automatically."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the metrics on stdout."),
+) -> int:
+    """Fit a head on a cache, evaluate it on val/test, save it with its provenance and reports."""
+    from pipeline.fit import fit_head as run_fit, head_params
+
+    _state["json"] = as_json
+    params = head_params(clf, C=C, jobs=jobs, seed=seed, class_weight=class_weight, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                         batch_size=batch_size, hidden=tuple(int(h) for h in _floats(hidden, "--hidden")) if hidden else None,
+                         dropout=_floats(dropout, "--dropout"), label_smoothing=label_smoothing, schedule=schedule, patience=patience)
+    r = run_fit(cache, clf, out, params=params, val_fraction=val_fraction, seed=seed, stream=stream, memory_budget=int(memory_budget_gb * 2**30))
+    if as_json:
+        _emit_json({"head": r.head_path, "clf": r.kind, "cache": r.cache, "n_train": r.n_train, "n_val": r.n_val, "n_test": r.n_test,
+                    "fit_seconds": r.seconds, "metrics": r.metrics, "reports": r.reports})
+    else:
+        _err(f"{r.kind} head fitted on {r.n_train} rows in {r.seconds:.1f}s -> {r.head_path}")
+        _print_metrics(r.metrics)
+        for name, path in r.reports.items():
+            _err(f"  {name}: {path}")
+    return 0
+
+
+@command
+def evaluate(
+    head: Path = typer.Argument(..., help="Head file written by fit-head."),
+    cache: Path = typer.Option(..., "--cache", help="A cache of the same backbone, weights and classes."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the metrics on stdout."),
+) -> int:
+    """Re-score a saved head on a compatible cache."""
+    from pipeline.fit import evaluate_head
+
+    _state["json"] = as_json
+    result = evaluate_head(head, cache)
+    if as_json:
+        _emit_json(result)
+    else:
+        _print_metrics(result)
+    return 0
+
+
+@command
+def predict(
+    model_path: Path = typer.Argument(..., help="Head file written by fit-head."),
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="CSV of path, predicted, probability, top-k, true."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid of images with predicted (and true) labels."),
+    topk: int = typer.Option(5, "--topk", help="How many classes in the top-k column."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> int:
+    """Classify new images with a saved head (runs the head's backbone; no cache needed)."""
+    from pipeline.predict import predict_images
+
+    _state["json"] = as_json
+    r = predict_images(model_path, images, out, grid, topk=topk, device=device)
+    code = 3 if r.failures else 0
+    if as_json:
+        _emit_json({"predictions": r.rows, "failures": [{"path": p, "reason": m} for p, m in r.failures], "csv": r.csv, "grid": r.grid, "exit_code": code})
+    else:
+        for row in r.rows[:20]:
+            _err(f"{row['path']}: {row['predicted']} ({row['probability']:.3f})" + (f"  true={row['true']}" if row["true"] else ""))
+        if len(r.rows) > 20:
+            _err(f"... {len(r.rows) - 20} more" + (f" in {r.csv}" if r.csv else " (use --out CSV)"))
+        known = [row for row in r.rows if row["true"]]
+        if known:
+            _err(f"accuracy on {len(known)} labelled images: {sum(row['true'] == row['predicted'] for row in known) / len(known):.4f}")
+        for path, reason in r.failures:
+            _err(f"  failed: {path}: {reason}")
+        for name, value in (("csv", r.csv), ("grid", r.grid)):
+            if value:
+                _err(f"  {name}: {value}")
+    return code
+
+
+@command
+def compare(
+    caches: list[Path] = typer.Argument(..., help="Caches of different backbones/weights over the same data."),
+    clf: str = typer.Option("logreg", "--clf", help="Head to fit on each: logreg, linear or mlp."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Validation share (same hash split for every cache)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the split and the heads."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> int:
+    """Which backbone transfers best: the same head on several caches, ranked."""
+    from pipeline.fit import compare_caches, head_params
+
+    _state["json"] = as_json
+    params = head_params(clf, C=None, jobs=None, seed=seed, class_weight=None, epochs=None, lr=None, weight_decay=None, batch_size=None,
+                         hidden=None, dropout=None, label_smoothing=0.0, schedule="cosine", patience=None)
+    result = compare_caches(caches, clf, params, val_fraction, seed)
+    if as_json:
+        _emit_json(result)
+    else:
+        _err(f"{'rank':>4}  {'backbone':<36} {'accuracy':>8} {'macro_f1':>8} {'fit s':>7} {'dim':>6}")
+        for i, r in enumerate(result["leaderboard"], 1):
+            _err(f"{i:>4}  {r['name']:<36} {r['accuracy']:8.4f} {r['macro_f1']:8.4f} {r['fit_seconds']:7.1f} {r['embed_dim']:>6}")
+        _err(f"  chart: {result['chart_png']}")
+    return 0
+
+
 @command
 def models(as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> int:
     """List the torchvision classification models that --model accepts."""
@@ -176,23 +314,38 @@ def demo(
     weights: str = typer.Option("none", "--weights", "-w", help="none works offline; DEFAULT needs the internet once."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ) -> int:
-    """End to end on the embedded demo data (scikit-learn's digits as an image folder)."""
+    """End to end on the embedded demo data: extract -> status -> fit-head -> predict."""
     from pipeline.demo import write_digits
     from pipeline.extract import run_extract
     from pipeline.report import cache_status, format_cache_status
 
     _state["json"] = as_json
+    from pipeline.fit import fit_head as run_fit
+    from pipeline.predict import predict_images
+
     data = write_digits(workdir / "digits")
     cache = workdir / "cache" / f"digits_{model}_{weights}.h5"
-    _err(f"[1/2] extract {data} with {model} (weights {weights}) -> {cache}")
+    _err(f"[1/4] extract {data} with {model} (weights {weights}) -> {cache}")
     summary = run_extract(data, model, weights, cache, progress=_Progress(not as_json, "extract"), log=_err)
     _err(f"      {summary.new} new, {summary.cached} cached, {summary.failed} failed in {summary.seconds:.1f}s")
-    _err("[2/2] what the cache holds")
+    _err("[2/4] what the cache holds")
     info = cache_status(cache)
+    if not as_json:
+        _err(format_cache_status(info))
+    head = workdir / "heads" / f"digits_{model}_{weights}.logreg.head.pt"
+    _err(f"[3/4] fit-head --clf logreg -> {head}")
+    fit = run_fit(cache, "logreg", head)
+    _err(f"      fitted on {fit.n_train} rows in {fit.seconds:.1f}s")
+    if not as_json:
+        _print_metrics(fit.metrics)
+    picks = [p for c in sorted(data.iterdir()) for p in sorted(c.iterdir())[:2]]
+    _err(f"[4/4] predict {len(picks)} images -> {workdir / 'predictions.csv'}, grid {workdir / 'predictions.png'}")
+    pred = predict_images(head, picks, workdir / "predictions.csv", workdir / "predictions.png")
+    right = sum(r["true"] == r["predicted"] for r in pred.rows)
+    _err(f"      {right}/{len(pred.rows)} correct")
     if as_json:
-        _emit_json({"extract": summary.to_dict(), "status": info})
-    else:
-        typer.echo(format_cache_status(info))
+        _emit_json({"extract": summary.to_dict(), "status": info, "fit_head": {"head": fit.head_path, "metrics": fit.metrics},
+                    "predict": {"csv": pred.csv, "grid": pred.grid, "correct": right, "n": len(pred.rows)}})
     return 0
 
 

@@ -1,0 +1,133 @@
+"""Saving and loading heads with provenance, and checking they fit a cache.
+
+A head artifact is one file written atomically with ``torch.save`` and read with
+``torch.load(weights_only=True)``: plain dicts, strings, numbers and tensors only. The
+scikit-learn head is stored as its arrays (scaler mean/scale, coefficients), not pickled,
+so loading an artifact can never execute code.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .atomic import atomic_path
+from .errors import CacheError, IncompatibleError
+from .heads import make_head
+
+HEAD_FORMAT = "featcache.head"
+HEAD_SCHEMA = 1
+# Provenance that must agree between a head and a cache it is applied to.
+HEAD_COMPAT_KEYS = ("model", "weights", "preprocessing", "embed_dim")
+
+
+def _to_plain(obj: Any) -> Any:
+    """numpy -> tensors/lists so torch.load(weights_only=True) accepts the file."""
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind in "fiub":
+            return torch.from_numpy(np.ascontiguousarray(obj))
+        return [_to_plain(x) for x in obj.tolist()]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {str(k): _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(x) for x in obj]
+    return obj
+
+
+def _from_plain(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return {k: _from_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def save_head(path: str | os.PathLike, head, kind: str, params: dict[str, Any], provenance: dict[str, Any], metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    path = Path(path)
+    state = head.get_state()
+    blob = {
+        "format": HEAD_FORMAT,
+        "schema_version": HEAD_SCHEMA,
+        "kind": kind,
+        "params": _to_plain(params),
+        "state": {k: (v if k == "state_dict" else _to_plain(v)) for k, v in state.items()},
+        "provenance": _to_plain(provenance),
+        "metrics": _to_plain(metrics),
+        "extra": _to_plain(extra or {}),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+    return path
+
+
+class LoadedHead:
+    """A fitted head plus what it was fitted on (``provenance``) and how well (``metrics``)."""
+
+    def __init__(self, path: Path, head, kind: str, provenance: dict[str, Any], metrics: dict[str, Any], extra: dict[str, Any]):
+        self.path, self.head, self.kind = path, head, kind
+        self.provenance, self.metrics, self.extra = provenance, metrics, extra
+
+    @property
+    def classes_(self) -> np.ndarray:
+        """Class names in output order."""
+        names = self.provenance["classes"]
+        return np.array([names[int(i)] for i in self.head.classes_], dtype=object)
+
+    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
+        return self.head.predict_proba(embeddings)
+
+    def predict(self, embeddings: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(embeddings).argmax(axis=1)]
+
+    def check_cache(self, cache_meta: dict[str, Any], cache_path: str | os.PathLike) -> None:
+        check_head_matches(self.provenance, cache_meta, self.path, Path(cache_path))
+
+
+def check_head_matches(head_prov: dict[str, Any], cache_meta: dict[str, Any], head_path: Path, cache_path: Path) -> None:
+    """Refuse a cache of another backbone, weights, preprocessing, width or class set."""
+    for key in HEAD_COMPAT_KEYS:
+        if head_prov.get(key) != cache_meta.get(key):
+            raise IncompatibleError(
+                f"head {str(head_path)!r} was fitted on {key}={head_prov.get(key)!r} but cache {str(cache_path)!r} has "
+                f"{key}={cache_meta.get(key)!r}; use a cache extracted with the head's backbone and weights"
+            )
+    if list(head_prov.get("classes", [])) != list(cache_meta.get("classes", [])):
+        raise IncompatibleError(
+            f"head {str(head_path)!r} knows classes {head_prov.get('classes')} but cache {str(cache_path)!r} has "
+            f"{cache_meta.get('classes')}; refit the head on this cache"
+        )
+
+
+def load_head(path: str | os.PathLike) -> LoadedHead:
+    """Load a head artifact written by ``fit-head``.
+
+    Raises:
+        CacheError: missing, unreadable or not a featcache head.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"head {str(path)!r} does not exist; create one with `python cli.py fit-head CACHE --out {path}`")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CacheError(f"{str(path)!r} is not a featcache head (cannot load it safely: {type(exc).__name__}); pass a file written by fit-head") from exc
+    if not isinstance(blob, dict) or blob.get("format") != HEAD_FORMAT:
+        raise CacheError(f"{str(path)!r} is not a featcache head (no featcache.head marker); pass a file written by fit-head")
+    if int(blob.get("schema_version", 0)) > HEAD_SCHEMA:
+        raise CacheError(f"head {str(path)!r} uses schema {blob['schema_version']}, newer than this featcache ({HEAD_SCHEMA}); upgrade featcache")
+    params = _from_plain(blob["params"])
+    for key in ("hidden", "dropout", "Cs"):
+        if key in params and isinstance(params[key], (list, np.ndarray)):
+            params[key] = tuple(np.asarray(params[key]).tolist())
+    params["device"] = "auto" if "device" in params else params.get("device")
+    if blob["kind"] == "logreg":
+        params.pop("device", None)
+    head = make_head(blob["kind"], **params)
+    state = {k: (v if k == "state_dict" else _from_plain(v)) for k, v in blob["state"].items()}
+    head.set_state(state)
+    return LoadedHead(path, head, blob["kind"], _from_plain(blob["provenance"]), _from_plain(blob["metrics"]), _from_plain(blob["extra"]))

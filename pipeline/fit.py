@@ -1,0 +1,243 @@
+"""Stage 2: fit a head on a cache, score it, save it with provenance; compare caches."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import sklearn
+import torch
+
+from . import __version__
+from .artifacts import LoadedHead, load_head, save_head
+from .cache import iter_embeddings, read_rows
+from .errors import UsageError
+from .heads import HEAD_KINDS, TorchHead, make_head
+from .metrics import classification_metrics, plot_confusion, plot_history, plot_leaderboard
+from .splits import assign_splits
+
+DEFAULT_MEMORY_BUDGET = 4 * 2**30  # bytes of embeddings held in RAM before streaming
+
+
+class CacheSource:
+    """Rows of a cache streamed in chunks (shuffled chunk order, shuffled within chunk)."""
+
+    def __init__(self, path: Path, index_rows: np.ndarray, labels: np.ndarray, chunk_rows: int = 16384):
+        order = np.argsort(index_rows)
+        self.path, self.rows, self.y = path, np.asarray(index_rows)[order], np.asarray(labels)[order]
+        self.n_rows, self.chunk_rows = len(self.rows), chunk_rows
+
+    def batches(self, batch_size, shuffle, rng) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        starts = np.arange(0, self.n_rows, self.chunk_rows)
+        if shuffle:
+            starts = rng.permutation(starts)
+        for s in starts:
+            rows, y = self.rows[s : s + self.chunk_rows], self.y[s : s + self.chunk_rows]
+            (_, X), = iter_embeddings(self.path, rows, chunk_rows=len(rows))
+            order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
+            for i in range(0, len(rows), batch_size):
+                idx = order[i : i + batch_size]
+                yield X[idx].astype(np.float32), y[idx]
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        total = total_sq = None
+        for _, X in iter_embeddings(self.path, self.rows, chunk_rows=self.chunk_rows):
+            X = X.astype(np.float64)
+            total = X.sum(0) if total is None else total + X.sum(0)
+            total_sq = (X**2).sum(0) if total_sq is None else total_sq + (X**2).sum(0)
+        mean = total / self.n_rows
+        return mean, np.sqrt(np.maximum(total_sq / self.n_rows - mean**2, 0))
+
+
+@dataclass
+class FitResult:
+    head_path: str
+    kind: str
+    cache: str
+    metrics: dict[str, Any]
+    seconds: float
+    n_train: int
+    n_val: int
+    n_test: int
+    reports: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_split(cache: Path, val_fraction: float, seed: int):
+    table = read_rows(cache)
+    classes = table.classes
+    labelled = int((table.labels >= 0).sum())
+    if labelled == 0:
+        raise UsageError(f"cache {str(cache)!r} has no labelled rows (it was extracted from an unlabeled folder); heads need class sub-folders")
+    present = np.unique(table.labels[table.labels >= 0])
+    if len(present) < 2:
+        raise UsageError(f"cache {str(cache)!r} has only one class ({classes[int(present[0])]!r}); a classifier needs at least 2 class folders")
+    split, rule = assign_splits(table.paths, table.labels, table.split, val_fraction, seed)
+    return table, split, rule
+
+
+def _read(cache: Path, rows: np.ndarray, dim: int) -> np.ndarray:
+    X = np.empty((len(rows), dim), dtype=np.float32)
+    for pos, block in iter_embeddings(cache, rows):
+        X[pos] = block
+    return X
+
+
+def full_proba(head, X: np.ndarray, n_classes: int) -> np.ndarray:
+    """[N, n_classes] probabilities even when the head saw only some classes."""
+    proba = head.predict_proba(X)
+    out = np.zeros((len(X), n_classes))
+    out[:, np.asarray(head.classes_, dtype=int)] = proba
+    return out
+
+
+def _default_head_path(cache: Path, kind: str) -> Path:
+    return Path(os.environ.get("FEATCACHE_HEAD_DIR", "heads")) / f"{cache.stem}.{kind}.head.pt"
+
+
+def head_params(kind: str, *, C: float | None, jobs: int | None, seed: int, class_weight: str | None, epochs: int | None,
+                lr: float | None, weight_decay: float | None, batch_size: int | None, hidden: tuple[int, ...] | None,
+                dropout: tuple[float, ...] | None, label_smoothing: float, schedule: str, patience: int | None) -> dict[str, Any]:
+    if kind not in HEAD_KINDS:
+        raise UsageError(f"--clf {kind!r} is not a head; choose one of {', '.join(HEAD_KINDS)}")
+    if class_weight not in (None, "balanced"):
+        raise UsageError(f"--class-weight {class_weight!r}: only 'balanced' is supported")
+    if kind == "logreg":
+        return {"C": C, "n_jobs": jobs, "random_state": seed, "class_weight": class_weight}
+    params: dict[str, Any] = {"random_state": seed, "class_weight": class_weight, "label_smoothing": label_smoothing, "schedule": schedule}
+    for name, value in (("epochs", epochs), ("lr", lr), ("weight_decay", weight_decay), ("batch_size", batch_size), ("patience", patience)):
+        if value is not None:
+            params[name] = value
+    if kind == "mlp":
+        if hidden is not None:
+            params["hidden"] = tuple(hidden)
+        if dropout is not None:
+            params["dropout"] = tuple(dropout)
+    return params
+
+
+def fit_head(cache: str | os.PathLike, kind: str, out: str | os.PathLike | None = None, *, params: dict[str, Any] | None = None,
+             val_fraction: float = 0.2, seed: int = 0, stream: bool = False, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+             plots: bool = True) -> FitResult:
+    """Fit ``kind`` on the cache's train rows, score val/test, save the artifact and reports.
+
+    Raises:
+        CacheError, UsageError (one class, no labels, logreg on a cache too big for RAM).
+    """
+    cache = Path(cache)
+    params = dict(params or {})
+    table, split, rule = _load_split(cache, val_fraction, seed)
+    meta, classes, dim = table.meta, table.classes, int(table.meta["embed_dim"])
+    idx = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
+    if not len(idx["train"]):
+        raise UsageError(f"cache {str(cache)!r} has no training rows; add images or lower --val-fraction")
+    n_bytes = len(table.index_rows) * dim * 4
+    streaming = stream or n_bytes > memory_budget
+    head = make_head(kind, **params)
+    t0 = time.perf_counter()
+    if streaming and kind == "logreg":
+        raise UsageError(f"cache {str(cache)!r} holds {n_bytes / 2**30:.1f} GiB of embeddings, over the memory budget; "
+                         "logreg needs them all in RAM: use --clf linear (streams the cache), or raise --memory-budget")
+    if streaming:
+        src = lambda s: CacheSource(cache, table.index_rows[idx[s]], table.labels[idx[s]])  # noqa: E731
+        head.fit_source(src("train"), src("val") if len(idx["val"]) else None, classes=np.unique(table.labels[idx["train"]]),
+                        n_features=dim, train_labels=table.labels[idx["train"]])
+        X = {s: None for s in idx}
+    else:
+        X = {s: _read(cache, table.index_rows[idx[s]], dim) for s in idx}
+        y_train = table.labels[idx["train"]]
+        if isinstance(head, TorchHead) and len(idx["val"]):
+            head.fit(X["train"], y_train, X["val"], table.labels[idx["val"]])
+        else:
+            head.fit(X["train"], y_train)
+    seconds = time.perf_counter() - t0
+
+    metrics: dict[str, Any] = {}
+    for s in ("val", "test"):
+        if len(idx[s]):
+            Xs = X[s] if X[s] is not None else _read(cache, table.index_rows[idx[s]], dim)
+            metrics[s] = classification_metrics(table.labels[idx[s]], full_proba(head, Xs, len(classes)), classes)
+    metrics["fit_seconds"] = seconds
+    history = list(getattr(head, "history_", []) or [])
+    out_path = Path(out) if out is not None else _default_head_path(cache, kind)
+    provenance = {
+        **{k: meta.get(k) for k in ("model", "weights", "weights_spec", "seed", "preprocessing", "embed_dim", "classes", "dtype", "data_root", "layout", "engine", "precision")},
+        "cache": str(cache.resolve()),
+        "cache_schema_version": 1,
+        "split_rule": rule.to_dict(),
+        "n_train": int(len(idx["train"])), "n_val": int(len(idx["val"])), "n_test": int(len(idx["test"])),
+        "featcache_version": __version__, "torch_version": str(torch.__version__), "sklearn_version": sklearn.__version__,
+        "numpy_version": np.__version__, "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    extra = {"history": history, "C": getattr(head, "C_", None), "cv_scores": {str(k): v for k, v in (getattr(head, "cv_scores_", {}) or {}).items()}}
+    save_head(out_path, head, kind, head.get_params(), provenance, metrics, extra)
+    reports = write_reports(out_path, metrics, classes, history, kind, plots)
+    return FitResult(str(out_path), kind, str(cache), metrics, seconds, len(idx["train"]), len(idx["val"]), len(idx["test"]), reports, head.get_params())
+
+
+def write_reports(head_path: Path, metrics: dict[str, Any], classes: list[str], history: list[dict], title: str, plots: bool = True) -> dict[str, str]:
+    from .atomic import atomic_path
+
+    reports: dict[str, str] = {}
+    base = head_path.with_name(head_path.name.removesuffix(".pt"))
+    mpath = Path(f"{base}.metrics.json")
+    with atomic_path(mpath) as tmp:
+        tmp.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
+    reports["metrics_json"] = str(mpath)
+    if plots:
+        for s in ("val", "test"):
+            if s in metrics:
+                reports[f"confusion_{s}_png"] = str(plot_confusion(metrics[s]["confusion_matrix"], classes, Path(f"{base}.confusion_{s}.png"), f"{title}: {s} confusion"))
+        if history:
+            reports["history_png"] = str(plot_history(history, Path(f"{base}.history.png"), f"{title}: training history"))
+    return reports
+
+
+def evaluate_head(head_path: str | os.PathLike, cache: str | os.PathLike, val_fraction: float | None = None) -> dict[str, Any]:
+    """Re-score a saved head on a compatible cache: its val/test rows by the head's split rule,
+    or every labelled row when the cache is another dataset (different data root)."""
+    loaded: LoadedHead = load_head(head_path)
+    cache = Path(cache)
+    table = read_rows(cache)
+    loaded.check_cache(table.meta, cache)
+    rule = loaded.provenance.get("split_rule", {})
+    same_data = table.meta.get("data_root") == loaded.provenance.get("data_root")
+    labelled = table.labels >= 0
+    if not labelled.any():
+        raise UsageError(f"cache {str(cache)!r} has no labelled rows to evaluate on")
+    dim, classes = int(table.meta["embed_dim"]), table.classes
+    result: dict[str, Any] = {"head": str(head_path), "cache": str(cache), "kind": loaded.kind}
+    if same_data:
+        split, _ = assign_splits(table.paths, table.labels, table.split, val_fraction if val_fraction is not None else rule.get("val_fraction", 0.2), rule.get("seed", 0))
+        groups = {s: np.flatnonzero(split == s) for s in ("val", "test")}
+    else:
+        groups = {"all": np.flatnonzero(labelled)}
+    for name, rows in groups.items():
+        if len(rows):
+            X = _read(cache, table.index_rows[rows], dim)
+            result[name] = classification_metrics(table.labels[rows], full_proba(loaded.head, X, len(classes)), classes)
+    return result
+
+
+def compare_caches(caches: list[str | os.PathLike], kind: str = "logreg", params: dict[str, Any] | None = None, val_fraction: float = 0.2,
+                   seed: int = 0, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Fit the same head on several caches and rank them by validation accuracy."""
+    if not caches:
+        raise UsageError("compare needs at least one cache")
+    out_dir = Path(out_dir or os.environ.get("FEATCACHE_HEAD_DIR", "heads")) / "compare"
+    rows = []
+    for c in caches:
+        r = fit_head(c, kind, out_dir / f"{Path(c).stem}.{kind}.head.pt", params=params, val_fraction=val_fraction, seed=seed, plots=False)
+        from .cache import read_cache_meta
+
+        meta = read_cache_meta(c)
+        m = r.metrics.get("val") or r.metrics.get("test")
+        rows.append({"name": f"{meta['model']} ({meta['weights']})", "cache": str(c), "accuracy": m["accuracy"] if m else float("nan"),
+                     "macro_f1": m["macro_f1"] if m else float("nan"), "fit_seconds": r.seconds, "embed_dim": meta["embed_dim"], "head": r.head_path})
+    rows.sort(key=lambda r: -r["accuracy"])
+    chart = plot_leaderboard(rows, out_dir / f"leaderboard.{kind}.png", f"{kind} head: validation accuracy by backbone")
+    return {"clf": kind, "leaderboard": rows, "chart_png": str(chart)}

@@ -1,0 +1,111 @@
+"""Predict classes of new images with a saved head (runs the head's own backbone; no cache)."""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifacts import load_head
+from .atomic import atomic_path
+from .backbones import load_backbone
+from .data import ImageRecord, has_image_extension, scan_folder
+from .errors import DataError, IncompatibleError
+from .extract import ImageFileDataset, embed_batch, make_loader, prepare_model, resolve_device
+from .fit import full_proba
+
+
+@dataclass
+class PredictResult:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    csv: str | None = None
+    grid: str | None = None
+
+
+def _collect(inputs: list[str | os.PathLike], classes: list[str]) -> list[tuple[Path, str | None]]:
+    """(absolute file, true class name or None) for every image named or under a folder."""
+    found: list[tuple[Path, str | None]] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            scan = scan_folder(p)
+            for r in scan.records:
+                true = scan.classes[r.label] if r.label >= 0 and scan.classes[r.label] in classes else None
+                found.append(((scan.root / r.relpath), true))
+        elif p.is_file():  # a file inside a folder named like a class: that is its true label
+            found.append((p.resolve(), p.parent.name if p.parent.name in classes else None))
+        else:
+            raise DataError(f"{str(p)!r} does not exist; pass image files or folders")
+    if not found:
+        raise DataError("no images to predict; pass image files or a folder with images")
+    return found
+
+
+def predict_images(head_path: str | os.PathLike, inputs: list[str | os.PathLike], out_csv: str | os.PathLike | None = None,
+                   grid_png: str | os.PathLike | None = None, topk: int = 5, batch_size: int = 32, workers: int = 0,
+                   device: str = "auto") -> PredictResult:
+    loaded = load_head(head_path)
+    prov = loaded.provenance
+    classes = list(prov["classes"])
+    files = _collect(inputs, classes)
+    backbone = load_backbone(prov["model"], prov.get("weights_spec") or prov["weights"], seed=int(prov.get("seed") or 0))
+    if backbone.weights_id != prov["weights"]:
+        raise IncompatibleError(f"head {str(head_path)!r} needs weights {prov['weights']!r} but {prov.get('weights_spec')!r} now gives {backbone.weights_id!r}; restore that weights file")
+    dev = resolve_device(device)
+    net = prepare_model(backbone, dev)
+    records = [ImageRecord(str(f), -1, "", 0, 0) for f, _ in files]
+    loader = make_loader(ImageFileDataset(Path("/"), records, backbone.preprocessing.transform()), batch_size, workers, dev.type == "cuda")
+    result = PredictResult()
+    k = min(topk, len(classes))
+    for batch in loader:
+        result.failures += [(records[i].relpath, reason) for i, reason in batch.failures]
+        if batch.images is None:
+            continue
+        proba = full_proba(loaded.head, embed_batch(net, batch.images, dev), len(classes))
+        for i, p in zip(batch.positions, proba):
+            order = np.argsort(-p)[:k]
+            result.rows.append({
+                "path": records[i].relpath, "predicted": classes[order[0]], "probability": float(p[order[0]]),
+                "topk": ";".join(f"{classes[j]}:{p[j]:.4f}" for j in order), "true": files[i][1] or "",
+            })
+    if out_csv is not None:
+        with atomic_path(Path(out_csv)) as tmp:
+            with open(tmp, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=["path", "predicted", "probability", "topk", "true"])
+                w.writeheader()
+                w.writerows(result.rows)
+        result.csv = str(out_csv)
+    if grid_png is not None and result.rows:
+        result.grid = str(plot_grid(result.rows, Path(grid_png)))
+    return result
+
+
+def plot_grid(rows: list[dict[str, Any]], path: Path, max_images: int = 32) -> Path:
+    """Images with predicted (and true) labels, green when right, red when wrong."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data import load_image
+
+    rows = rows[:max_images]
+    cols = min(8, len(rows))
+    nrows = (len(rows) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(2 * cols, 2.3 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, rows):
+        ax.imshow(load_image(r["path"]))
+        label = f"{r['predicted']} {r['probability']:.2f}" + (f"\n(true {r['true']})" if r["true"] else "")
+        color = "black" if not r["true"] else ("green" if r["true"] == r["predicted"] else "red")
+        ax.set_title(label, fontsize=8, color=color)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    return path
