@@ -1,0 +1,125 @@
+"""Stage 2 through the library and the CLI: splits, artifacts, compatibility, predict, compare."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from conftest import cli_json, make_image, run_cli
+from pipeline import load_cache, load_head
+from pipeline.errors import IncompatibleError, UsageError
+from pipeline.extract import run_extract
+from pipeline.fit import evaluate_head, fit_head
+from pipeline.splits import assign_splits
+
+
+def test_hash_split_is_stable_when_cache_grows():
+    paths = [f"c/{i}.png" for i in range(1000)]
+    labels = np.zeros(1000, dtype=int)
+    a, _ = assign_splits(paths, labels, [""] * 1000, 0.2, seed=0)
+    b, _ = assign_splits(paths + [f"c/new{i}.png" for i in range(500)], np.zeros(1500, dtype=int), [""] * 1500, 0.2, seed=0)
+    assert list(b[:1000]) == list(a)
+    assert 0.15 < (a == "val").mean() < 0.25
+    c, _ = assign_splits(paths, np.r_[labels[:-1], -1], [""] * 1000, 0.2, seed=0)
+    assert c[-1] == ""  # unlabeled rows are never trained on
+
+
+def test_logreg_head_matches_sklearn_on_cache(digits_cache, tmp_path):
+    r = fit_head(digits_cache, "logreg", tmp_path / "h.pt", params={"C": 0.5}, plots=False)
+    c = load_cache(digits_cache)
+    split, _ = assign_splits(c.paths, c.labels, c.split, 0.2, 0)
+    tr, va = split == "train", split == "val"
+    scaler = StandardScaler().fit(c.embeddings[tr])
+    ref = LogisticRegression(C=0.5, max_iter=1000, random_state=0).fit(scaler.transform(c.embeddings[tr]), c.labels[tr])
+    head = load_head(r.head_path)
+    np.testing.assert_array_equal(head.predict(c.embeddings[va]), np.array(c.classes)[ref.predict(scaler.transform(c.embeddings[va]))])
+    assert r.metrics["val"]["accuracy"] == pytest.approx((ref.predict(scaler.transform(c.embeddings[va])) == c.labels[va]).mean())
+    assert r.metrics["val"]["accuracy"] > 0.9  # learns for real: chance is 0.1
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_torch_heads_learn_and_roundtrip(digits_cache, tmp_path, kind):
+    r = fit_head(digits_cache, kind, tmp_path / f"{kind}.pt")
+    assert r.metrics["val"]["accuracy"] > 0.9
+    assert {"top5_accuracy", "macro_f1", "log_loss", "per_class", "confusion_matrix"} <= set(r.metrics["val"])
+    assert set(r.reports) >= {"metrics_json", "confusion_val_png", "history_png"}
+    again = evaluate_head(r.head_path, digits_cache)
+    assert again["val"]["accuracy"] == pytest.approx(r.metrics["val"]["accuracy"])
+
+
+def test_streaming_fit_equals_in_memory_quality(digits_cache, tmp_path):
+    r = fit_head(digits_cache, "linear", tmp_path / "s.pt", stream=True, plots=False)
+    assert r.metrics["val"]["accuracy"] > 0.9
+    with pytest.raises(UsageError, match="--clf linear"):
+        fit_head(digits_cache, "logreg", tmp_path / "x.pt", memory_budget=1000)
+
+
+def test_head_refuses_other_backbone(tmp_path, image_tree, digits_cache):
+    r = fit_head(digits_cache, "logreg", tmp_path / "h.pt", params={"C": 1.0}, plots=False)
+    other = tmp_path / "r34.h5"
+    run_extract(image_tree, "resnet34", "none", other, workers=0)
+    with pytest.raises(IncompatibleError, match="model='resnet18'.*'resnet34'"):
+        evaluate_head(r.head_path, other)
+
+
+def test_bad_caches_for_fit(tmp_path, image_tree):
+    one = tmp_path / "one"
+    for i in range(3):
+        make_image(one / "only" / f"{i}.png", seed=i)
+    run_extract(one, "resnet18", "none", tmp_path / "one.h5", workers=0)
+    with pytest.raises(UsageError, match="only one class"):
+        fit_head(tmp_path / "one.h5", "logreg", tmp_path / "h.pt")
+    flat = tmp_path / "flat"
+    for i in range(3):
+        make_image(flat / f"{i}.png", seed=i)
+    run_extract(flat, "resnet18", "none", tmp_path / "flat.h5", workers=0)
+    with pytest.raises(UsageError, match="no labelled rows"):
+        fit_head(tmp_path / "flat.h5", "logreg", tmp_path / "h.pt")
+
+
+def test_cli_fit_evaluate_predict_compare(digits_cache, tmp_path, image_tree):
+    head = tmp_path / "h.pt"
+    fit = cli_json("fit-head", str(digits_cache), "--clf", "logreg", "--C", "1", "--out", str(head))
+    assert fit["metrics"]["val"]["accuracy"] > 0.9
+    ev = cli_json("evaluate", str(head), "--cache", str(digits_cache))
+    assert ev["val"]["accuracy"] == pytest.approx(fit["metrics"]["val"]["accuracy"])
+
+    data = load_cache(digits_cache).meta["data_root"]
+    from pathlib import Path
+
+    picks = [str(p) for c in ("digit_3", "digit_7") for p in sorted((Path(data) / c).iterdir())[:3]]
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"nope")
+    out_csv, grid = tmp_path / "p.csv", tmp_path / "g.png"
+    pred = cli_json("predict", str(head), *picks, str(bad), "--out", str(out_csv), "--grid", str(grid), expect=3)
+    assert len(pred["predictions"]) == 6 and pred["failures"][0]["path"] == str(bad)
+    rows = list(csv.DictReader(open(out_csv)))
+    assert [r["true"] for r in rows] == ["digit_3"] * 3 + ["digit_7"] * 3
+    assert sum(r["true"] == r["predicted"] for r in rows) >= 5
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    cmp = cli_json("compare", str(digits_cache), str(digits_cache), "--clf", "linear")
+    assert len(cmp["leaderboard"]) == 2 and cmp["chart_png"].endswith(".png")
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["fit-head", "/missing.h5"], 5, "does not exist"),
+    (["fit-head", "{cache}", "--clf", "svm"], 2, "--clf 'svm'"),
+    (["evaluate", "/missing.pt", "--cache", "{cache}"], 5, "does not exist"),
+    (["evaluate", "{notours}", "--cache", "{cache}"], 5, "not a featcache head"),
+    (["predict", "{head}", "{empty}"], 2, "no images found"),
+])
+def test_cli_bad_input_stage2(digits_cache, tmp_path, args, code, needle):
+    head = tmp_path / "h.pt"
+    fit_head(digits_cache, "logreg", head, params={"C": 1.0}, plots=False)
+    (tmp_path / "empty").mkdir()
+    notours = tmp_path / "x.pt"
+    notours.write_bytes(b"garbage")
+    subs = {"{cache}": str(digits_cache), "{head}": str(head), "{empty}": str(tmp_path / "empty"), "{notours}": str(notours)}
+    proc = run_cli(*[subs.get(a, a) for a in args])
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr and needle in proc.stderr
