@@ -124,9 +124,8 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
     for key in ("hidden", "dropout", "Cs"):
         if key in params and isinstance(params[key], (list, np.ndarray)):
             params[key] = tuple(np.asarray(params[key]).tolist())
-    params["device"] = "auto" if "device" in params else params.get("device")
-    if blob["kind"] == "logreg":
-        params.pop("device", None)
+    if "device" in params:  # a head fitted on a GPU must still load on a CPU-only machine
+        params["device"] = "auto"
     head = make_head(blob["kind"], **params)
     state = {k: (v if k == "state_dict" else _from_plain(v)) for k, v in blob["state"].items()}
     head.set_state(state)

@@ -14,7 +14,8 @@ import torch
 
 from . import __version__
 from .artifacts import LoadedHead, load_head, save_head
-from .cache import iter_embeddings, read_rows
+from .atomic import atomic_path
+from .cache import iter_embeddings, read_cache_meta, read_rows
 from .errors import UsageError
 from .heads import HEAD_KINDS, TorchHead, make_head
 from .metrics import classification_metrics, plot_confusion, plot_history, plot_leaderboard
@@ -180,8 +181,6 @@ def fit_head(cache: str | os.PathLike, kind: str, out: str | os.PathLike | None 
 
 
 def write_reports(head_path: Path, metrics: dict[str, Any], classes: list[str], history: list[dict], title: str, plots: bool = True) -> dict[str, str]:
-    from .atomic import atomic_path
-
     reports: dict[str, str] = {}
     base = head_path.with_name(head_path.name.removesuffix(".pt"))
     mpath = Path(f"{base}.metrics.json")
@@ -232,8 +231,6 @@ def compare_caches(caches: list[str | os.PathLike], kind: str = "logreg", params
     rows = []
     for c in caches:
         r = fit_head(c, kind, out_dir / f"{Path(c).stem}.{kind}.head.pt", params=params, val_fraction=val_fraction, seed=seed, plots=False)
-        from .cache import read_cache_meta
-
         meta = read_cache_meta(c)
         m = r.metrics.get("val") or r.metrics.get("test")
         rows.append({"name": f"{meta['model']} ({meta['weights']})", "cache": str(c), "accuracy": m["accuracy"] if m else float("nan"),

@@ -12,7 +12,7 @@ import numpy as np
 from .artifacts import load_head
 from .atomic import atomic_path
 from .backbones import load_backbone
-from .data import ImageRecord, has_image_extension, scan_folder
+from .data import ImageRecord, scan_folder
 from .errors import DataError, IncompatibleError
 from .extract import ImageFileDataset, embed_batch, make_loader, prepare_model, resolve_device
 from .fit import full_proba
