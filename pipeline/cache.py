@@ -128,6 +128,7 @@ class RowTable:
     labels: np.ndarray
     split: list[str]
     meta: dict[str, Any]
+    fingerprints: dict[str, np.ndarray]  # size, mtime_ns, sha256 per row
 
     @property
     def classes(self) -> list[str]:
@@ -144,10 +145,16 @@ def read_rows(path: str | os.PathLike) -> RowTable:
         all_paths = np.array(_strs(f["paths"]), dtype=object)
         all_split = np.array(_strs(f["split"]), dtype=object)
         labels = f["labels"][...].astype(np.int64)
+        fingerprints = {
+            "size": f["fingerprints/size"][...],
+            "mtime_ns": f["fingerprints/mtime_ns"][...],
+            "sha256": np.array(_strs(f["fingerprints/sha256"]), dtype=object),
+        }
     rows = np.flatnonzero(valid)
     order = np.argsort(all_paths[rows].astype(str), kind="stable") if len(rows) else rows
     rows = rows[order]
-    return RowTable(path, rows, list(all_paths[rows]), labels[rows], list(all_split[rows]), meta)
+    fingerprints = {k: v[rows] if len(v) else v for k, v in fingerprints.items()}
+    return RowTable(path, rows, list(all_paths[rows]), labels[rows], list(all_split[rows]), meta, fingerprints)
 
 
 def iter_embeddings(path: str | os.PathLike, index_rows: np.ndarray, chunk_rows: int = 8192) -> Iterator[tuple[slice, np.ndarray]]:
@@ -182,20 +189,10 @@ def load_cache(path: str | os.PathLike) -> CacheData:
     emb = np.empty((len(table.index_rows), dim), dtype=np.dtype(table.meta.get("dtype", "float32")))
     for pos, block in iter_embeddings(path, table.index_rows):
         emb[pos] = block
-    with _open_index(Path(path)) as f:
-        valid = f["valid"][...].astype(bool)
-        fp = {
-            "size": f["fingerprints/size"][...][valid],
-            "mtime_ns": f["fingerprints/mtime_ns"][...][valid],
-            "sha256": np.array(_strs(f["fingerprints/sha256"]), dtype=object)[valid] if valid.any() else np.array([], dtype=object),
-        }
-    # fingerprints were read in index order; reorder like the rows (sorted by path)
-    rank = np.argsort(np.argsort(table.index_rows))
-    fp = {k: v[rank] for k, v in fp.items()}
     fail = read_index_info(path)["failures"]
     if len(emb) and np.isnan(emb).any():
         raise CacheError(f"cache {str(path)!r} has unreadable embedding rows (a part file is damaged); re-extract into a new --out")
-    return CacheData(Path(path), emb, table.labels, table.paths, table.classes, table.split, sorted(fail), table.meta, fp)
+    return CacheData(Path(path), emb, table.labels, table.paths, table.classes, table.split, sorted(fail), table.meta, table.fingerprints)
 
 
 # ----------------------------------------------------------------------------- writing

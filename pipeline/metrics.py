@@ -49,6 +49,18 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: Path, dpi: int = 100) -> Path:
+    """Lay out, write atomically as PNG, and free the figure."""
+    from .atomic import atomic_path
+
+    plt = _pyplot()
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_confusion(matrix: list[list[int]], class_names: Sequence[str], path: Path, title: str) -> Path:
     plt = _pyplot()
     cm = np.asarray(matrix)
@@ -63,10 +75,7 @@ def plot_confusion(matrix: list[list[int]], class_names: Sequence[str], path: Pa
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_history(history: list[dict[str, float]], path: Path, title: str) -> Path:
@@ -82,10 +91,7 @@ def plot_history(history: list[dict[str, float]], path: Path, title: str) -> Pat
     a1.set_xlabel("epoch"), a1.set_ylabel("loss"), a1.legend()
     a2.set_xlabel("epoch"), a2.set_ylabel("accuracy"), a2.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_leaderboard(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
@@ -96,7 +102,4 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path, title: str) -> Path
     ax.set_xlabel("validation accuracy")
     ax.set_xlim(0, 1)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -86,12 +86,10 @@ def predict_images(head_path: str | os.PathLike, inputs: list[str | os.PathLike]
 
 def plot_grid(rows: list[dict[str, Any]], path: Path, max_images: int = 32) -> Path:
     """Images with predicted (and true) labels, green when right, red when wrong."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from .data import load_image
+    from .metrics import _pyplot, save_figure
+
+    plt = _pyplot()
 
     rows = rows[:max_images]
     cols = min(8, len(rows))
@@ -104,8 +102,4 @@ def plot_grid(rows: list[dict[str, Any]], path: Path, max_images: int = 32) -> P
         label = f"{r['predicted']} {r['probability']:.2f}" + (f"\n(true {r['true']})" if r["true"] else "")
         color = "black" if not r["true"] else ("green" if r["true"] == r["predicted"] else "red")
         ax.set_title(label, fontsize=8, color=color)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=80)

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import ROOT, make_image, run_cli
 from pipeline import load_cache
+from pipeline.locks import lock_path_for
 
 pytestmark = pytest.mark.slow
 
@@ -103,11 +104,17 @@ def test_interrupt_commits_buffered_batches(tmp_path, many_images):
     assert len(load_cache(out)) == 12
 
 
+def _start_holding_lock(images: Path, out: Path) -> subprocess.Popen:
+    """Start an extract and return once it holds the cache's writer lock."""
+    proc = _start("extract", str(images), *ARGS, "--out", str(out))
+    lock = lock_path_for(out)
+    assert _wait_for(lambda: lock.exists() and lock.stat().st_size > 0)
+    return proc
+
+
 def test_second_writer_is_refused_then_waits(tmp_path, many_images):
     out = tmp_path / "c.h5"
-    first = _start("extract", str(many_images), *ARGS, "--out", str(out))
-    lock = out.with_name(out.name + ".lock")
-    assert _wait_for(lambda: lock.exists() and lock.stat().st_size > 0)
+    first = _start_holding_lock(many_images, out)
     second = run_cli("extract", str(many_images), *ARGS, "--out", str(out))
     assert second.returncode == 4, second.stderr
     assert f"PID {first.pid}" in second.stderr and "--wait" in second.stderr
@@ -119,9 +126,7 @@ def test_second_writer_is_refused_then_waits(tmp_path, many_images):
 
 def test_lock_of_killed_writer_is_not_stale(tmp_path, many_images):
     out = tmp_path / "c.h5"
-    proc = _start("extract", str(many_images), *ARGS, "--out", str(out))
-    lock = out.with_name(out.name + ".lock")
-    assert _wait_for(lambda: lock.exists() and lock.stat().st_size > 0)
+    proc = _start_holding_lock(many_images, out)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     again = run_cli("extract", str(many_images), *ARGS, "--out", str(out))

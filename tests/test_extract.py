@@ -84,6 +84,7 @@ def test_load_cache_contract_and_plain_h5py(tmp_path, image_tree):
     for key in ("model", "weights", "preprocessing", "embed_dim", "classes", "torch_version", "torchvision_version", "seed"):
         assert key in c.meta
     assert c.meta["model"] == "resnet18" and c.meta["weights"] == "none" and c.meta["seed"] == 0
+    assert list(c.fingerprints["size"]) == [(image_tree / p).stat().st_size for p in c.paths]  # aligned with rows
     # README recipe: plain h5py, no featcache
     with h5py.File(out, "r") as f:
         keep = f["valid"][:]
