@@ -113,14 +113,24 @@ def _start_holding_lock(images: Path, out: Path) -> subprocess.Popen:
 
 
 def test_second_writer_is_refused_then_waits(tmp_path, many_images):
+    """The lock is held by this test process, so the outcome never depends on how fast a writer runs."""
+    import threading
+
+    from pipeline.locks import WriterLock
+
     out = tmp_path / "c.h5"
-    first = _start_holding_lock(many_images, out)
-    second = run_cli("extract", str(many_images), *ARGS, "--out", str(out))
-    assert second.returncode == 4, second.stderr
-    assert f"PID {first.pid}" in second.stderr and "--wait" in second.stderr
-    waited = run_cli("extract", str(many_images), *ARGS, "--out", str(out), "--wait", "300", "--json")
-    assert first.wait() == 0
-    assert waited.returncode == 0 and json.loads(waited.stdout)["new"] == 0
+    lock = WriterLock(out, command="test holder").acquire()
+    try:
+        second = run_cli("extract", str(many_images), *ARGS, "--out", str(out))
+        assert second.returncode == 4, second.stderr
+        assert f"PID {os.getpid()}" in second.stderr and "--wait" in second.stderr
+        assert not out.exists()  # refused before writing anything
+        threading.Timer(2.0, lock.release).start()
+        waited = run_cli("extract", str(many_images), *ARGS, "--out", str(out), "--wait", "300", "--json")
+    finally:
+        lock.release()
+    assert waited.returncode == 0, waited.stderr
+    assert json.loads(waited.stdout)["new"] == 48
     assert len(load_cache(out)) == 48
 
 
