@@ -298,6 +298,60 @@ def compare(
 
 
 @command
+def finetune(
+    head: Path = typer.Argument(..., help="Head written by fit-head (or a model written by finetune): names the backbone, classes, split and data."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Fine-tuned model file; default <head>.finetuned.pt beside the head. Its checkpoint is <out>.ckpt."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Image folder (default: the one the head's cache was extracted from)."),
+    head_mode: Optional[str] = typer.Option(None, "--head", help="from (default): start from the fitted head; new: a fresh linear layer."),
+    unfreeze: Optional[str] = typer.Option(None, "--unfreeze", help="all (default) or last:N backbone blocks (last:0 trains only the head)."),
+    augment: Optional[str] = typer.Option(None, "--augment", help="none, basic (default: RandomResizedCrop + flip), rotate (+/-15 deg), strong (+TrivialAugment)."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd (default, momentum 0.9, nesterov) or adamw."),
+    lr_backbone: Optional[float] = typer.Option(None, "--lr-backbone", help="Backbone learning rate (sgd 1e-3, adamw 1e-5)."),
+    lr_head: Optional[float] = typer.Option(None, "--lr-head", help="Head learning rate (sgd 1e-2, adamw 1e-3)."),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="sgd momentum (0.9)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Weight decay on weights, not biases/norms (sgd 1e-4, adamw 0.05)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine (default), step (x0.1 at 1/3 and 2/3) or constant, after warmup."),
+    warmup: Optional[float] = typer.Option(None, "--warmup", help="Fraction of training in linear warmup (0.1)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (10). 0 evaluates the assembled model; on --resume, more epochs continue training."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per step (32)."),
+    accum: Optional[int] = typer.Option(None, "--accum", help="Gradient accumulation: optimiser step every N batches (1)."),
+    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help="Clip the gradient norm (0 = off)."),
+    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Label smoothing (0)."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)."),
+    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format (on by default)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for order, augmentation and new layers (0)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoder processes (default: half the cores)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from <out>.ckpt (bit-for-bit); options left out are taken from it."),
+    force: bool = typer.Option(False, "--force", help="Start over even though <out>.ckpt exists."),
+    wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same model file."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or per-epoch lines."),
+) -> int:
+    """Fine-tune the head's backbone end to end (BatchNorm frozen), starting from the head."""
+    from pipeline.finetune import run_finetune
+
+    _state["json"] = as_json
+    given = {"head": head_mode, "unfreeze": unfreeze, "augment": augment, "optimizer": optimizer, "lr_backbone": lr_backbone, "lr_head": lr_head,
+             "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule, "warmup": warmup, "epochs": epochs, "batch_size": batch_size,
+             "accum": accum, "clip_grad": clip_grad, "label_smoothing": label_smoothing, "amp": amp, "channels_last": channels_last, "seed": seed}
+    log = (lambda m: None) if quiet or as_json else _err
+    r = run_finetune(head, out, data_dir=data, options=given, resume=resume, force=force, workers=workers, device=device, wait=wait,
+                     progress=_Progress(not quiet and not as_json, "train"), log=log)
+    code = 3 if r.failures else 0
+    if as_json:
+        _emit_json({**r.to_dict(), "exit_code": code})
+    elif not quiet:
+        _err(f"{r.model_path}: best epoch {r.best_epoch} of {r.epochs_done} in {r.seconds:.1f}s (checkpoint {r.checkpoint})")
+        _print_metrics(r.metrics)
+        for name, path in r.reports.items():
+            _err(f"  {name}: {path}")
+        for path, reason in r.failures[:20]:
+            _err(f"  failed: {path}: {reason}")
+    return code
+
+
+@command
 def models(as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> int:
     """List the torchvision classification models that --model accepts."""
     from pipeline.backbones import available_models

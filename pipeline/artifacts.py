@@ -15,11 +15,13 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
+from .backbones import MODEL_ARTIFACT_FORMAT
 from .errors import CacheError, IncompatibleError
 from .heads import make_head
 
 HEAD_FORMAT = "featcache.head"
 HEAD_SCHEMA = 1
+MODEL_SCHEMA = 1  # fine-tuned model: backbone state + head (format MODEL_ARTIFACT_FORMAT)
 # Provenance that must agree between a head and a cache it is applied to.
 HEAD_COMPAT_KEYS = ("model", "weights", "preprocessing", "embed_dim")
 
@@ -103,11 +105,24 @@ def check_head_matches(head_prov: dict[str, Any], cache_meta: dict[str, Any], he
         )
 
 
+def _make_loaded_head(kind: str, params: dict[str, Any], state: dict[str, Any]):
+    params = _from_plain(params)
+    for key in ("hidden", "dropout", "Cs"):
+        if key in params and isinstance(params[key], (list, np.ndarray)):
+            params[key] = tuple(np.asarray(params[key]).tolist())
+    if "device" in params:  # a head fitted on a GPU must still load on a CPU-only machine
+        params["device"] = "auto"
+    head = make_head(kind, **params)
+    head.set_state({k: (v if k == "state_dict" else _from_plain(v)) for k, v in state.items()})
+    return head
+
+
 def load_head(path: str | os.PathLike) -> LoadedHead:
-    """Load a head artifact written by ``fit-head``.
+    """Load a head artifact written by ``fit-head``, or the head of a fine-tuned model
+    written by ``finetune`` (its provenance then names the model file as the weights).
 
     Raises:
-        CacheError: missing, unreadable or not a featcache head.
+        CacheError: missing, unreadable or not a featcache head/model.
     """
     path = Path(path)
     if not path.is_file():
@@ -115,18 +130,42 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CacheError(f"{str(path)!r} is not a featcache head (cannot load it safely: {type(exc).__name__}); pass a file written by fit-head") from exc
-    if not isinstance(blob, dict) or blob.get("format") != HEAD_FORMAT:
-        raise CacheError(f"{str(path)!r} is not a featcache head (no featcache.head marker); pass a file written by fit-head")
+        raise CacheError(f"{str(path)!r} is not a featcache head (cannot load it safely: {type(exc).__name__}); pass a file written by fit-head or finetune") from exc
+    fmt = blob.get("format") if isinstance(blob, dict) else None
+    if fmt == MODEL_ARTIFACT_FORMAT:
+        if int(blob.get("schema_version", 0)) > MODEL_SCHEMA:
+            raise CacheError(f"model {str(path)!r} uses schema {blob['schema_version']}, newer than this featcache ({MODEL_SCHEMA}); upgrade featcache")
+        head = _make_loaded_head(blob["head"]["kind"], blob["head"]["params"], blob["head"]["state"])
+        provenance = {**_from_plain(blob["provenance"]), "weights_spec": str(path.resolve())}
+        return LoadedHead(path, head, blob["head"]["kind"], provenance, _from_plain(blob["metrics"]), _from_plain(blob["extra"]))
+    if fmt != HEAD_FORMAT:
+        raise CacheError(f"{str(path)!r} is not a featcache head (no featcache.head marker); pass a file written by fit-head or finetune")
     if int(blob.get("schema_version", 0)) > HEAD_SCHEMA:
         raise CacheError(f"head {str(path)!r} uses schema {blob['schema_version']}, newer than this featcache ({HEAD_SCHEMA}); upgrade featcache")
-    params = _from_plain(blob["params"])
-    for key in ("hidden", "dropout", "Cs"):
-        if key in params and isinstance(params[key], (list, np.ndarray)):
-            params[key] = tuple(np.asarray(params[key]).tolist())
-    if "device" in params:  # a head fitted on a GPU must still load on a CPU-only machine
-        params["device"] = "auto"
-    head = make_head(blob["kind"], **params)
-    state = {k: (v if k == "state_dict" else _from_plain(v)) for k, v in blob["state"].items()}
-    head.set_state(state)
+    head = _make_loaded_head(blob["kind"], blob["params"], blob["state"])
     return LoadedHead(path, head, blob["kind"], _from_plain(blob["provenance"]), _from_plain(blob["metrics"]), _from_plain(blob["extra"]))
+
+
+def save_model_artifact(path: str | os.PathLike, backbone_info: dict[str, Any], backbone_state: dict[str, torch.Tensor], head_kind: str,
+                        head_params: dict[str, Any], head_state: dict[str, Any], provenance: dict[str, Any], metrics: dict[str, Any],
+                        extra: dict[str, Any] | None = None) -> Path:
+    """A fine-tuned model: everything ``predict``, ``evaluate`` and ``extract --model PATH`` need.
+
+    ``backbone_info`` holds model, weights_id, preprocessing and embed_dim; the backbone
+    state is the headless model's (so it loads into a stock architecture).
+    """
+    path = Path(path)
+    blob = {
+        "format": MODEL_ARTIFACT_FORMAT,
+        "schema_version": MODEL_SCHEMA,
+        "backbone": _to_plain(backbone_info),
+        "backbone_state": {k: v.detach().cpu().contiguous() for k, v in backbone_state.items()},
+        "head": {"kind": head_kind, "params": _to_plain(head_params),
+                 "state": {k: ({n: t.detach().cpu() for n, t in v.items()} if k == "state_dict" else _to_plain(v)) for k, v in head_state.items()}},
+        "provenance": _to_plain(provenance),
+        "metrics": _to_plain(metrics),
+        "extra": _to_plain(extra or {}),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+    return path

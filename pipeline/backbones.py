@@ -152,7 +152,31 @@ def _build_pretrained(name: str, weights) -> nn.Module:
         ) from exc
 
 
-def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
+MODEL_ARTIFACT_FORMAT = "featcache.model"  # a fine-tuned backbone + head (written by finetune)
+AUX_CLASSIFIERS = ("AuxLogits", "aux1", "aux2")  # inception_v3 / googlenet training-only heads
+
+
+@dataclass
+class WeightsFile:
+    """A state_dict read from disk, with its identity (content hash, or the recorded
+    identity of a fine-tuned model) and, for fine-tuned models, their preprocessing."""
+
+    state: dict[str, torch.Tensor]
+    weights_id: str
+    preprocessing: Preprocessing | None = None
+    model: str | None = None  # architecture recorded in a fine-tuned model artifact
+
+
+def read_model_artifact(path: Path) -> dict[str, Any] | None:
+    """The blob of a featcache fine-tuned model artifact, or None if ``path`` is another file."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return blob if isinstance(blob, dict) and blob.get("format") == MODEL_ARTIFACT_FORMAT else None
+
+
+def _load_state_file(path: Path) -> WeightsFile:
     if not path.is_file():
         raise BackboneError(f"--weights {str(path)!r}: no such file; give DEFAULT, a weights name, none, or a state_dict file")
     try:
@@ -162,12 +186,24 @@ def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
             f"--weights {str(path)!r} is not a loadable state_dict ({type(exc).__name__}); "
             "save one with torch.save(model.state_dict(), path)"
         ) from exc
+    if isinstance(state, dict) and state.get("format") == MODEL_ARTIFACT_FORMAT:
+        info = state["backbone"]
+        return WeightsFile(state["backbone_state"], info["weights_id"], Preprocessing.from_dict(info["preprocessing"]), info["model"])
     for key in ("state_dict", "model", "model_state_dict"):  # common checkpoint wrappers
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BackboneError(f"--weights {str(path)!r} does not hold a state_dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return WeightsFile({k.removeprefix("module."): v for k, v in state.items()}, f"file:sha256={file_digest(path)[:16]}")
+
+
+def drop_aux_classifiers(model: nn.Module) -> None:
+    """Remove inception_v3/googlenet auxiliary classifiers (used only in training mode)."""
+    for attr in AUX_CLASSIFIERS:
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    if hasattr(model, "aux_logits"):
+        model.aux_logits = False
 
 
 def file_digest(path: Path, algo: str = "sha256") -> str:
@@ -235,6 +271,8 @@ def _strip_classifier_keys(state: dict[str, torch.Tensor], removed: str) -> dict
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], removed: str, source: str) -> None:
     state = _strip_classifier_keys(state, removed)
+    if not any(k.split(".")[0] in AUX_CLASSIFIERS for k in state):
+        drop_aux_classifiers(model)  # a file without auxiliary heads (they are training-only)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
@@ -260,6 +298,11 @@ def load_backbone(name: str, weights: str = "DEFAULT", seed: int = 0, device: st
         BackboneError: unknown model or weights spec, or a state_dict that does not fit.
         WeightsUnavailableError: pretrained weights asked for but not obtainable.
     """
+    if name.endswith((".pt", ".pth")) and Path(name).expanduser().is_file():  # --model FINETUNED.pt
+        blob = read_model_artifact(Path(name).expanduser())
+        if blob is None:
+            raise BackboneError(f"--model {name!r} is a file but not a featcache fine-tuned model; pass a model name, or the file as --weights")
+        name, weights = blob["backbone"]["model"], str(Path(name).expanduser().resolve())
     check_model_name(name)
     if name.startswith(HUB_PREFIX):
         backbone = _load_hub(name, weights, seed)
@@ -294,10 +337,18 @@ def _load_torchvision(name: str, weights: str, seed: int) -> Backbone:
     removed = make_headless(model, num_classes)
     if is_path:
         path = Path(spec).expanduser().resolve()
-        _load_into(model, _load_state_file(path), removed, f"--weights {str(path)!r}")
-        weights_id, used_seed = f"file:sha256={file_digest(path)[:16]}", None
+        loaded = _load_state_file(path)
+        _check_artifact_model(loaded, name, path)
+        _load_into(model, loaded.state, removed, f"--weights {str(path)!r}")
+        weights_id, used_seed = loaded.weights_id, None
+        preprocessing = loaded.preprocessing or preprocessing
     dim = _probe_embed_dim(model.eval(), preprocessing.input_size)
     return Backbone(name, model, dim, preprocessing, weights_id, used_seed, removed)
+
+
+def _check_artifact_model(loaded: WeightsFile, name: str, path: Path) -> None:
+    if loaded.model is not None and loaded.model != name:
+        raise BackboneError(f"--weights {str(path)!r} is a fine-tuned {loaded.model}, not {name}; pass --model {loaded.model} (or --model {path})")
 
 
 def parse_hub_name(name: str) -> tuple[str, str]:
@@ -355,8 +406,11 @@ def _load_hub(name: str, weights: str, seed: int) -> Backbone:
     weights_id = f"hub:{entry}:default" if spec.lower() == "default" else f"hub:{entry}:{spec.lower()}"
     if spec.lower() not in ("none", "default"):
         path = Path(spec).expanduser().resolve()
-        _load_into(model, _load_state_file(path), removed, f"--weights {str(path)!r}")
-        weights_id = f"file:sha256={file_digest(path)[:16]}"
+        loaded = _load_state_file(path)
+        _check_artifact_model(loaded, name, path)
+        _load_into(model, loaded.state, removed, f"--weights {str(path)!r}")
+        weights_id = loaded.weights_id
+        preprocessing = loaded.preprocessing or preprocessing
     model.eval()
     dim = _probe_embed_dim(model, preprocessing.input_size)
     return Backbone(name, model, dim, preprocessing, weights_id, seed if spec.lower() == "none" else None, removed)

@@ -74,5 +74,11 @@ class Interrupted(FeatcacheError):
     exit_code = ExitCode.INTERRUPTED
 
 
+class TrainingDiverged(FeatcacheError):
+    """The loss became NaN or infinite: the hyperparameters, not the program, need changing."""
+
+    exit_code = ExitCode.USAGE
+
+
 class HeadNotFittedError(FeatcacheError, NotFittedError):
     """A head used before ``fit``; also a scikit-learn ``NotFittedError``."""

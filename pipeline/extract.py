@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ from .backbones import Backbone, load_backbone
 from .cache import CacheWriter, PendingRow
 from .data import DEFAULT_MAX_PIXELS, DecodeError, ImageRecord, ScanResult, decode_image, read_bytes, scan_folder
 from .errors import Interrupted, UsageError
+from .interrupts import sigterm_as_interrupt
 from .locks import WriterLock
 
 EMBEDDING_DEFINITION = "input of the model's final classification layer (classifier replaced by Identity)"
@@ -44,23 +44,32 @@ class DecodedBatch:
 
 
 class ImageFileDataset(Dataset):
-    """Reads, hashes and decodes one file per item; never substitutes a failed file."""
+    """Reads, hashes and decodes one file per item; never substitutes a failed file.
 
-    def __init__(self, root: Path, records: Sequence[ImageRecord], transform: Callable, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    ``hash_files=False`` skips the SHA-256 (training and prediction do not record it);
+    subclasses change how a decoded image becomes a tensor by overriding ``preprocess``.
+    """
+
+    def __init__(self, root: Path, records: Sequence[ImageRecord], transform: Callable, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 hash_files: bool = True):
         self.root = Path(root)
         self.records = list(records)
         self.transform = transform
         self.max_pixels = max_pixels
+        self.hash_files = hash_files
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def preprocess(self, i: int, image) -> torch.Tensor:
+        return self.transform(image)
+
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
             data = read_bytes(self.root / self.records[i].relpath)
-            sha = hashlib.sha256(data).hexdigest()
+            sha = hashlib.sha256(data).hexdigest() if self.hash_files else ""
             image = decode_image(data, self.max_pixels)
-            return i, self.transform(image), sha
+            return i, self.preprocess(i, image), sha
         except DecodeError as exc:
             return i, None, f"!{exc}"
         except Exception as exc:  # a transform failure on a pathological image: record, do not stop
@@ -83,11 +92,14 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-def make_loader(dataset: ImageFileDataset, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
+def make_loader(dataset: ImageFileDataset, batch_size: int, workers: int, pin_memory: bool, sampler: Sequence[int] | None = None) -> DataLoader:
+    """Batches of decoded images; ``sampler`` gives the item order (default: in order)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
+        sampler=sampler,
         shuffle=False,
+        generator=torch.Generator().manual_seed(0),  # worker seeds must not consume the global RNG (resume stays bit-exact)
         num_workers=workers,
         collate_fn=collate_decoded,
         pin_memory=pin_memory,
@@ -189,22 +201,6 @@ def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.d
     }
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so both stop the loop through one path."""
-    def handler(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 ProgressFn = Callable[[int, int, float], None]
 
 
@@ -270,7 +266,7 @@ def run_extract(
         loader = make_loader(ImageFileDataset(scan.root, todo, backbone.preprocessing.transform(), max_pixels), batch_size, workers if todo else 0, dev.type == "cuda")
         done, last_commit = 0, time.monotonic()
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 for batch in loader if todo else ():
                     for i, reason in batch.failures:
                         r = todo[i]

@@ -1,7 +1,6 @@
 """Stage 2: fit a head on a cache, score it, save it with provenance; compare caches."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -14,11 +13,10 @@ import torch
 
 from . import __version__
 from .artifacts import LoadedHead, load_head, save_head
-from .atomic import atomic_path
 from .cache import iter_embeddings, read_cache_meta, read_rows
 from .errors import UsageError
 from .heads import HEAD_KINDS, TorchHead, make_head
-from .metrics import classification_metrics, plot_confusion, plot_history, plot_leaderboard
+from .metrics import classification_metrics, plot_leaderboard, write_reports
 from .splits import assign_splits
 
 DEFAULT_MEMORY_BUDGET = 4 * 2**30  # bytes of embeddings held in RAM before streaming
@@ -178,22 +176,6 @@ def fit_head(cache: str | os.PathLike, kind: str, out: str | os.PathLike | None 
     save_head(out_path, head, kind, head.get_params(), provenance, metrics, extra)
     reports = write_reports(out_path, metrics, classes, history, kind, plots)
     return FitResult(str(out_path), kind, str(cache), metrics, seconds, len(idx["train"]), len(idx["val"]), len(idx["test"]), reports, head.get_params())
-
-
-def write_reports(head_path: Path, metrics: dict[str, Any], classes: list[str], history: list[dict], title: str, plots: bool = True) -> dict[str, str]:
-    reports: dict[str, str] = {}
-    base = head_path.with_name(head_path.name.removesuffix(".pt"))
-    mpath = Path(f"{base}.metrics.json")
-    with atomic_path(mpath) as tmp:
-        tmp.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
-    reports["metrics_json"] = str(mpath)
-    if plots:
-        for s in ("val", "test"):
-            if s in metrics:
-                reports[f"confusion_{s}_png"] = str(plot_confusion(metrics[s]["confusion_matrix"], classes, Path(f"{base}.confusion_{s}.png"), f"{title}: {s} confusion"))
-        if history:
-            reports["history_png"] = str(plot_history(history, Path(f"{base}.history.png"), f"{title}: training history"))
-    return reports
 
 
 def evaluate_head(head_path: str | os.PathLike, cache: str | os.PathLike, val_fraction: float | None = None) -> dict[str, Any]:

@@ -1,11 +1,14 @@
 """Classification metrics and their pictures (no training here)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support, top_k_accuracy_score
+
+from .atomic import atomic_path
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
@@ -51,8 +54,6 @@ def _pyplot():
 
 def save_figure(fig, path: Path, dpi: int = 100) -> Path:
     """Lay out, write atomically as PNG, and free the figure."""
-    from .atomic import atomic_path
-
     plt = _pyplot()
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:
@@ -103,3 +104,20 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path, title: str) -> Path
     ax.set_xlim(0, 1)
     ax.set_title(title)
     return save_figure(fig, path)
+
+
+def write_reports(artifact_path: Path, metrics: dict[str, Any], classes: list[str], history: list[dict], title: str, plots: bool = True) -> dict[str, str]:
+    """``<artifact>.metrics.json`` (metrics and history), confusion and history PNGs beside the artifact."""
+    reports: dict[str, str] = {}
+    base = artifact_path.with_name(artifact_path.name.removesuffix(".pt"))
+    mpath = Path(f"{base}.metrics.json")
+    with atomic_path(mpath) as tmp:
+        tmp.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
+    reports["metrics_json"] = str(mpath)
+    if plots:
+        for s in ("val", "test"):
+            if s in metrics:
+                reports[f"confusion_{s}_png"] = str(plot_confusion(metrics[s]["confusion_matrix"], classes, Path(f"{base}.confusion_{s}.png"), f"{title}: {s} confusion"))
+        if history:
+            reports["history_png"] = str(plot_history(history, Path(f"{base}.history.png"), f"{title}: training history"))
+    return reports
