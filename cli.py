@@ -366,39 +366,51 @@ def demo(
     workdir: Path = typer.Option(Path("demo_out"), "--workdir", help="Where the demo data and cache go."),
     model: str = typer.Option("resnet18", "--model", "-m", help="Backbone for the demo."),
     weights: str = typer.Option("none", "--weights", "-w", help="none works offline; DEFAULT needs the internet once."),
+    finetune_epochs: int = typer.Option(1, "--finetune-epochs", help="Epochs of end-to-end fine-tuning (0 skips the stage)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ) -> int:
-    """End to end on the embedded demo data: extract -> status -> fit-head -> predict."""
+    """End to end on the embedded demo data: extract -> status -> fit-head -> finetune -> predict."""
     from pipeline.demo import write_digits
     from pipeline.extract import run_extract
+    from pipeline.finetune import run_finetune
+    from pipeline.fit import fit_head as run_fit
+    from pipeline.predict import predict_images
     from pipeline.report import cache_status, format_cache_status
 
     _state["json"] = as_json
-    from pipeline.fit import fit_head as run_fit
-    from pipeline.predict import predict_images
-
     data = write_digits(workdir / "digits")
     cache = workdir / "cache" / f"digits_{model}_{weights}.h5"
-    _err(f"[1/4] extract {data} with {model} (weights {weights}) -> {cache}")
+    _err(f"[1/5] extract {data} with {model} (weights {weights}) -> {cache}")
     summary = run_extract(data, model, weights, cache, progress=_Progress(not as_json, "extract"), log=_err)
     _err(f"      {summary.new} new, {summary.cached} cached, {summary.failed} failed in {summary.seconds:.1f}s")
-    _err("[2/4] what the cache holds")
+    _err("[2/5] what the cache holds")
     info = cache_status(cache)
     if not as_json:
         _err(format_cache_status(info))
     head = workdir / "heads" / f"digits_{model}_{weights}.logreg.head.pt"
-    _err(f"[3/4] fit-head --clf logreg -> {head}")
+    _err(f"[3/5] fit-head --clf logreg -> {head}")
     fit = run_fit(cache, "logreg", head)
     _err(f"      fitted on {fit.n_train} rows in {fit.seconds:.1f}s")
     if not as_json:
         _print_metrics(fit.metrics)
+    predictor, tuned = head, None
+    if finetune_epochs > 0:
+        model_path = workdir / "models" / f"digits_{model}_{weights}.finetuned.pt"
+        _err(f"[4/5] finetune {finetune_epochs} epoch(s) end to end, BatchNorm frozen, from the logreg head -> {model_path}")
+        tuned = run_finetune(head, model_path, options={"epochs": finetune_epochs, "augment": "light"}, force=True,
+                             progress=_Progress(not as_json, "train"), log=_err)
+        _err(f"      best epoch {tuned.best_epoch} (0 = the head as fitted); val accuracy {tuned.metrics['val']['accuracy']:.4f} in {tuned.seconds:.1f}s")
+        predictor = Path(tuned.model_path)
+    else:
+        _err("[4/5] finetune skipped (--finetune-epochs 0)")
     picks = [p for c in sorted(data.iterdir()) for p in sorted(c.iterdir())[:2]]
-    _err(f"[4/4] predict {len(picks)} images -> {workdir / 'predictions.csv'}, grid {workdir / 'predictions.png'}")
-    pred = predict_images(head, picks, workdir / "predictions.csv", workdir / "predictions.png")
+    _err(f"[5/5] predict {len(picks)} images with {predictor.name} -> {workdir / 'predictions.csv'}, grid {workdir / 'predictions.png'}")
+    pred = predict_images(predictor, picks, workdir / "predictions.csv", workdir / "predictions.png")
     right = sum(r["true"] == r["predicted"] for r in pred.rows)
     _err(f"      {right}/{len(pred.rows)} correct")
     if as_json:
         _emit_json({"extract": summary.to_dict(), "status": info, "fit_head": {"head": fit.head_path, "metrics": fit.metrics},
+                    "finetune": tuned.to_dict() if tuned else None,
                     "predict": {"csv": pred.csv, "grid": pred.grid, "correct": right, "n": len(pred.rows)}})
     return 0
 

@@ -488,159 +488,191 @@ def run_finetune(
 
     Raises:
         UsageError, DataError, IncompatibleError, CacheError, LockHeldError, StorageError,
-        WeightsUnavailableError, Interrupted (the last epoch's checkpoint is intact).
+        WeightsUnavailableError, TrainingDiverged, Interrupted (the last epoch's checkpoint is intact).
     """
     head_path = Path(head_path)
     loaded = load_head(head_path)
-    prov = loaded.provenance
     out_path = Path(out) if out is not None else default_model_path(head_path)
     if out_path.resolve() == head_path.resolve():
         raise UsageError(f"--out {str(out_path)!r} is the head being fine-tuned; choose another file")
-    ckpt_path = checkpoint_path_for(out_path)
-    workers = default_workers() if workers is None else workers
     dev = resolve_device(device)
-
     with WriterLock(out_path, command="finetune", wait=wait):
-        previous = None
-        if resume:
-            if not ckpt_path.is_file():
-                raise UsageError(f"--resume: no checkpoint {str(ckpt_path)!r}; run without --resume to start")
-            previous = _load_checkpoint(ckpt_path)
-        elif ckpt_path.is_file() and not force:
-            raise UsageError(f"{str(ckpt_path)!r} holds an earlier fine-tune of {str(out_path)!r}; pass --resume to continue it or --force to start over")
-        opts = resolve_options(dict(options or {}), previous["options"] if previous else None)
-        if opts["amp"] and dev.type != "cuda":
+        job = FineTuneJob(loaded, out_path, data_dir, dict(options or {}), resume, force, default_workers() if workers is None else workers, dev, log)
+        result = job.run(progress)
+    result.reports = write_reports(out_path, result.metrics, job.classes, result.history, f"finetune {job.prov['model']}", plots=plots)
+    return result
+
+
+class FineTuneJob:
+    """One fine-tuning run: everything decided up front (options, data, split, model), then
+    ``run`` trains epoch by epoch, checkpointing after each and keeping the best."""
+
+    def __init__(self, loaded: LoadedHead, out_path: Path, data_dir: str | os.PathLike | None, given: dict[str, Any], resume: bool,
+                 force: bool, workers: int, device: torch.device, log: Callable[[str], None]):
+        self.loaded, self.prov, self.out_path, self.workers, self.device, self.log = loaded, loaded.provenance, out_path, workers, device, log
+        self.ckpt_path = checkpoint_path_for(out_path)
+        self.previous = self._previous_checkpoint(resume, force)
+        self.opts = resolve_options(given, self.previous["options"] if self.previous else None)
+        if self.opts["amp"] and device.type != "cuda":
             raise UsageError("--amp needs a CUDA device (bf16 where supported, else fp16 with loss scaling); drop --amp on CPU")
+        self._prepare_data(data_dir)
+        self._prepare_model()
+        self.failures: dict[str, str] = {}
 
-        scan = _scan_for_head(prov, data_dir)
-        classes = list(scan.classes)
-        rule = prov.get("split_rule") or {"val_fraction": 0.2, "seed": 0}
-        paths = [r.relpath for r in scan.records]
-        labels = np.array([r.label for r in scan.records])
-        split, _ = assign_splits(paths, labels, [r.split for r in scan.records], rule.get("val_fraction", 0.2), rule.get("seed", 0))
-        index = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
-        if opts["epochs"] > 0 and not len(index["train"]):
-            raise UsageError(f"{str(scan.root)!r} has no training images under the head's split; add images")
-        identity = {"head_sha256": _file_digest(head_path), "model": prov["model"], "weights": prov["weights"], "classes": classes,
-                    "split_rule": rule, "data_root": str(scan.root)}
-        if previous is not None and previous["identity"] != identity:
-            changed = [k for k in identity if previous["identity"].get(k) != identity[k]]
-            raise IncompatibleError(f"checkpoint {str(ckpt_path)!r} was made from another head/data ({', '.join(changed)} differ); start over with --force")
+    # -- setup
+    def _previous_checkpoint(self, resume: bool, force: bool) -> dict[str, Any] | None:
+        if resume:
+            if not self.ckpt_path.is_file():
+                raise UsageError(f"--resume: no checkpoint {str(self.ckpt_path)!r}; run without --resume to start")
+            return _load_checkpoint(self.ckpt_path)
+        if self.ckpt_path.is_file() and not force:
+            raise UsageError(f"{str(self.ckpt_path)!r} holds an earlier fine-tune of {str(self.out_path)!r}; pass --resume to continue it or --force to start over")
+        return None
 
-        backbone = load_backbone(prov["model"], prov.get("weights_spec") or prov["weights"], seed=int(prov.get("seed") or 0))
-        _check_backbone(backbone, loaded)
-        head_kind, head_params, head_module = head_module_from(loaded, len(classes), opts["head"] == "new", opts["seed"])
-        model, thawed, aux = assemble(backbone, head_module, opts["unfreeze"], len(classes), opts["seed"])
-        model.to(dev)
+    def _prepare_data(self, data_dir: str | os.PathLike | None) -> None:
+        """The head's folder, classes and split; refuse a checkpoint made from other ones."""
+        self.scan = _scan_for_head(self.prov, data_dir)
+        self.classes = list(self.scan.classes)
+        self.rule = self.prov.get("split_rule") or {"val_fraction": 0.2, "seed": 0}
+        records = self.scan.records
+        self.labels = np.array([r.label for r in records])
+        split, _ = assign_splits([r.relpath for r in records], self.labels, [r.split for r in records],
+                                 self.rule.get("val_fraction", 0.2), self.rule.get("seed", 0))
+        self.index = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
+        if self.opts["epochs"] > 0 and not len(self.index["train"]):
+            raise UsageError(f"{str(self.scan.root)!r} has no training images under the head's split; add images")
+        self.identity = {"head_sha256": _file_digest(self.loaded.path), "model": self.prov["model"], "weights": self.prov["weights"],
+                         "classes": self.classes, "split_rule": self.rule, "data_root": str(self.scan.root)}
+        if self.previous is not None and self.previous["identity"] != self.identity:
+            changed = [k for k in self.identity if self.previous["identity"].get(k) != self.identity[k]]
+            raise IncompatibleError(f"checkpoint {str(self.ckpt_path)!r} was made from another head/data ({', '.join(changed)} differ); start over with --force")
+
+    def _prepare_model(self) -> None:
+        prov, opts = self.prov, self.opts
+        self.backbone = load_backbone(prov["model"], prov.get("weights_spec") or prov["weights"], seed=int(prov.get("seed") or 0))
+        _check_backbone(self.backbone, self.loaded)
+        self.head_kind, self.head_params, head = head_module_from(self.loaded, len(self.classes), opts["head"] == "new", opts["seed"])
+        self.model, self.thawed, aux = assemble(self.backbone, head, opts["unfreeze"], len(self.classes), opts["seed"])
+        self.model.to(self.device)
         if opts["channels_last"]:
-            model.to(memory_format=torch.channels_last)
-        train_set = AugmentedDataset(scan.root, [scan.records[i] for i in index["train"]], train_transform(backbone.preprocessing, opts["augment"]), opts["seed"])
-        trainer = Trainer(model, opts, dev, labels[index["train"]])
-        log(f"{prov['model']} + {loaded.kind} head ({'fresh' if opts['head'] == 'new' else 'from ' + head_path.name}); "
-            f"trainable: {len(thawed)} backbone blocks{' (' + ', '.join(thawed[-3:]) + (' …' if len(thawed) > 3 else '') + ')' if thawed else ''} + head"
-            f"{' + inception aux classifier' if aux else ''}; BatchNorm frozen; {len(index['train'])} train / {len(index['val'])} val / {len(index['test'])} test images")
+            self.model.to(memory_format=torch.channels_last)
+        train_records = [self.scan.records[i] for i in self.index["train"]]
+        self.train_set = AugmentedDataset(self.scan.root, train_records, train_transform(self.backbone.preprocessing, opts["augment"]), opts["seed"])
+        self.trainer = Trainer(self.model, opts, self.device, self.labels[self.index["train"]])
+        shown = ", ".join(self.thawed[-3:]) + (" …" if len(self.thawed) > 3 else "")
+        n = {s: len(v) for s, v in self.index.items()}
+        self.log(f"{prov['model']} + {self.loaded.kind} head ({'fresh' if opts['head'] == 'new' else 'from ' + self.loaded.path.name}); "
+                 f"trainable: {len(self.thawed)} backbone blocks{f' ({shown})' if self.thawed else ''} + head{' + inception aux classifier' if aux else ''}; "
+                 f"BatchNorm frozen; {n['train']} train / {n['val']} val / {n['test']} test images")
 
+    # -- pieces of an epoch
+    def evaluate(self, split_name: str) -> dict[str, Any] | None:
+        """Metrics (plus mean cross-entropy ``loss``) of the current model on a split."""
+        rows = self.index[split_name]
+        if not len(rows):
+            return None
+        records = [self.scan.records[i] for i in rows]
+        dataset = ImageFileDataset(self.scan.root, records, self.backbone.preprocessing.transform(), hash_files=False)
+        proba, pos, bad = self.trainer.predict(make_loader(dataset, self.opts["batch_size"], self.workers, self.device.type == "cuda"))
+        self.failures.update({records[i].relpath: r for i, r in bad})
+        if not len(pos):
+            return None
+        y = self.labels[rows][pos]
+        metrics = classification_metrics(y, proba, self.classes)
+        metrics["loss"] = float(-np.log(np.clip(proba[np.arange(len(y)), y], 1e-12, None)).mean())
+        return metrics
+
+    def save_model(self, epoch: int, metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        """The current weights as a model artifact (backbone without training-only aux heads)."""
+        prov, bb = self.prov, self.backbone
+        backbone_state = {k: v for k, v in self.model.backbone.state_dict().items() if k.split(".")[0] not in AUX_CLASSIFIERS}
+        weights_id = f"finetuned:sha256={state_digest(backbone_state)[:16]}"
+        info = {"model": prov["model"], "weights_id": weights_id, "base_weights": prov["weights"], "preprocessing": bb.preprocessing.to_dict(),
+                "embed_dim": bb.embed_dim, "removed_layer": bb.removed_layer}
+        provenance = {
+            "model": prov["model"], "weights": weights_id, "weights_spec": None, "seed": None, "preprocessing": bb.preprocessing.to_dict(),
+            "embed_dim": bb.embed_dim, "classes": self.classes, "data_root": str(self.scan.root), "layout": self.scan.layout,
+            "split_rule": self.rule, "base_head": str(self.loaded.path.resolve()), "base_weights": prov["weights"], "finetune": self.opts,
+            "epoch": epoch, "trainable_blocks": self.thawed, **{f"n_{s}": int(len(v)) for s, v in self.index.items()},
+            "featcache_version": __version__, "torch_version": str(torch.__version__), "torchvision_version": str(torchvision.__version__),
+            "sklearn_version": sklearn.__version__, "numpy_version": np.__version__, "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        head_state = {"classes": np.arange(len(self.classes)), "n_features_in": bb.embed_dim, "state_dict": self.model.head.state_dict()}
+        save_model_artifact(self.out_path, info, backbone_state, self.head_kind, self.head_params, head_state, provenance, metrics, {"history": history})
+
+    def _restore(self) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
+        prev = self.previous
+        self.model.load_state_dict(prev["model"])
+        self.trainer.optimizer.load_state_dict(prev["optimizer"])
+        if prev.get("scaler"):
+            self.trainer.scaler.load_state_dict(prev["scaler"])
+        _set_rng_state(prev["rng"])
+        self.log(f"resuming after epoch {prev['epoch']} of {self.opts['epochs']} from {self.ckpt_path}")
+        return list(prev["history"]), dict(prev["best"]), int(prev["epoch"])
+
+    # -- the run
+    def run(self, progress: Callable[[int, int, float], None] | None = None) -> FineTuneResult:
+        epochs = self.opts["epochs"]
         history: list[dict[str, Any]] = []
-        best = {"epoch": 0, "val_accuracy": -1.0, "metrics": {}}
-        start_epoch = 0
-        if previous is not None:
-            model.load_state_dict(previous["model"])
-            trainer.optimizer.load_state_dict(previous["optimizer"])
-            if previous.get("scaler"):
-                trainer.scaler.load_state_dict(previous["scaler"])
-            history, best, start_epoch = list(previous["history"]), dict(previous["best"]), int(previous["epoch"])
-            _set_rng_state(previous["rng"])
-            log(f"resuming after epoch {start_epoch} of {opts['epochs']} from {ckpt_path}")
-
-        eval_tf = backbone.preprocessing.transform()
-        pin = dev.type == "cuda"
-        failures: dict[str, str] = {}
-
-        def evaluate(split_name: str) -> dict[str, Any] | None:
-            rows = index[split_name]
-            if not len(rows):
-                return None
-            recs = [scan.records[i] for i in rows]
-            loader = make_loader(ImageFileDataset(scan.root, recs, eval_tf, hash_files=False), opts["batch_size"], workers, pin)
-            proba, pos, bad = trainer.predict(loader)
-            failures.update({recs[i].relpath: r for i, r in bad})
-            if not len(pos):
-                return None
-            y = labels[rows][pos]
-            metrics = classification_metrics(y, proba, classes)
-            metrics["loss"] = float(-np.log(np.clip(proba[np.arange(len(y)), y], 1e-12, None)).mean())
-            return metrics
-
-        def save_best(epoch: int, metrics: dict[str, Any]) -> None:
-            backbone_state = {k: v for k, v in model.backbone.state_dict().items() if k.split(".")[0] not in AUX_CLASSIFIERS}
-            weights_id = f"finetuned:sha256={state_digest(backbone_state)[:16]}"
-            info = {"model": prov["model"], "weights_id": weights_id, "base_weights": prov["weights"], "preprocessing": backbone.preprocessing.to_dict(),
-                    "embed_dim": backbone.embed_dim, "removed_layer": backbone.removed_layer}
-            provenance = {
-                "model": prov["model"], "weights": weights_id, "weights_spec": None, "seed": None, "preprocessing": backbone.preprocessing.to_dict(),
-                "embed_dim": backbone.embed_dim, "classes": classes, "data_root": str(scan.root), "layout": scan.layout, "split_rule": rule,
-                "base_head": str(head_path.resolve()), "base_weights": prov["weights"], "finetune": opts, "epoch": epoch, "trainable_blocks": thawed,
-                "n_train": int(len(index["train"])), "n_val": int(len(index["val"])), "n_test": int(len(index["test"])),
-                "featcache_version": __version__, "torch_version": str(torch.__version__), "torchvision_version": str(torchvision.__version__),
-                "sklearn_version": sklearn.__version__, "numpy_version": np.__version__, "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }
-            head_state = {"classes": np.arange(len(classes)), "n_features_in": backbone.embed_dim, "state_dict": model.head.state_dict()}
-            save_model_artifact(out_path, info, backbone_state, head_kind, head_params, head_state, provenance, metrics, {"history": history})
-
+        best: dict[str, Any] = {"epoch": 0, "val_accuracy": -1.0, "metrics": {}}
+        start = 0
+        if self.previous is not None:
+            history, best, start = self._restore()
         t_start = time.perf_counter()
-        epochs = opts["epochs"]
-        epoch = start_epoch
+        epoch = start
         try:
             with sigterm_as_interrupt():
-                if previous is None:  # the assembled model before training: the baseline every epoch must beat
-                    metrics = {s: m for s in ("val", "test") if (m := evaluate(s)) is not None}
+                if self.previous is None:  # the assembled model before training: the baseline every epoch must beat
+                    metrics = {s: m for s in ("val", "test") if (m := self.evaluate(s)) is not None}
                     best = {"epoch": 0, "val_accuracy": metrics["val"]["accuracy"] if "val" in metrics else -1.0, "metrics": metrics}
-                    save_best(0, metrics)
+                    self.save_model(0, metrics, history)
                     if "val" in metrics:
-                        log(f"epoch 0 (as assembled): val loss {metrics['val']['loss']:.4f} acc {metrics['val']['accuracy']:.4f}")
-                if start_epoch >= epochs > 0:
-                    log(f"the checkpoint already finished {start_epoch} epochs; pass a larger --epochs to train more")
-                for epoch in range(start_epoch, epochs):
-                    train_set.epoch = epoch
-                    loader = make_loader(train_set, opts["batch_size"], workers, pin, sampler=epoch_order(len(train_set), opts["seed"], epoch))
-                    stats = trainer.train_epoch(loader, epoch, epochs, progress)
-                    failures.update({train_set.records[i].relpath: r for i, r in stats.failures})
-                    val = evaluate("val")
-                    row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-                           "lr_backbone": trainer.optimizer.param_groups[0]["lr"] if thawed else 0.0,
-                           "lr_head": trainer.optimizer.param_groups[-1]["lr"], "seconds": round(stats.seconds, 3),
-                           "images_per_s": round(stats.images / stats.seconds, 2) if stats.seconds else 0.0}
-                    if val is not None:
-                        row["val_loss"], row["val_accuracy"] = val["loss"], val["accuracy"]
-                    history.append(row)
-                    improved = val is None or val["accuracy"] > best["val_accuracy"]
-                    if improved:
-                        metrics = {"val": val} if val is not None else {}
-                        test = evaluate("test")
-                        if test is not None:
-                            metrics["test"] = test
-                        best = {"epoch": epoch + 1, "val_accuracy": val["accuracy"] if val is not None else -1.0, "metrics": metrics}
-                        save_best(epoch + 1, metrics)
-                    _save_checkpoint(ckpt_path, model, trainer, opts, identity, epoch + 1, history, best)
-                    _write_history(out_path, history)
-                    log(f"epoch {epoch + 1}/{epochs}: train loss {stats.loss:.4f} acc {stats.accuracy:.4f}"
-                        + (f" | val loss {val['loss']:.4f} acc {val['accuracy']:.4f}" if val is not None else "")
-                        + f" | lr {row['lr_head']:.2e} | {stats.seconds:.1f}s ({row['images_per_s']:.1f} img/s)" + (" *best*" if improved else ""))
+                        self.log(f"epoch 0 (as assembled): val loss {metrics['val']['loss']:.4f} acc {metrics['val']['accuracy']:.4f}")
+                if start >= epochs > 0:
+                    self.log(f"the checkpoint already finished {start} epochs; pass a larger --epochs to train more")
+                for epoch in range(start, epochs):
+                    best = self._epoch(epoch, history, best, progress)
         except KeyboardInterrupt:
-            done = len(history)
-            kept = f"the checkpoint of epoch {done} is intact at {str(ckpt_path)!r}" if done else "no epoch had finished"
+            kept = f"the checkpoint of epoch {len(history)} is intact at {str(self.ckpt_path)!r}" if history else "no epoch had finished"
             raise Interrupted(f"interrupted during epoch {epoch + 1}; {kept}; run the same command with --resume to continue") from None
+        if history and best["epoch"] == 0:
+            self.log(f"no epoch beat the assembled model's validation accuracy ({best['val_accuracy']:.4f}); {self.out_path} holds it unchanged")
+        metrics = {**best["metrics"], "best_epoch": best["epoch"]}
+        return FineTuneResult(
+            str(self.out_path), str(self.ckpt_path), str(self.loaded.path), len(history), int(best["epoch"]), metrics, history,
+            round(time.perf_counter() - t_start, 3), self.thawed, *(int(len(self.index[s])) for s in ("train", "val", "test")),
+            self.opts, {}, sorted(self.failures.items()), start if self.previous is not None else None,
+        )
 
-    if history and best["epoch"] == 0:
-        log(f"no epoch beat the assembled model's validation accuracy ({best['val_accuracy']:.4f}); {out_path} holds it unchanged")
-    metrics = dict(best["metrics"])
-    metrics["best_epoch"] = best["epoch"]
-    reports = write_reports(out_path, metrics, classes, history, f"finetune {prov['model']}", plots=plots)
-    return FineTuneResult(
-        str(out_path), str(ckpt_path), str(head_path), len(history), int(best["epoch"]), metrics, history,
-        round(time.perf_counter() - t_start, 3), thawed, int(len(index["train"])), int(len(index["val"])), int(len(index["test"])),
-        opts, reports, sorted(failures.items()), start_epoch if previous is not None else None,
-    )
+    def _epoch(self, epoch: int, history: list[dict[str, Any]], best: dict[str, Any], progress) -> dict[str, Any]:
+        """Train one epoch, validate, keep the model if best, checkpoint; returns the new best."""
+        opts, trainer = self.opts, self.trainer
+        self.train_set.epoch = epoch
+        loader = make_loader(self.train_set, opts["batch_size"], self.workers, self.device.type == "cuda",
+                             sampler=epoch_order(len(self.train_set), opts["seed"], epoch))
+        stats = trainer.train_epoch(loader, epoch, opts["epochs"], progress)
+        self.failures.update({self.train_set.records[i].relpath: r for i, r in stats.failures})
+        val = self.evaluate("val")
+        row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+               "lr_backbone": trainer.optimizer.param_groups[0]["lr"] if self.thawed else 0.0,
+               "lr_head": trainer.optimizer.param_groups[-1]["lr"], "seconds": round(stats.seconds, 3),
+               "images_per_s": round(stats.images / stats.seconds, 2) if stats.seconds else 0.0}
+        if val is not None:
+            row["val_loss"], row["val_accuracy"] = val["loss"], val["accuracy"]
+        history.append(row)
+        improved = val is None or val["accuracy"] > best["val_accuracy"]
+        if improved:
+            metrics = {"val": val} if val is not None else {}
+            if (test := self.evaluate("test")) is not None:
+                metrics["test"] = test
+            best = {"epoch": epoch + 1, "val_accuracy": val["accuracy"] if val is not None else -1.0, "metrics": metrics}
+            self.save_model(epoch + 1, metrics, history)
+        _save_checkpoint(self.ckpt_path, self.model, trainer, opts, self.identity, epoch + 1, history, best)
+        _write_history(self.out_path, history)
+        self.log(f"epoch {epoch + 1}/{opts['epochs']}: train loss {stats.loss:.4f} acc {stats.accuracy:.4f}"
+                 + (f" | val loss {val['loss']:.4f} acc {val['accuracy']:.4f}" if val is not None else "")
+                 + f" | lr {row['lr_head']:.2e} | {stats.seconds:.1f}s ({row['images_per_s']:.1f} img/s)" + (" *best*" if improved else ""))
+        return best
 
 
 def _save_checkpoint(path: Path, model: FineTuneModel, trainer: Trainer, opts: dict[str, Any], identity: dict[str, Any], epoch: int,

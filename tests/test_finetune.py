@@ -318,3 +318,11 @@ def test_sigterm_during_training_exits_130_keeping_the_checkpoint(tiny_head, tmp
     assert proc.returncode == 130, err
     assert "--resume" in err
     assert torch.load(ckpt, weights_only=True)["epoch"] >= 1
+
+
+def test_demo_runs_every_stage(tiny_hub, tmp_path):
+    """The README's demo (with a tiny backbone so it takes seconds): extract -> fit-head -> finetune -> predict."""
+    r = cli_json("demo", "--workdir", str(tmp_path / "demo"), "--model", tiny_hub)
+    assert r["extract"]["new"] == 1797 and r["fit_head"]["metrics"]["val"]["accuracy"] > 0.5
+    assert r["finetune"]["epochs_done"] == 1 and Path(r["finetune"]["model_path"]).is_file()
+    assert r["predict"]["n"] == 20 and Path(r["predict"]["csv"]).is_file() and Path(r["predict"]["grid"]).is_file()

@@ -1,0 +1,169 @@
+"""Stage 3 training throughput and peak memory, side by side in one run on this machine.
+
+    python bench/finetune.py                # resnet50, 128 generated 500x375 JPEGs, batch 16
+    python bench/finetune.py --quick        # tiny run that only proves the bench works (CI)
+
+(a) our training step: `pipeline.finetune.Trainer` on `AugmentedDataset` batches from
+    decoder workers, channels_last, BatchNorm frozen (eval mode, no gradients);
+(b) the classic tutorial loop: ImageFolder + DataLoader(num_workers=0) + fp32 NCHW,
+    `model.train()` on everything, SGD over all parameters.
+Both see the same images, batch size, augmentation (RandomResizedCrop + flip) and
+optimiser (SGD, momentum 0.9); the first batch is a warm-up and is not timed. Each runs
+in its own process so its peak RSS (and peak CUDA memory on a GPU) is its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import make_jpegs  # noqa: E402
+
+
+def _timed(batches, step, dev: torch.device) -> tuple[int, float]:
+    """Images and seconds over all batches but the first (warm-up)."""
+    done, t0 = 0, None
+    for i, (x, y) in enumerate(batches):
+        step(x, y)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i == 0:
+            t0 = time.perf_counter()
+        else:
+            done += len(y)
+    return done, time.perf_counter() - (t0 or time.perf_counter())
+
+
+def run_ours(data: Path, model: str, batch: int, device: str) -> dict:
+    from pipeline.backbones import load_backbone
+    from pipeline.data import scan_folder
+    from pipeline.extract import default_workers, make_loader
+    from pipeline.finetune import AugmentedDataset, Trainer, assemble, epoch_order, resolve_options, train_transform
+    from pipeline.heads import build_head_module
+
+    dev = torch.device(device)
+    scan = scan_folder(data)
+    bb = load_backbone(model, "none", seed=0)
+    net, _, _ = assemble(bb, build_head_module(bb.embed_dim, len(scan.classes), (), ()), "all", len(scan.classes), seed=0)
+    net.to(dev).to(memory_format=torch.channels_last)
+    opts = resolve_options({"epochs": 1, "batch_size": batch, "amp": dev.type == "cuda"})
+    labels = np.array([r.label for r in scan.records])
+    trainer = Trainer(net, opts, dev, labels)
+    ds = AugmentedDataset(scan.root, scan.records, train_transform(bb.preprocessing, "basic"), seed=0)
+    loader = make_loader(ds, batch, default_workers(), dev.type == "cuda", sampler=epoch_order(len(ds), 0, 0))
+    marks: dict[str, float] = {}
+
+    def progress(done_batches: int, total: int, elapsed: float) -> None:  # timing starts after the warm-up batch
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        marks["t0" if done_batches == 1 else "end"] = time.perf_counter()
+
+    stats = trainer.train_epoch(loader, 0, 1, progress)
+    return {"images": stats.images - min(batch, stats.images), "seconds": marks["end"] - marks["t0"]}
+
+
+def run_tutorial(data: Path, model: str, batch: int, device: str) -> dict:
+    """As in the classic transfer-learning tutorials."""
+    dev = torch.device(device)
+    weights = torchvision.models.get_model_weights(model).DEFAULT
+    pre = weights.transforms()
+    tf = torchvision.transforms.Compose([
+        torchvision.transforms.RandomResizedCrop(pre.crop_size[0]), torchvision.transforms.RandomHorizontalFlip(),
+        torchvision.transforms.ToTensor(), torchvision.transforms.Normalize(pre.mean, pre.std),
+    ])
+    ds = torchvision.datasets.ImageFolder(str(data), transform=tf)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=0)
+    torch.manual_seed(0)
+    net = torchvision.models.get_model(model, weights=None)
+    from pipeline.backbones import find_classifier, _set_submodule
+
+    name, layer = find_classifier(net, 1000)
+    _set_submodule(net, name, torch.nn.Linear(layer.in_features, len(ds.classes)))
+    net.to(dev).train()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    crit = torch.nn.CrossEntropyLoss()
+
+    def step(x, y):
+        x, y = x.to(dev), y.to(dev)
+        opt.zero_grad()
+        out = net(x)
+        out = out[0] if isinstance(out, tuple) else out
+        crit(out, y).backward()
+        opt.step()
+
+    done, seconds = _timed(loader, step, dev)
+    return {"images": done, "seconds": seconds}
+
+
+def child(variant: str, data: Path, model: str, batch: int, device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result = (run_ours if variant == "ours" else run_tutorial)(data, model, batch, device)
+    if device == "cuda":
+        result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(result))
+
+
+def measure(variant: str, args) -> dict:
+    """Run one variant in a fresh process; its peak RSS comes from wait4."""
+    proc = subprocess.Popen([sys.executable, __file__, "--child", variant, "--data", str(args.data), "--model", args.model,
+                             "--batch-size", str(args.batch_size), "--device", args.device], stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"{variant} failed with status {status}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["images_per_s"] = result["images"] / result["seconds"]
+    result["peak_rss_mib"] = usage.ru_maxrss / 1024  # kilobytes on Linux
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--images", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "featcache-bench-jpegs")
+    ap.add_argument("--quick", action="store_true", help="small N, for CI: proves the bench runs, not a measurement")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--child", choices=["ours", "tutorial"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.data, args.model, args.batch_size, args.device)
+        return
+    if args.quick:
+        args.model, args.images, args.batch_size = "resnet18", 24, 8
+        args.data = args.data.with_name(args.data.name + "-quick")
+    make_jpegs(args.data, args.images)
+    results = {"model": args.model, "images": args.images, "batch_size": args.batch_size, "device": args.device,
+               "cpu": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count()}
+    results["a_ours"] = measure("ours", args)
+    results["b_tutorial"] = measure("tutorial", args)
+    results["speed_ratio_a_over_b"] = results["a_ours"]["images_per_s"] / results["b_tutorial"]["images_per_s"]
+    results["memory_ratio_a_over_b"] = results["a_ours"]["peak_rss_mib"] / results["b_tutorial"]["peak_rss_mib"]
+    if args.json:
+        print(json.dumps(results))
+        return
+    print(f"{args.model} fine-tuning, {args.images} JPEGs 500x375, batch {args.batch_size}, {args.device}, {results['cores']} cores, "
+          f"torch {torch.__version__} ({results['cpu']})")
+    for key, label in (("a_ours", "(a) featcache Trainer (workers, channels_last, BN frozen)"), ("b_tutorial", "(b) tutorial loop (NCHW, 0 workers, BN training)")):
+        r = results[key]
+        extra = f", CUDA peak {r['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in r else ""
+        print(f"  {label}: {r['images_per_s']:6.2f} img/s, peak RSS {r['peak_rss_mib']:.0f} MiB{extra}")
+    print(f"  a/b speed = {results['speed_ratio_a_over_b']:.2f}   a/b peak RSS = {results['memory_ratio_a_over_b']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
