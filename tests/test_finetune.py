@@ -326,3 +326,34 @@ def test_demo_runs_every_stage(tiny_hub, tmp_path):
     assert r["extract"]["new"] == 1797 and r["fit_head"]["metrics"]["val"]["accuracy"] > 0.5
     assert r["finetune"]["epochs_done"] == 1 and Path(r["finetune"]["model_path"]).is_file()
     assert r["predict"]["n"] == 20 and Path(r["predict"]["csv"]).is_file() and Path(r["predict"]["grid"]).is_file()
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_hub):
+    """accum 2 x batch 4 takes the same optimiser step as batch 8 (BatchNorm is frozen, so
+    batch statistics cannot differ; the linear head has no dropout)."""
+    batches, labels = _batches(2, 32, 3, seed=3)
+    big = [DecodedBatch(list(range(8)), torch.cat([b.images for b in batches]), [""] * 8, [])]
+    results = []
+    for feed, accum in ((batches, 2), (big, 1)):
+        bb = load_backbone(tiny_hub, "none", seed=0)
+        torch.manual_seed(0)
+        model, _, _ = assemble(bb, build_head_module(bb.embed_dim, 3, (), ()), "all", 3, seed=0)
+        opts = resolve_options({"epochs": 1, "accum": accum, "warmup": 0.0, "clip_grad": 0.0, "momentum": 0.0, "lr_backbone": 0.1})
+        Trainer(model, opts, torch.device("cpu"), labels).train_epoch(feed, 0, 1)
+        results.append(model.state_dict())
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(results[0]["backbone.stem.0.weight"], load_backbone(tiny_hub, "none", seed=0).model.state_dict()["stem.0.weight"])
+
+
+def test_never_trains_on_the_heads_validation_images(tiny_head, tmp_path):
+    from pipeline.finetune import FineTuneJob
+    from pipeline.fit import _load_split
+
+    loaded = load_head(tiny_head)
+    job = FineTuneJob(loaded, tmp_path / "m.pt", None, {"epochs": 1}, False, False, 0, torch.device("cpu"), lambda m: None)
+    table, split, _ = _load_split(Path(loaded.provenance["cache"]), 0.2, 0)
+    head_val = {p for p, s in zip(table.paths, split) if s == "val"}
+    train = {r.relpath for r in job.train_set.records}
+    assert head_val and not train & head_val
+    assert {job.scan.records[i].relpath for i in job.index["val"]} == head_val
