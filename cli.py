@@ -36,33 +36,54 @@ _state: dict[str, Any] = {"debug": False, "json": False}
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    log_file: Optional[Path] = typer.Option(None, "--log-file", help="Also append every message, with timestamps, to this file (for cron)."),
+    log_json: bool = typer.Option(False, "--log-json", help="Write the log as JSON lines (to --log-file, else stderr)."),
+) -> None:
+    from pipeline import logs
+
     _state["debug"] = debug
+    try:
+        logs.configure(log_file, log_json)
+    except OSError as exc:
+        typer.echo(f"error: --log-file {str(log_file)!r} cannot be opened ({exc.strerror}); choose a writable path", err=True)
+        raise typer.Exit(2)
+
+
+def _begin(as_json: bool, quiet: bool = False) -> None:
+    """Per command: --json owns stdout; --json/--quiet leave only warnings and errors on stderr."""
+    from pipeline import logs
+
+    _state["json"] = as_json
+    logs.quiet_console(quiet or as_json)
 
 
 def command(fn: Callable[..., int]) -> Callable[..., None]:
     """Register ``fn`` as a command whose return value is the exit code, and map every
     error to its documented exit code with a one-line message (traceback only with --debug)."""
     from pipeline.errors import ExitCode, FeatcacheError
+    from pipeline.interrupts import sigterm_as_interrupt
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
-            code = fn(*args, **kwargs)
+            with sigterm_as_interrupt():  # SIGTERM (cron timeouts, kill) stops like Ctrl-C: commit, then exit 130
+                code = fn(*args, **kwargs)
         except FeatcacheError as exc:
             if _state["debug"]:
                 traceback.print_exc()
-            _err(f"error: {exc}")
+            _fail(f"error: {exc}")
             if _state["json"]:
                 _emit_json({"error": str(exc), "error_type": type(exc).__name__, "exit_code": exc.exit_code})
             code = exc.exit_code
         except KeyboardInterrupt:
-            _err("interrupted")
+            _fail("interrupted")
             code = ExitCode.INTERRUPTED
         except Exception as exc:  # a bug: say so briefly, unless --debug
             if _state["debug"]:
                 traceback.print_exc()
-            _err(f"internal error: {type(exc).__name__}: {exc} (this is a bug; rerun with --debug and report it)")
+            _fail(f"internal error: {type(exc).__name__}: {exc} (this is a bug; rerun with --debug and report it)")
             code = ExitCode.INTERNAL
         raise typer.Exit(code or 0)
 
@@ -70,7 +91,16 @@ def command(fn: Callable[..., int]) -> Callable[..., None]:
 
 
 def _err(msg: str) -> None:
-    typer.echo(msg, err=True)
+    """A message for people (stderr unless --quiet/--json) and for --log-file."""
+    from pipeline import logs
+
+    logs.info(msg)
+
+
+def _fail(msg: str) -> None:
+    from pipeline import logs
+
+    logs.error(msg)
 
 
 def _emit_json(obj: dict[str, Any]) -> None:
@@ -81,7 +111,7 @@ class _Progress:
     """One updating line on a terminal (stderr); silent when not a TTY or --quiet."""
 
     def __init__(self, enabled: bool, label: str):
-        self.enabled = enabled and sys.stderr.isatty()
+        self.enabled = enabled and sys.stderr.isatty() and sys.stdout.isatty()
         self.label = label
         self._last = 0.0
 
@@ -122,8 +152,8 @@ def extract(
     """Embed every image not yet in the cache (incremental, crash-safe)."""
     from pipeline.extract import run_extract
 
-    _state["json"] = as_json
-    log = (lambda m: None) if quiet or as_json else _err
+    _begin(as_json, quiet)
+    log = _err
     summary = run_extract(
         data_dir, model, weights, out, batch_size=batch_size, workers=workers, device=device, dtype=dtype,
         layout=layout, seed=seed, commit_every=commit_every, commit_seconds=commit_seconds, max_pixels=max_pixels,
@@ -132,7 +162,7 @@ def extract(
     code = 3 if summary.failed else 0
     if as_json:
         _emit_json({**summary.to_dict(), "exit_code": code})
-    elif not quiet:
+    else:
         _err(
             f"{summary.cache}: {summary.new} new, {summary.cached} cached, {summary.failed} failed, {summary.removed} removed; "
             f"{summary.rows} rows x {summary.embed_dim} ({summary.model}, {summary.weights}) in {summary.seconds:.1f}s"
@@ -147,16 +177,64 @@ def extract(
 
 @command
 def status(
-    cache: Path = typer.Argument(..., help="A cache .h5 file written by extract."),
+    target: Path = typer.Argument(..., help="A cache (.h5), a head or fine-tuned model (.pt), or a job file (.toml)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> int:
-    """Show what a cache holds: rows, classes, splits, failures, provenance, pending files."""
+    """What a cache holds, what a head/model was fitted on and whether it is stale, or what a job would do."""
+    from pipeline.errors import CacheError
+
+    _begin(as_json)
+    if target.suffix == ".toml":
+        from pipeline.jobs import run_job
+        from pipeline.report import format_job_plan
+
+        plan = run_job(target, dry_run=True)
+        typer.echo(json.dumps(plan.to_dict(), default=str) if as_json else format_job_plan(plan))
+        return 0
+    if target.suffix in (".pt", ".pth"):
+        from pipeline.report import artifact_status, format_artifact_status
+
+        info = artifact_status(target)
+        typer.echo(json.dumps(info, default=str) if as_json else format_artifact_status(info))
+        return 0
     from pipeline.report import cache_status, format_cache_status
 
-    _state["json"] = as_json
-    info = cache_status(cache)
+    if target.is_dir() and not target.name.endswith(".parts"):
+        raise CacheError(f"{str(target)!r} is a folder; pass a cache .h5 file, a head/model .pt file or a job .toml file")
+    info = cache_status(target)
     typer.echo(json.dumps(info, default=str) if as_json else format_cache_status(info))
     return 0
+
+
+@command
+def run(
+    job: Path = typer.Argument(..., help="Job file (TOML): data, backbones, heads, optional finetune; see the README."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a job-file value: KEY=VALUE, e.g. finetune.epochs=3 or backbones.0.batch_size=16 (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Refit every head and restart every fine-tune (extraction stays incremental)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what is stale and would run (same as `status JOB`)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Override the job's device: auto, cpu or cuda[:N]."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Override the job's decoder processes."),
+    wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for locks held by other writers (the job, a cache, a head, a model)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr (the --log-file still gets everything)."),
+) -> int:
+    """Run a job file, doing only what is stale (for cron): extract, fit heads, fine-tune."""
+    from pipeline.jobs import run_job
+    from pipeline.report import format_job_plan
+
+    _begin(as_json, quiet)
+    result = run_job(job, set_ or [], force=force, dry_run=dry_run, wait=wait, device=device, workers=workers, log=_err,
+                     progress=lambda label: _Progress(not quiet and not as_json, label))
+    code = 3 if result.failed_inputs else 0
+    if as_json:
+        _emit_json({**result.to_dict(), "exit_code": code})
+    elif dry_run:
+        typer.echo(format_job_plan(result))
+    else:
+        ran = [s for s in result.steps if s.action != "skip"]
+        _err(f"[{result.name}] done in {result.seconds:.1f}s: {len(ran)} step(s) ran, {len(result.steps) - len(ran)} up to date"
+             + (f"; {result.failed_inputs} input file(s) failed (exit 3)" if result.failed_inputs else "") + f"; report {result.report}")
+    return code
 
 
 def _floats(text: Optional[str], option: str) -> Optional[tuple[float, ...]]:
@@ -199,16 +277,17 @@ def fit_head(
     seed: int = typer.Option(0, "--seed", help="Seed for the split and the head."),
     stream: bool = typer.Option(False, "--stream", help="torch heads: stream the cache in chunks instead of loading it."),
     memory_budget_gb: float = typer.Option(4.0, "--memory-budget", help="GiB of embeddings to load before streaming automatically."),
+    wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same head file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the metrics on stdout."),
 ) -> int:
     """Fit a head on a cache, evaluate it on val/test, save it with its provenance and reports."""
     from pipeline.fit import fit_head as run_fit, head_params
 
-    _state["json"] = as_json
+    _begin(as_json)
     params = head_params(clf, C=C, jobs=jobs, seed=seed, class_weight=class_weight, epochs=epochs, lr=lr, weight_decay=weight_decay,
                          batch_size=batch_size, hidden=tuple(int(h) for h in _floats(hidden, "--hidden")) if hidden else None,
                          dropout=_floats(dropout, "--dropout"), label_smoothing=label_smoothing, schedule=schedule, patience=patience)
-    r = run_fit(cache, clf, out, params=params, val_fraction=val_fraction, seed=seed, stream=stream, memory_budget=int(memory_budget_gb * 2**30))
+    r = run_fit(cache, clf, out, params=params, val_fraction=val_fraction, seed=seed, stream=stream, memory_budget=int(memory_budget_gb * 2**30), wait=wait)
     if as_json:
         _emit_json({"head": r.head_path, "clf": r.kind, "cache": r.cache, "n_train": r.n_train, "n_val": r.n_val, "n_test": r.n_test,
                     "fit_seconds": r.seconds, "metrics": r.metrics, "reports": r.reports})
@@ -229,7 +308,7 @@ def evaluate(
     """Re-score a saved head on a compatible cache."""
     from pipeline.fit import evaluate_head
 
-    _state["json"] = as_json
+    _begin(as_json)
     result = evaluate_head(head, cache)
     if as_json:
         _emit_json(result)
@@ -251,7 +330,7 @@ def predict(
     """Classify new images with a saved head (runs the head's backbone; no cache needed)."""
     from pipeline.predict import predict_images
 
-    _state["json"] = as_json
+    _begin(as_json)
     r = predict_images(model_path, images, out, grid, topk=topk, device=device)
     code = 3 if r.failures else 0
     if as_json:
@@ -283,7 +362,7 @@ def compare(
     """Which backbone transfers best: the same head on several caches, ranked."""
     from pipeline.fit import compare_caches, head_params
 
-    _state["json"] = as_json
+    _begin(as_json)
     params = head_params(clf, C=None, jobs=None, seed=seed, class_weight=None, epochs=None, lr=None, weight_decay=None, batch_size=None,
                          hidden=None, dropout=None, label_smoothing=0.0, schedule="cosine", patience=None)
     result = compare_caches(caches, clf, params, val_fraction, seed)
@@ -331,17 +410,17 @@ def finetune(
     """Fine-tune the head's backbone end to end (BatchNorm frozen), starting from the head."""
     from pipeline.finetune import run_finetune
 
-    _state["json"] = as_json
+    _begin(as_json, quiet)
     given = {"head": head_mode, "unfreeze": unfreeze, "augment": augment, "optimizer": optimizer, "lr_backbone": lr_backbone, "lr_head": lr_head,
              "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule, "warmup": warmup, "epochs": epochs, "batch_size": batch_size,
              "accum": accum, "clip_grad": clip_grad, "label_smoothing": label_smoothing, "amp": amp, "channels_last": channels_last, "seed": seed}
-    log = (lambda m: None) if quiet or as_json else _err
+    log = _err
     r = run_finetune(head, out, data_dir=data, options=given, resume=resume, force=force, workers=workers, device=device, wait=wait,
                      progress=_Progress(not quiet and not as_json, "train"), log=log)
     code = 3 if r.failures else 0
     if as_json:
         _emit_json({**r.to_dict(), "exit_code": code})
-    elif not quiet:
+    else:
         _err(f"{r.model_path}: best epoch {r.best_epoch} of {r.epochs_done} in {r.seconds:.1f}s (checkpoint {r.checkpoint})")
         _print_metrics(r.metrics)
         for name, path in r.reports.items():
@@ -377,7 +456,7 @@ def demo(
     from pipeline.predict import predict_images
     from pipeline.report import cache_status, format_cache_status
 
-    _state["json"] = as_json
+    _begin(as_json)
     data = write_digits(workdir / "digits")
     cache = workdir / "cache" / f"digits_{model}_{weights}.h5"
     _err(f"[1/5] extract {data} with {model} (weights {weights}) -> {cache}")

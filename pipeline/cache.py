@@ -17,6 +17,7 @@ touched. The schema (below) is versioned by ``SCHEMA_VERSION``; see README "Cach
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -133,6 +134,17 @@ class RowTable:
     @property
     def classes(self) -> list[str]:
         return list(self.meta["classes"])
+
+    def content_digest(self) -> str:
+        """Hash of what a head learns from: every valid row's path, label and file hash, the
+        class names and the backbone identity. Unchanged by compaction or re-commits, so
+        "has this cache changed since the head was fitted?" is one comparison."""
+        h = hashlib.sha256()
+        ident = {k: self.meta.get(k) for k in ("model", "weights", "preprocessing", "embed_dim", "dtype")}
+        h.update(json.dumps([self.classes, ident], sort_keys=True).encode())
+        for path, label, sha in zip(self.paths, self.labels.tolist(), self.fingerprints["sha256"]):
+            h.update(f"{path}\0{label}\0{sha}\n".encode())
+        return h.hexdigest()[:32]
 
 
 def read_rows(path: str | os.PathLike) -> RowTable:

@@ -37,7 +37,7 @@ from torchvision.transforms import InterpolationMode
 from . import __version__
 from .artifacts import LoadedHead, load_head, save_model_artifact
 from .atomic import atomic_path
-from .backbones import AUX_CLASSIFIERS, Backbone, Preprocessing, drop_aux_classifiers, load_backbone
+from .backbones import AUX_CLASSIFIERS, Backbone, Preprocessing, drop_aux_classifiers, file_digest, load_backbone
 from .data import ImageRecord, scan_folder
 from .errors import CacheError, DataError, IncompatibleError, Interrupted, TrainingDiverged, UsageError
 from .extract import ImageFileDataset, default_workers, make_loader, resolve_device
@@ -392,14 +392,6 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------- runner
 
 
@@ -541,7 +533,7 @@ class FineTuneJob:
         self.index = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
         if self.opts["epochs"] > 0 and not len(self.index["train"]):
             raise UsageError(f"{str(self.scan.root)!r} has no training images under the head's split; add images")
-        self.identity = {"head_sha256": _file_digest(self.loaded.path), "model": self.prov["model"], "weights": self.prov["weights"],
+        self.identity = {"head_sha256": file_digest(self.loaded.path)[:16], "model": self.prov["model"], "weights": self.prov["weights"],
                          "classes": self.classes, "split_rule": self.rule, "data_root": str(self.scan.root)}
         if self.previous is not None and self.previous["identity"] != self.identity:
             changed = [k for k in self.identity if self.previous["identity"].get(k) != self.identity[k]]
@@ -592,7 +584,8 @@ class FineTuneJob:
         provenance = {
             "model": prov["model"], "weights": weights_id, "weights_spec": None, "seed": None, "preprocessing": bb.preprocessing.to_dict(),
             "embed_dim": bb.embed_dim, "classes": self.classes, "data_root": str(self.scan.root), "layout": self.scan.layout,
-            "split_rule": self.rule, "base_head": str(self.loaded.path.resolve()), "base_weights": prov["weights"], "finetune": self.opts,
+            "split_rule": self.rule, "base_head": str(self.loaded.path.resolve()), "base_head_sha256": self.identity["head_sha256"],
+            "base_weights": prov["weights"], "finetune": self.opts,
             "epoch": epoch, "trainable_blocks": self.thawed, **{f"n_{s}": int(len(v)) for s, v in self.index.items()},
             "featcache_version": __version__, "torch_version": str(torch.__version__), "torchvision_version": str(torchvision.__version__),
             "sklearn_version": sklearn.__version__, "numpy_version": np.__version__, "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -16,6 +16,7 @@ from .artifacts import LoadedHead, load_head, save_head
 from .cache import iter_embeddings, read_cache_meta, read_rows
 from .errors import UsageError
 from .heads import HEAD_KINDS, TorchHead, make_head
+from .locks import WriterLock
 from .metrics import classification_metrics, plot_leaderboard, write_reports
 from .splits import assign_splits
 
@@ -121,13 +122,24 @@ def head_params(kind: str, *, C: float | None, jobs: int | None, seed: int, clas
 
 def fit_head(cache: str | os.PathLike, kind: str, out: str | os.PathLike | None = None, *, params: dict[str, Any] | None = None,
              val_fraction: float = 0.2, seed: int = 0, stream: bool = False, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-             plots: bool = True) -> FitResult:
+             plots: bool = True, wait: float = 0.0, extra_provenance: dict[str, Any] | None = None) -> FitResult:
     """Fit ``kind`` on the cache's train rows, score val/test, save the artifact and reports.
 
+    The head file is locked while it is written (``wait`` seconds for another writer).
+    ``extra_provenance`` is recorded with the head (``run`` stores its spec digest there).
+
     Raises:
-        CacheError, UsageError (one class, no labels, logreg on a cache too big for RAM).
+        CacheError, UsageError (one class, no labels, logreg on a cache too big for RAM),
+        LockHeldError, StorageError.
     """
     cache = Path(cache)
+    out_path = Path(out) if out is not None else _default_head_path(cache, kind)
+    with WriterLock(out_path, command=f"fit-head --clf {kind}", wait=wait):
+        return _fit_head_locked(cache, kind, out_path, params, val_fraction, seed, stream, memory_budget, plots, extra_provenance or {})
+
+
+def _fit_head_locked(cache: Path, kind: str, out_path: Path, params: dict[str, Any] | None, val_fraction: float, seed: int, stream: bool,
+                     memory_budget: int, plots: bool, extra_provenance: dict[str, Any]) -> FitResult:
     params = dict(params or {})
     table, split, rule = _load_split(cache, val_fraction, seed)
     meta, classes, dim = table.meta, table.classes, int(table.meta["embed_dim"])
@@ -162,15 +174,16 @@ def fit_head(cache: str | os.PathLike, kind: str, out: str | os.PathLike | None 
             metrics[s] = classification_metrics(table.labels[idx[s]], full_proba(head, Xs, len(classes)), classes)
     metrics["fit_seconds"] = seconds
     history = list(getattr(head, "history_", []) or [])
-    out_path = Path(out) if out is not None else _default_head_path(cache, kind)
     provenance = {
         **{k: meta.get(k) for k in ("model", "weights", "weights_spec", "seed", "preprocessing", "embed_dim", "classes", "dtype", "data_root", "layout", "engine", "precision")},
         "cache": str(cache.resolve()),
         "cache_schema_version": 1,
+        "cache_fingerprint": table.content_digest(),
         "split_rule": rule.to_dict(),
         "n_train": int(len(idx["train"])), "n_val": int(len(idx["val"])), "n_test": int(len(idx["test"])),
         "featcache_version": __version__, "torch_version": str(torch.__version__), "sklearn_version": sklearn.__version__,
         "numpy_version": np.__version__, "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra_provenance,
     }
     extra = {"history": history, "C": getattr(head, "C_", None), "cv_scores": {str(k): v for k, v in (getattr(head, "cv_scores_", {}) or {}).items()}}
     save_head(out_path, head, kind, head.get_params(), provenance, metrics, extra)

@@ -1,12 +1,15 @@
 """Advisory file locks for writers (one writer per cache or artifact at a time).
 
 ``fcntl.flock`` locks die with their process, so a lock left by a killed writer is never
-stale: the next writer simply gets it. The lock file records who holds it, for messages.
+stale: the next writer simply gets it (no PID probing or age heuristics, which misfire
+across hosts and after PID reuse). The lock file records who holds it, for messages; a
+record found by the next writer means its author died holding the lock, which is logged.
 """
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -14,18 +17,27 @@ from pathlib import Path
 
 from .errors import LockHeldError, StorageError
 
+log = logging.getLogger("featcache")
+
 
 def lock_path_for(target: Path) -> Path:
     return target.with_name(target.name + ".lock")
 
 
-def _describe_holder(path: Path) -> str:
+def _describe(text: str) -> str:
     try:
-        info = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
+        info = json.loads(text or "{}")
+    except ValueError:
         return "another process"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
     return f"PID {info.get('pid', '?')} on {info.get('host', '?')} (since {since}, running {info.get('command', '?')})"
+
+
+def _describe_holder(path: Path) -> str:
+    try:
+        return _describe(path.read_text())
+    except OSError:
+        return "another process"
 
 
 class WriterLock:
@@ -61,6 +73,11 @@ class WriterLock:
                         "or pass --wait SECONDS"
                     ) from None
                 time.sleep(0.2)
+        fh.seek(0)
+        left = fh.read().strip()
+        if left:  # a clean release empties the file: whoever wrote this died holding the lock
+            log.warning(f"recovered the lock on {str(self.target)!r}: {_describe(left)} stopped without releasing it "
+                        "(its committed work is kept)")
         fh.seek(0)
         fh.truncate()
         fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": self.command}))

@@ -84,3 +84,72 @@ def format_cache_status(s: dict[str, Any]) -> str:
         lines.append(f"  ... and {s['failed'] - 20} more (see --json)")
     lines.append(f"versions   featcache {meta.get('featcache_version')}, torch {meta.get('torch_version')}, torchvision {meta.get('torchvision_version')}")
     return "\n".join(lines)
+
+
+def artifact_status(path: str | os.PathLike) -> dict[str, Any]:
+    """What a head (or fine-tuned model) was fitted on, how well, and whether it is stale:
+    its cache changed since (heads), or its base head changed since (fine-tuned models)."""
+    from .artifacts import load_head
+    from .backbones import file_digest
+    from .errors import FeatcacheError
+
+    loaded = load_head(path)
+    prov = loaded.provenance
+    finetuned = "base_head" in prov
+    val = loaded.metrics.get("val") or loaded.metrics.get("test") or {}
+    status: dict[str, Any] = {
+        "artifact": str(path), "kind": "fine-tuned model" if finetuned else f"{loaded.kind} head", "head": loaded.kind,
+        "model": prov.get("model"), "weights": prov.get("weights"), "embed_dim": prov.get("embed_dim"), "classes": prov.get("classes"),
+        "data_root": prov.get("data_root"), "fitted_at": prov.get("fitted_at"), "n_train": prov.get("n_train"), "n_val": prov.get("n_val"),
+        "val_accuracy": val.get("accuracy"), "val_macro_f1": val.get("macro_f1"), "provenance": prov,
+    }
+    if finetuned:
+        base = Path(prov["base_head"])
+        status["base_head"] = str(base)
+        status["epoch"] = prov.get("epoch")
+        if not base.is_file():
+            status["stale"], status["why"] = None, f"its base head {str(base)!r} is gone"
+        else:
+            changed = file_digest(base)[:16] != prov.get("base_head_sha256")
+            status["stale"], status["why"] = changed, ("its base head was refitted since" if changed else "base head unchanged")
+        return status
+    cache = Path(prov.get("cache", ""))
+    status["cache"] = str(cache)
+    if not cache.exists():
+        status["stale"], status["why"] = None, f"its cache {str(cache)!r} is gone"
+    else:
+        try:
+            table = read_rows(cache)
+            changed = table.content_digest() != prov.get("cache_fingerprint")
+            status["cache_rows_now"] = len(table.paths)
+            status["stale"] = changed
+            status["why"] = (f"the cache changed since it was fitted ({len(table.paths)} rows now)" if changed else "cache unchanged since fitted")
+        except FeatcacheError as exc:
+            status["stale"], status["why"] = None, f"its cache cannot be read: {exc}"
+    return status
+
+
+def format_artifact_status(s: dict[str, Any]) -> str:
+    acc = f"{s['val_accuracy']:.4f}" if s.get("val_accuracy") is not None else "-"
+    stale = {True: "STALE", False: "up to date", None: "unknown"}[s.get("stale")]
+    lines = [
+        f"artifact   {s['artifact']}  ({s['kind']})",
+        f"backbone   {s['model']}  weights={s['weights']}  embed_dim={s['embed_dim']}",
+        f"classes    {len(s['classes'] or [])}: {', '.join((s['classes'] or [])[:10])}{' …' if len(s['classes'] or []) > 10 else ''}",
+        f"data root  {s['data_root']}",
+        f"fitted     {s['fitted_at']}  on {s['n_train']} train rows; val accuracy {acc} on {s['n_val']} rows",
+    ]
+    if "cache" in s:
+        lines.append(f"cache      {s['cache']}")
+    if "base_head" in s:
+        lines.append(f"base head  {s['base_head']}  (best epoch {s.get('epoch')})")
+    lines.append(f"status     {stale}: {s['why']}")
+    return "\n".join(lines)
+
+
+def format_job_plan(result: Any) -> str:
+    lines = [f"job {result.name} ({result.job})"]
+    for step in result.steps:
+        lines.append(f"  {step.kind:<9} {step.action:<10} {step.target}  ({step.reason})")
+    lines.append("  nothing to do: everything is up to date" if not result.did_work else "  run it with: python cli.py run " + result.job)
+    return "\n".join(lines)

@@ -1,0 +1,241 @@
+"""Run a job file, doing only what is stale — the unattended (cron) entry point.
+
+For every data folder x backbone: extract (always incremental; a no-op when nothing
+changed), then fit each head unless the head on disk was fitted on exactly this cache
+content with exactly these settings, then fine-tune unless the model on disk came from
+this very head file with these options (an unfinished fine-tune resumes). A second run
+of an unchanged job does no work and says so.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .atomic import atomic_path
+from .backbones import file_digest
+from .errors import FeatcacheError
+from .jobspec import BackboneSpec, HeadSpec, JobSpec, load_job
+from .locks import WriterLock
+
+
+@dataclass
+class Step:
+    kind: str  # extract | fit-head | finetune
+    target: str  # cache, head or model path
+    action: str  # "run", "skip" (up to date), "resume", "start over"
+    reason: str
+    seconds: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JobResult:
+    job: str
+    name: str
+    steps: list[Step] = field(default_factory=list)
+    seconds: float = 0.0
+    failed_inputs: int = 0
+    did_work: bool = False
+    dry_run: bool = False
+    report: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- where things go
+
+
+def cache_path_for(job: JobSpec, data_root: Path, backbone: BackboneSpec) -> Path:
+    from .extract import default_cache_path
+
+    return default_cache_path(backbone.model, backbone.weights, data_root, job.cache_dir)
+
+
+def head_path_for(job: JobSpec, cache: Path, head: HeadSpec) -> Path:
+    return job.out_dir / f"{cache.stem}.{head.name}.head.pt"
+
+
+def model_path_for(job: JobSpec, cache: Path, head_name: str) -> Path:
+    return job.out_dir / f"{cache.stem}.{head_name}.finetuned.pt"
+
+
+# ----------------------------------------------------------------------------- staleness
+
+
+def head_staleness(head_path: Path, cache: Path, spec: HeadSpec) -> str | None:
+    """None when the head on disk is up to date, else why it must be (re)fitted."""
+    from .artifacts import load_head
+    from .cache import read_rows
+
+    if not head_path.is_file():
+        return "not fitted yet"
+    if not cache.exists():
+        return "its cache does not exist yet"
+    try:
+        prov = load_head(head_path).provenance
+    except FeatcacheError:
+        return "the head file is unreadable"
+    if prov.get("job_spec") != spec.digest():
+        return "its settings in the job file changed"
+    if prov.get("cache_fingerprint") != read_rows(cache).content_digest():
+        return "its cache changed since it was fitted"
+    return None
+
+
+def finetune_plan(model_path: Path, head_path: Path, options: dict[str, Any]) -> tuple[str, str]:
+    """("skip" | "resume" | "start over" | "run", reason) for a fine-tune from ``head_path``."""
+    import torch
+
+    from .finetune import checkpoint_path_for, resolve_options
+
+    if not head_path.is_file():
+        return "run", "its head is fitted in this run"
+    head_sha = file_digest(head_path)[:16]
+    wanted = resolve_options(options)
+    ckpt = checkpoint_path_for(model_path)
+    if ckpt.is_file():
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            same = state["identity"]["head_sha256"] == head_sha and {k: v for k, v in state["options"].items() if k != "epochs"} == \
+                {k: v for k, v in wanted.items() if k != "epochs"}
+            done = int(state["epoch"])
+        except Exception:
+            return "start over", "its checkpoint is unreadable"
+        if same and done >= wanted["epochs"] and model_path.is_file():
+            return "skip", f"up to date ({done} epochs from this head)"
+        if same and done < wanted["epochs"]:
+            return "resume", f"its checkpoint stopped after {done} of {wanted['epochs']} epochs"
+        return "start over", "its head or options changed"
+    if wanted["epochs"] == 0 and model_path.is_file():
+        return "start over", "evaluation only"
+    return "run", "not fine-tuned yet"
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_job(path: str | Path, overrides: list[str] | None = None, *, force: bool = False, dry_run: bool = False, wait: float = 0.0,
+            device: str | None = None, workers: int | None = None, log: Callable[[str], None] = lambda m: None,
+            progress: Callable[[str], Callable[[int, int, float], None] | None] = lambda label: None) -> JobResult:
+    """Validate the job file, then run its stale steps in order (or only plan them: ``dry_run``).
+
+    A failing step stops the job (work already committed stays); the error propagates.
+    """
+    job = load_job(path, overrides)
+    if device is not None:
+        job.device = device
+    if workers is not None:
+        job.workers = workers
+    result = JobResult(str(job.path), job.name, dry_run=dry_run)
+    t0 = time.perf_counter()
+    if dry_run:
+        _plan(job, result, force)
+    else:
+        with WriterLock(job.path, command=f"run {job.path.name}", wait=wait):
+            try:
+                _execute(job, result, force, wait, log, progress)
+            except BaseException:
+                result.seconds = round(time.perf_counter() - t0, 3)
+                try:  # record how far it got, without hiding the error itself
+                    _write_report(job, result, failed=True)
+                except FeatcacheError:
+                    pass
+                raise
+            result.seconds = round(time.perf_counter() - t0, 3)
+            result.report = str(_write_report(job, result))
+    result.seconds = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _plan(job: JobSpec, result: JobResult, force: bool) -> None:
+    from .report import cache_status
+
+    for root in job.data:
+        for bb in job.backbones:
+            cache = cache_path_for(job, root, bb)
+            if cache.exists():
+                st = cache_status(cache)
+                pending = st.get("not_extracted")
+                reason = f"{pending} new file(s), {st.get('gone_from_disk', 0)} gone" if pending is not None else "data folder problem"
+                action = "run" if pending or st.get("gone_from_disk") else "skip"
+            else:
+                action, reason = "run", "no cache yet"
+            result.steps.append(Step("extract", str(cache), action, reason))
+            for h in job.heads:
+                head = head_path_for(job, cache, h)
+                why = "--force" if force else head_staleness(head, cache, h)
+                result.steps.append(Step("fit-head", str(head), "run" if why else "skip", why or "up to date"))
+            if job.finetune is not None:
+                head = head_path_for(job, cache, next(h for h in job.heads if h.name == job.finetune.from_head))
+                action, reason = ("start over", "--force") if force else finetune_plan(model_path_for(job, cache, job.finetune.from_head), head, job.finetune.options)
+                result.steps.append(Step("finetune", str(model_path_for(job, cache, job.finetune.from_head)), action, reason))
+    result.did_work = any(s.action != "skip" for s in result.steps)
+
+
+def _execute(job: JobSpec, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress) -> None:
+    from .extract import run_extract
+    from .finetune import run_finetune
+    from .fit import fit_head
+
+    for root in job.data:
+        for bb in job.backbones:
+            cache = cache_path_for(job, root, bb)
+            log(f"[{job.name}] extract {root} with {bb.model} ({bb.weights}) -> {cache}")
+            t = time.perf_counter()
+            extract_opts = {k: v for k, v in bb.extract.items() if k != "workers"}
+            s = run_extract(root, bb.model, bb.weights, cache, device=job.device, workers=bb.extract.get("workers", job.workers),
+                            wait=wait, progress=progress("extract"), log=log, **extract_opts)
+            changed = bool(s.new or s.removed or s.new_failed)
+            result.steps.append(Step("extract", str(cache), "run" if changed else "skip",
+                                     f"{s.new} new, {s.removed} removed, {s.new_failed} newly failed" if changed else "up to date (no new, changed or removed files)",
+                                     round(time.perf_counter() - t, 3), {k: v for k, v in s.to_dict().items() if k not in ("failures", "skipped")}))
+            result.failed_inputs += s.failed
+            log(f"[{job.name}]   {s.new} new, {s.cached} cached, {s.failed} failed, {s.removed} removed")
+            for h in job.heads:
+                head = head_path_for(job, cache, h)
+                why = "--force" if force else head_staleness(head, cache, h)
+                if not why:
+                    result.steps.append(Step("fit-head", str(head), "skip", "up to date"))
+                    log(f"[{job.name}] fit-head {h.name}: up to date ({head})")
+                    continue
+                log(f"[{job.name}] fit-head {h.name} ({why}) -> {head}")
+                t = time.perf_counter()
+                r = fit_head(cache, h.clf, head, wait=wait, extra_provenance={"job_spec": h.digest(), "job": str(job.path)}, **h.fit_args())
+                m = r.metrics.get("val") or r.metrics.get("test") or {}
+                result.steps.append(Step("fit-head", str(head), "run", why, round(time.perf_counter() - t, 3),
+                                         {"val_accuracy": m.get("accuracy"), "n_train": r.n_train, "reports": r.reports}))
+                log(f"[{job.name}]   fitted on {r.n_train} rows" + (f", val accuracy {m['accuracy']:.4f}" if m else ""))
+            if job.finetune is not None:
+                ft = job.finetune
+                head = head_path_for(job, cache, next(h for h in job.heads if h.name == ft.from_head))
+                model = model_path_for(job, cache, ft.from_head)
+                action, reason = ("start over", "--force") if force else finetune_plan(model, head, ft.options)
+                if action == "skip":
+                    result.steps.append(Step("finetune", str(model), "skip", reason))
+                    log(f"[{job.name}] finetune: {reason} ({model})")
+                    continue
+                log(f"[{job.name}] finetune from {head.name} ({reason}) -> {model}")
+                t = time.perf_counter()
+                r = run_finetune(head, model, options=ft.options, resume=action == "resume", force=action != "resume",
+                                 workers=ft.workers if ft.workers is not None else job.workers, device=job.device, wait=wait,
+                                 progress=progress("train"), log=log)
+                result.failed_inputs += len(r.failures)
+                val = r.metrics.get("val", {})
+                result.steps.append(Step("finetune", str(model), action, reason, round(time.perf_counter() - t, 3),
+                                         {"best_epoch": r.best_epoch, "epochs_done": r.epochs_done, "val_accuracy": val.get("accuracy")}))
+    result.did_work = any(s.action != "skip" for s in result.steps)
+    if not result.did_work:
+        log(f"[{job.name}] nothing to do: every cache, head and model is up to date")
+
+
+def _write_report(job: JobSpec, result: JobResult, failed: bool = False) -> Path:
+    """``<out_dir>/<name>.run.json``: what the last run did (for monitoring)."""
+    target = job.out_dir / f"{job.name}.run.json"
+    entry = {**result.to_dict(), "completed": not failed, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(entry, indent=2, default=str))
+    return target

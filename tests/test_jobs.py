@@ -1,0 +1,244 @@
+"""Batch jobs for cron: `run JOB.toml` does only stale work, validates the whole file up front,
+locks what it writes, logs for machines, and `status` tells caches, heads, models and jobs apart."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, make_image, run_cli
+from pipeline import load_cache
+from pipeline.jobs import run_job
+from pipeline.jobspec import JobFileError, load_job
+from pipeline.locks import WriterLock, lock_path_for
+
+pytestmark = pytest.mark.slow
+
+
+def _write_job(folder: Path, tiny_hub: str, finetune: bool = True, extra: str = "") -> Path:
+    job = folder / "nightly job é.toml"  # spaces and non-ASCII in the path on purpose
+    text = f'''
+name = "nightly"
+data = ["digits"]
+cache_dir = "cache"
+out_dir = "runs"
+workers = 0
+
+[[backbones]]
+model = "{tiny_hub}"
+weights = "none"
+batch_size = 64
+
+[[heads]]
+clf = "logreg"
+
+[[heads]]
+name = "lin"
+clf = "linear"
+epochs = 5
+{extra}
+'''
+    if finetune:
+        text += '\n[finetune]\nfrom_head = "logreg"\nepochs = 1\nbatch_size = 16\naugment = "light"\n'
+    job.write_text(text)
+    return job
+
+
+@pytest.fixture
+def job_dir(tmp_path):
+    from pipeline.demo import write_digits
+
+    write_digits(tmp_path / "digits", size=32, per_class=8)
+    return tmp_path
+
+
+def _json_run(*args: str, expect: int = 0) -> dict:
+    proc = run_cli("run", *args, "--json")
+    assert proc.returncode == expect, proc.stderr
+    lines = [l for l in proc.stdout.splitlines() if l.strip()]
+    assert len(lines) == 1
+    return json.loads(lines[0])
+
+
+def test_second_run_of_an_unchanged_job_does_nothing(job_dir, tiny_hub):
+    job = _write_job(job_dir, tiny_hub)
+    first = _json_run(str(job))
+    assert [(s["kind"], s["action"]) for s in first["steps"]] == [("extract", "run"), ("fit-head", "run"), ("fit-head", "run"), ("finetune", "run")]
+    assert first["did_work"] and first["steps"][0]["summary"]["new"] == 80
+    report = json.loads(Path(first["report"]).read_text())
+    assert report["completed"] and len(report["steps"]) == 4
+    heads = sorted((job_dir / "runs").glob("*.head.pt"))
+    mtimes = [p.stat().st_mtime_ns for p in heads]
+
+    second = run_cli("run", str(job))
+    assert second.returncode == 0, second.stderr
+    assert "nothing to do" in second.stderr and "0 step(s) ran, 4 up to date" in second.stderr
+    assert [p.stat().st_mtime_ns for p in heads] == mtimes  # nothing was rewritten
+
+    plan = json.loads(run_cli("status", str(job), "--json").stdout)
+    assert not plan["did_work"] and {s["action"] for s in plan["steps"]} == {"skip"}
+
+
+def test_new_image_refits_heads_and_restarts_the_finetune(job_dir, tiny_hub):
+    job = _write_job(job_dir, tiny_hub)
+    _json_run(str(job))
+    make_image(job_dir / "digits" / "digit_3" / "new.png", size=(32, 32), seed=99)
+    plan = run_cli("status", str(job))
+    assert "1 new file(s)" in plan.stdout and "its cache changed" not in plan.stdout  # the cache itself has not changed yet
+    r = _json_run(str(job))
+    actions = {(s["kind"], Path(s["target"]).name.split(".")[-3] if s["kind"] != "extract" else ""): s for s in r["steps"]}
+    assert r["steps"][0]["summary"]["new"] == 1 and r["steps"][0]["summary"]["cached"] == 80
+    assert all(s["action"] == "run" and "cache changed" in s["reason"] for s in r["steps"] if s["kind"] == "fit-head")
+    assert r["steps"][-1]["action"] == "start over" and "head or options changed" in r["steps"][-1]["reason"]
+    assert len(actions) == 4
+
+
+def test_changed_head_setting_refits_only_that_head(job_dir, tiny_hub):
+    job = _write_job(job_dir, tiny_hub, finetune=False)
+    _json_run(str(job))
+    r = _json_run(str(job), "--set", "heads.1.epochs=7")
+    assert [(s["kind"], s["action"]) for s in r["steps"]] == [("extract", "skip"), ("fit-head", "skip"), ("fit-head", "run")]
+    assert "settings in the job file changed" in r["steps"][2]["reason"]
+    forced = _json_run(str(job), "--set", "heads.1.epochs=7", "--force")
+    assert [s["action"] for s in forced["steps"]] == ["skip", "run", "run"]
+
+
+def test_more_finetune_epochs_resume_the_checkpoint(job_dir, tiny_hub):
+    job = _write_job(job_dir, tiny_hub)
+    _json_run(str(job))
+    r = _json_run(str(job), "--set", "finetune.epochs=2")
+    assert r["steps"][-1]["action"] == "resume" and r["steps"][-1]["summary"]["epochs_done"] == 2
+
+
+def test_every_problem_in_the_job_file_is_reported_before_any_work(job_dir, tiny_hub):
+    bad = job_dir / "bad.toml"
+    bad.write_text('''
+data = ["digits", "missing"]
+devcie = "cpu"
+[[backbones]]
+model = "resnet5O"
+batch_size = "big"
+[[heads]]
+clf = "svm"
+[[heads]]
+clf = "logreg"
+class_weight = "heavy"
+[finetune]
+from_head = "nope"
+optimizer = "lion"
+''')
+    proc = run_cli("run", str(bad))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    for needle in ("8 problem(s)", "did you mean 'device'", "missing' does not exist", "did you mean resnet50", "batch_size: expected an integer",
+                   "'svm' is not a head", "'heavy'", "no head named 'nope'", "'lion'"):
+        assert needle in proc.stderr, needle
+    assert not (job_dir / "cache").exists() and not (job_dir / "runs").exists()
+
+
+def test_job_file_errors(tmp_path):
+    with pytest.raises(JobFileError, match="does not exist"):
+        load_job(tmp_path / "none.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("data = [\n")
+    with pytest.raises(JobFileError, match="not valid TOML"):
+        load_job(broken)
+    (tmp_path / "d").mkdir()
+    ok = tmp_path / "ok.toml"
+    ok.write_text('data = "d"\n[[backbones]]\nmodel = "resnet18"\n')
+    job = load_job(ok, ["backbones.0.weights=none", "device=cpu", "finetune.epochs=2", "heads.0.clf=logreg"] if False else ["backbones.0.weights=none", "device=cpu"])
+    assert job.backbones[0].weights == "none" and job.device == "cpu" and job.data == [tmp_path / "d"]
+    with pytest.raises(JobFileError, match="KEY=VALUE"):
+        load_job(ok, ["novalue"])
+    with pytest.raises(JobFileError, match="not an entry"):
+        load_job(ok, ["backbones.3.model=x"])
+
+
+def test_a_running_job_locks_its_file_and_waits(job_dir, tiny_hub):
+    job = _write_job(job_dir, tiny_hub, finetune=False)
+    with WriterLock(job.resolve(), command="test"):
+        proc = run_cli("run", str(job))
+    assert proc.returncode == 4 and f"PID {os.getpid()}" in proc.stderr and "--wait" in proc.stderr
+    head = job_dir / "h.pt"
+    with WriterLock(head, command="test"):  # fit-head locks its output too
+        proc = run_cli("fit-head", str(job_dir / "nothing.h5"), "--out", str(head))
+    assert proc.returncode in (4, 5)  # the missing cache may be noticed first; never a crash
+
+
+def test_lock_left_by_a_killed_process_is_recovered_with_a_message(job_dir, tiny_hub):
+    cache = job_dir / "c.h5"
+    lock_path_for(cache).write_text(json.dumps({"pid": 999999, "host": "gone", "since": time.time() - 60, "command": "extract"}))
+    proc = run_cli("extract", str(job_dir / "digits"), "-m", tiny_hub, "-w", "none", "--out", str(cache), "--workers", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "recovered the lock" in proc.stderr and "PID 999999" in proc.stderr
+    assert lock_path_for(cache).read_text() == ""  # released cleanly
+
+
+def test_log_file_and_json_lines(job_dir, tiny_hub):
+    job = _write_job(job_dir, tiny_hub, finetune=False)
+    text_log, json_log = job_dir / "logs" / "run.log", job_dir / "run.jsonl"
+    proc = run_cli("--log-file", str(text_log), "run", str(job), "--quiet")
+    assert proc.returncode == 0 and proc.stderr == ""  # --quiet: nothing on the terminal ...
+    content = text_log.read_text()
+    assert "fit-head logreg" in content and " INFO " in content  # ... everything in the file, timestamped
+    assert run_cli("--log-file", str(json_log), "--log-json", "run", str(job)).returncode == 0
+    events = [json.loads(line) for line in json_log.read_text().splitlines()]
+    assert events and all({"time", "level", "message"} <= set(e) for e in events)
+    assert any("nothing to do" in e["message"] for e in events)
+    bad = run_cli("--log-file", str(job_dir / "runs"), "models")  # a folder cannot be a log file
+    assert bad.returncode == 2 and "--log-file" in bad.stderr
+
+
+def test_failed_inputs_give_exit_3_and_sigterm_130(job_dir, tiny_hub):
+    (job_dir / "digits" / "digit_0" / "broken.png").write_bytes(b"not a png")
+    job = _write_job(job_dir, tiny_hub, finetune=False)
+    r = _json_run(str(job), expect=3)
+    assert r["failed_inputs"] == 1 and r["exit_code"] == 3
+
+    # SIGTERM while a job extracts: exit 130, committed rows kept
+    big = job_dir / "big"
+    for i in range(400):
+        make_image(big / ("a" if i % 2 else "b") / f"{i:03d}.png", size=(32, 32), seed=i)
+    job2 = job_dir / "big.toml"
+    job2.write_text('data = ["big"]\ncache_dir = "bigcache"\nworkers = 0\n[[backbones]]\nmodel = "resnet18"\nweights = "none"\nbatch_size = 4\ncommit_every = 8\n')
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "run", str(job2)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    caches = job_dir / "bigcache"
+
+    def committed() -> bool:  # the first part is committed: the job is inside its extract loop
+        return any(len(load_cache(c)) > 0 for c in caches.glob("*.h5")) if caches.is_dir() else False
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not committed():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    cache = next(caches.glob("*.h5"))
+    assert 0 < len(load_cache(cache)) < 400
+    report = json.loads((job_dir / "runs" / "big" / "big.run.json").read_text())
+    assert report["completed"] is False
+
+
+def test_status_of_head_and_model_says_when_stale(job_dir, tiny_hub):
+    job = _write_job(job_dir, tiny_hub)
+    _json_run(str(job))
+    head = next((job_dir / "runs").glob("*.logreg.head.pt"))
+    model = next((job_dir / "runs").glob("*.finetuned.pt"))
+    s = json.loads(run_cli("status", str(head), "--json").stdout)
+    assert s["stale"] is False and s["kind"] == "logreg head" and s["n_train"] > 0
+    m = json.loads(run_cli("status", str(model), "--json").stdout)
+    assert m["kind"] == "fine-tuned model" and m["stale"] is False
+    make_image(job_dir / "digits" / "digit_1" / "extra.png", size=(32, 32), seed=5)
+    run_job(job, ["heads.0.C=1.0"], dry_run=True)  # planning changes nothing
+    cache = next((job_dir / "cache").glob("*.h5"))
+    assert run_cli("extract", str(job_dir / "digits"), "-m", tiny_hub, "-w", "none", "--out", str(cache), "--workers", "0").returncode == 0
+    s = run_cli("status", str(head))
+    assert "STALE" in s.stdout and "cache changed" in s.stdout
+    shutil.copy(head, job_dir / "copy.pt")
+    assert run_cli("status", str(job_dir)).returncode == 5
