@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .backbones import MODEL_ARTIFACT_FORMAT
+from .backbones import MODEL_ARTIFACT_FORMAT, torch_load_quietly
 from .errors import CacheError, IncompatibleError
 from .heads import make_head
 
@@ -125,10 +125,12 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
         CacheError: missing, unreadable or not a featcache head/model.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CacheError(f"head {str(path)!r} is a folder; pass a head .pt file written by fit-head or finetune")
     if not path.is_file():
         raise CacheError(f"head {str(path)!r} does not exist; create one with `python cli.py fit-head CACHE --out {path}`")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch_load_quietly(path)
     except Exception as exc:
         raise CacheError(f"{str(path)!r} is not a featcache head (cannot load it safely: {type(exc).__name__}); pass a file written by fit-head or finetune") from exc
     fmt = blob.get("format") if isinstance(blob, dict) else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -167,10 +168,18 @@ class WeightsFile:
     model: str | None = None  # architecture recorded in a fine-tuned model artifact
 
 
+def torch_load_quietly(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` without its warnings about foreign pickles: a file
+    that is not ours gets our one-line error, not a library warning first."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_model_artifact(path: Path) -> dict[str, Any] | None:
     """The blob of a featcache fine-tuned model artifact, or None if ``path`` is another file."""
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch_load_quietly(path)
     except Exception:
         return None
     return blob if isinstance(blob, dict) and blob.get("format") == MODEL_ARTIFACT_FORMAT else None
@@ -180,7 +189,7 @@ def _load_state_file(path: Path) -> WeightsFile:
     if not path.is_file():
         raise BackboneError(f"--weights {str(path)!r}: no such file; give DEFAULT, a weights name, none, or a state_dict file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load_quietly(path)
     except Exception as exc:
         raise BackboneError(
             f"--weights {str(path)!r} is not a loadable state_dict ({type(exc).__name__}); "

@@ -37,7 +37,7 @@ from torchvision.transforms import InterpolationMode
 from . import __version__
 from .artifacts import LoadedHead, load_head, save_model_artifact
 from .atomic import atomic_path
-from .backbones import AUX_CLASSIFIERS, Backbone, Preprocessing, drop_aux_classifiers, file_digest, load_backbone
+from .backbones import AUX_CLASSIFIERS, Backbone, Preprocessing, drop_aux_classifiers, file_digest, load_backbone, torch_load_quietly
 from .data import ImageRecord, scan_folder
 from .errors import CacheError, DataError, IncompatibleError, Interrupted, TrainingDiverged, UsageError
 from .extract import ImageFileDataset, default_workers, make_loader, resolve_device
@@ -431,7 +431,7 @@ def checkpoint_path_for(model_path: Path) -> Path:
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch_load_quietly(path)
     except Exception as exc:
         raise CacheError(f"checkpoint {str(path)!r} cannot be read ({type(exc).__name__}); start over with --force") from exc
     if not isinstance(blob, dict) or blob.get("format") != CHECKPOINT_FORMAT:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .atomic import atomic_path
-from .backbones import file_digest
+from .backbones import file_digest, torch_load_quietly
 from .errors import FeatcacheError
 from .jobspec import BackboneSpec, HeadSpec, JobSpec, load_job
 from .locks import WriterLock
@@ -88,8 +88,6 @@ def head_staleness(head_path: Path, cache: Path, spec: HeadSpec) -> str | None:
 
 def finetune_plan(model_path: Path, head_path: Path, options: dict[str, Any]) -> tuple[str, str]:
     """("skip" | "resume" | "start over" | "run", reason) for a fine-tune from ``head_path``."""
-    import torch
-
     from .finetune import checkpoint_path_for, resolve_options
 
     if not head_path.is_file():
@@ -99,7 +97,7 @@ def finetune_plan(model_path: Path, head_path: Path, options: dict[str, Any]) ->
     ckpt = checkpoint_path_for(model_path)
     if ckpt.is_file():
         try:
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            state = torch_load_quietly(ckpt)
             same = state["identity"]["head_sha256"] == head_sha and {k: v for k, v in state["options"].items() if k != "epochs"} == \
                 {k: v for k, v in wanted.items() if k != "epochs"}
             done = int(state["epoch"])

@@ -184,7 +184,9 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
 
     path = Path(path)
     if not path.is_file():
-        raise JobFileError(f"job file {str(path)!r} does not exist" + ("; it is a folder" if path.is_dir() else "; pass a .toml job file (see README: Batch jobs)"))
+        if path.is_dir():
+            raise JobFileError(f"job file {str(path)!r} is a folder; pass a .toml job file (see README: Batch jobs)")
+        raise JobFileError(f"job file {str(path)!r} does not exist; pass a .toml job file (see README: Batch jobs)")
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

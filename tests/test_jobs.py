@@ -152,7 +152,7 @@ def test_job_file_errors(tmp_path):
     (tmp_path / "d").mkdir()
     ok = tmp_path / "ok.toml"
     ok.write_text('data = "d"\n[[backbones]]\nmodel = "resnet18"\n')
-    job = load_job(ok, ["backbones.0.weights=none", "device=cpu", "finetune.epochs=2", "heads.0.clf=logreg"] if False else ["backbones.0.weights=none", "device=cpu"])
+    job = load_job(ok, ["backbones.0.weights=none", "device=cpu"])
     assert job.backbones[0].weights == "none" and job.device == "cpu" and job.data == [tmp_path / "d"]
     with pytest.raises(JobFileError, match="KEY=VALUE"):
         load_job(ok, ["novalue"])
@@ -242,3 +242,17 @@ def test_status_of_head_and_model_says_when_stale(job_dir, tiny_hub):
     assert "STALE" in s.stdout and "cache changed" in s.stdout
     shutil.copy(head, job_dir / "copy.pt")
     assert run_cli("status", str(job_dir)).returncode == 5
+
+
+def test_the_readme_job_example_is_valid(tmp_path):
+    """The job file shown in the README parses and validates (its data folder swapped for a real one)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "data").mkdir()
+    job_file = tmp_path / "nightly.toml"
+    job_file.write_text(block)
+    job = load_job(job_file, [f'data=["{tmp_path / "data"}"]'])
+    assert [b.model for b in job.backbones] == ["resnet50", "efficientnet_b0"] and [h.name for h in job.heads] == ["logreg", "mlp-wide"]
+    assert job.finetune.from_head == "logreg" and job.finetune.options["epochs"] == 3

@@ -1,0 +1,146 @@
+"""Hardening sweep: every command, fed the wrong thing, answers with one line that names
+it and says what to do, a documented non-zero exit code, no traceback, nothing half-written."""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+
+from conftest import make_image, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def things(tmp_path_factory, tiny_head):
+    """Good and bad inputs, made once."""
+    t = tmp_path_factory.mktemp("things")
+    head = Path(tiny_head)
+    cache = head.with_name("tiny.h5")
+    (t / "empty").mkdir()
+    (t / "text.txt").write_text("hello")
+    (t / "job_dir.toml").mkdir()
+    make_image(t / "one class" / "only" / "a.png", seed=1)
+    make_image(t / "one class" / "only" / "b.png", seed=2)
+    loop = t / "loop"
+    make_image(loop / "cls_a" / "x.png", seed=3)
+    make_image(loop / "cls_b" / "y.png", seed=4)
+    os.symlink(loop / "cls_a", loop / "cls_a" / "again")  # a folder that contains itself
+    weird = t / "wéird dåta" / "clåss ä"
+    make_image(weird / "ïmage 1.png", seed=5)
+    make_image(t / "wéird dåta" / "cls b" / "z z.png", seed=6)
+    (t / "trunc.h5").write_bytes(cache.read_bytes()[:2000])
+    with h5py.File(t / "foreign.h5", "w") as f:
+        f["x"] = [1, 2, 3]
+    newer = t / "newer.h5"
+    shutil.copy(cache, newer)
+    shutil.copytree(cache.with_name(cache.name + ".parts"), newer.with_name(newer.name + ".parts"))
+    with h5py.File(newer, "r+") as f:
+        f.attrs["schema_version"] = 99
+    torch.save({"weights": torch.zeros(2)}, t / "not_ours.pt")
+    with open(t / "pickle.pt", "wb") as fh:
+        pickle.dump({"a": 1}, fh)
+    return {"head": str(head), "cache": str(cache), **{k: str(t / v) for k, v in {
+        "empty": "empty", "text": "text.txt", "dirtoml": "job_dir.toml", "oneclass": "one class", "loop": "loop", "weird": "wéird dåta",
+        "trunc": "trunc.h5", "foreign": "foreign.h5", "newer": "newer.h5", "notours": "not_ours.pt", "pickle": "pickle.pt",
+        "missing": "missing/nothing.h5", "out": "out"}.items()}}
+
+
+CASES = [
+    # command line (with {placeholders}), exit code, words the one-line error must contain
+    (["extract", "{missing}", "-m", "resnet18"], 2, ["missing/nothing.h5", "does not exist"]),
+    (["extract", "{text}", "-m", "resnet18"], 2, ["text.txt", "is a file"]),
+    (["extract", "{empty}", "-m", "resnet18"], 2, ["no images found"]),
+    (["extract", "{loop}", "-m", "resnet18", "-w", "none", "--out", "{trunc}"], 5, ["trunc.h5", "not a readable HDF5"]),
+    (["extract", "{loop}", "-m", "resnet18", "-w", "none", "--out", "{empty}"], 5, ["is a folder"]),
+    (["extract", "{loop}", "-m", "resnet18", "-w", "none", "--out", "{newer}"], 5, ["newer.h5", "schema"]),
+    (["status", "{trunc}"], 5, ["trunc.h5", "truncated or corrupt"]),
+    (["status", "{foreign}"], 5, ["foreign.h5", "not a featcache cache"]),
+    (["status", "{newer}"], 5, ["newer.h5", "schema", "upgrade"]),
+    (["status", "{empty}"], 5, ["is a folder"]),
+    (["status", "{notours}"], 5, ["not_ours.pt", "not a featcache head"]),
+    (["fit-head", "{missing}"], 5, ["nothing.h5", "does not exist"]),
+    (["fit-head", "{empty}"], 5, ["is a folder"]),
+    (["fit-head", "{foreign}"], 5, ["not a featcache cache"]),
+    (["fit-head", "{cache}", "--clf", "svm"], 2, ["--clf", "logreg"]),
+    (["evaluate", "{notours}", "--cache", "{cache}"], 5, ["not_ours.pt", "not a featcache head"]),
+    (["evaluate", "{pickle}", "--cache", "{cache}"], 5, ["pickle.pt", "cannot load it safely"]),
+    (["evaluate", "{head}", "--cache", "{trunc}"], 5, ["trunc.h5"]),
+    (["evaluate", "{head}", "--cache", "{newer}"], 5, ["newer.h5", "schema"]),
+    (["predict", "{empty}", "{text}"], 5, ["is a folder"]),
+    (["predict", "{head}", "{missing}"], 2, ["nothing.h5", "does not exist"]),
+    (["predict", "{head}", "{empty}"], 2, ["no images found"]),
+    (["compare", "{cache}", "{foreign}"], 5, ["foreign.h5"]),
+    (["finetune", "{cache}"], 5, ["tiny.h5", "not a featcache head"]),
+    (["finetune", "{missing}"], 5, ["does not exist"]),
+    (["finetune", "{head}", "--data", "{empty}"], 2, ["no images found"]),
+    (["finetune", "{head}", "--data", "{missing}"], 2, ["does not exist"]),
+    (["run", "{dirtoml}"], 2, ["job_dir.toml", "is a folder"]),
+    (["run", "{text}"], 2, ["text.txt", "not valid TOML"]),
+    (["run", "{missing}"], 2, ["does not exist"]),
+]
+
+
+@pytest.mark.parametrize("args, code, needles", CASES, ids=[" ".join(a[:2]) + f" #{i}" for i, (a, _, _) in enumerate(CASES)])
+def test_bad_input_one_line_error(things, args, code, needles):
+    before = sorted(p.name for p in Path(things["empty"]).iterdir())
+    proc = run_cli(*[a.format(**things) for a in args])
+    assert proc.returncode == code, proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    for needle in needles:
+        assert needle in lines[0], needle
+    assert sorted(p.name for p in Path(things["empty"]).iterdir()) == before  # nothing half-written
+
+
+def test_debug_shows_the_traceback(things):
+    proc = run_cli("--debug", "status", things["trunc"])
+    assert proc.returncode == 5 and "Traceback" in proc.stderr
+
+
+def test_awkward_but_valid_inputs_work(things, tmp_path, tiny_hub):
+    """Symlink loops are not followed forever; spaces and non-ASCII names round-trip; one class extracts but cannot fit."""
+    from pipeline import load_cache
+
+    loop = run_cli("extract", things["loop"], "-m", tiny_hub, "-w", "none", "--out", str(tmp_path / "loop.h5"), "--workers", "0")
+    assert loop.returncode == 0, loop.stderr
+    assert sorted(load_cache(tmp_path / "loop.h5").paths) == ["cls_a/x.png", "cls_b/y.png"]
+
+    out = tmp_path / "ütf 8" / "c é.h5"
+    weird = run_cli("extract", things["weird"], "-m", tiny_hub, "-w", "none", "--out", str(out), "--workers", "0")
+    assert weird.returncode == 0, weird.stderr
+    c = load_cache(out)
+    assert sorted(c.paths) == ["cls b/z z.png", "clåss ä/ïmage 1.png"] and c.classes == ["cls b", "clåss ä"]
+
+    one = tmp_path / "one.h5"
+    assert run_cli("extract", things["oneclass"], "-m", tiny_hub, "-w", "none", "--out", str(one), "--workers", "0").returncode == 0
+    fit = run_cli("fit-head", str(one), "--out", str(tmp_path / "h.pt"))
+    assert fit.returncode == 2 and "only one class" in fit.stderr and not (tmp_path / "h.pt").exists()
+
+
+def test_unreadable_file_is_a_recorded_failure(things, tmp_path, tiny_hub, monkeypatch):
+    """Permission denied on one image: recorded with its reason, exit 3, the rest extracted.
+    (Simulated in-process where the tests run as root, which ignores file permissions.)"""
+    from pipeline import data as data_mod
+    from pipeline.extract import run_extract
+
+    root = tmp_path / "perm"
+    make_image(root / "a" / "ok.png", seed=1)
+    make_image(root / "b" / "secret.png", seed=2)
+    make_image(root / "b" / "ok2.png", seed=3)
+    real_open = open
+
+    def guarded_open(path, *args, **kwargs):
+        if str(path).endswith("secret.png"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(data_mod, "open", guarded_open, raising=False)
+    s = run_extract(root, tiny_hub, "none", tmp_path / "p.h5", workers=0)
+    assert s.new == 2 and s.failures == [("b/secret.png", "permission denied")]
