@@ -144,3 +144,28 @@ def test_unreadable_file_is_a_recorded_failure(things, tmp_path, tiny_hub, monke
     monkeypatch.setattr(data_mod, "open", guarded_open, raising=False)
     s = run_extract(root, tiny_hub, "none", tmp_path / "p.h5", workers=0)
     assert s.new == 2 and s.failures == [("b/secret.png", "permission denied")]
+
+
+def test_disk_full_while_saving_a_head_keeps_the_old_one(things, tmp_path, monkeypatch):
+    """ENOSPC halfway through writing an artifact: a clear StorageError, the previous file
+    byte-identical, no temporary left behind (the same atomic path serves heads, models, checkpoints)."""
+    import errno
+
+    from pipeline.errors import StorageError
+    from pipeline.fit import fit_head
+
+    target = tmp_path / "h.head.pt"
+    fit_head(things["cache"], "logreg", target, plots=False)
+    before = target.read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(StorageError, match="disk is full.*nothing was changed"):
+        fit_head(things["cache"], "logreg", target, params={"C": 0.5}, plots=False)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
