@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 import traceback
@@ -56,7 +57,12 @@ def _begin(as_json: bool, quiet: bool = False) -> None:
     from pipeline import logs
 
     _state["json"] = as_json
-    logs.quiet_console(quiet or as_json)
+    logs.quiet_console(quiet or as_json or _torchrun_worker())
+
+
+def _torchrun_worker() -> bool:
+    """Under torchrun only rank 0 reports; the other ranks stay silent."""
+    return int(os.environ.get("RANK", "0")) != 0
 
 
 def command(fn: Callable[..., int]) -> Callable[..., None]:
@@ -160,6 +166,8 @@ def extract(
         amp=amp, wait=wait, progress=_Progress(not quiet and not as_json, "extract"), log=log,
     )
     code = 3 if summary.failed else 0
+    if _torchrun_worker():
+        return code
     if as_json:
         _emit_json({**summary.to_dict(), "exit_code": code})
     else:
@@ -418,6 +426,8 @@ def finetune(
     r = run_finetune(head, out, data_dir=data, options=given, resume=resume, force=force, workers=workers, device=device, wait=wait,
                      progress=_Progress(not quiet and not as_json, "train"), log=log)
     code = 3 if r.failures else 0
+    if _torchrun_worker():
+        return code
     if as_json:
         _emit_json({**r.to_dict(), "exit_code": code})
     else:

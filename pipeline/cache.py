@@ -306,12 +306,17 @@ def _write_index(path: Path, st: _IndexState) -> None:
             g.create_dataset("mtime_ns", data=np.array([r[2] for _, r in fails], dtype=np.int64))
 
 
-def _write_part(folder: Path, meta: dict[str, Any], rows: dict[str, Any], emb: np.ndarray) -> str:
-    name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.h5"
+def _write_part(folder: Path, meta: dict[str, Any], rows: dict[str, Any], emb: np.ndarray, base_generation: int, tag: str = "") -> str:
+    """One complete part file (atomic). ``base_generation`` is the index generation it was
+    written against: a part no index names yet is adopted by the next writer when it is at
+    least the index's generation (a writer or rank died after writing it), and deleted when
+    older (left over by a compaction that replaced it)."""
+    name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{tag}{os.getpid()}-{uuid.uuid4().hex[:8]}.h5"
     with atomic_path(folder / name) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = PART_FORMAT
             f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["base_generation"] = base_generation
             f.attrs["meta_json"] = json.dumps(meta, sort_keys=True)
             f.create_dataset("embeddings", data=emb)
             f.create_dataset("paths", data=np.array(rows["paths"], dtype=object), dtype=STR)
@@ -321,6 +326,26 @@ def _write_part(folder: Path, meta: dict[str, Any], rows: dict[str, Any], emb: n
             f.create_dataset("mtime_ns", data=np.array(rows["mtime_ns"], dtype=np.int64))
             f.create_dataset("sha256", data=np.array(rows["sha256"], dtype=object), dtype=STR)
     return name
+
+
+def _read_orphan(entry: Path, state: _IndexState) -> dict[str, list] | None:
+    """The rows of an unindexed part if it should be adopted into ``state``, else None."""
+    try:
+        with h5py.File(entry, "r") as f:
+            if f.attrs.get("format") != PART_FORMAT or int(f.attrs.get("base_generation", -1)) < state.generation:
+                return None
+            meta = json.loads(f.attrs["meta_json"])
+            if any(meta.get(k) != state.meta.get(k) for k in COMPAT_KEYS):
+                return None
+            rows = {"paths": _strs(f["paths"]), "labels": [int(x) for x in f["labels"][...]], "split": _strs(f["split"]),
+                    "size": [int(x) for x in f["size"][...]], "mtime_ns": [int(x) for x in f["mtime_ns"][...]], "sha256": _strs(f["sha256"])}
+    except (OSError, KeyError, ValueError):
+        return None
+    part_classes, classes = list(meta.get("classes", [])), list(state.meta.get("classes", []))
+    if part_classes != classes:  # labels follow class names, as in commit()
+        pos = {c: i for i, c in enumerate(classes)}
+        rows["labels"] = [pos.get(part_classes[l], -1) if l >= 0 else -1 for l in rows["labels"]]
+    return rows
 
 
 def check_compatible(path: Path, have: dict[str, Any], want: dict[str, Any]) -> None:
@@ -350,15 +375,21 @@ class CacheWriter:
     (:data:`COMPAT_KEYS`). ``meta['classes']`` may differ: labels are remapped by name.
     """
 
-    def __init__(self, path: Path, meta: dict[str, Any]):
+    def __init__(self, path: Path, meta: dict[str, Any], staging: bool = False, tag: str = ""):
+        """``staging=True``: write parts only, never the index, and leave others' parts alone —
+        for torchrun ranks, whose parts the rank holding the lock adopts at the end (by
+        opening a normal writer). ``tag`` goes into part names (e.g. ``rank1-``)."""
         self.path = Path(path)
         self.parts_dir = parts_dir_for(self.path)
+        self.staging, self.tag = staging, tag
+        self.adopted = 0
         if meta.get("dtype") not in DTYPES:
             raise CacheError(f"--dtype {meta.get('dtype')!r} is not supported; choose one of {', '.join(DTYPES)}")
         if self.path.exists():
             self.state = _load_state(self.path)
             check_compatible(self.path, self.state.meta, meta)
-            self._clean_orphans()
+            if not staging:
+                self._adopt_or_clean_orphans()
         else:
             self.state = _IndexState(dict(meta))
         self._new_meta = dict(meta)
@@ -366,6 +397,7 @@ class CacheWriter:
         self._emb: list[np.ndarray] = []
         self._fail: dict[str, tuple[str, int, int]] = {}
         self._removed: set[str] = set()
+        self.staged: list[str] = []
         self.commits = 0
 
     # -- what is there
@@ -407,7 +439,12 @@ class CacheWriter:
         return self.state.meta.get("classes") != self._new_meta.get("classes")
 
     def commit(self) -> bool:
-        """Make everything buffered durable (one part + one index replace). Returns False if nothing to do."""
+        """Make everything buffered durable (one part + one index replace). Returns False if nothing to do.
+
+        A staging writer writes the part only; failures and removals stay buffered for the
+        lock holder (``take_failures``)."""
+        if self.staging:
+            return self._stage_part()
         if not self.has_changes():
             return False
         new = self.state.copy()
@@ -420,12 +457,8 @@ class CacheWriter:
         current = new.current()
         if self._rows:
             emb = np.concatenate(self._emb)
-            rows = {
-                "paths": [r.relpath for r in self._rows], "labels": [r.label for r in self._rows],
-                "split": [r.split for r in self._rows], "size": [r.size for r in self._rows],
-                "mtime_ns": [r.mtime_ns for r in self._rows], "sha256": [r.sha256 for r in self._rows],
-            }
-            name = _write_part(self.parts_dir, new.meta, rows, emb)
+            rows = self._pending_columns()
+            name = _write_part(self.parts_dir, new.meta, rows, emb, self.state.generation, self.tag)
             new.parts.append(name)
             new.part_rows.append(len(self._rows))
             for r in self._rows:
@@ -455,16 +488,68 @@ class CacheWriter:
         self.commits += 1
         return True
 
+    def _pending_columns(self) -> dict[str, list]:
+        return {
+            "paths": [r.relpath for r in self._rows], "labels": [r.label for r in self._rows],
+            "split": [r.split for r in self._rows], "size": [r.size for r in self._rows],
+            "mtime_ns": [r.mtime_ns for r in self._rows], "sha256": [r.sha256 for r in self._rows],
+        }
+
+    def _stage_part(self) -> bool:
+        if not self._rows:
+            return False
+        meta = {**self.state.meta, **{k: v for k, v in self._new_meta.items() if k != "created"}}
+        rows = self._pending_columns()
+        self.staged.append(_write_part(self.parts_dir, meta, rows, np.concatenate(self._emb), self.state.generation, self.tag))
+        self._rows, self._emb = [], []
+        self.commits += 1
+        return True
+
+    def take_failures(self) -> dict[str, tuple[str, int, int]]:
+        """Buffered failures (relpath -> (reason, size, mtime_ns)), handed to the lock holder."""
+        out, self._fail = dict(self._fail), {}
+        return out
+
+    def add_failures(self, failures: dict[str, tuple[str, int, int]]) -> None:
+        self._fail.update(failures)
+
     # -- housekeeping
-    def _clean_orphans(self) -> None:
-        """Delete temporaries and parts no index refers to (left by a killed writer)."""
+    def _adopt_or_clean_orphans(self) -> None:
+        """Parts no index names: adopt complete ones written against this index (a writer or a
+        torchrun rank died before the index named them: their rows are kept), delete the rest
+        (compaction leftovers, other backbones), and delete temporaries of killed writers."""
         remove_stale_temporaries(self.path.parent, self.path.name)
         remove_stale_temporaries(self.parts_dir)
-        if self.parts_dir.is_dir():
-            keep = set(self.state.parts)
-            for entry in self.parts_dir.glob("part-*.h5"):
-                if entry.name not in keep:
-                    entry.unlink(missing_ok=True)
+        if not self.parts_dir.is_dir():
+            return
+        keep = set(self.state.parts)
+        new = self.state.copy()
+        adopted = []
+        for entry in sorted(self.parts_dir.glob("part-*.h5")):
+            if entry.name in keep:
+                continue
+            rows = _read_orphan(entry, new)
+            if rows is None:
+                entry.unlink(missing_ok=True)
+                continue
+            current = new.current()
+            new.parts.append(entry.name)
+            new.part_rows.append(len(rows["paths"]))
+            for i, p in enumerate(rows["paths"]):
+                if p in current:
+                    new.valid[current[p]] = False
+                current[p] = len(new.paths)
+                new.paths.append(p)
+                for key in ("labels", "split", "size", "mtime_ns", "sha256"):
+                    getattr(new, key).append(rows[key][i])
+                new.valid.append(True)
+                new.failures.pop(p, None)
+            adopted.append(entry.name)
+        if adopted:
+            new.generation += 1
+            _write_index(self.path, new)
+            self.state = new
+            self.adopted = sum(new.part_rows[-len(adopted):])
 
     def compact(self, min_parts: int = 32, min_invalid_fraction: float = 0.25) -> bool:
         """Rewrite all valid rows into one part when parts pile up or many rows are stale."""
@@ -480,7 +565,7 @@ class CacheWriter:
         rows = {"paths": pick(st.paths), "labels": pick(st.labels), "split": pick(st.split),
                 "size": pick(st.size), "mtime_ns": pick(st.mtime_ns), "sha256": pick(st.sha256)}
         new = st.copy()
-        new.parts = [_write_part(self.parts_dir, st.meta, rows, emb)] if len(keep) else []
+        new.parts = [_write_part(self.parts_dir, st.meta, rows, emb, st.generation)] if len(keep) else []
         new.part_rows = [len(keep)] if len(keep) else []
         new.paths, new.labels, new.split = rows["paths"], rows["labels"], rows["split"]
         new.size, new.mtime_ns, new.sha256 = rows["size"], rows["mtime_ns"], rows["sha256"]

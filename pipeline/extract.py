@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .backbones import Backbone, load_backbone
 from .cache import CacheWriter, PendingRow
+from .distributed import World, rank_device, world
 from .data import DEFAULT_MAX_PIXELS, DecodeError, ImageRecord, ScanResult, decode_image, read_bytes, scan_folder
 from .errors import Interrupted, UsageError
 from .interrupts import sigterm_as_interrupt
@@ -88,8 +89,10 @@ def _worker_init(_: int) -> None:
 
 
 def default_workers() -> int:
-    """Decoder processes: half the cores (the backbone uses the rest), at least 1, at most 8."""
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    """Decoder processes: half the cores (the backbone uses the rest), at least 1, at most 8;
+    under torchrun the cores are shared by the node's ranks."""
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, (os.cpu_count() or 2) // (2 * ranks_here)))
 
 
 def make_loader(dataset: ImageFileDataset, batch_size: int, workers: int, pin_memory: bool, sampler: Sequence[int] | None = None) -> DataLoader:
@@ -165,6 +168,8 @@ class ExtractSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     interrupted: bool = False
+    rank: int = 0  # torchrun: this process's rank (only rank 0 reports)
+    world_size: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -204,6 +209,37 @@ def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.d
 ProgressFn = Callable[[int, int, float], None]
 
 
+def _open_writer(path: Path, meta: dict[str, Any], create: bool) -> CacheWriter:
+    """The lock holder's writer; with ``create`` the index exists afterwards (staging ranks read it)."""
+    writer = CacheWriter(path, meta)
+    if create and not path.exists():
+        writer.commit()
+    return writer
+
+
+def _merge_ranks(w: World, writer: CacheWriter, path: Path, meta: dict[str, Any], removed: list[str], summary: ExtractSummary) -> None:
+    """torchrun: every rank's counts and failures to rank 0, which adopts all staged parts
+    (by reopening the cache), records failures and removals, and commits once."""
+    shares = w.gather({"new": summary.new, "new_failed": summary.new_failed, "failures": writer.take_failures(),
+                       "interrupted": summary.interrupted, "commits": summary.commits})
+    summary.new = sum(s["new"] for s in shares)
+    summary.new_failed = sum(s["new_failed"] for s in shares)
+    summary.commits = sum(s["commits"] for s in shares)
+    summary.interrupted = any(s["interrupted"] for s in shares)
+
+    def merge() -> tuple[list[tuple[str, str]], int]:
+        final = CacheWriter(path, meta)  # adopts every rank's parts
+        for s in shares:
+            final.add_failures(s["failures"])
+        final.remove(removed)
+        final.commit()
+        if not summary.interrupted:
+            final.compact()
+        return sorted(final.failures.items()), sum(final.state.valid)
+
+    summary.failures, summary.rows = w.broadcast(w.run_on_main(merge))
+
+
 def run_extract(
     data_dir: str | os.PathLike,
     model: str,
@@ -241,25 +277,35 @@ def run_extract(
     if amp and dev.type != "cuda":
         raise UsageError("--amp needs a CUDA device (on CPU, reduced precision is slower without native bf16); drop --amp or use --device cuda")
 
+    w = world(dev.type)
+    dev = rank_device(dev, w)
     scan = scan_folder(data_dir, layout)
     backbone = load_backbone(model, weights, seed=seed)
     out_path = Path(out) if out is not None else default_cache_path(model, weights, scan.root)
     meta = build_meta(backbone, scan, dtype, dev)
-    summary = ExtractSummary(str(out_path), model, backbone.weights_id, backbone.embed_dim, str(dev), classes=list(scan.classes))
+    summary = ExtractSummary(str(out_path), model, backbone.weights_id, backbone.embed_dim, str(dev), classes=list(scan.classes), rank=w.rank, world_size=w.size)
     summary.skipped = list(scan.skipped)
 
     t0 = time.perf_counter()
-    with WriterLock(out_path, command=f"extract --model {model}", wait=wait):
-        writer = CacheWriter(out_path, meta)
+    # Rank 0 (the only rank, without torchrun) holds the cache's lock for the whole run.
+    lock = WriterLock(out_path, command=f"extract --model {model}", wait=wait)
+    w.run_on_main(lock.acquire)
+    try:
+        # torchrun: rank 0 opens the cache (adopting parts of earlier crashed runs) before the
+        # others read it; each rank then extracts its share into parts of its own.
+        main_writer = w.run_on_main(lambda: _open_writer(out_path, meta, create=w.enabled))
+        writer = CacheWriter(out_path, meta, staging=True, tag=f"rank{w.rank}-") if w.enabled else main_writer
         known = writer.known()
         on_disk = {r.relpath for r in scan.records}
-        todo = [r for r in scan.records if known.get(r.relpath) != (r.size, r.mtime_ns)]
+        todo_all = [r for r in scan.records if known.get(r.relpath) != (r.size, r.mtime_ns)]
         removed = sorted(set(known) - on_disk)
-        writer.remove(removed)
+        todo = todo_all[w.rank :: w.size]  # deterministic share: every rank computes the same list
         summary.removed = len(removed)
-        summary.cached = len(scan.records) - len(todo)
-        if removed or todo:
-            log(f"{len(todo)} to extract, {summary.cached} cached, {len(removed)} removed")
+        summary.cached = len(scan.records) - len(todo_all)
+        if not w.enabled:
+            writer.remove(removed)
+        if w.is_main and (removed or todo_all):
+            log(f"{len(todo_all)} to extract, {summary.cached} cached, {len(removed)} removed" + (f" ({w.size} ranks)" if w.enabled else ""))
 
         net = prepare_model(backbone, dev)
         amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if amp else None
@@ -281,17 +327,23 @@ def run_extract(
                     if writer.pending >= commit_every or time.monotonic() - last_commit >= commit_seconds:
                         writer.commit()
                         last_commit = time.monotonic()
-                    if progress:
+                    if progress and w.is_main:
                         progress(done, len(todo), time.perf_counter() - t0)
         except KeyboardInterrupt:
             summary.interrupted = True
         writer.commit()  # finished batches are complete rows: keep them, interrupted or not
-        if not summary.interrupted:
-            writer.compact()
         summary.commits = writer.commits
-        summary.failures = sorted(writer.failures.items())
+        if w.enabled:
+            _merge_ranks(w, writer, out_path, meta, removed, summary)
+        else:
+            if not summary.interrupted:
+                writer.compact()
+            summary.failures = sorted(writer.failures.items())
+            summary.rows = sum(writer.state.valid)
         summary.failed = len(summary.failures)
-        summary.rows = sum(writer.state.valid)
+    finally:
+        if w.is_main:
+            lock.release()
     summary.seconds = round(time.perf_counter() - t0, 3)
     summary.images_per_s = round(summary.new / summary.seconds, 2) if summary.seconds > 0 and summary.new else 0.0
     if summary.interrupted:

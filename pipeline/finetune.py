@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -31,6 +32,8 @@ import sklearn
 import torch
 import torchvision
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
@@ -43,6 +46,7 @@ from .errors import CacheError, DataError, IncompatibleError, Interrupted, Train
 from .extract import ImageFileDataset, default_workers, make_loader, resolve_device
 from .freezing import keep_frozen_in_eval, unfreeze
 from .heads import LogRegHead, TorchHead, build_head_module
+from .distributed import World, rank_device, world
 from .interrupts import sigterm_as_interrupt
 from .locks import WriterLock
 from .metrics import classification_metrics, write_reports
@@ -150,8 +154,13 @@ class AugmentedDataset(ImageFileDataset):
             return self.transform(image)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """This rank's items for one epoch, exactly as torch's ``DistributedSampler`` (shuffled by
+    seed + epoch via ``set_epoch``, padded to equal shares) deals them — one rule for any
+    number of ranks, so 2 ranks x batch B see the same images per step as 1 rank x batch 2B."""
+    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
 
 
 # ----------------------------------------------------------------------------- model
@@ -275,21 +284,37 @@ def lr_factor(step: int, total: int, schedule: str, warmup: float) -> float:
 
 @dataclass
 class EpochStats:
-    loss: float
-    accuracy: float
+    loss_sum: float  # summed over images (so ranks can add them up)
+    correct: int
     images: int
     seconds: float
     failures: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.images, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.images, 1)
 
 
 class Trainer:
     """One optimisation loop: forward, (aux) loss, accumulation, clipping, AMP, LR schedule."""
 
-    def __init__(self, model: FineTuneModel, opts: dict[str, Any], device: torch.device, labels: np.ndarray):
-        """``labels[i]`` is the class of the training set's item ``i``."""
-        self.model, self.opts, self.device = model, opts, device
+    def __init__(self, model: FineTuneModel, opts: dict[str, Any], device: torch.device, labels: np.ndarray, team: World | None = None,
+                 input_size: int = 224):
+        """``labels[i]`` is the class of the training set's item ``i``. With a torchrun
+        ``team`` the model is wrapped in DistributedDataParallel (gradients averaged)."""
+        self.module, self.opts, self.device, self.input_size = model, opts, device, input_size
+        self.team = team or World()
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.optimizer = make_optimizer(param_groups(model, opts), opts)
+        self.model: nn.Module = model
+        if self.team.enabled:  # BatchNorm is frozen (eval mode), so no SyncBatchNorm is needed
+            # frozen BatchNorm buffers never change: no need to re-broadcast them every forward
+            quiet_buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+            self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **{quiet_buffers: False})
         self.amp_dtype = None
         if opts["amp"]:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -318,39 +343,58 @@ class Trainer:
             failures += batch.failures
             group_start = (b // accum) * accum
             group_size = min(accum, n_batches - group_start)
-            if batch.images is not None:
-                x = self._to_device(batch.images)
-                y = self.labels[batch.positions].to(self.device, non_blocking=True)
-                with self._autocast():
-                    out = self.model(x)
-                    if isinstance(out, tuple):
-                        logits = out[0]
-                        loss = self.criterion(logits, y) + INCEPTION_AUX_WEIGHT * self.criterion(out[1], y)
-                    else:
-                        logits = out
-                        loss = self.criterion(logits, y)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrainingDiverged(f"the training loss became {value} in epoch {epoch + 1}, batch {b + 1}; lower --lr-backbone/--lr-head "
-                                           "or --clip-grad and start over with --force (the last epoch's checkpoint is intact)")
-                self.scaler.scale(loss / group_size).backward()
-                loss_sum += value * len(y)
-                correct += int((logits.detach().argmax(1) == y).sum())
-                seen += len(y)
-            if b + 1 == group_start + group_size:
-                step = epoch * steps_per_epoch + b // accum
-                factor = lr_factor(step, total_steps, self.opts["schedule"], self.opts["warmup"])
-                for g in self.optimizer.param_groups:
-                    g["lr"] = g["initial_lr"] * factor
-                if self.opts["clip_grad"] > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.trainable, self.opts["clip_grad"])
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
+            last_of_group = b + 1 == group_start + group_size
+            if batch.images is not None or self.team.enabled:
+                # under DDP a rank whose whole batch failed to decode still joins the gradient
+                # all-reduce (with a zero-weight forward), or the other ranks would wait forever
+                sync = self.model.no_sync() if self.team.enabled and not last_of_group else nullcontext()
+                with sync:
+                    value, hits, n = self._forward_backward(batch, group_size, epoch, b)
+                loss_sum, correct, seen = loss_sum + value * n, correct + hits, seen + n
+            if last_of_group:
+                self._step(epoch * steps_per_epoch + b // accum, total_steps)
             if progress:
                 progress(b + 1, n_batches, time.perf_counter() - t0)
-        return EpochStats(loss_sum / max(seen, 1), correct / max(seen, 1), seen, time.perf_counter() - t0, failures)
+        return EpochStats(loss_sum, correct, seen, time.perf_counter() - t0, failures)
+
+    def _forward_backward(self, batch, group_size: int, epoch: int, b: int) -> tuple[float, int, int]:
+        """Loss (+0.4 x inception aux loss) and its backward; returns (mean loss, correct, images)."""
+        if batch.images is None:
+            size = self.input_size
+            x, y = torch.zeros(1, 3, size, size, device=self.device), None
+        else:
+            x = self._to_device(batch.images)
+            y = self.labels[batch.positions].to(self.device, non_blocking=True)
+        with self._autocast():
+            out = self.model(x)
+            logits = out[0] if isinstance(out, tuple) else out
+            if y is None:
+                loss = logits.float().sum() * 0.0 + (out[1].float().sum() * 0.0 if isinstance(out, tuple) else 0.0)
+            elif isinstance(out, tuple):
+                loss = self.criterion(logits, y) + INCEPTION_AUX_WEIGHT * self.criterion(out[1], y)
+            else:
+                loss = self.criterion(logits, y)
+        value = float(loss.detach())
+        if self.team.enabled:  # every rank stops together (a lone raise would leave the others waiting)
+            value = value if self.team.sum([0.0 if math.isfinite(value) else 1.0], self.device)[0] == 0 else math.nan
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the training loss became {value} in epoch {epoch + 1}, batch {b + 1}; lower --lr-backbone/--lr-head "
+                                   "or --clip-grad and start over with --force (the last epoch's checkpoint is intact)")
+        self.scaler.scale(loss / group_size).backward()
+        if y is None:
+            return 0.0, 0, 0
+        return value, int((logits.detach().argmax(1) == y).sum()), len(y)
+
+    def _step(self, step: int, total_steps: int) -> None:
+        factor = lr_factor(step, total_steps, self.opts["schedule"], self.opts["warmup"])
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * factor
+        if self.opts["clip_grad"] > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.opts["clip_grad"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def predict(self, loader) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
         """(probabilities [N, C], positions of decoded images, failures) in eval mode."""
@@ -364,7 +408,7 @@ class Trainer:
                 logits = self.model(self._to_device(batch.images))
                 probs.append(torch.softmax(logits.float(), dim=1).cpu().double().numpy())
                 positions += batch.positions
-        width = self.model.head[-1].out_features
+        width = self.module.head[-1].out_features
         return (np.concatenate(probs) if probs else np.empty((0, width))), np.asarray(positions, dtype=int), failures
 
 
@@ -488,10 +532,18 @@ def run_finetune(
     if out_path.resolve() == head_path.resolve():
         raise UsageError(f"--out {str(out_path)!r} is the head being fine-tuned; choose another file")
     dev = resolve_device(device)
-    with WriterLock(out_path, command="finetune", wait=wait):
-        job = FineTuneJob(loaded, out_path, data_dir, dict(options or {}), resume, force, default_workers() if workers is None else workers, dev, log)
+    team = world(dev.type)  # torchrun: one process per GPU (or CPU share); rank 0 writes
+    dev = rank_device(dev, team)
+    lock = WriterLock(out_path, command="finetune", wait=wait)
+    team.run_on_main(lock.acquire)
+    try:
+        job = FineTuneJob(loaded, out_path, data_dir, dict(options or {}), resume, force, default_workers() if workers is None else workers, dev, log, team)
         result = job.run(progress)
-    result.reports = write_reports(out_path, result.metrics, job.classes, result.history, f"finetune {job.prov['model']}", plots=plots)
+    finally:
+        if team.is_main:
+            lock.release()
+    if team.is_main:
+        result.reports = write_reports(out_path, result.metrics, job.classes, result.history, f"finetune {job.prov['model']}", plots=plots)
     return result
 
 
@@ -500,8 +552,9 @@ class FineTuneJob:
     ``run`` trains epoch by epoch, checkpointing after each and keeping the best."""
 
     def __init__(self, loaded: LoadedHead, out_path: Path, data_dir: str | os.PathLike | None, given: dict[str, Any], resume: bool,
-                 force: bool, workers: int, device: torch.device, log: Callable[[str], None]):
+                 force: bool, workers: int, device: torch.device, log: Callable[[str], None], team: World | None = None):
         self.loaded, self.prov, self.out_path, self.workers, self.device, self.log = loaded, loaded.provenance, out_path, workers, device, log
+        self.team = team or World()
         self.ckpt_path = checkpoint_path_for(out_path)
         self.previous = self._previous_checkpoint(resume, force)
         self.opts = resolve_options(given, self.previous["options"] if self.previous else None)
@@ -550,12 +603,13 @@ class FineTuneJob:
             self.model.to(memory_format=torch.channels_last)
         train_records = [self.scan.records[i] for i in self.index["train"]]
         self.train_set = AugmentedDataset(self.scan.root, train_records, train_transform(self.backbone.preprocessing, opts["augment"]), opts["seed"])
-        self.trainer = Trainer(self.model, opts, self.device, self.labels[self.index["train"]])
+        self.trainer = Trainer(self.model, opts, self.device, self.labels[self.index["train"]], self.team, self.backbone.preprocessing.input_size)
         shown = ", ".join(self.thawed[-3:]) + (" …" if len(self.thawed) > 3 else "")
         n = {s: len(v) for s, v in self.index.items()}
         self.log(f"{prov['model']} + {self.loaded.kind} head ({'fresh' if opts['head'] == 'new' else 'from ' + self.loaded.path.name}); "
                  f"trainable: {len(self.thawed)} backbone blocks{f' ({shown})' if self.thawed else ''} + head{' + inception aux classifier' if aux else ''}; "
-                 f"BatchNorm frozen; {n['train']} train / {n['val']} val / {n['test']} test images")
+                 f"BatchNorm frozen; {n['train']} train / {n['val']} val / {n['test']} test images"
+                 + (f"; DDP over {self.team.size} ranks x batch {opts['batch_size']}" if self.team.enabled else ""))
 
     # -- pieces of an epoch
     def evaluate(self, split_name: str) -> dict[str, Any] | None:
@@ -563,10 +617,15 @@ class FineTuneJob:
         rows = self.index[split_name]
         if not len(rows):
             return None
-        records = [self.scan.records[i] for i in rows]
+        mine = np.arange(len(rows))[self.team.rank :: self.team.size]  # torchrun: each rank scores a share
+        records = [self.scan.records[i] for i in rows[mine]]
         dataset = ImageFileDataset(self.scan.root, records, self.backbone.preprocessing.transform(), hash_files=False)
         proba, pos, bad = self.trainer.predict(make_loader(dataset, self.opts["batch_size"], self.workers, self.device.type == "cuda"))
-        self.failures.update({records[i].relpath: r for i, r in bad})
+        shares = self.team.gather((proba, mine[pos], {records[i].relpath: r for i, r in bad}))
+        proba = np.concatenate([p for p, _, _ in shares])
+        pos = np.concatenate([q for _, q, _ in shares]).astype(int)
+        for _, _, failed in shares:
+            self.failures.update(failed)
         if not len(pos):
             return None
         y = self.labels[rows][pos]
@@ -575,7 +634,9 @@ class FineTuneJob:
         return metrics
 
     def save_model(self, epoch: int, metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
-        """The current weights as a model artifact (backbone without training-only aux heads)."""
+        """The current weights as a model artifact (backbone without training-only aux heads); rank 0 only."""
+        if not self.team.is_main:
+            return
         prov, bb = self.prov, self.backbone
         backbone_state = {k: v for k, v in self.model.backbone.state_dict().items() if k.split(".")[0] not in AUX_CLASSIFIERS}
         weights_id = f"finetuned:sha256={state_digest(backbone_state)[:16]}"
@@ -641,9 +702,14 @@ class FineTuneJob:
         """Train one epoch, validate, keep the model if best, checkpoint; returns the new best."""
         opts, trainer = self.opts, self.trainer
         self.train_set.epoch = epoch
+        team = self.team
         loader = make_loader(self.train_set, opts["batch_size"], self.workers, self.device.type == "cuda",
-                             sampler=epoch_order(len(self.train_set), opts["seed"], epoch))
-        stats = trainer.train_epoch(loader, epoch, opts["epochs"], progress)
+                             sampler=epoch_order(len(self.train_set), opts["seed"], epoch, team.rank, team.size))
+        stats = trainer.train_epoch(loader, epoch, opts["epochs"], progress if team.is_main else None)
+        if team.enabled:  # metrics of the whole epoch, not of one rank's share
+            stats.loss_sum, correct, images = team.sum([stats.loss_sum, stats.correct, stats.images], self.device)
+            stats.correct, stats.images = int(correct), int(images)
+            stats.failures = [f for share in team.gather(stats.failures) for f in share]
         self.failures.update({self.train_set.records[i].relpath: r for i, r in stats.failures})
         val = self.evaluate("val")
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
@@ -660,8 +726,9 @@ class FineTuneJob:
                 metrics["test"] = test
             best = {"epoch": epoch + 1, "val_accuracy": val["accuracy"] if val is not None else -1.0, "metrics": metrics}
             self.save_model(epoch + 1, metrics, history)
-        _save_checkpoint(self.ckpt_path, self.model, trainer, opts, self.identity, epoch + 1, history, best)
-        _write_history(self.out_path, history)
+        if team.is_main:
+            _save_checkpoint(self.ckpt_path, self.model, trainer, opts, self.identity, epoch + 1, history, best)
+            _write_history(self.out_path, history)
         self.log(f"epoch {epoch + 1}/{opts['epochs']}: train loss {stats.loss:.4f} acc {stats.accuracy:.4f}"
                  + (f" | val loss {val['loss']:.4f} acc {val['accuracy']:.4f}" if val is not None else "")
                  + f" | lr {row['lr_head']:.2e} | {stats.seconds:.1f}s ({row['images_per_s']:.1f} img/s)" + (" *best*" if improved else ""))

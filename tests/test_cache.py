@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -103,7 +104,7 @@ def test_disk_full_keeps_previous_cache(tmp_path, monkeypatch):
     assert leftovers == []
 
 
-def test_index_write_failure_after_part_leaves_orphan_that_is_cleaned(tmp_path, monkeypatch):
+def test_index_write_failure_after_part_leaves_a_part_the_next_writer_adopts(tmp_path, monkeypatch):
     path = tmp_path / "c.h5"
     w = CacheWriter(path, META)
     w.add(_rows(["a/1"]), _emb(1))
@@ -118,9 +119,43 @@ def test_index_write_failure_after_part_leaves_orphan_that_is_cleaned(tmp_path, 
         w.commit()
     monkeypatch.undo()
     assert len(list(parts_dir_for(path).iterdir())) == 2  # the orphan part
-    assert load_cache(path).paths == ["a/1"]  # not committed: the index never named it
-    CacheWriter(path, META)  # the next writer cleans up
-    assert len(list(parts_dir_for(path).iterdir())) == 1
+    assert load_cache(path).paths == ["a/1"]  # readers see only what the index names
+    w2 = CacheWriter(path, META)  # the part was complete and durable: the next writer adopts its rows
+    assert w2.adopted == 1 and load_cache(path).paths == ["a/1", "a/2"]
+    assert len(list(parts_dir_for(path).iterdir())) == 2
+
+
+def test_compaction_leftovers_are_deleted_not_adopted(tmp_path, monkeypatch):
+    """Killed after a compaction replaced the index but before deleting the old parts: those
+    parts predate the index, so the next writer deletes them instead of resurrecting old rows."""
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, META)
+    for i in range(3):
+        w.add(_rows(["a/1"]), _emb(1, i))
+        w.commit()
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: None)  # the kill: no deletions happen
+    assert w.compact(min_parts=2)
+    monkeypatch.undo()
+    assert len(list(parts_dir_for(path).iterdir())) == 4  # 3 old + 1 compacted
+    expected = load_cache(path).embeddings.copy()
+    w2 = CacheWriter(path, META)
+    assert w2.adopted == 0 and len(list(parts_dir_for(path).iterdir())) == 1
+    np.testing.assert_array_equal(load_cache(path).embeddings, expected)
+
+
+def test_staging_writers_parts_are_adopted_by_the_lock_holder(tmp_path):
+    """The torchrun scheme: ranks write parts only; opening a normal writer adopts them all."""
+    path = tmp_path / "c.h5"
+    CacheWriter(path, META).commit()  # the lock holder creates the index first
+    for rank, names in ((0, ["a/1", "a/3"]), (1, ["a/2"])):
+        s = CacheWriter(path, META, staging=True, tag=f"rank{rank}-")
+        s.add(_rows(names), _emb(len(names), rank))
+        s.add_failure(f"a/bad{rank}", "truncated", 1, 1)
+        assert s.commit() and len(s.staged) == 1
+        assert s.take_failures() == {f"a/bad{rank}": ("truncated", 1, 1)}
+    assert load_cache(path).paths == []  # nothing is visible until the lock holder adopts
+    final = CacheWriter(path, META)
+    assert final.adopted == 3 and load_cache(path).paths == ["a/1", "a/2", "a/3"]
 
 
 def test_compaction_keeps_current_rows(tmp_path):
