@@ -150,7 +150,9 @@ def extract(
     commit_every: int = typer.Option(1000, "--commit-every", help="Commit a part after this many images (bounds work lost to a crash)."),
     commit_seconds: float = typer.Option(60.0, "--commit-seconds", help="...or after this many seconds."),
     max_pixels: int = typer.Option(89_478_485, "--max-pixels", help="Larger images are recorded as decompression bombs and skipped."),
-    amp: bool = typer.Option(False, "--amp", help="Mixed precision on CUDA (bf16 where supported, else fp16)."),
+    amp: bool = typer.Option(False, "--amp", help="Mixed precision on CUDA (bf16 where supported, else fp16); same as --precision bf16/fp16."),
+    engine: str = typer.Option("auto", "--engine", help="auto (compile when the job repays it, else eager), eager, or compile (torch.compile, checked against eager)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 (exact), bf16/fp16 (only where the hardware runs it natively, else fp32 with a message), auto (bf16 where native)."),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same cache to finish."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary text (errors still go to stderr)."),
@@ -163,7 +165,7 @@ def extract(
     summary = run_extract(
         data_dir, model, weights, out, batch_size=batch_size, workers=workers, device=device, dtype=dtype,
         layout=layout, seed=seed, commit_every=commit_every, commit_seconds=commit_seconds, max_pixels=max_pixels,
-        amp=amp, wait=wait, progress=_Progress(not quiet and not as_json, "extract"), log=log,
+        amp=amp, engine=engine, precision=precision, wait=wait, progress=_Progress(not quiet and not as_json, "extract"), log=log,
     )
     code = 3 if summary.failed else 0
     if _torchrun_worker():
@@ -173,7 +175,7 @@ def extract(
     else:
         _err(
             f"{summary.cache}: {summary.new} new, {summary.cached} cached, {summary.failed} failed, {summary.removed} removed; "
-            f"{summary.rows} rows x {summary.embed_dim} ({summary.model}, {summary.weights}) in {summary.seconds:.1f}s"
+            f"{summary.rows} rows x {summary.embed_dim} ({summary.model}, {summary.weights}, {summary.engine} {summary.precision}) in {summary.seconds:.1f}s"
             + (f", {summary.images_per_s:.1f} img/s" if summary.new else "")
         )
         for path, reason in summary.failures[:20]:

@@ -38,7 +38,7 @@ SCHEMA_VERSION = 1
 STR = h5py.string_dtype("utf-8")
 DTYPES = ("float32", "float16")
 # Provenance keys that must be equal for rows to share one cache.
-COMPAT_KEYS = ("model", "weights", "preprocessing", "embed_dim", "dtype", "data_root", "layout")
+COMPAT_KEYS = ("model", "weights", "preprocessing", "embed_dim", "dtype", "precision", "data_root", "layout")
 
 
 def parts_dir_for(path: Path) -> Path:
@@ -61,6 +61,16 @@ class CacheData:
     failures: list[tuple[str, str]]  # (relative path, reason)
     meta: dict[str, Any]  # provenance
     fingerprints: dict[str, np.ndarray] = field(default_factory=dict)  # size, mtime_ns, sha256
+
+    @property
+    def engine(self) -> str:
+        """The engine that last extracted into this cache (eager, compile)."""
+        return str(self.meta.get("engine", "eager"))
+
+    @property
+    def precision(self) -> str:
+        """fp32, bf16 or fp16: every row of a cache shares it (mixing is refused)."""
+        return str(self.meta.get("precision", "fp32"))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -425,6 +435,10 @@ class CacheWriter:
         if len(rows):
             self._rows.extend(rows)
             self._emb.append(np.asarray(embeddings, dtype=self._new_meta["dtype"]))
+
+    def set_meta(self, **values: Any) -> None:
+        """Provenance to record from the next commit on (e.g. the engine that ran)."""
+        self._new_meta.update(values)
 
     def add_failure(self, relpath: str, reason: str, size: int, mtime_ns: int) -> None:
         self._fail[relpath] = (reason, size, mtime_ns)

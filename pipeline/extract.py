@@ -11,7 +11,6 @@ import hashlib
 import os
 import platform
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,6 +26,8 @@ from .cache import CacheWriter, PendingRow
 from .distributed import World, rank_device, world
 from .data import DEFAULT_MAX_PIXELS, DecodeError, ImageRecord, ScanResult, decode_image, read_bytes, scan_folder
 from .errors import Interrupted, UsageError
+from .engines import ENGINES, Engine, build_engine
+from .hardware import PrecisionChoice, choose_precision
 from .interrupts import sigterm_as_interrupt
 from .locks import WriterLock
 
@@ -132,17 +133,9 @@ def prepare_model(backbone: Backbone, device: torch.device, channels_last: bool 
 
 
 def embed_batch(model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool = True, amp_dtype: torch.dtype | None = None) -> np.ndarray:
-    """Backbone forward for one batch; returns float32 numpy [B, D]."""
-    x = images.to(device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    with torch.inference_mode(), autocast:
-        out = model(x)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        out = torch.flatten(out, 1)
-    return out.float().cpu().numpy()
+    """Eager backbone forward for one batch; float32 numpy [B, D] (predict and the benches)."""
+    precision = PrecisionChoice("fp32" if amp_dtype is None else str(amp_dtype), amp_dtype, "")
+    return Engine("eager", model, precision, device, channels_last, len(images)).embed(images)
 
 
 # ----------------------------------------------------------------------------- runner
@@ -168,6 +161,8 @@ class ExtractSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     interrupted: bool = False
+    engine: str = "eager"
+    precision: str = "fp32"
     rank: int = 0  # torchrun: this process's rank (only rank 0 reports)
     world_size: int = 1
 
@@ -178,16 +173,17 @@ class ExtractSummary:
         return d
 
 
-def default_cache_path(model: str, weights: str, data_root: Path, cache_dir: Path | None = None) -> Path:
-    """``cache/<model>__<weights>__<root name>-<hash>.h5``: one cache per backbone, weights and root."""
+def default_cache_path(model: str, weights: str, data_root: Path, cache_dir: Path | None = None, precision: str = "fp32") -> Path:
+    """``cache/<model>__<weights>[__bf16]__<root name>-<hash>.h5``: one cache per backbone, weights, precision and root."""
     base = Path(cache_dir or os.environ.get("FEATCACHE_CACHE_DIR", "cache"))
     clean = lambda s: "".join(c if c.isalnum() or c in "-_." else "-" for c in s).strip("-")  # noqa: E731
     w = Path(weights).stem if os.sep in str(weights) else str(weights)
     root_tag = hashlib.sha1(str(Path(data_root).resolve()).encode()).hexdigest()[:8]
-    return base / f"{clean(model)}__{clean(w)}__{clean(Path(data_root).name) or 'root'}-{root_tag}.h5"
+    tag = "" if precision == "fp32" else f"__{precision}"
+    return base / f"{clean(model)}__{clean(w)}{tag}__{clean(Path(data_root).name) or 'root'}-{root_tag}.h5"
 
 
-def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.device) -> dict[str, Any]:
+def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.device, precision: str = "fp32") -> dict[str, Any]:
     return {
         **backbone.provenance(),
         "embedding": EMBEDDING_DEFINITION,
@@ -195,8 +191,8 @@ def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.d
         "data_root": str(scan.root),
         "layout": scan.layout,
         "classes": list(scan.classes),
-        "engine": "eager",
-        "precision": "fp32",
+        "engine": "eager",  # updated to the engine that ran (set_meta)
+        "precision": precision,
         "device": str(device),
         "featcache_version": __version__,
         "torch_version": str(torch.__version__),
@@ -256,6 +252,8 @@ def run_extract(
     commit_seconds: float = 60.0,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     amp: bool = False,
+    engine: str = "auto",
+    precision: str = "fp32",
     wait: float = 0.0,
     progress: ProgressFn | None = None,
     log: Callable[[str], None] = lambda msg: None,
@@ -274,15 +272,22 @@ def run_extract(
     if workers < 0:
         raise UsageError(f"--workers must be 0 or more (got {workers})")
     dev = resolve_device(device)
-    if amp and dev.type != "cuda":
-        raise UsageError("--amp needs a CUDA device (on CPU, reduced precision is slower without native bf16); drop --amp or use --device cuda")
+    if amp:  # the older spelling of reduced precision on CUDA
+        if dev.type != "cuda":
+            raise UsageError("--amp needs a CUDA device; on CPU use --precision bf16 (used where the CPU runs bf16 natively)")
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if engine not in ENGINES:
+        raise UsageError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    chosen = choose_precision(precision, dev)
+    if chosen.note:
+        log(chosen.note)
 
     w = world(dev.type)
     dev = rank_device(dev, w)
     scan = scan_folder(data_dir, layout)
     backbone = load_backbone(model, weights, seed=seed)
-    out_path = Path(out) if out is not None else default_cache_path(model, weights, scan.root)
-    meta = build_meta(backbone, scan, dtype, dev)
+    out_path = Path(out) if out is not None else default_cache_path(model, weights, scan.root, precision=chosen.name)
+    meta = build_meta(backbone, scan, dtype, dev, chosen.name)
     summary = ExtractSummary(str(out_path), model, backbone.weights_id, backbone.embed_dim, str(dev), classes=list(scan.classes), rank=w.rank, world_size=w.size)
     summary.skipped = list(scan.skipped)
 
@@ -308,7 +313,10 @@ def run_extract(
             log(f"{len(todo_all)} to extract, {summary.cached} cached, {len(removed)} removed" + (f" ({w.size} ranks)" if w.enabled else ""))
 
         net = prepare_model(backbone, dev)
-        amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if amp else None
+        runner = build_engine(engine, net, dev, chosen, batch_size, backbone.preprocessing.input_size, len(todo_all),
+                              out_path.parent, log if w.is_main else (lambda m: None))
+        summary.engine, summary.precision = runner.name, chosen.name
+        writer.set_meta(engine=runner.name)
         loader = make_loader(ImageFileDataset(scan.root, todo, backbone.preprocessing.transform(), max_pixels), batch_size, workers if todo else 0, dev.type == "cuda")
         done, last_commit = 0, time.monotonic()
         try:
@@ -319,7 +327,7 @@ def run_extract(
                         writer.add_failure(r.relpath, reason, r.size, r.mtime_ns)
                         summary.new_failed += 1
                     if batch.images is not None:
-                        emb = embed_batch(net, batch.images, dev, amp_dtype=amp_dtype)
+                        emb = runner.embed(batch.images)
                         rows = [PendingRow(todo[i].relpath, todo[i].label, todo[i].split, todo[i].size, todo[i].mtime_ns, s) for i, s in zip(batch.positions, batch.sha256)]
                         writer.add(rows, emb)
                         summary.new += len(rows)

@@ -134,14 +134,15 @@ def fit_head(cache: str | os.PathLike, kind: str, out: str | os.PathLike | None 
     """
     cache = Path(cache)
     out_path = Path(out) if out is not None else _default_head_path(cache, kind)
+    loaded = _load_split(cache, val_fraction, seed)  # a bad cache is refused before anything is created
     with WriterLock(out_path, command=f"fit-head --clf {kind}", wait=wait):
-        return _fit_head_locked(cache, kind, out_path, params, val_fraction, seed, stream, memory_budget, plots, extra_provenance or {})
+        return _fit_head_locked(cache, loaded, kind, out_path, params, stream, memory_budget, plots, extra_provenance or {})
 
 
-def _fit_head_locked(cache: Path, kind: str, out_path: Path, params: dict[str, Any] | None, val_fraction: float, seed: int, stream: bool,
+def _fit_head_locked(cache: Path, loaded: tuple, kind: str, out_path: Path, params: dict[str, Any] | None, stream: bool,
                      memory_budget: int, plots: bool, extra_provenance: dict[str, Any]) -> FitResult:
     params = dict(params or {})
-    table, split, rule = _load_split(cache, val_fraction, seed)
+    table, split, rule = loaded
     meta, classes, dim = table.meta, table.classes, int(table.meta["embed_dim"])
     idx = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
     if not len(idx["train"]):

@@ -15,6 +15,21 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _outputs_outside_the_repo(tmp_path_factory):
+    """Default cache/head folders point into a temp dir, so tests never write into the checkout
+    (CLI subprocesses inherit the environment)."""
+    base = tmp_path_factory.mktemp("defaults")
+    saved = {k: os.environ.get(k) for k in ("FEATCACHE_CACHE_DIR", "FEATCACHE_HEAD_DIR")}
+    os.environ["FEATCACHE_CACHE_DIR"], os.environ["FEATCACHE_HEAD_DIR"] = str(base / "cache"), str(base / "heads")
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def make_image(path: Path, size=(48, 40), seed: int = 0, fmt: str | None = None, mode: str = "RGB") -> Path:
     """A deterministic noisy colour image (not blank, so embeddings differ per seed)."""
     rng = np.random.default_rng(seed)
