@@ -95,9 +95,9 @@ def build_engine(requested: str, model: nn.Module, device: torch.device, precisi
         engine = Engine("compile", compiled, precision, device, channels_last, batch_size)
         t0 = time.perf_counter()
         probe = torch.randn(batch_size, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
-        got = engine.embed(probe)
+        got = engine.embed(probe)[:2]
         seconds = time.perf_counter() - t0
-        want = eager.embed(probe)
+        want = eager.embed(probe[:2])  # two rows are enough to compare, and cheap in eager
     except Exception as exc:  # no compiler, an unsupported operator, ...
         log(f"engine compile unavailable here ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); extracting in eager")
         return eager
