@@ -628,6 +628,10 @@ class FineTuneJob:
             self.failures.update(failed)
         if not len(pos):
             return None
+        broken = ~np.isfinite(proba).all(axis=1)
+        if broken.any():
+            raise TrainingDiverged(f"the model's outputs are NaN/inf for {int(broken.sum())} of {len(broken)} {split_name} images; after training, "
+                                   "lower --lr-backbone/--lr-head; before any training (epoch 0) the head does not fit this backbone: rerun with --debug and report it")
         y = self.labels[rows][pos]
         metrics = classification_metrics(y, proba, self.classes)
         metrics["loss"] = float(-np.log(np.clip(proba[np.arange(len(y)), y], 1e-12, None)).mean())

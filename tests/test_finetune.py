@@ -357,3 +357,18 @@ def test_never_trains_on_the_heads_validation_images(tiny_head, tmp_path):
     train = {r.relpath for r in job.train_set.records}
     assert head_val and not train & head_val
     assert {job.scan.records[i].relpath for i in job.index["val"]} == head_val
+
+
+def test_non_finite_outputs_are_a_clear_error_not_a_crash(tiny_head, tmp_path, monkeypatch):
+    import pipeline.finetune as ft
+
+    real = ft.Trainer.predict
+
+    def poisoned(self, loader):
+        proba, pos, bad = real(self, loader)
+        proba[0] = np.nan
+        return proba, pos, bad
+
+    monkeypatch.setattr(ft.Trainer, "predict", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"NaN/inf for 1 of \d+ val images"):
+        run_finetune(tiny_head, tmp_path / "n.pt", options={"epochs": 0}, workers=0, plots=False)
