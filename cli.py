@@ -110,7 +110,9 @@ def _fail(msg: str) -> None:
 
 
 def _emit_json(obj: dict[str, Any]) -> None:
-    typer.echo(json.dumps(obj, indent=None, default=str))
+    """The one JSON object on stdout (rank 0's alone under torchrun)."""
+    if not _torchrun_worker():
+        typer.echo(json.dumps(obj, indent=None, default=str))
 
 
 class _Progress:
@@ -161,15 +163,12 @@ def extract(
     from pipeline.extract import run_extract
 
     _begin(as_json, quiet)
-    log = _err
     summary = run_extract(
         data_dir, model, weights, out, batch_size=batch_size, workers=workers, device=device, dtype=dtype,
         layout=layout, seed=seed, commit_every=commit_every, commit_seconds=commit_seconds, max_pixels=max_pixels,
-        amp=amp, engine=engine, precision=precision, wait=wait, progress=_Progress(not quiet and not as_json, "extract"), log=log,
+        amp=amp, engine=engine, precision=precision, wait=wait, progress=_Progress(not quiet and not as_json, "extract"), log=_err,
     )
     code = 3 if summary.failed else 0
-    if _torchrun_worker():
-        return code
     if as_json:
         _emit_json({**summary.to_dict(), "exit_code": code})
     else:
@@ -424,12 +423,9 @@ def finetune(
     given = {"head": head_mode, "unfreeze": unfreeze, "augment": augment, "optimizer": optimizer, "lr_backbone": lr_backbone, "lr_head": lr_head,
              "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule, "warmup": warmup, "epochs": epochs, "batch_size": batch_size,
              "accum": accum, "clip_grad": clip_grad, "label_smoothing": label_smoothing, "amp": amp, "channels_last": channels_last, "seed": seed}
-    log = _err
     r = run_finetune(head, out, data_dir=data, options=given, resume=resume, force=force, workers=workers, device=device, wait=wait,
-                     progress=_Progress(not quiet and not as_json, "train"), log=log)
+                     progress=_Progress(not quiet and not as_json, "train"), log=_err)
     code = 3 if r.failures else 0
-    if _torchrun_worker():
-        return code
     if as_json:
         _emit_json({**r.to_dict(), "exit_code": code})
     else:

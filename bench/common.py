@@ -1,7 +1,12 @@
 """Shared bench helpers: generated photo-like JPEGs in an ImageFolder tree."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -22,3 +27,19 @@ def make_jpegs(root: Path, n: int, size=(500, 375), classes: int = 4) -> Path:
         img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(path, quality=90)
     return root
+
+
+def run_json(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[dict[str, Any], Any]:
+    """Run ``cmd``; return the last JSON object it printed on stdout and its resource usage
+    (from ``wait4``: the peak RSS of that process alone). Exits with its stderr if it printed none."""
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True, env=env, cwd=cwd)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        errors.seek(0)
+        err = errors.read()
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if not lines:
+        raise SystemExit(f"{' '.join(cmd[1:4])} failed (exit {proc.returncode}):\n{err[-2000:]}")
+    return json.loads(lines[-1]), usage

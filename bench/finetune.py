@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import make_jpegs  # noqa: E402
+from common import make_jpegs, run_json  # noqa: E402
 
 
 def _timed(batches, step, dev: torch.device) -> tuple[int, float]:
@@ -117,13 +116,8 @@ def child(variant: str, data: Path, model: str, batch: int, device: str) -> None
 
 def measure(variant: str, args) -> dict:
     """Run one variant in a fresh process; its peak RSS comes from wait4."""
-    proc = subprocess.Popen([sys.executable, __file__, "--child", variant, "--data", str(args.data), "--model", args.model,
-                             "--batch-size", str(args.batch_size), "--device", args.device], stdout=subprocess.PIPE, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{variant} failed with status {status}")
-    result = json.loads(out.strip().splitlines()[-1])
+    result, usage = run_json([sys.executable, __file__, "--child", variant, "--data", str(args.data), "--model", args.model,
+                              "--batch-size", str(args.batch_size), "--device", args.device])
     result["images_per_s"] = result["images"] / result["seconds"]
     result["peak_rss_mib"] = usage.ru_maxrss / 1024  # kilobytes on Linux
     return result

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import make_jpegs  # noqa: E402
+from common import make_jpegs, run_json  # noqa: E402
 from pipeline import load_cache  # noqa: E402
 
 
@@ -39,11 +38,7 @@ def extract(data: Path, out: Path, model: str, batch: int, device: str, nproc: i
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     else:
         cmd, env = [sys.executable, *args], dict(os.environ)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        raise SystemExit(f"{nproc} process(es) failed:\n{proc.stderr[-2000:]}")
-    return json.loads(lines[-1])
+    return run_json(cmd, env=env, cwd=ROOT)[0]
 
 
 def main() -> None:

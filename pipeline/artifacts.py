@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .backbones import MODEL_ARTIFACT_FORMAT, torch_load_quietly
+from .backbones import MODEL_ARTIFACT_FORMAT, Backbone, file_digest, load_backbone, torch_load_quietly
 from .errors import CacheError, IncompatibleError
 from .heads import make_head
 
@@ -49,6 +49,22 @@ def _from_plain(obj: Any) -> Any:
     return obj
 
 
+def _plain_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A head's ``get_state()`` for torch.save: its state_dict as CPU tensors, the rest plain."""
+    return {k: ({n: t.detach().cpu() for n, t in v.items()} if k == "state_dict" else _to_plain(v)) for k, v in state.items()}
+
+
+def _save_blob(path: Path, blob: dict[str, Any]) -> Path:
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+    return path
+
+
+def artifact_id(path: Path) -> str:
+    """Content identity of a head or model file (what a fine-tune and its checkpoint were made from)."""
+    return file_digest(path)[:16]
+
+
 def save_head(path: str | os.PathLike, head, kind: str, params: dict[str, Any], provenance: dict[str, Any], metrics: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
     path = Path(path)
     state = head.get_state()
@@ -57,14 +73,12 @@ def save_head(path: str | os.PathLike, head, kind: str, params: dict[str, Any], 
         "schema_version": HEAD_SCHEMA,
         "kind": kind,
         "params": _to_plain(params),
-        "state": {k: (v if k == "state_dict" else _to_plain(v)) for k, v in state.items()},
+        "state": _plain_state(state),
         "provenance": _to_plain(provenance),
         "metrics": _to_plain(metrics),
         "extra": _to_plain(extra or {}),
     }
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
-    return path
+    return _save_blob(path, blob)
 
 
 class LoadedHead:
@@ -85,6 +99,16 @@ class LoadedHead:
 
     def predict(self, embeddings: np.ndarray) -> np.ndarray:
         return self.classes_[self.predict_proba(embeddings).argmax(axis=1)]
+
+    def load_backbone(self) -> Backbone:
+        """The backbone this head was fitted on, rebuilt from its provenance; weights that no
+        longer match (a replaced weights file) are refused."""
+        prov = self.provenance
+        backbone = load_backbone(prov["model"], prov.get("weights_spec") or prov["weights"], seed=int(prov.get("seed") or 0))
+        if backbone.weights_id != prov["weights"]:
+            raise IncompatibleError(f"head {str(self.path)!r} was fitted on weights {prov['weights']!r} but {prov.get('weights_spec')!r} now gives "
+                                    f"{backbone.weights_id!r}; restore those weights or refit the head")
+        return backbone
 
     def check_cache(self, cache_meta: dict[str, Any], cache_path: str | os.PathLike) -> None:
         check_head_matches(self.provenance, cache_meta, self.path, Path(cache_path))
@@ -162,12 +186,9 @@ def save_model_artifact(path: str | os.PathLike, backbone_info: dict[str, Any], 
         "schema_version": MODEL_SCHEMA,
         "backbone": _to_plain(backbone_info),
         "backbone_state": {k: v.detach().cpu().contiguous() for k, v in backbone_state.items()},
-        "head": {"kind": head_kind, "params": _to_plain(head_params),
-                 "state": {k: ({n: t.detach().cpu() for n, t in v.items()} if k == "state_dict" else _to_plain(v)) for k, v in head_state.items()}},
+        "head": {"kind": head_kind, "params": _to_plain(head_params), "state": _plain_state(head_state)},
         "provenance": _to_plain(provenance),
         "metrics": _to_plain(metrics),
         "extra": _to_plain(extra or {}),
     }
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
-    return path
+    return _save_blob(path, blob)

@@ -38,13 +38,13 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from . import __version__
-from .artifacts import LoadedHead, load_head, save_model_artifact
+from .artifacts import LoadedHead, artifact_id, load_head, save_model_artifact
 from .atomic import atomic_path
-from .backbones import AUX_CLASSIFIERS, Backbone, Preprocessing, drop_aux_classifiers, file_digest, load_backbone, torch_load_quietly
+from .backbones import AUX_CLASSIFIERS, Backbone, Preprocessing, drop_aux_classifiers, torch_load_quietly
 from .data import ImageRecord, scan_folder
 from .errors import CacheError, DataError, IncompatibleError, Interrupted, TrainingDiverged, UsageError
 from .extract import ImageFileDataset, default_workers, make_loader, resolve_device
-from .freezing import keep_frozen_in_eval, unfreeze
+from .freezing import freeze_batchnorm, keep_frozen_in_eval, unfreeze
 from .heads import LogRegHead, TorchHead, build_head_module
 from .distributed import World, rank_device, world
 from .interrupts import sigterm_as_interrupt
@@ -233,8 +233,6 @@ def assemble(backbone: Backbone, head: nn.Module, unfreeze_spec: str, n_classes:
         torch.manual_seed(seed)
         net.AuxLogits.fc = nn.Linear(net.AuxLogits.fc.in_features, n_classes)
         net.AuxLogits.requires_grad_(True)
-        from .freezing import freeze_batchnorm
-
         freeze_batchnorm(net.AuxLogits)
     else:
         drop_aux_classifiers(net)  # googlenet's 1000-way aux heads; inception's when nothing thaws
@@ -473,7 +471,7 @@ def checkpoint_path_for(model_path: Path) -> Path:
     return model_path.with_name(model_path.name.removesuffix(".pt") + ".ckpt")
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         blob = torch_load_quietly(path)
     except Exception as exc:
@@ -496,9 +494,8 @@ def _scan_for_head(prov: dict[str, Any], data_dir: str | os.PathLike | None):
 
 
 def _check_backbone(backbone: Backbone, loaded: LoadedHead) -> None:
+    """Beyond the weights (checked by ``LoadedHead.load_backbone``): the width and the preprocessing."""
     prov = loaded.provenance
-    if backbone.weights_id != prov["weights"]:
-        raise IncompatibleError(f"head {str(loaded.path)!r} was fitted on weights {prov['weights']!r} but {prov.get('weights_spec')!r} now gives {backbone.weights_id!r}; restore those weights or refit the head")
     if backbone.embed_dim != int(loaded.head.n_features_in_) or backbone.embed_dim != int(prov["embed_dim"]):
         raise IncompatibleError(f"head {str(loaded.path)!r} takes {loaded.head.n_features_in_}-d embeddings but {prov['model']} gives {backbone.embed_dim}; refit the head on this backbone's cache")
     if backbone.preprocessing.to_dict() != prov["preprocessing"]:
@@ -569,7 +566,7 @@ class FineTuneJob:
         if resume:
             if not self.ckpt_path.is_file():
                 raise UsageError(f"--resume: no checkpoint {str(self.ckpt_path)!r}; run without --resume to start")
-            return _load_checkpoint(self.ckpt_path)
+            return load_checkpoint(self.ckpt_path)
         if self.ckpt_path.is_file() and not force:
             raise UsageError(f"{str(self.ckpt_path)!r} holds an earlier fine-tune of {str(self.out_path)!r}; pass --resume to continue it or --force to start over")
         return None
@@ -586,7 +583,7 @@ class FineTuneJob:
         self.index = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
         if self.opts["epochs"] > 0 and not len(self.index["train"]):
             raise UsageError(f"{str(self.scan.root)!r} has no training images under the head's split; add images")
-        self.identity = {"head_sha256": file_digest(self.loaded.path)[:16], "model": self.prov["model"], "weights": self.prov["weights"],
+        self.identity = {"head_sha256": artifact_id(self.loaded.path), "model": self.prov["model"], "weights": self.prov["weights"],
                          "classes": self.classes, "split_rule": self.rule, "data_root": str(self.scan.root)}
         if self.previous is not None and self.previous["identity"] != self.identity:
             changed = [k for k in self.identity if self.previous["identity"].get(k) != self.identity[k]]
@@ -594,7 +591,7 @@ class FineTuneJob:
 
     def _prepare_model(self) -> None:
         prov, opts = self.prov, self.opts
-        self.backbone = load_backbone(prov["model"], prov.get("weights_spec") or prov["weights"], seed=int(prov.get("seed") or 0))
+        self.backbone = self.loaded.load_backbone()
         _check_backbone(self.backbone, self.loaded)
         self.head_kind, self.head_params, head = head_module_from(self.loaded, len(self.classes), opts["head"] == "new", opts["seed"])
         self.model, self.thawed, aux = assemble(self.backbone, head, opts["unfreeze"], len(self.classes), opts["seed"])

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .atomic import atomic_path
-from .backbones import file_digest, torch_load_quietly
 from .errors import FeatcacheError
 from .jobspec import BackboneSpec, HeadSpec, JobSpec, load_job
 from .locks import WriterLock
@@ -88,20 +87,20 @@ def head_staleness(head_path: Path, cache: Path, spec: HeadSpec) -> str | None:
 
 def finetune_plan(model_path: Path, head_path: Path, options: dict[str, Any]) -> tuple[str, str]:
     """("skip" | "resume" | "start over" | "run", reason) for a fine-tune from ``head_path``."""
-    from .finetune import checkpoint_path_for, resolve_options
+    from .artifacts import artifact_id
+    from .finetune import RESUME_MAY_CHANGE, checkpoint_path_for, load_checkpoint, resolve_options
 
     if not head_path.is_file():
         return "run", "its head is fitted in this run"
-    head_sha = file_digest(head_path)[:16]
     wanted = resolve_options(options)
     ckpt = checkpoint_path_for(model_path)
     if ckpt.is_file():
         try:
-            state = torch_load_quietly(ckpt)
-            same = state["identity"]["head_sha256"] == head_sha and {k: v for k, v in state["options"].items() if k != "epochs"} == \
-                {k: v for k, v in wanted.items() if k != "epochs"}
+            state = load_checkpoint(ckpt)
+            fixed = lambda opts: {k: v for k, v in opts.items() if k not in RESUME_MAY_CHANGE}  # noqa: E731
+            same = state["identity"]["head_sha256"] == artifact_id(head_path) and fixed(state["options"]) == fixed(wanted)
             done = int(state["epoch"])
-        except Exception:
+        except (FeatcacheError, KeyError):
             return "start over", "its checkpoint is unreadable"
         if same and done >= wanted["epochs"] and model_path.is_file():
             return "skip", f"up to date ({done} epochs from this head)"

@@ -131,6 +131,23 @@ def _check_table(table: dict[str, Any], schema: dict[str, Any], where: str, prob
             problems.append(f"{where}.{key}: expected {_type_name(schema[key])}, got {type(value).__name__} {value!r}")
 
 
+def _tables(doc: dict[str, Any], key: str, schema: dict[str, Any], problems: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The entries of an array of tables (``[[key]]``) with their location, keys checked;
+    entries that are not tables are reported and left out."""
+    raw = doc.get(key, [])
+    if not isinstance(raw, list):
+        return []  # a wrong type for the key itself is reported by the top-level check
+    found = []
+    for i, table in enumerate(raw):
+        where = f"{key}[{i}]"
+        if not isinstance(table, dict):
+            problems.append(f"{where}: expected a table ([[{key}]])")
+            continue
+        _check_table(table, schema, where, problems)
+        found.append((where, table))
+    return found
+
+
 def _type_problems(problems: list[str], where: str) -> bool:
     return any(p.startswith(where + ".") and ": expected " in p for p in problems)
 
@@ -226,50 +243,36 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         problems.append(f"job.device: {device!r} is not auto, cpu or cuda[:N]")
 
     backbones: list[BackboneSpec] = []
-    raw_backbones = doc.get("backbones", [])
-    if isinstance(raw_backbones, list):
-        if not raw_backbones:
-            problems.append("job.backbones: none given; add a [[backbones]] table with model = \"resnet50\"")
-        for i, b in enumerate(raw_backbones):
-            where = f"backbones[{i}]"
-            if not isinstance(b, dict):
-                problems.append(f"{where}: expected a table ([[backbones]])")
-                continue
-            _check_table(b, BACKBONE_KEYS, where, problems)
-            model = b.get("model")
-            if not isinstance(model, str):
-                problems.append(f"{where}.model: missing; e.g. model = \"resnet50\"")
-                continue
-            try:
-                check_model_name(model)
-            except BackboneError as exc:
-                problems.append(f"{where}.model: {exc}")
-            extract = {k: v for k, v in b.items() if k not in ("model", "weights")}
-            backbones.append(BackboneSpec(model, str(b.get("weights", "DEFAULT")), extract))
+    if isinstance(doc.get("backbones", []), list) and not doc.get("backbones"):
+        problems.append("job.backbones: none given; add a [[backbones]] table with model = \"resnet50\"")
+    for where, b in _tables(doc, "backbones", BACKBONE_KEYS, problems):
+        model = b.get("model")
+        if not isinstance(model, str):
+            problems.append(f"{where}.model: missing; e.g. model = \"resnet50\"")
+            continue
+        try:
+            check_model_name(model)
+        except BackboneError as exc:
+            problems.append(f"{where}.model: {exc}")
+        extract = {k: v for k, v in b.items() if k not in ("model", "weights")}
+        backbones.append(BackboneSpec(model, str(b.get("weights", "DEFAULT")), extract))
 
     heads: list[HeadSpec] = []
-    raw_heads = doc.get("heads", [])
-    if isinstance(raw_heads, list):
-        for i, h in enumerate(raw_heads):
-            where = f"heads[{i}]"
-            if not isinstance(h, dict):
-                problems.append(f"{where}: expected a table ([[heads]])")
-                continue
-            _check_table(h, HEAD_KEYS, where, problems)
-            clf = h.get("clf")
-            if clf not in HEAD_KINDS:
-                problems.append(f"{where}.clf: {clf!r} is not a head; choose one of {', '.join(HEAD_KINDS)}")
-                continue
-            name = str(h.get("name", clf))
-            if any(x.name == name for x in heads):
-                problems.append(f"{where}.name: {name!r} is used twice; give each head a distinct name")
-            spec = HeadSpec(name, clf, {k: v for k, v in h.items() if k not in ("name", "clf")})
-            if not _type_problems(problems, where):  # types are right: check the values
-                try:
-                    spec.fit_args()
-                except UsageError as exc:
-                    problems.append(f"{where}: {exc}")
-            heads.append(spec)
+    for where, h in _tables(doc, "heads", HEAD_KEYS, problems):
+        clf = h.get("clf")
+        if clf not in HEAD_KINDS:
+            problems.append(f"{where}.clf: {clf!r} is not a head; choose one of {', '.join(HEAD_KINDS)}")
+            continue
+        name = str(h.get("name", clf))
+        if any(x.name == name for x in heads):
+            problems.append(f"{where}.name: {name!r} is used twice; give each head a distinct name")
+        spec = HeadSpec(name, clf, {k: v for k, v in h.items() if k not in ("name", "clf")})
+        if not _type_problems(problems, where):  # types are right: check the values
+            try:
+                spec.fit_args()
+            except UsageError as exc:
+                problems.append(f"{where}: {exc}")
+        heads.append(spec)
 
     finetune = None
     raw_ft = doc.get("finetune")

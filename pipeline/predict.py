@@ -11,9 +11,8 @@ import numpy as np
 
 from .artifacts import load_head
 from .atomic import atomic_path
-from .backbones import load_backbone
 from .data import ImageRecord, scan_folder
-from .errors import DataError, IncompatibleError
+from .errors import DataError
 from .extract import ImageFileDataset, embed_batch, make_loader, prepare_model, resolve_device
 from .fit import full_proba
 
@@ -52,9 +51,7 @@ def predict_images(head_path: str | os.PathLike, inputs: list[str | os.PathLike]
     prov = loaded.provenance
     classes = list(prov["classes"])
     files = _collect(inputs, classes)
-    backbone = load_backbone(prov["model"], prov.get("weights_spec") or prov["weights"], seed=int(prov.get("seed") or 0))
-    if backbone.weights_id != prov["weights"]:
-        raise IncompatibleError(f"head {str(head_path)!r} needs weights {prov['weights']!r} but {prov.get('weights_spec')!r} now gives {backbone.weights_id!r}; restore that weights file")
+    backbone = loaded.load_backbone()
     dev = resolve_device(device)
     net = prepare_model(backbone, dev)
     records = [ImageRecord(str(f), -1, "", 0, 0) for f, _ in files]

@@ -90,8 +90,7 @@ def format_cache_status(s: dict[str, Any]) -> str:
 def artifact_status(path: str | os.PathLike) -> dict[str, Any]:
     """What a head (or fine-tuned model) was fitted on, how well, and whether it is stale:
     its cache changed since (heads), or its base head changed since (fine-tuned models)."""
-    from .artifacts import load_head
-    from .backbones import file_digest
+    from .artifacts import artifact_id, load_head
     from .errors import FeatcacheError
 
     loaded = load_head(path)
@@ -111,7 +110,7 @@ def artifact_status(path: str | os.PathLike) -> dict[str, Any]:
         if not base.is_file():
             status["stale"], status["why"] = None, f"its base head {str(base)!r} is gone"
         else:
-            changed = file_digest(base)[:16] != prov.get("base_head_sha256")
+            changed = artifact_id(base) != prov.get("base_head_sha256")
             status["stale"], status["why"] = changed, ("its base head was refitted since" if changed else "base head unchanged")
         return status
     cache = Path(prov.get("cache", ""))
