@@ -140,11 +140,11 @@ class _Progress:
 @command
 def extract(
     data_dir: Path = typer.Argument(..., help="Image folder: class sub-folders (ImageFolder), train/ val/ [test/] roots, or a flat unlabeled folder."),
-    model: str = typer.Option(..., "--model", "-m", help="torchvision model name (see `models`) or hub:REPO_OR_DIR:ENTRY."),
+    models: list[str] = typer.Option(..., "--model", "-m", help="torchvision model name (see `models`) or hub:REPO_OR_DIR:ENTRY; repeat it to extract several backbones in one pass (each file read and decoded once)."),
     weights: str = typer.Option("DEFAULT", "--weights", "-w", help="DEFAULT, a weights name (e.g. IMAGENET1K_V2), none (seeded random init), or a state_dict PATH."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache file; default cache/<model>__<weights>__<root>-<hash>.h5."),
+    outs: Optional[list[Path]] = typer.Option(None, "--out", "-o", help="Cache file (one per --model, in order); default cache/<model>__<weights>__<root>-<hash>.h5."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per backbone forward."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoder processes (default: half the cores, at least 1; 0 decodes in-process)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoder processes (default: none on a CPU of <= 2 cores, where decoding in-process measured faster; a quarter of the cores above; half on CUDA)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     dtype: str = typer.Option("float32", "--dtype", help="Stored embedding dtype: float32 or float16."),
     layout: str = typer.Option("auto", "--layout", help="auto, imagefolder, split (train/val/test) or flat (unlabeled)."),
@@ -153,28 +153,33 @@ def extract(
     commit_seconds: float = typer.Option(60.0, "--commit-seconds", help="...or after this many seconds."),
     max_pixels: int = typer.Option(89_478_485, "--max-pixels", help="Larger images are recorded as decompression bombs and skipped."),
     amp: bool = typer.Option(False, "--amp", help="Mixed precision on CUDA (bf16 where supported, else fp16); same as --precision bf16/fp16."),
-    engine: str = typer.Option("auto", "--engine", help="auto (compile when the job repays it, else eager), eager, or compile (torch.compile, checked against eager)."),
+    engine: str = typer.Option("auto", "--engine", help="auto (the engine measured fastest on this machine, once the job repays measuring; else eager), eager, compile (torch.compile), onnxruntime or openvino (optional extras); every engine is checked against eager."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 (exact), bf16/fp16 (only where the hardware runs it natively, else fp32 with a message), auto (bf16 where native)."),
+    decode: str = typer.Option("exact", "--decode", help="exact, or draft: JPEGs decoded at a reduced DCT scale still >= the resize target (several times faster on large photos; changes pixels, recorded in the cache, never mixed with exact rows)."),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same cache to finish."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout (with several --model: {\"caches\": [...]})."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary text (errors still go to stderr)."),
 ) -> int:
     """Embed every image not yet in the cache (incremental, crash-safe)."""
-    from pipeline.extract import run_extract
+    from pipeline.errors import UsageError
+    from pipeline.extract import extract_many
 
     _begin(as_json, quiet)
-    summary = run_extract(
-        data_dir, model, weights, out, batch_size=batch_size, workers=workers, device=device, dtype=dtype,
+    if outs and len(outs) != len(models):
+        raise UsageError(f"--out was given {len(outs)} times for {len(models)} --model values; give one --out per --model, or none")
+    summaries = extract_many(
+        data_dir, models, weights, outs or None, batch_size=batch_size, workers=workers, device=device, dtype=dtype,
         layout=layout, seed=seed, commit_every=commit_every, commit_seconds=commit_seconds, max_pixels=max_pixels,
-        amp=amp, engine=engine, precision=precision, wait=wait, progress=_Progress(not quiet and not as_json, "extract"), log=_err,
+        amp=amp, engine=engine, precision=precision, decode=decode, wait=wait, progress=_Progress(not quiet and not as_json, "extract"), log=_err,
     )
-    code = 3 if summary.failed else 0
+    code = 3 if any(s.failed for s in summaries) else 0
     if as_json:
-        _emit_json({**summary.to_dict(), "exit_code": code})
-    else:
+        _emit_json({**summaries[0].to_dict(), "exit_code": code} if len(summaries) == 1 else {"caches": [s.to_dict() for s in summaries], "exit_code": code})
+        return code
+    for summary in summaries:
         _err(
             f"{summary.cache}: {summary.new} new, {summary.cached} cached, {summary.failed} failed, {summary.removed} removed; "
-            f"{summary.rows} rows x {summary.embed_dim} ({summary.model}, {summary.weights}, {summary.engine} {summary.precision}) in {summary.seconds:.1f}s"
+            f"{summary.rows} rows x {summary.embed_dim} ({summary.model}, {summary.weights}, {summary.engine} {summary.precision}{'' if summary.decode == 'exact' else ', ' + summary.decode + ' decode'}) in {summary.seconds:.1f}s"
             + (f", {summary.images_per_s:.1f} img/s" if summary.new else "")
         )
         for path, reason in summary.failures[:20]:
@@ -182,6 +187,31 @@ def extract(
         if summary.failed > 20:
             _err(f"  ... and {summary.failed - 20} more (see `status` or --json)")
     return code
+
+
+@command
+def engines(
+    model: str = typer.Option(..., "--model", "-m", help="torchvision model name or hub:REPO_OR_DIR:ENTRY."),
+    weights: str = typer.Option("DEFAULT", "--weights", "-w", help="As for extract (the measurement is per model and weights)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16, fp16 or auto, as for extract."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="As for extract (the choice is per batch size)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --weights none."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Folder of the caches whose extracts should use the choice (default: cache/)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> int:
+    """Measure every engine available here on this model and remember the fastest for `extract --engine auto`."""
+    from pipeline.extract import measure_engines
+
+    _begin(as_json)
+    result = measure_engines(model, weights, precision=precision, batch_size=batch_size, device=device, seed=seed, cache_dir=cache_dir, log=_err)
+    if as_json:
+        _emit_json(result)
+        return 0
+    for name, rate in result["images_per_s"].items():
+        typer.echo(f"{name:<12} {rate:8.1f} img/s" if rate else f"{name:<12}      n/a  ({result['skipped'].get(name, '')})")
+    typer.echo(f"fastest: {result['engine']} ({result['precision']}, batch {batch_size}); `extract --engine auto` uses it from now on ({result['choice_file']})")
+    return 0
 
 
 @command

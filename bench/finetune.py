@@ -60,7 +60,7 @@ def run_ours(data: Path, model: str, batch: int, device: str) -> dict:
     labels = np.array([r.label for r in scan.records])
     trainer = Trainer(net, opts, dev, labels)
     ds = AugmentedDataset(scan.root, scan.records, train_transform(bb.preprocessing, "basic"), seed=0)
-    loader = make_loader(ds, batch, default_workers(), dev.type == "cuda", sampler=epoch_order(len(ds), 0, 0))
+    loader = make_loader(ds, batch, default_workers(dev.type), dev.type == "cuda", sampler=epoch_order(len(ds), 0, 0))
     marks: dict[str, float] = {}
 
     def progress(done_batches: int, total: int, elapsed: float) -> None:  # timing starts after the warm-up batch

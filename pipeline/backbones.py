@@ -78,6 +78,12 @@ class Preprocessing:
     def input_size(self) -> int:
         return int(self.crop_size[0])
 
+    @property
+    def draft_size(self) -> int:
+        """The smallest side a draft-decoded JPEG may have: the resize's target, so the
+        resize still only shrinks."""
+        return int(max(self.resize_size))
+
 
 @dataclass
 class Backbone:

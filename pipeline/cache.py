@@ -38,7 +38,9 @@ SCHEMA_VERSION = 1
 STR = h5py.string_dtype("utf-8")
 DTYPES = ("float32", "float16")
 # Provenance keys that must be equal for rows to share one cache.
-COMPAT_KEYS = ("model", "weights", "preprocessing", "embed_dim", "dtype", "precision", "data_root", "layout")
+COMPAT_KEYS = ("model", "weights", "preprocessing", "embed_dim", "dtype", "precision", "decode", "data_root", "layout")
+# What a cache written before a key existed holds.
+COMPAT_DEFAULTS = {"precision": "fp32", "decode": "exact"}
 
 
 def parts_dir_for(path: Path) -> Path:
@@ -66,6 +68,11 @@ class CacheData:
     def engine(self) -> str:
         """The engine that last extracted into this cache (eager, compile)."""
         return str(self.meta.get("engine", "eager"))
+
+    @property
+    def decode(self) -> str:
+        """exact, or draft (JPEGs decoded at a reduced DCT scale: opt-in, changes pixels)."""
+        return str(self.meta.get("decode", "exact"))
 
     @property
     def precision(self) -> str:
@@ -361,9 +368,10 @@ def _read_orphan(entry: Path, state: _IndexState) -> dict[str, list] | None:
 def check_compatible(path: Path, have: dict[str, Any], want: dict[str, Any]) -> None:
     """Refuse to mix rows of different backbones, weights, preprocessing, dtype or data roots."""
     for key in COMPAT_KEYS:
-        if have.get(key) != want.get(key):
+        held, wanted = have.get(key, COMPAT_DEFAULTS.get(key)), want.get(key, COMPAT_DEFAULTS.get(key))
+        if held != wanted:
             raise IncompatibleError(
-                f"cache {str(path)!r} holds {key}={have.get(key)!r} but this run has {key}={want.get(key)!r}; "
+                f"cache {str(path)!r} holds {key}={held!r} but this run has {key}={wanted!r}; "
                 "use another --out (the default path is derived from model and weights) or delete the cache"
             )
 

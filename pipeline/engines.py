@@ -1,40 +1,73 @@
-"""How the frozen backbone runs: eager PyTorch, or compiled by ``torch.compile`` (inductor,
-weights frozen into the graph) — chosen at run time, checked against eager, cached on disk.
+"""How the frozen backbone runs: eager PyTorch, ``torch.compile`` (inductor, weights frozen),
+ONNX Runtime or OpenVINO — chosen at run time by measuring them here, checked against eager,
+and remembered on disk.
 
-A compiled engine must reproduce eager fp32 within the same 1e-4 relative tolerance the
-cache is tested against; if it does not (or cannot compile here: no C++ compiler, an
-unsupported model), extraction goes on in eager with a message, never silently.
-Compilation costs tens of seconds once, so ``auto`` compiles only when the job is big
-enough to win it back (or a warm compile cache makes it cheap); inductor's own on-disk
-cache, keyed by graph, shapes, dtypes and library versions, lives under the cache folder
-so the next cron run does not pay again.
+Every engine must reproduce eager fp32 within the 1e-4 relative tolerance the cache is
+tested against (bf16 within 2e-2); an engine that fails the check, cannot be built here (no
+C++ compiler, an operator the exporter does not know) or is not installed is skipped with a
+message, never used silently.
+
+``auto`` measures the engines available here once per model, precision, batch size and
+machine, keeps the fastest, and writes that choice with its figures under
+``<cache dir>/.engines``: the next cron run reads it and pays no measuring. One-time costs
+(exporting to ONNX, compiling) are paid only when the job is big enough to win them back,
+and their results are cached in the same folder, keyed by the model's weights and
+architecture, the input size and the library versions.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import platform
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_path
 from .errors import UsageError
-from .hardware import PrecisionChoice
+from .hardware import PrecisionChoice, cpu_summary
 
-ENGINES = ("auto", "eager", "compile")
-# Images below which `auto` stays eager on CPU without a warm compile cache: ~25 s of
-# compilation at ~0.02 s/img saved (resnet50, 2 cores) breaks even near 1,300 images.
-AUTO_COMPILE_MIN_IMAGES = 2000
-AUTO_COMPILE_MIN_IMAGES_WARM = 500  # a warm compile cache still costs a few seconds to load
+ENGINES = ("auto", "eager", "compile", "onnxruntime", "openvino")
+INSTALL_HINT = {"onnxruntime": "pip install 'featcache[onnx]'", "openvino": "pip install 'featcache[openvino]'"}
+# Images from which `auto` measures the engines when nothing was measured yet on this machine:
+# exporting and compiling resnet50 once costs about a minute on 2 cores, which the fastest
+# engine wins back against eager (~28 vs ~50 img/s) after roughly 2,000 images.
+AUTO_TUNE_MIN_IMAGES = 2000
+# Images from which a remembered choice is rebuilt when its export/compile cache is cold.
+AUTO_REBUILD_MIN_IMAGES = 500
 EXACT_RTOL = 1e-4
+REDUCED_RTOL = 2e-2
+Log = Callable[[str], None]
+
+
+class EngineUnavailable(Exception):
+    """This engine cannot run this model here (with the reason)."""
+
+
+class Engine:
+    """Runs the headless backbone on a batch: float32 numpy [B, D] out."""
+
+    name: str
+    precision: PrecisionChoice
+    note: str  # how it was built and checked, for the log
+
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        raise NotImplementedError
 
 
 @dataclass
-class Engine:
+class TorchEngine(Engine):
+    """Eager PyTorch, or the same module compiled (``name="compile"``)."""
+
     name: str  # "eager" or "compile"
     model: nn.Module
     precision: PrecisionChoice
@@ -44,8 +77,8 @@ class Engine:
     note: str = ""
 
     def embed(self, images: torch.Tensor) -> np.ndarray:
-        """float32 numpy [B, D]. A compiled engine sees one fixed batch shape (the last,
-        smaller batch is padded), so it never recompiles mid-run."""
+        """A compiled engine sees one fixed batch shape (the last, smaller batch is padded),
+        so it never recompiles mid-run."""
         n = len(images)
         if self.name == "compile" and n < self.batch_size:
             images = torch.cat([images, images.new_zeros((self.batch_size - n, *images.shape[1:]))])
@@ -53,7 +86,8 @@ class Engine:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast(self.device.type, dtype=self.precision.dtype) if self.precision.dtype is not None else nullcontext()
-        with torch.inference_mode(), autocast:
+        exact = no_tf32() if self.device.type == "cuda" and self.precision.dtype is None else nullcontext()
+        with torch.inference_mode(), autocast, exact:
             out = self.model(x)
             if isinstance(out, (tuple, list)):
                 out = out[0]
@@ -61,51 +95,331 @@ class Engine:
         return out[:n].float().cpu().numpy()
 
 
-def compile_cache_dir(cache_dir: Path) -> Path:
-    return Path(cache_dir) / ".compiled"
-
-
-def _warm_cache(folder: Path) -> bool:
-    return folder.is_dir() and any(folder.rglob("*"))
-
-
-def build_engine(requested: str, model: nn.Module, device: torch.device, precision: PrecisionChoice, batch_size: int, input_size: int,
-                 n_images: int, cache_dir: Path, log: Callable[[str], None] = lambda m: None, channels_last: bool = True) -> Engine:
-    """The engine to extract with; see the module doc."""
-    if requested not in ENGINES:
-        raise UsageError(f"--engine {requested!r}: choose one of {', '.join(ENGINES)}")
-    eager = Engine("eager", model, precision, device, channels_last, batch_size)
-    if requested == "eager" or n_images == 0:
-        return eager
-    folder = compile_cache_dir(cache_dir)
-    if requested == "auto":
-        if device.type == "cuda":
-            return eager  # eager keeps a GPU busy here; compiling is opt-in (--engine compile)
-        needed = AUTO_COMPILE_MIN_IMAGES_WARM if _warm_cache(folder) else AUTO_COMPILE_MIN_IMAGES
-        if n_images < needed:
-            log(f"engine auto -> eager: {n_images} images do not repay compiling (from {needed} images with "
-                f"{'a warm' if needed == AUTO_COMPILE_MIN_IMAGES_WARM else 'no'} compile cache)")
-            return eager
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())  # inductor reads it at each use
+@contextmanager
+def no_tf32() -> Iterator[None]:
+    """Exact fp32 on CUDA: cuDNN convolutions run in TF32 by default on Ampere and later
+    (about 1e-3 relative error), which an fp32 cache must not contain."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        import torch._inductor.config as inductor_config
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
-        inductor_config.freezing = True  # weights become constants: folded convolutions and layouts
-        compiled = torch.compile(model, dynamic=False)
-        engine = Engine("compile", compiled, precision, device, channels_last, batch_size)
-        t0 = time.perf_counter()
-        probe = torch.randn(batch_size, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+
+@dataclass
+class OnnxRuntimeEngine(Engine):
+    session: object
+    precision: PrecisionChoice
+    name: str = "onnxruntime"
+    note: str = ""
+
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        return np.asarray(self.session.run(None, {"images": images.numpy()})[0], dtype=np.float32)
+
+
+@dataclass
+class OpenVinoEngine(Engine):
+    compiled: object
+    precision: PrecisionChoice
+    name: str = "openvino"
+    note: str = ""
+
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        return np.asarray(self.compiled(images.numpy())[0], dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+@dataclass
+class EngineContext:
+    """Everything an engine is built from."""
+
+    model: nn.Module  # eval mode, channels_last where it helps
+    device: torch.device
+    precision: PrecisionChoice
+    batch_size: int
+    input_size: int
+    work_dir: Path  # <cache dir>/.engines
+    identify: Callable[[], str]  # digest of weights and architecture (model_identity), computed only when needed
+    channels_last: bool = True
+    threads: int = field(default_factory=torch.get_num_threads)
+
+    @cached_property
+    def identity(self) -> str:
+        return self.identify()
+
+    def eager(self) -> TorchEngine:
+        return TorchEngine("eager", self.model, self.precision, self.device, self.channels_last, self.batch_size)
+
+
+def engines_dir(cache_dir: Path) -> Path:
+    return Path(cache_dir) / ".engines"
+
+
+def model_identity(model: nn.Module, provenance: dict) -> str:
+    """Digest of what an exported or compiled model depends on: weights, architecture, versions."""
+    h = hashlib.sha256(json.dumps(provenance, sort_keys=True, default=str).encode())
+    h.update(repr(model).encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(f"torch {torch.__version__}".encode())
+    return h.hexdigest()[:20]
+
+
+def _installed(engine: str) -> bool:
+    try:
+        __import__(engine)
+        return True
+    except ImportError:
+        return False
+
+
+def candidates(device: torch.device, precision: PrecisionChoice) -> list[str]:
+    """The engines worth measuring for this device and precision (installed ones only)."""
+    if device.type == "cuda":
+        return ["eager", "compile"]
+    names = ["eager", "compile"]
+    if precision.name == "fp32" and _installed("onnxruntime"):
+        names.append("onnxruntime")  # no native bf16 on CPU in ONNX Runtime
+    if precision.name in ("fp32", "bf16") and _installed("openvino"):
+        names.append("openvino")
+    return names
+
+
+class _Flatten(nn.Module):
+    """The backbone as exported: one [B, D] output, whatever the model returns."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return torch.flatten(out, 1)
+
+
+def onnx_file(ctx: EngineContext, log: Log) -> Path:
+    """The model exported to ONNX once (dynamic batch), cached by identity and input size."""
+    path = ctx.work_dir / f"onnx-{ctx.identity}-{ctx.input_size}px.onnx"
+    if path.exists():
+        return path
+    t0 = time.perf_counter()
+    model = _Flatten(ctx.model).eval()
+    example = torch.randn(2, 3, ctx.input_size, ctx.input_size)
+    try:
+        with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer chatter
+            torch.onnx.export(model, (example,), str(tmp), input_names=["images"], output_names=["embeddings"],
+                              dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}}, dynamo=False)
+    except Exception as exc:
+        raise EngineUnavailable(f"cannot export to ONNX: {type(exc).__name__}: {_first_line(exc)}") from exc
+    log(f"exported the model to ONNX in {time.perf_counter() - t0:.1f}s (kept in {path})")
+    return path
+
+
+def _build_compile(ctx: EngineContext, log: Log) -> TorchEngine:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str((ctx.work_dir / "inductor").resolve())  # inductor reads it at each use
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # weights become constants: folded convolutions and layouts
+    return TorchEngine("compile", torch.compile(ctx.model, dynamic=False), ctx.precision, ctx.device, ctx.channels_last, ctx.batch_size)
+
+
+def _build_onnxruntime(ctx: EngineContext, log: Log) -> OnnxRuntimeEngine:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = ctx.threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not steal the decoder's core
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_file(ctx, log)), options, providers=["CPUExecutionProvider"])
+    return OnnxRuntimeEngine(session, ctx.precision)
+
+
+def _build_openvino(ctx: EngineContext, log: Log) -> OpenVinoEngine:
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if ctx.precision.name == "bf16" else "f32",  # OpenVINO picks bf16 itself on AMX: never for exact
+              "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": ctx.threads, "CACHE_DIR": str(ctx.work_dir / "openvino")}
+    return OpenVinoEngine(core.compile_model(core.read_model(str(onnx_file(ctx, log))), "CPU", config), ctx.precision)
+
+
+BUILDERS: dict[str, Callable[[EngineContext, Log], Engine]] = {
+    "compile": _build_compile, "onnxruntime": _build_onnxruntime, "openvino": _build_openvino}
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:160] if str(exc) else ""
+
+
+def build_checked(name: str, ctx: EngineContext, log: Log) -> Engine:
+    """Engine ``name`` for ``ctx``, checked against eager on a probe batch (seeded).
+
+    Raises EngineUnavailable (not installed, cannot build, or differs from eager)."""
+    if name == "eager":
+        return ctx.eager()
+    if name in INSTALL_HINT and not _installed(name):
+        raise EngineUnavailable(f"{name} is not installed ({INSTALL_HINT[name]})")
+    if name == "onnxruntime" and ctx.precision.name != "fp32":
+        raise EngineUnavailable(f"onnxruntime runs only exact fp32 here, not {ctx.precision.name}")
+    if name in INSTALL_HINT and ctx.device.type != "cpu":
+        raise EngineUnavailable(f"{name} is used on CPU only; on {ctx.device.type} use eager or compile")
+    t0 = time.perf_counter()
+    try:
+        engine = BUILDERS[name](ctx, log)
+        # a compiled engine is built for the full batch shape (its first call compiles it);
+        # the others take any batch, and two rows are enough to compare
+        rows = ctx.batch_size if name == "compile" else min(2, ctx.batch_size)
+        probe = torch.randn(rows, 3, ctx.input_size, ctx.input_size, generator=torch.Generator().manual_seed(0))
         got = engine.embed(probe)[:2]
-        seconds = time.perf_counter() - t0
-        want = eager.embed(probe[:2])  # two rows are enough to compare, and cheap in eager
+    except EngineUnavailable:
+        raise
     except Exception as exc:  # no compiler, an unsupported operator, ...
-        log(f"engine compile unavailable here ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); extracting in eager")
-        return eager
-    tolerance = EXACT_RTOL if precision.dtype is None else 2e-2
+        raise EngineUnavailable(f"cannot run here ({type(exc).__name__}: {_first_line(exc)})") from exc
+    seconds = time.perf_counter() - t0
+    want = ctx.eager().embed(probe[:2])  # two rows are enough to compare, and cheap in eager
+    tolerance = EXACT_RTOL if ctx.precision.dtype is None else REDUCED_RTOL
     err = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
     if not np.isfinite(err) or err > tolerance:
-        log(f"engine compile differs from eager by {err:.1e} (limit {tolerance:.0e}); extracting in eager")
-        return eager
-    engine.note = f"engine compile: ready in {seconds:.1f}s (compile cache {folder}), max relative difference to eager {err:.1e}"
+        raise EngineUnavailable(f"differs from eager by {err:.1e} (limit {tolerance:.0e})")
+    engine.note = f"engine {name}: ready in {seconds:.1f}s, max relative difference to eager {err:.1e}"
+    return engine
+
+
+def measure(engine: Engine, batch: torch.Tensor, min_seconds: float = 1.5, min_batches: int = 2) -> float:
+    """Images/s of ``engine`` alone on ``batch`` after one warm-up batch."""
+    engine.embed(batch)
+    done, t0 = 0, time.perf_counter()
+    while done < min_batches or time.perf_counter() - t0 < min_seconds:
+        engine.embed(batch)
+        done += 1
+    return done * len(batch) / (time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- choosing
+
+
+def machine_key(device: torch.device, threads: int) -> str:
+    """What an engine measurement depends on besides the model: the processor and the libraries."""
+    if device.type == "cuda":
+        hw = f"{torch.cuda.get_device_name(device)} cc{torch.cuda.get_device_capability(device)}"
+    else:
+        hw = f"{platform.processor() or platform.machine()} {json.dumps(cpu_summary(), sort_keys=True)} threads={threads}"
+    versions = " ".join(f"{m}={_version(m)}" for m in ("torch", "onnxruntime", "openvino"))
+    return f"{hw} {versions}"
+
+
+def _version(module: str) -> str:
+    try:
+        return str(__import__(module).__version__)
+    except Exception:
+        return "-"
+
+
+def choice_path(ctx: EngineContext) -> Path:
+    key = hashlib.sha256(f"{ctx.identity} {ctx.input_size} {ctx.batch_size} {ctx.precision.name} {machine_key(ctx.device, ctx.threads)}".encode()).hexdigest()[:20]
+    return ctx.work_dir / f"choice-{key}.json"
+
+
+@dataclass
+class Tuning:
+    """What measuring the engines here found: images/s per engine (None: unavailable, and why)."""
+
+    rates: dict[str, float | None]
+    reasons: dict[str, str]
+    best: str
+    engine: Engine
+
+    def summary(self) -> str:
+        return _format_rates(self.rates)
+
+
+def tune(ctx: EngineContext, names: Iterable[str] | None = None, log: Log = lambda m: None, min_seconds: float = 1.5) -> Tuning:
+    """Build, check and time each candidate engine on random tensors; remember the fastest."""
+    batch = torch.randn(ctx.batch_size, 3, ctx.input_size, ctx.input_size, generator=torch.Generator().manual_seed(1))
+    rates: dict[str, float | None] = {}
+    reasons: dict[str, str] = {}
+    built: dict[str, Engine] = {}
+    for name in names or candidates(ctx.device, ctx.precision):
+        try:
+            built[name] = build_checked(name, ctx, log)
+            rates[name] = measure(built[name], batch, min_seconds)
+        except EngineUnavailable as exc:
+            rates[name], reasons[name] = None, str(exc)
+            log(f"engine {name} skipped: {exc}")
+    best = max((n for n in rates if rates[n]), key=lambda n: rates[n])
+    choice = {"engine": best, "images_per_s": rates, "skipped": reasons, "precision": ctx.precision.name,
+              "batch_size": ctx.batch_size, "machine": machine_key(ctx.device, ctx.threads), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with atomic_path(choice_path(ctx)) as tmp:
+        tmp.write_text(json.dumps(choice, indent=1))
+    return Tuning(rates, reasons, best, built[best])
+
+
+def _is_warm(name: str, ctx: EngineContext) -> bool:
+    """Whether building ``name`` costs only a load (its export / compile cache exists)."""
+    if name == "eager":
+        return True
+    if name == "compile":
+        folder = ctx.work_dir / "inductor"
+        return folder.is_dir() and any(folder.rglob("*"))
+    return (ctx.work_dir / f"onnx-{ctx.identity}-{ctx.input_size}px.onnx").exists()
+
+
+def build_engine(requested: str, ctx: EngineContext, n_images: int, log: Log = lambda m: None) -> Engine:
+    """The engine to extract ``n_images`` with; see the module doc. An explicitly requested
+    engine that cannot run here falls back to eager with the reason (not installed: an error)."""
+    if requested not in ENGINES:
+        raise UsageError(f"--engine {requested!r}: choose one of {', '.join(ENGINES)}")
+    if requested in INSTALL_HINT and not _installed(requested):
+        raise UsageError(f"--engine {requested} needs the {requested} package: {INSTALL_HINT[requested]} (or --engine auto)")
+    if requested == "eager" or n_images == 0:
+        return ctx.eager()
+    if requested != "auto":
+        return _build_or_eager(requested, ctx, log)
+    remembered = _remembered(ctx)
+    if remembered is not None:
+        name, rates = remembered
+        if name == "eager" or _is_warm(name, ctx) or n_images >= AUTO_REBUILD_MIN_IMAGES:
+            log(f"engine auto -> {name}: measured fastest on this machine ({_format_rates(rates)}; {choice_path(ctx)})")
+            return _build_or_eager(name, ctx, log)
+        log(f"engine auto -> eager: {name} was measured fastest here but its export/compile cache is cold, "
+            f"which {n_images} images do not repay (from {AUTO_REBUILD_MIN_IMAGES})")
+        return ctx.eager()
+    names = candidates(ctx.device, ctx.precision)
+    if n_images < AUTO_TUNE_MIN_IMAGES or len(names) == 1:
+        log(f"engine auto -> eager: {n_images} images do not repay measuring {', '.join(names[1:]) or 'other engines'} once "
+            f"(from {AUTO_TUNE_MIN_IMAGES} images; `featcache engines --model ...` measures ahead of time)")
+        return ctx.eager()
+    log(f"engine auto: measuring {', '.join(names)} once for this model and machine ({n_images} images repay it)")
+    tuning = tune(ctx, names, log)
+    log(f"engine auto -> {tuning.best}: {tuning.summary()} (remembered in {choice_path(ctx)})")
+    return tuning.engine
+
+
+def _build_or_eager(name: str, ctx: EngineContext, log: Log) -> Engine:
+    try:
+        engine = build_checked(name, ctx, log)
+    except EngineUnavailable as exc:
+        log(f"engine {name} {exc}; extracting in eager")
+        return ctx.eager()
     log(engine.note)
     return engine
+
+
+def _remembered(ctx: EngineContext) -> tuple[str, dict] | None:
+    try:
+        choice = json.loads(choice_path(ctx).read_text())
+        return str(choice["engine"]), dict(choice["images_per_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _format_rates(rates: dict) -> str:
+    return ", ".join(f"{n} {r:.1f}" if r else f"{n} n/a" for n, r in rates.items()) + " img/s"

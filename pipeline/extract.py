@@ -12,6 +12,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,7 +27,7 @@ from .cache import CacheWriter, PendingRow
 from .distributed import World, rank_device, world
 from .data import DEFAULT_MAX_PIXELS, DecodeError, ImageRecord, ScanResult, decode_image, read_bytes, scan_folder
 from .errors import Interrupted, UsageError
-from .engines import ENGINES, Engine, build_engine
+from .engines import ENGINES, Engine, EngineContext, TorchEngine, build_engine, choice_path, engines_dir, model_identity, tune
 from .hardware import PrecisionChoice, choose_precision
 from .interrupts import sigterm_as_interrupt
 from .locks import WriterLock
@@ -53,12 +54,13 @@ class ImageFileDataset(Dataset):
     """
 
     def __init__(self, root: Path, records: Sequence[ImageRecord], transform: Callable, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 hash_files: bool = True):
+                 hash_files: bool = True, draft_size: int | None = None):
         self.root = Path(root)
         self.records = list(records)
         self.transform = transform
         self.max_pixels = max_pixels
         self.hash_files = hash_files
+        self.draft_size = draft_size
 
     def __len__(self) -> int:
         return len(self.records)
@@ -70,7 +72,7 @@ class ImageFileDataset(Dataset):
         try:
             data = read_bytes(self.root / self.records[i].relpath)
             sha = hashlib.sha256(data).hexdigest() if self.hash_files else ""
-            image = decode_image(data, self.max_pixels)
+            image = decode_image(data, self.max_pixels, self.draft_size)
             return i, self.preprocess(i, image), sha
         except DecodeError as exc:
             return i, None, f"!{exc}"
@@ -85,18 +87,49 @@ def collate_decoded(items: list[tuple[int, torch.Tensor | None, str]]) -> Decode
     return DecodedBatch([i for i, _, _ in ok], images, [s for _, _, s in ok], failures)
 
 
+class SharedDecodeDataset(ImageFileDataset):
+    """One read and decode per file for several backbones: item ``i`` is transformed by each
+    backbone's own preprocessing that needs it (``needs[i][k]``), ``None`` for the others."""
+
+    def __init__(self, root: Path, records: Sequence[ImageRecord], transforms: Sequence[Callable], needs: Sequence[Sequence[bool]],
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None):
+        super().__init__(root, records, transforms[0], max_pixels, draft_size=draft_size)
+        self.transforms = list(transforms)
+        self.needs = needs
+
+    def preprocess(self, i: int, image) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        return tuple(t(image) if need else None for t, need in zip(self.transforms, self.needs[i]))
+
+
+def collate_shared(items: list[tuple[int, tuple | None, str]], needs: Sequence[Sequence[bool]]) -> list[DecodedBatch]:
+    """One ``DecodedBatch`` per backbone from ``SharedDecodeDataset`` items; a file that failed
+    to decode is a failure for every backbone that needed it."""
+    return [collate_decoded([(i, t[k] if t is not None else None, s) for i, t, s in items if needs[i][k]])
+            for k in range(len(needs[items[0][0]]))]
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoders must not fight the backbone for cores
 
 
-def default_workers() -> int:
-    """Decoder processes: half the cores (the backbone uses the rest), at least 1, at most 8;
-    under torchrun the cores are shared by the node's ranks."""
+def default_workers(device_type: str = "cpu") -> int:
+    """Decoder processes. On a CPU with 2 cores or fewer, none: the engine already uses every
+    core, and a decoder process beside it slows the whole run (bench/extract.py, data path:
+    resnet50 on ONNX Runtime, 2 cores: 0 workers 44 img/s, 1 worker 40). With more cores a
+    quarter of them decode; on CUDA, where the CPU only decodes, half. The engine keeps all
+    its threads: giving it one core less cost more than the decoders' contention (26 vs 40).
+    Under torchrun the node's cores are shared by its ranks."""
     ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(8, (os.cpu_count() or 2) // (2 * ranks_here)))
+    cores = max(1, (os.cpu_count() or 2) // ranks_here)
+    if device_type == "cuda":
+        return max(1, min(8, cores // 2))
+    if cores <= 2:
+        return 0
+    return max(1, min(8, cores // 4))
 
 
-def make_loader(dataset: ImageFileDataset, batch_size: int, workers: int, pin_memory: bool, sampler: Sequence[int] | None = None) -> DataLoader:
+def make_loader(dataset: ImageFileDataset, batch_size: int, workers: int, pin_memory: bool, sampler: Sequence[int] | None = None,
+                collate: Callable = collate_decoded) -> DataLoader:
     """Batches of decoded images; ``sampler`` gives the item order (default: in order)."""
     return DataLoader(
         dataset,
@@ -105,7 +138,7 @@ def make_loader(dataset: ImageFileDataset, batch_size: int, workers: int, pin_me
         shuffle=False,
         generator=torch.Generator().manual_seed(0),  # worker seeds must not consume the global RNG (resume stays bit-exact)
         num_workers=workers,
-        collate_fn=collate_decoded,
+        collate_fn=collate,
         pin_memory=pin_memory,
         worker_init_fn=_worker_init if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
@@ -135,7 +168,7 @@ def prepare_model(backbone: Backbone, device: torch.device, channels_last: bool 
 def embed_batch(model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool = True, amp_dtype: torch.dtype | None = None) -> np.ndarray:
     """Eager backbone forward for one batch; float32 numpy [B, D] (predict and the benches)."""
     precision = PrecisionChoice("fp32" if amp_dtype is None else str(amp_dtype), amp_dtype, "")
-    return Engine("eager", model, precision, device, channels_last, len(images)).embed(images)
+    return TorchEngine("eager", model, precision, device, channels_last, len(images)).embed(images)
 
 
 # ----------------------------------------------------------------------------- runner
@@ -163,6 +196,7 @@ class ExtractSummary:
     interrupted: bool = False
     engine: str = "eager"
     precision: str = "fp32"
+    decode: str = "exact"
     rank: int = 0  # torchrun: this process's rank (only rank 0 reports)
     world_size: int = 1
 
@@ -173,17 +207,21 @@ class ExtractSummary:
         return d
 
 
-def default_cache_path(model: str, weights: str, data_root: Path, cache_dir: Path | None = None, precision: str = "fp32") -> Path:
-    """``cache/<model>__<weights>[__bf16]__<root name>-<hash>.h5``: one cache per backbone, weights, precision and root."""
-    base = Path(cache_dir or os.environ.get("FEATCACHE_CACHE_DIR", "cache"))
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FEATCACHE_CACHE_DIR", "cache"))
+
+
+def default_cache_path(model: str, weights: str, data_root: Path, cache_dir: Path | None = None, precision: str = "fp32", decode: str = "exact") -> Path:
+    """``cache/<model>__<weights>[__bf16][__draft]__<root name>-<hash>.h5``: one cache per backbone, weights, precision, decode and root."""
+    base = Path(cache_dir or default_cache_dir())
     clean = lambda s: "".join(c if c.isalnum() or c in "-_." else "-" for c in s).strip("-")  # noqa: E731
     w = Path(weights).stem if os.sep in str(weights) else str(weights)
     root_tag = hashlib.sha1(str(Path(data_root).resolve()).encode()).hexdigest()[:8]
-    tag = "" if precision == "fp32" else f"__{precision}"
+    tag = ("" if precision == "fp32" else f"__{precision}") + ("" if decode == "exact" else f"__{decode}")
     return base / f"{clean(model)}__{clean(w)}{tag}__{clean(Path(data_root).name) or 'root'}-{root_tag}.h5"
 
 
-def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.device, precision: str = "fp32") -> dict[str, Any]:
+def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.device, precision: str = "fp32", decode: str = "exact") -> dict[str, Any]:
     return {
         **backbone.provenance(),
         "embedding": EMBEDDING_DEFINITION,
@@ -193,6 +231,7 @@ def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.d
         "classes": list(scan.classes),
         "engine": "eager",  # updated to the engine that ran (set_meta)
         "precision": precision,
+        "decode": decode,
         "device": str(device),
         "featcache_version": __version__,
         "torch_version": str(torch.__version__),
@@ -205,6 +244,22 @@ def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.d
 ProgressFn = Callable[[int, int, float], None]
 
 
+@dataclass
+class Target:
+    """One backbone and the cache it fills in a (possibly shared) pass over the images."""
+
+    backbone: Backbone
+    out_path: Path
+    meta: dict[str, Any]
+    lock: WriterLock
+    summary: ExtractSummary
+    writer: CacheWriter | None = None
+    engine: Engine | None = None
+    todo: set[str] = field(default_factory=set)  # relpaths this cache lacks (all ranks)
+    removed: list[str] = field(default_factory=list)
+    last_commit: float = field(default_factory=time.monotonic)
+
+
 def _open_writer(path: Path, meta: dict[str, Any], create: bool) -> CacheWriter:
     """The lock holder's writer; with ``create`` the index exists afterwards (staging ranks read it)."""
     writer = CacheWriter(path, meta)
@@ -213,10 +268,26 @@ def _open_writer(path: Path, meta: dict[str, Any], create: bool) -> CacheWriter:
     return writer
 
 
-def _merge_ranks(w: World, writer: CacheWriter, path: Path, meta: dict[str, Any], removed: list[str], summary: ExtractSummary) -> None:
+def _open_target(t: Target, w: World, records: Sequence[ImageRecord]) -> None:
+    """Lock (rank 0), open the cache (rank 0 first: it adopts parts of earlier crashed runs)
+    and work out what this cache lacks; each rank then writes parts of its own."""
+    w.run_on_main(t.lock.acquire)
+    main_writer = w.run_on_main(lambda: _open_writer(t.out_path, t.meta, create=w.enabled))
+    t.writer = CacheWriter(t.out_path, t.meta, staging=True, tag=f"rank{w.rank}-") if w.enabled else main_writer
+    known = t.writer.known()
+    t.todo = {r.relpath for r in records if known.get(r.relpath) != (r.size, r.mtime_ns)}
+    t.removed = sorted(set(known) - {r.relpath for r in records})
+    t.summary.removed = len(t.removed)
+    t.summary.cached = len(records) - len(t.todo)
+    if not w.enabled:
+        t.writer.remove(t.removed)
+
+
+def _merge_ranks(w: World, t: Target) -> None:
     """torchrun: every rank's counts and failures to rank 0, which adopts all staged parts
     (by reopening the cache), records failures and removals, and commits once."""
-    shares = w.gather({"new": summary.new, "new_failed": summary.new_failed, "failures": writer.take_failures(),
+    summary = t.summary
+    shares = w.gather({"new": summary.new, "new_failed": summary.new_failed, "failures": t.writer.take_failures(),
                        "interrupted": summary.interrupted, "commits": summary.commits})
     summary.new = sum(s["new"] for s in shares)
     summary.new_failed = sum(s["new_failed"] for s in shares)
@@ -224,10 +295,10 @@ def _merge_ranks(w: World, writer: CacheWriter, path: Path, meta: dict[str, Any]
     summary.interrupted = any(s["interrupted"] for s in shares)
 
     def merge() -> tuple[list[tuple[str, str]], int]:
-        final = CacheWriter(path, meta)  # adopts every rank's parts
+        final = CacheWriter(t.out_path, t.meta)  # adopts every rank's parts
         for s in shares:
             final.add_failures(s["failures"])
-        final.remove(removed)
+        final.remove(t.removed)
         final.commit()
         if not summary.interrupted:
             final.compact()
@@ -236,11 +307,59 @@ def _merge_ranks(w: World, writer: CacheWriter, path: Path, meta: dict[str, Any]
     summary.failures, summary.rows = w.broadcast(w.run_on_main(merge))
 
 
-def run_extract(
+def _finish_target(t: Target, w: World) -> None:
+    """Commit what is finished (interrupted or not), merge ranks, compact, fill the summary."""
+    t.writer.commit()
+    t.summary.commits = t.writer.commits
+    if w.enabled:
+        _merge_ranks(w, t)
+    else:
+        if not t.summary.interrupted:
+            t.writer.compact()
+        t.summary.failures = sorted(t.writer.failures.items())
+        t.summary.rows = sum(t.writer.state.valid)
+    t.summary.failed = len(t.summary.failures)
+
+
+def _write_batch(t: Target, batch: DecodedBatch, records: Sequence[ImageRecord], commit_every: int, commit_seconds: float) -> None:
+    """The mapper and writer for one backbone: failures recorded, rows embedded and buffered,
+    a commit when enough rows or time have passed."""
+    for i, reason in batch.failures:
+        r = records[i]
+        t.writer.add_failure(r.relpath, reason, r.size, r.mtime_ns)
+        t.summary.new_failed += 1
+    if batch.images is not None:
+        emb = t.engine.embed(batch.images)
+        rows = [PendingRow(records[i].relpath, records[i].label, records[i].split, records[i].size, records[i].mtime_ns, s)
+                for i, s in zip(batch.positions, batch.sha256)]
+        t.writer.add(rows, emb)
+        t.summary.new += len(rows)
+    if t.writer.pending >= commit_every or time.monotonic() - t.last_commit >= commit_seconds:
+        t.writer.commit()
+        t.last_commit = time.monotonic()
+
+
+DECODES = ("exact", "draft")
+
+
+def _check_extract_options(batch_size: int, commit_every: int, workers: int, engine: str, decode: str) -> None:
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    if commit_every < 1:
+        raise UsageError(f"--commit-every must be at least 1 (got {commit_every})")
+    if workers < 0:
+        raise UsageError(f"--workers must be 0 or more (got {workers})")
+    if engine not in ENGINES:
+        raise UsageError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if decode not in DECODES:
+        raise UsageError(f"--decode {decode!r}: choose exact (the default) or draft (faster JPEG decode of large photos, changes pixels)")
+
+
+def extract_many(
     data_dir: str | os.PathLike,
-    model: str,
+    models: Sequence[str],
     weights: str = "DEFAULT",
-    out: str | os.PathLike | None = None,
+    outs: Sequence[str | os.PathLike | None] | None = None,
     *,
     batch_size: int = 32,
     workers: int | None = None,
@@ -254,30 +373,28 @@ def run_extract(
     amp: bool = False,
     engine: str = "auto",
     precision: str = "fp32",
+    decode: str = "exact",
     wait: float = 0.0,
     progress: ProgressFn | None = None,
     log: Callable[[str], None] = lambda msg: None,
-) -> ExtractSummary:
-    """Extract embeddings for every image under ``data_dir`` not yet in the cache.
+) -> list[ExtractSummary]:
+    """Extract every image under ``data_dir`` not yet in each backbone's cache, reading and
+    decoding each file once for all of them (each backbone applies its own preprocessing).
 
     Raises:
         DataError, BackboneError, WeightsUnavailableError, CacheError, IncompatibleError,
         LockHeldError, StorageError, Interrupted (after committing finished batches).
     """
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
-    if commit_every < 1:
-        raise UsageError(f"--commit-every must be at least 1 (got {commit_every})")
-    workers = default_workers() if workers is None else workers
-    if workers < 0:
-        raise UsageError(f"--workers must be 0 or more (got {workers})")
     dev = resolve_device(device)
+    workers = default_workers(dev.type) if workers is None else workers
+    _check_extract_options(batch_size, commit_every, workers, engine, decode)
+    if len(set(models)) != len(models):
+        raise UsageError(f"--model names the same backbone twice ({', '.join(models)})")
+    outs = list(outs) if outs is not None else [None] * len(models)
     if amp:  # the older spelling of reduced precision on CUDA
         if dev.type != "cuda":
             raise UsageError("--amp needs a CUDA device; on CPU use --precision bf16 (used where the CPU runs bf16 natively)")
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if engine not in ENGINES:
-        raise UsageError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
     chosen = choose_precision(precision, dev)
     if chosen.note:
         log(chosen.note)
@@ -285,75 +402,86 @@ def run_extract(
     w = world(dev.type)
     dev = rank_device(dev, w)
     scan = scan_folder(data_dir, layout)
-    backbone = load_backbone(model, weights, seed=seed)
-    out_path = Path(out) if out is not None else default_cache_path(model, weights, scan.root, precision=chosen.name)
-    meta = build_meta(backbone, scan, dtype, dev, chosen.name)
-    summary = ExtractSummary(str(out_path), model, backbone.weights_id, backbone.embed_dim, str(dev), classes=list(scan.classes), rank=w.rank, world_size=w.size)
-    summary.skipped = list(scan.skipped)
+    targets: list[Target] = []
+    for model, out in zip(models, outs):
+        backbone = load_backbone(model, weights, seed=seed)
+        out_path = Path(out) if out is not None else default_cache_path(model, weights, scan.root, precision=chosen.name, decode=decode)
+        summary = ExtractSummary(str(out_path), model, backbone.weights_id, backbone.embed_dim, str(dev), classes=list(scan.classes),
+                                 rank=w.rank, world_size=w.size, skipped=list(scan.skipped), precision=chosen.name, decode=decode)
+        targets.append(Target(backbone, out_path, build_meta(backbone, scan, dtype, dev, chosen.name, decode),
+                              WriterLock(out_path, command=f"extract --model {model}", wait=wait), summary))
+    if len({t.out_path.resolve() for t in targets}) != len(targets):
+        raise UsageError("two --model values would write the same cache; give each its own --out")
 
     t0 = time.perf_counter()
-    # Rank 0 (the only rank, without torchrun) holds the cache's lock for the whole run.
-    lock = WriterLock(out_path, command=f"extract --model {model}", wait=wait)
-    w.run_on_main(lock.acquire)
+    opened: list[Target] = []
     try:
-        # torchrun: rank 0 opens the cache (adopting parts of earlier crashed runs) before the
-        # others read it; each rank then extracts its share into parts of its own.
-        main_writer = w.run_on_main(lambda: _open_writer(out_path, meta, create=w.enabled))
-        writer = CacheWriter(out_path, meta, staging=True, tag=f"rank{w.rank}-") if w.enabled else main_writer
-        known = writer.known()
-        on_disk = {r.relpath for r in scan.records}
-        todo_all = [r for r in scan.records if known.get(r.relpath) != (r.size, r.mtime_ns)]
-        removed = sorted(set(known) - on_disk)
-        todo = todo_all[w.rank :: w.size]  # deterministic share: every rank computes the same list
-        summary.removed = len(removed)
-        summary.cached = len(scan.records) - len(todo_all)
-        if not w.enabled:
-            writer.remove(removed)
-        if w.is_main and (removed or todo_all):
-            log(f"{len(todo_all)} to extract, {summary.cached} cached, {len(removed)} removed" + (f" ({w.size} ranks)" if w.enabled else ""))
-
-        net = prepare_model(backbone, dev)
-        runner = build_engine(engine, net, dev, chosen, batch_size, backbone.preprocessing.input_size, len(todo_all),
-                              out_path.parent, log if w.is_main else (lambda m: None))
-        summary.engine, summary.precision = runner.name, chosen.name
-        writer.set_meta(engine=runner.name)
-        loader = make_loader(ImageFileDataset(scan.root, todo, backbone.preprocessing.transform(), max_pixels), batch_size, workers if todo else 0, dev.type == "cuda")
-        done, last_commit = 0, time.monotonic()
+        for t in targets:
+            _open_target(t, w, scan.records)
+            opened.append(t)
+        # one pass over every file some cache lacks; each rank takes a deterministic share
+        todo_all = [r for r in scan.records if any(r.relpath in t.todo for t in targets)]
+        todo = todo_all[w.rank :: w.size]
+        for t in targets:
+            if w.is_main and (t.removed or t.todo):
+                log(f"{t.backbone.name}: {len(t.todo)} to extract, {t.summary.cached} cached, {len(t.removed)} removed"
+                    + (f" ({w.size} ranks)" if w.enabled else ""))
+            ctx = EngineContext(prepare_model(t.backbone, dev), dev, chosen, batch_size, t.backbone.preprocessing.input_size,
+                                engines_dir(t.out_path.parent), lambda b=t.backbone: model_identity(b.model, b.provenance()))
+            t.engine = build_engine(engine, ctx, len(t.todo), log if w.is_main else (lambda m: None))
+            t.summary.engine = t.engine.name
+            t.writer.set_meta(engine=t.engine.name)
+        needs = [tuple(r.relpath in t.todo for t in targets) for r in todo]
+        draft = max(t.backbone.preprocessing.draft_size for t in targets) if decode == "draft" else None
+        dataset = SharedDecodeDataset(scan.root, todo, [t.backbone.preprocessing.transform() for t in targets], needs, max_pixels, draft)
+        loader = make_loader(dataset, batch_size, workers if todo else 0, dev.type == "cuda", collate=partial(collate_shared, needs=needs))
+        done = 0
         try:
             with sigterm_as_interrupt():
-                for batch in loader if todo else ():
-                    for i, reason in batch.failures:
-                        r = todo[i]
-                        writer.add_failure(r.relpath, reason, r.size, r.mtime_ns)
-                        summary.new_failed += 1
-                    if batch.images is not None:
-                        emb = runner.embed(batch.images)
-                        rows = [PendingRow(todo[i].relpath, todo[i].label, todo[i].split, todo[i].size, todo[i].mtime_ns, s) for i, s in zip(batch.positions, batch.sha256)]
-                        writer.add(rows, emb)
-                        summary.new += len(rows)
-                    done += len(batch.positions) + len(batch.failures)
-                    if writer.pending >= commit_every or time.monotonic() - last_commit >= commit_seconds:
-                        writer.commit()
-                        last_commit = time.monotonic()
+                for parts in loader if todo else ():
+                    for t, batch in zip(targets, parts):
+                        _write_batch(t, batch, todo, commit_every, commit_seconds)
+                    done += len({i for b in parts for i in b.positions} | {i for b in parts for i, _ in b.failures})
                     if progress and w.is_main:
                         progress(done, len(todo), time.perf_counter() - t0)
         except KeyboardInterrupt:
-            summary.interrupted = True
-        writer.commit()  # finished batches are complete rows: keep them, interrupted or not
-        summary.commits = writer.commits
-        if w.enabled:
-            _merge_ranks(w, writer, out_path, meta, removed, summary)
-        else:
-            if not summary.interrupted:
-                writer.compact()
-            summary.failures = sorted(writer.failures.items())
-            summary.rows = sum(writer.state.valid)
-        summary.failed = len(summary.failures)
+            for t in targets:
+                t.summary.interrupted = True
+        for t in targets:  # finished batches are complete rows: keep them, interrupted or not
+            _finish_target(t, w)
     finally:
         if w.is_main:
-            lock.release()
-    summary.seconds = round(time.perf_counter() - t0, 3)
-    summary.images_per_s = round(summary.new / summary.seconds, 2) if summary.seconds > 0 and summary.new else 0.0
-    if summary.interrupted:
-        raise Interrupted(f"interrupted after {summary.new} new images; they are committed to {str(out_path)!r}, run the same command again to resume")
-    return summary
+            for t in opened:
+                t.lock.release()
+    seconds = round(time.perf_counter() - t0, 3)
+    for t in targets:
+        t.summary.seconds = seconds
+        t.summary.images_per_s = round(t.summary.new / seconds, 2) if seconds > 0 and t.summary.new else 0.0
+    if any(t.summary.interrupted for t in targets):
+        new = ", ".join(f"{t.summary.new} new images in {str(t.out_path)!r}" for t in targets)
+        raise Interrupted(f"interrupted after {new}; they are committed, run the same command again to resume")
+    return [t.summary for t in targets]
+
+
+def run_extract(data_dir: str | os.PathLike, model: str, weights: str = "DEFAULT", out: str | os.PathLike | None = None, **options: Any) -> ExtractSummary:
+    """Extract one backbone's embeddings (``extract_many`` with one model); same options."""
+    return extract_many(data_dir, [model], weights, [out], **options)[0]
+
+
+def measure_engines(model: str, weights: str = "DEFAULT", *, precision: str = "fp32", batch_size: int = 32, device: str = "auto", seed: int = 0,
+                    cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+    """Measure every engine available here on ``model`` (random tensors) and remember the fastest
+    where ``extract --engine auto`` into ``cache_dir`` looks for it."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    dev = resolve_device(device)
+    chosen = choose_precision(precision, dev)
+    if chosen.note:
+        log(chosen.note)
+    backbone = load_backbone(model, weights, seed=seed)
+    ctx = EngineContext(prepare_model(backbone, dev), dev, chosen, batch_size, backbone.preprocessing.input_size,
+                        engines_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir()),
+                        lambda: model_identity(backbone.model, backbone.provenance()))
+    tuning = tune(ctx, log=log)
+    return {"model": model, "weights": backbone.weights_id, "precision": chosen.name, "batch_size": batch_size, "device": str(dev),
+            "engine": tuning.best, "images_per_s": tuning.rates, "skipped": tuning.reasons, "choice_file": str(choice_path(ctx))}

@@ -534,7 +534,7 @@ def run_finetune(
     lock = WriterLock(out_path, command="finetune", wait=wait)
     team.run_on_main(lock.acquire)
     try:
-        job = FineTuneJob(loaded, out_path, data_dir, dict(options or {}), resume, force, default_workers() if workers is None else workers, dev, log, team)
+        job = FineTuneJob(loaded, out_path, data_dir, dict(options or {}), resume, force, default_workers(dev.type) if workers is None else workers, dev, log, team)
         result = job.run(progress)
     finally:
         if team.is_main:

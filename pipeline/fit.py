@@ -176,7 +176,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, kind: str, out_path: Path, para
     metrics["fit_seconds"] = seconds
     history = list(getattr(head, "history_", []) or [])
     provenance = {
-        **{k: meta.get(k) for k in ("model", "weights", "weights_spec", "seed", "preprocessing", "embed_dim", "classes", "dtype", "data_root", "layout", "engine", "precision")},
+        **{k: meta.get(k) for k in ("model", "weights", "weights_spec", "seed", "preprocessing", "embed_dim", "classes", "dtype", "data_root", "layout", "engine", "precision", "decode")},
         "cache": str(cache.resolve()),
         "cache_schema_version": 1,
         "cache_fingerprint": table.content_digest(),

@@ -49,9 +49,11 @@ class JobResult:
 
 
 def cache_path_for(job: JobSpec, data_root: Path, backbone: BackboneSpec) -> Path:
-    from .extract import default_cache_path
+    from .extract import default_cache_path, resolve_device
+    from .hardware import choose_precision
 
-    return default_cache_path(backbone.model, backbone.weights, data_root, job.cache_dir)
+    precision = choose_precision(backbone.extract.get("precision", "fp32"), resolve_device(job.device)).name  # what this machine runs
+    return default_cache_path(backbone.model, backbone.weights, data_root, job.cache_dir, precision, backbone.extract.get("decode", "exact"))
 
 
 def head_path_for(job: JobSpec, cache: Path, head: HeadSpec) -> Path:
@@ -173,60 +175,80 @@ def _plan(job: JobSpec, result: JobResult, force: bool) -> None:
     result.did_work = any(s.action != "skip" for s in result.steps)
 
 
+def _extract_groups(job: JobSpec) -> list[list[BackboneSpec]]:
+    """Backbones that share weights and extract options: one pass over the files for each group."""
+    groups: dict[str, list[BackboneSpec]] = {}
+    for bb in job.backbones:
+        key = json.dumps([bb.weights, bb.extract], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(bb)
+    return list(groups.values())
+
+
 def _execute(job: JobSpec, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress) -> None:
-    from .extract import run_extract
-    from .finetune import run_finetune
-    from .fit import fit_head
+    from .extract import extract_many
 
     for root in job.data:
-        for bb in job.backbones:
-            cache = cache_path_for(job, root, bb)
-            log(f"[{job.name}] extract {root} with {bb.model} ({bb.weights}) -> {cache}")
+        for group in _extract_groups(job):
+            caches = [cache_path_for(job, root, bb) for bb in group]
+            for bb, cache in zip(group, caches):
+                log(f"[{job.name}] extract {root} with {bb.model} ({bb.weights}) -> {cache}")
             t = time.perf_counter()
-            extract_opts = {k: v for k, v in bb.extract.items() if k != "workers"}
-            s = run_extract(root, bb.model, bb.weights, cache, device=job.device, workers=bb.extract.get("workers", job.workers),
-                            wait=wait, progress=progress("extract"), log=log, **extract_opts)
-            changed = bool(s.new or s.removed or s.new_failed)
-            result.steps.append(Step("extract", str(cache), "run" if changed else "skip",
-                                     f"{s.new} new, {s.removed} removed, {s.new_failed} newly failed" if changed else "up to date (no new, changed or removed files)",
-                                     round(time.perf_counter() - t, 3), {k: v for k, v in s.to_dict().items() if k not in ("failures", "skipped")}))
-            result.failed_inputs += s.failed
-            log(f"[{job.name}]   {s.new} new, {s.cached} cached, {s.failed} failed, {s.removed} removed")
-            for h in job.heads:
-                head = head_path_for(job, cache, h)
-                why = "--force" if force else head_staleness(head, cache, h)
-                if not why:
-                    result.steps.append(Step("fit-head", str(head), "skip", "up to date"))
-                    log(f"[{job.name}] fit-head {h.name}: up to date ({head})")
-                    continue
-                log(f"[{job.name}] fit-head {h.name} ({why}) -> {head}")
-                t = time.perf_counter()
-                r = fit_head(cache, h.clf, head, wait=wait, extra_provenance={"job_spec": h.digest(), "job": str(job.path)}, **h.fit_args())
-                m = r.metrics.get("val") or r.metrics.get("test") or {}
-                result.steps.append(Step("fit-head", str(head), "run", why, round(time.perf_counter() - t, 3),
-                                         {"val_accuracy": m.get("accuracy"), "n_train": r.n_train, "reports": r.reports}))
-                log(f"[{job.name}]   fitted on {r.n_train} rows" + (f", val accuracy {m['accuracy']:.4f}" if m else ""))
-            if job.finetune is not None:
-                ft = job.finetune
-                head = head_path_for(job, cache, next(h for h in job.heads if h.name == ft.from_head))
-                model = model_path_for(job, cache, ft.from_head)
-                action, reason = ("start over", "--force") if force else finetune_plan(model, head, ft.options)
-                if action == "skip":
-                    result.steps.append(Step("finetune", str(model), "skip", reason))
-                    log(f"[{job.name}] finetune: {reason} ({model})")
-                    continue
-                log(f"[{job.name}] finetune from {head.name} ({reason}) -> {model}")
-                t = time.perf_counter()
-                r = run_finetune(head, model, options=ft.options, resume=action == "resume", force=action != "resume",
-                                 workers=ft.workers if ft.workers is not None else job.workers, device=job.device, wait=wait,
-                                 progress=progress("train"), log=log)
-                result.failed_inputs += len(r.failures)
-                val = r.metrics.get("val", {})
-                result.steps.append(Step("finetune", str(model), action, reason, round(time.perf_counter() - t, 3),
-                                         {"best_epoch": r.best_epoch, "epochs_done": r.epochs_done, "val_accuracy": val.get("accuracy")}))
+            opts = {k: v for k, v in group[0].extract.items() if k != "workers"}
+            summaries = extract_many(root, [bb.model for bb in group], group[0].weights, caches, device=job.device,
+                                     workers=group[0].extract.get("workers", job.workers), wait=wait, progress=progress("extract"), log=log, **opts)
+            seconds = round(time.perf_counter() - t, 3)
+            for cache, s in zip(caches, summaries):
+                changed = bool(s.new or s.removed or s.new_failed)
+                result.steps.append(Step("extract", str(cache), "run" if changed else "skip",
+                                         f"{s.new} new, {s.removed} removed, {s.new_failed} newly failed" if changed else "up to date (no new, changed or removed files)",
+                                         seconds, {k: v for k, v in s.to_dict().items() if k not in ("failures", "skipped")}))
+                result.failed_inputs += s.failed
+                log(f"[{job.name}]   {s.model}: {s.new} new, {s.cached} cached, {s.failed} failed, {s.removed} removed")
+            for cache in caches:
+                _fit_and_finetune(job, cache, result, force, wait, log, progress)
     result.did_work = any(s.action != "skip" for s in result.steps)
     if not result.did_work:
         log(f"[{job.name}] nothing to do: every cache, head and model is up to date")
+
+
+def _fit_and_finetune(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress) -> None:
+    """The heads of one cache, then the fine-tune that starts from one of them: each only when stale."""
+    from .finetune import run_finetune
+    from .fit import fit_head
+
+    for h in job.heads:
+        head = head_path_for(job, cache, h)
+        why = "--force" if force else head_staleness(head, cache, h)
+        if not why:
+            result.steps.append(Step("fit-head", str(head), "skip", "up to date"))
+            log(f"[{job.name}] fit-head {h.name}: up to date ({head})")
+            continue
+        log(f"[{job.name}] fit-head {h.name} ({why}) -> {head}")
+        t = time.perf_counter()
+        r = fit_head(cache, h.clf, head, wait=wait, extra_provenance={"job_spec": h.digest(), "job": str(job.path)}, **h.fit_args())
+        m = r.metrics.get("val") or r.metrics.get("test") or {}
+        result.steps.append(Step("fit-head", str(head), "run", why, round(time.perf_counter() - t, 3),
+                                 {"val_accuracy": m.get("accuracy"), "n_train": r.n_train, "reports": r.reports}))
+        log(f"[{job.name}]   fitted on {r.n_train} rows" + (f", val accuracy {m['accuracy']:.4f}" if m else ""))
+    if job.finetune is None:
+        return
+    ft = job.finetune
+    head = head_path_for(job, cache, next(h for h in job.heads if h.name == ft.from_head))
+    model = model_path_for(job, cache, ft.from_head)
+    action, reason = ("start over", "--force") if force else finetune_plan(model, head, ft.options)
+    if action == "skip":
+        result.steps.append(Step("finetune", str(model), "skip", reason))
+        log(f"[{job.name}] finetune: {reason} ({model})")
+        return
+    log(f"[{job.name}] finetune from {head.name} ({reason}) -> {model}")
+    t = time.perf_counter()
+    r = run_finetune(head, model, options=ft.options, resume=action == "resume", force=action != "resume",
+                     workers=ft.workers if ft.workers is not None else job.workers, device=job.device, wait=wait,
+                     progress=progress("train"), log=log)
+    result.failed_inputs += len(r.failures)
+    val = r.metrics.get("val", {})
+    result.steps.append(Step("finetune", str(model), action, reason, round(time.perf_counter() - t, 3),
+                             {"best_epoch": r.best_epoch, "epochs_done": r.epochs_done, "val_accuracy": val.get("accuracy")}))
 
 
 def _write_report(job: JobSpec, result: JobResult, failed: bool = False) -> Path:

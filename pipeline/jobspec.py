@@ -45,7 +45,7 @@ TOP_KEYS: dict[str, Any] = {"name": str, "data": (str, list), "cache_dir": str, 
                             "backbones": list, "heads": list, "finetune": dict}
 BACKBONE_KEYS: dict[str, Any] = {"model": str, "weights": str, "batch_size": int, "workers": int, "dtype": str, "layout": str, "seed": int,
                                  "commit_every": int, "commit_seconds": NUMBER, "max_pixels": int, "amp": bool,
-                                 "engine": str, "precision": str}
+                                 "engine": str, "precision": str, "decode": str}
 HEAD_KEYS: dict[str, Any] = {"name": str, "clf": str, "C": NUMBER, "jobs": int, "epochs": int, "lr": NUMBER, "weight_decay": NUMBER,
                              "batch_size": int, "hidden": list, "dropout": list, "label_smoothing": NUMBER, "schedule": str, "patience": int,
                              "class_weight": str, "val_fraction": NUMBER, "seed": int, "stream": bool}

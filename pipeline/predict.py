@@ -55,7 +55,8 @@ def predict_images(head_path: str | os.PathLike, inputs: list[str | os.PathLike]
     dev = resolve_device(device)
     net = prepare_model(backbone, dev)
     records = [ImageRecord(str(f), -1, "", 0, 0) for f, _ in files]
-    loader = make_loader(ImageFileDataset(Path("/"), records, backbone.preprocessing.transform()), batch_size, workers, dev.type == "cuda")
+    draft = backbone.preprocessing.draft_size if prov.get("decode") == "draft" else None  # decode as the training cache was
+    loader = make_loader(ImageFileDataset(Path("/"), records, backbone.preprocessing.transform(), draft_size=draft), batch_size, workers, dev.type == "cuda")
     result = PredictResult()
     k = min(topk, len(classes))
     for batch in loader:

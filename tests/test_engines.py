@@ -2,6 +2,9 @@
 eager, reduced precision recorded in the cache and never mixed with fp32."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -79,20 +82,143 @@ def test_compiled_engine_matches_eager_or_says_why_not(tmp_path, image_tree, tin
 def test_auto_engine_stays_eager_for_small_jobs(tmp_path, image_tree, tiny_hub):
     messages: list[str] = []
     s = run_extract(image_tree, tiny_hub, "none", tmp_path / "a.h5", workers=0, log=messages.append)
-    assert s.engine == "eager" and any("do not repay compiling" in m for m in messages)
+    assert s.engine == "eager" and any("do not repay measuring" in m for m in messages)
     with pytest.raises(UsageError, match="--engine"):
         run_extract(image_tree, tiny_hub, "none", tmp_path / "b.h5", engine="tensorrt")
 
 
 def test_padded_last_batch_gives_the_same_rows():
     """The compiled engine pads a short last batch to its fixed shape; padding must not leak into rows."""
-    from pipeline.engines import Engine
+    from pipeline.engines import TorchEngine
     from pipeline.hardware import PrecisionChoice
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1)).eval()
     x = torch.randn(3, 3, 16, 16)
     fp32 = PrecisionChoice("fp32", None, "")
-    padded = Engine("compile", net, fp32, torch.device("cpu"), False, batch_size=8).embed(x)
-    plain = Engine("eager", net, fp32, torch.device("cpu"), False, batch_size=8).embed(x)
+    padded = TorchEngine("compile", net, fp32, torch.device("cpu"), False, batch_size=8).embed(x)
+    plain = TorchEngine("eager", net, fp32, torch.device("cpu"), False, batch_size=8).embed(x)
     assert padded.shape == (3, 4)
     np.testing.assert_allclose(padded, plain, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime, OpenVINO, auto
+
+
+@pytest.mark.parametrize("name", ["onnxruntime", "openvino"])
+def test_exported_engines_match_eager_and_are_recorded(tmp_path, image_tree, tiny_hub, name):
+    pytest.importorskip(name)
+    messages: list[str] = []
+    eager = run_extract(image_tree, tiny_hub, "none", tmp_path / "e.h5", workers=0, engine="eager", batch_size=5)
+    other = run_extract(image_tree, tiny_hub, "none", tmp_path / "o.h5", workers=0, engine=name, batch_size=5, log=messages.append)
+    assert (eager.engine, other.engine) == ("eager", name), messages
+    a, b = load_cache(tmp_path / "e.h5"), load_cache(tmp_path / "o.h5")
+    assert b.engine == name and b.paths == a.paths
+    np.testing.assert_allclose(b.embeddings, a.embeddings, rtol=1e-4, atol=1e-5 * np.abs(a.embeddings).max())
+    assert any(f"engine {name}: ready" in m for m in messages)
+    # the export is cached on disk: a second run does not export again
+    messages.clear()
+    run_extract(image_tree, tiny_hub, "none", tmp_path / "o2.h5", workers=0, engine=name, batch_size=5, log=messages.append)
+    assert not any("exported the model" in m for m in messages)
+
+
+def test_missing_engine_package_is_a_usage_error(tmp_path, image_tree, tiny_hub, monkeypatch):
+    from pipeline import engines
+
+    monkeypatch.setattr(engines, "_installed", lambda name: False)
+    with pytest.raises(UsageError, match=r"--engine onnxruntime needs the onnxruntime package: pip install 'featcache\[onnx\]'"):
+        run_extract(image_tree, tiny_hub, "none", tmp_path / "a.h5", workers=0, engine="onnxruntime")
+    assert not (tmp_path / "a.h5").exists()
+    assert engines.candidates(torch.device("cpu"), choose_precision("fp32", torch.device("cpu"))) == ["eager", "compile"]
+
+
+def test_an_engine_that_differs_from_eager_is_refused(tmp_path, image_tree, tiny_hub, monkeypatch):
+    """The reference check is real: an engine whose rows drift beyond 1e-4 is not used."""
+    from pipeline import engines
+
+    class Drifting(engines.TorchEngine):
+        def embed(self, images):
+            return super().embed(images) * (1 + 1e-3)
+
+    monkeypatch.setitem(engines.BUILDERS, "compile", lambda ctx, log: Drifting("compile", ctx.model, ctx.precision, ctx.device, True, ctx.batch_size))
+    messages: list[str] = []
+    s = run_extract(image_tree, tiny_hub, "none", tmp_path / "a.h5", workers=0, engine="compile", log=messages.append)
+    assert s.engine == "eager" and any("differs from eager by 1.0e-03 (limit 1e-04); extracting in eager" in m for m in messages)
+
+
+def test_auto_uses_the_engine_measured_fastest_here(tmp_path, image_tree, tiny_hub, monkeypatch):
+    """`engines` measures once and remembers; a later small extract with auto uses that engine
+    (its export is warm), without measuring again."""
+    from pipeline import engines
+    from pipeline.extract import measure_engines
+
+    cache_dir = tmp_path / "caches"
+    result = measure_engines(tiny_hub, "none", batch_size=4, cache_dir=cache_dir, device="cpu")
+    rates = {k: v for k, v in result["images_per_s"].items() if v}
+    assert result["engine"] == max(rates, key=rates.get) and "eager" in rates
+    assert json.loads(Path(result["choice_file"]).read_text())["engine"] == result["engine"]
+
+    monkeypatch.setattr(engines, "tune", lambda *a, **k: pytest.fail("measured again"))
+    messages: list[str] = []
+    s = run_extract(image_tree, tiny_hub, "none", cache_dir / "a.h5", workers=0, batch_size=4, log=messages.append)
+    assert s.engine == result["engine"] and any("measured fastest on this machine" in m for m in messages)
+    # another batch size is another measurement: small jobs stay eager until one is made
+    s = run_extract(image_tree, tiny_hub, "none", cache_dir / "b.h5", workers=0, batch_size=3, log=messages.append)
+    assert s.engine == "eager"
+
+
+def test_model_identity_follows_the_weights():
+    from pipeline.engines import model_identity
+
+    a = torch.nn.Linear(3, 2)
+    b = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        b.weight.copy_(a.weight)
+        b.bias.copy_(a.bias)
+    assert model_identity(a, {"model": "x"}) == model_identity(b, {"model": "x"})
+    with torch.no_grad():
+        b.bias[0] += 1e-6
+    assert model_identity(a, {"model": "x"}) != model_identity(b, {"model": "x"})
+
+
+def test_decoders_are_sized_to_the_cores(monkeypatch):
+    from pipeline.extract import default_workers
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cores, cpu, cuda in [(2, 0, 1), (4, 1, 2), (16, 4, 8), (64, 8, 8)]:
+        monkeypatch.setattr("os.cpu_count", lambda c=cores: c)
+        assert (default_workers("cpu"), default_workers("cuda")) == (cpu, cuda), cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert default_workers("cpu") == 1  # 4 cores per rank, a quarter of them decode
+
+
+# ----------------------------------------------------------------------------- draft decode (opt-in)
+
+
+def test_draft_decode_is_opt_in_recorded_and_never_mixed(tmp_path, tiny_hub):
+    from PIL import Image
+
+    from pipeline.data import decode_image
+    from pipeline.extract import default_cache_path
+
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (600, 800, 3), dtype=np.uint8)).save(root / cls / f"{i}.jpg", quality=90)
+    raw = (root / "a" / "0.jpg").read_bytes()
+    assert decode_image(raw).size == (800, 600)
+    assert decode_image(raw, draft_size=64).size == (100, 75)  # 1/8 scale: both sides still >= 64
+    assert decode_image(raw, draft_size=300).size == (400, 300)  # 1/2: 1/4 would go below 300
+
+    exact = run_extract(root, tiny_hub, "none", tmp_path / "exact.h5", workers=0)
+    draft = run_extract(root, tiny_hub, "none", tmp_path / "draft.h5", workers=0, decode="draft")
+    a, b = load_cache(tmp_path / "exact.h5"), load_cache(tmp_path / "draft.h5")
+    assert (exact.decode, a.decode, draft.decode, b.decode) == ("exact", "exact", "draft", "draft")
+    assert not np.array_equal(a.embeddings, b.embeddings)
+    with pytest.raises(IncompatibleError, match="decode='exact' but this run has decode='draft'"):
+        run_extract(root, tiny_hub, "none", tmp_path / "exact.h5", workers=0, decode="draft")
+    with pytest.raises(UsageError, match="--decode 'fast'"):
+        run_extract(root, tiny_hub, "none", tmp_path / "x.h5", decode="fast")
+    assert default_cache_path("m", "w", root, tmp_path) != default_cache_path("m", "w", root, tmp_path, decode="draft")

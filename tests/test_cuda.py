@@ -1,0 +1,58 @@
+"""CUDA paths: run only where a GPU is visible (skipped on CPU-only machines and in CI)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import load_cache
+from pipeline.extract import run_extract
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_cuda_rows_equal_cpu_rows_in_exact_fp32(tmp_path, image_tree, tiny_hub):
+    """Exact fp32 on a GPU means no TF32 convolutions: rows within 1e-4 of the CPU's."""
+    run_extract(image_tree, tiny_hub, "none", tmp_path / "cpu.h5", device="cpu", workers=0, engine="eager")
+    s = run_extract(image_tree, tiny_hub, "none", tmp_path / "gpu.h5", device="cuda", workers=2, engine="eager")
+    assert s.device.startswith("cuda") and s.precision == "fp32"
+    a, b = load_cache(tmp_path / "cpu.h5"), load_cache(tmp_path / "gpu.h5")
+    assert a.paths == b.paths
+    err = np.abs(a.embeddings - b.embeddings).max() / np.abs(a.embeddings).max()
+    assert err < 1e-4, err
+
+
+def test_resnet50_on_cuda_matches_cpu(tmp_path, image_tree):
+    """A real backbone (cuDNN picks other kernels than the tiny model's)."""
+    run_extract(image_tree, "resnet50", "none", tmp_path / "cpu.h5", device="cpu", workers=0, engine="eager")
+    run_extract(image_tree, "resnet50", "none", tmp_path / "gpu.h5", device="cuda", workers=2, engine="eager")
+    a, b = load_cache(tmp_path / "cpu.h5"), load_cache(tmp_path / "gpu.h5")
+    err = np.abs(a.embeddings - b.embeddings).max() / np.abs(a.embeddings).max()
+    assert err < 1e-4, err
+
+
+def test_bf16_and_amp_on_cuda_are_recorded_and_close(tmp_path, image_tree):
+    run_extract(image_tree, "resnet18", "none", tmp_path / "fp32.h5", device="cuda", workers=0)
+    s = run_extract(image_tree, "resnet18", "none", tmp_path / "bf16.h5", device="cuda", workers=0, precision="bf16")
+    amp = run_extract(image_tree, "resnet18", "none", tmp_path / "amp.h5", device="cuda", workers=0, amp=True)
+    want = "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp32"
+    assert s.precision == want and amp.precision in ("bf16", "fp16")
+    a, b = load_cache(tmp_path / "fp32.h5"), load_cache(tmp_path / "bf16.h5")
+    assert b.precision == want
+    np.testing.assert_allclose(b.embeddings, a.embeddings, rtol=0, atol=3e-2 * np.abs(a.embeddings).max())
+
+
+def test_compiled_engine_on_cuda_matches_eager(tmp_path, image_tree):
+    messages: list[str] = []
+    run_extract(image_tree, "resnet18", "none", tmp_path / "e.h5", device="cuda", workers=0, engine="eager", batch_size=5)
+    s = run_extract(image_tree, "resnet18", "none", tmp_path / "c.h5", device="cuda", workers=0, engine="compile", batch_size=5, log=messages.append)
+    assert s.engine == "compile", messages
+    a, b = load_cache(tmp_path / "e.h5"), load_cache(tmp_path / "c.h5")
+    np.testing.assert_allclose(b.embeddings, a.embeddings, rtol=1e-4, atol=1e-5 * np.abs(a.embeddings).max())
+
+
+def test_finetune_with_amp_on_cuda(tiny_head, tmp_path):
+    from pipeline.finetune import run_finetune
+
+    r = run_finetune(tiny_head, tmp_path / "m.pt", options={"epochs": 1, "amp": True}, device="cuda", workers=2)
+    assert r.epochs_done == 1 and np.isfinite(r.history[-1]["train_loss"])
