@@ -23,6 +23,7 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
 from torchvision.transforms._presets import ImageClassification
 
 from .errors import BackboneError, WeightsUnavailableError
@@ -74,6 +75,17 @@ class Preprocessing:
             antialias=self.antialias,
         )
 
+    def pixels(self) -> "ToPixels":
+        """The geometric half of ``transform()``: resize and centre crop to a uint8 CHW tensor,
+        four times smaller than floats to pass from decoder processes and to a GPU."""
+        t = self.transform()
+        return ToPixels(t.resize_size, t.crop_size, t.interpolation, t.antialias)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The numeric half of ``transform()`` on a uint8 batch, on whatever device it lives:
+        the same operations, so ``normalize(stack(pixels(img)))`` equals ``transform(img)`` bit for bit."""
+        return F.normalize(F.convert_image_dtype(pixels, torch.float), mean=list(self.mean), std=list(self.std))
+
     @property
     def input_size(self) -> int:
         return int(self.crop_size[0])
@@ -108,6 +120,21 @@ class Backbone:
             "removed_layer": self.removed_layer,
             "weights_spec": self.weights_spec,
         }
+
+
+@dataclass(frozen=True)
+class ToPixels:
+    """resize -> centre crop -> uint8 tensor, exactly as torchvision's preset does them."""
+
+    resize_size: list[int]
+    crop_size: list[int]
+    interpolation: InterpolationMode
+    antialias: bool
+
+    def __call__(self, img) -> torch.Tensor:
+        img = F.resize(img, self.resize_size, interpolation=self.interpolation, antialias=self.antialias)
+        img = F.center_crop(img, self.crop_size)
+        return img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)
 
 
 # ----------------------------------------------------------------------------- registry

@@ -27,6 +27,7 @@ from .cache import CacheWriter, PendingRow
 from .distributed import World, rank_device, world
 from .data import DEFAULT_MAX_PIXELS, DecodeError, ImageRecord, ScanResult, decode_image, read_bytes, scan_folder
 from .errors import Interrupted, UsageError
+from .gpu_decode import Encoded, check_gpu_decode, decode_on_gpu, pixels_on_gpu, plain_jpeg
 from .engines import ENGINES, Engine, EngineContext, TorchEngine, build_engine, choice_path, engines_dir, model_identity, tune
 from .hardware import PrecisionChoice, choose_precision
 from .interrupts import sigterm_as_interrupt
@@ -41,16 +42,24 @@ EMBEDDING_DEFINITION = "input of the model's final classification layer (classif
 @dataclass
 class DecodedBatch:
     positions: list[int]  # indices into the job's record list, for the decoded images
-    images: torch.Tensor | None  # [B, 3, H, W] float32, or None when none decoded
+    images: torch.Tensor | None  # [B, 3, H, W] (float32, or uint8 pixels in extraction), or None when none decoded
     sha256: list[str]
     failures: list[tuple[int, str]]  # (record index, reason)
+    encoded: list[tuple[int, torch.Tensor, str]] = field(default_factory=list)  # --decode gpu: (index, JPEG bytes, sha256) still to decode
+
+    def pin_memory(self) -> "DecodedBatch":
+        """Called by the DataLoader's pinning thread (CUDA): page-locked images copy asynchronously."""
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        return self
 
 
 class ImageFileDataset(Dataset):
     """Reads, hashes and decodes one file per item; never substitutes a failed file.
 
     ``hash_files=False`` skips the SHA-256 (training and prediction do not record it);
-    subclasses change how a decoded image becomes a tensor by overriding ``preprocess``.
+    subclasses change how a decoded image becomes a tensor by overriding ``preprocess``,
+    or what becomes of a file's bytes by overriding ``prepare``.
     """
 
     def __init__(self, root: Path, records: Sequence[ImageRecord], transform: Callable, max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -68,44 +77,76 @@ class ImageFileDataset(Dataset):
     def preprocess(self, i: int, image) -> torch.Tensor:
         return self.transform(image)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+    def prepare(self, i: int, data: bytes):
+        return self.preprocess(i, decode_image(data, self.max_pixels, self.draft_size))
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str]:
         try:
             data = read_bytes(self.root / self.records[i].relpath)
             sha = hashlib.sha256(data).hexdigest() if self.hash_files else ""
-            image = decode_image(data, self.max_pixels, self.draft_size)
-            return i, self.preprocess(i, image), sha
+            return i, self.prepare(i, data), sha
         except DecodeError as exc:
             return i, None, f"!{exc}"
         except Exception as exc:  # a transform failure on a pathological image: record, do not stop
             return i, None, f"!cannot preprocess: {type(exc).__name__}: {exc}"
 
 
-def collate_decoded(items: list[tuple[int, torch.Tensor | None, str]]) -> DecodedBatch:
-    ok = [(i, t, s) for i, t, s in items if t is not None]
+def collate_decoded(items: list[tuple[int, Any, str]]) -> DecodedBatch:
+    ok = [(i, t, s) for i, t, s in items if t is not None and not isinstance(t, Encoded)]
     failures = [(i, s[1:]) for i, t, s in items if t is None]
     images = torch.stack([t for _, t, _ in ok]) if ok else None
-    return DecodedBatch([i for i, _, _ in ok], images, [s for _, _, s in ok], failures)
+    encoded = [(i, t.data, s) for i, t, s in items if isinstance(t, Encoded)]
+    return DecodedBatch([i for i, _, _ in ok], images, [s for _, _, s in ok], failures, encoded)
 
 
 class SharedDecodeDataset(ImageFileDataset):
     """One read and decode per file for several backbones: item ``i`` is transformed by each
-    backbone's own preprocessing that needs it (``needs[i][k]``), ``None`` for the others."""
+    backbone's own preprocessing that needs it (``needs[i][k]``), ``None`` for the others.
+    Extraction passes ``Preprocessing.pixels()`` here and normalises on the engine's device.
+    With ``gpu_decode`` a plain JPEG is passed on undecoded (``Encoded``) for nvJPEG."""
 
     def __init__(self, root: Path, records: Sequence[ImageRecord], transforms: Sequence[Callable], needs: Sequence[Sequence[bool]],
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None, gpu_decode: bool = False):
         super().__init__(root, records, transforms[0], max_pixels, draft_size=draft_size)
         self.transforms = list(transforms)
         self.needs = needs
+        self.gpu_decode = gpu_decode
 
     def preprocess(self, i: int, image) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         return tuple(t(image) if need else None for t, need in zip(self.transforms, self.needs[i]))
 
+    def prepare(self, i: int, data: bytes):
+        if self.gpu_decode and plain_jpeg(data, self.max_pixels):
+            return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        return super().prepare(i, data)
 
-def collate_shared(items: list[tuple[int, tuple | None, str]], needs: Sequence[Sequence[bool]]) -> list[DecodedBatch]:
+
+def collate_shared(items: list[tuple[int, Any, str]], needs: Sequence[Sequence[bool]]) -> list[DecodedBatch]:
     """One ``DecodedBatch`` per backbone from ``SharedDecodeDataset`` items; a file that failed
-    to decode is a failure for every backbone that needed it."""
-    return [collate_decoded([(i, t[k] if t is not None else None, s) for i, t, s in items if needs[i][k]])
-            for k in range(len(needs[items[0][0]]))]
+    to decode is a failure for every backbone that needed it, an undecoded JPEG goes to each."""
+    pick = lambda t, k: t if t is None or isinstance(t, Encoded) else t[k]  # noqa: E731
+    return [collate_decoded([(i, pick(t, k), s) for i, t, s in items if needs[i][k]]) for k in range(len(needs[items[0][0]]))]
+
+
+def finish_on_gpu(parts: list[DecodedBatch], targets: Sequence["Target"], device: torch.device) -> None:
+    """--decode gpu: decode each batch's JPEGs once on the GPU, then resize and crop them with
+    every backbone's own preprocessing; they join the batch's CPU-decoded pixels."""
+    encoded = {i: data for part in parts for i, data, _ in part.encoded}
+    if not encoded:
+        return
+    decoded, failed = decode_on_gpu(encoded, device)
+    for part, t in zip(parts, targets):
+        keep = [(i, sha) for i, _, sha in part.encoded if i in decoded]
+        part.failures += [(i, failed[i]) for i, _, _ in part.encoded if i in failed]
+        part.encoded = []
+        if not keep:
+            continue
+        pixels = pixels_on_gpu(decoded, [i for i, _ in keep], t.backbone.preprocessing.pixels())
+        if part.images is not None:
+            pixels = torch.cat([part.images.to(device, non_blocking=True), pixels])
+        part.images = pixels
+        part.positions += [i for i, _ in keep]
+        part.sha256 += [sha for _, sha in keep]
 
 
 def _worker_init(_: int) -> None:
@@ -253,6 +294,7 @@ class Target:
     meta: dict[str, Any]
     lock: WriterLock
     summary: ExtractSummary
+    device: torch.device = torch.device("cpu")  # where pixels are normalised: the engine's device
     writer: CacheWriter | None = None
     engine: Engine | None = None
     todo: set[str] = field(default_factory=set)  # relpaths this cache lacks (all ranks)
@@ -329,7 +371,8 @@ def _write_batch(t: Target, batch: DecodedBatch, records: Sequence[ImageRecord],
         t.writer.add_failure(r.relpath, reason, r.size, r.mtime_ns)
         t.summary.new_failed += 1
     if batch.images is not None:
-        emb = t.engine.embed(batch.images)
+        # uint8 pixels travel to the engine's device, then become the model's input there
+        emb = t.engine.embed(t.backbone.preprocessing.normalize(batch.images.to(t.device, non_blocking=True)))
         rows = [PendingRow(records[i].relpath, records[i].label, records[i].split, records[i].size, records[i].mtime_ns, s)
                 for i, s in zip(batch.positions, batch.sha256)]
         t.writer.add(rows, emb)
@@ -339,7 +382,7 @@ def _write_batch(t: Target, batch: DecodedBatch, records: Sequence[ImageRecord],
         t.last_commit = time.monotonic()
 
 
-DECODES = ("exact", "draft")
+DECODES = ("exact", "draft", "gpu")
 
 
 def _check_extract_options(batch_size: int, commit_every: int, workers: int, engine: str, decode: str) -> None:
@@ -352,7 +395,8 @@ def _check_extract_options(batch_size: int, commit_every: int, workers: int, eng
     if engine not in ENGINES:
         raise UsageError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
     if decode not in DECODES:
-        raise UsageError(f"--decode {decode!r}: choose exact (the default) or draft (faster JPEG decode of large photos, changes pixels)")
+        raise UsageError(f"--decode {decode!r}: choose exact (the default), draft (faster JPEG decode of large photos) or gpu "
+                         "(nvJPEG on CUDA); both change pixels slightly")
 
 
 def extract_many(
@@ -399,6 +443,8 @@ def extract_many(
     if chosen.note:
         log(chosen.note)
 
+    if decode == "gpu":
+        check_gpu_decode(dev)
     w = world(dev.type)
     dev = rank_device(dev, w)
     scan = scan_folder(data_dir, layout)
@@ -429,16 +475,19 @@ def extract_many(
             ctx = EngineContext(prepare_model(t.backbone, dev), dev, chosen, batch_size, t.backbone.preprocessing.input_size,
                                 engines_dir(t.out_path.parent), lambda b=t.backbone: model_identity(b.model, b.provenance()))
             t.engine = build_engine(engine, ctx, len(t.todo), log if w.is_main else (lambda m: None))
+            t.device = dev if isinstance(t.engine, TorchEngine) else torch.device("cpu")
             t.summary.engine = t.engine.name
             t.writer.set_meta(engine=t.engine.name)
         needs = [tuple(r.relpath in t.todo for t in targets) for r in todo]
         draft = max(t.backbone.preprocessing.draft_size for t in targets) if decode == "draft" else None
-        dataset = SharedDecodeDataset(scan.root, todo, [t.backbone.preprocessing.transform() for t in targets], needs, max_pixels, draft)
+        dataset = SharedDecodeDataset(scan.root, todo, [t.backbone.preprocessing.pixels() for t in targets], needs, max_pixels, draft,
+                                      gpu_decode=decode == "gpu")
         loader = make_loader(dataset, batch_size, workers if todo else 0, dev.type == "cuda", collate=partial(collate_shared, needs=needs))
         done = 0
         try:
             with sigterm_as_interrupt():
                 for parts in loader if todo else ():
+                    finish_on_gpu(parts, targets, dev)
                     for t, batch in zip(targets, parts):
                         _write_batch(t, batch, todo, commit_every, commit_seconds)
                     done += len({i for b in parts for i in b.positions} | {i for b in parts for i, _ in b.failures})

@@ -56,3 +56,24 @@ def test_finetune_with_amp_on_cuda(tiny_head, tmp_path):
 
     r = run_finetune(tiny_head, tmp_path / "m.pt", options={"epochs": 1, "amp": True}, device="cuda", workers=2)
     assert r.epochs_done == 1 and np.isfinite(r.history[-1]["train_loss"])
+
+
+def test_gpu_decode_is_close_recorded_and_handles_what_nvjpeg_cannot(tmp_path, image_tree):
+    """nvJPEG + GPU resampling: rows close to the exact CPU path (not equal), recorded as
+    decode=gpu; PNG/BMP and a truncated JPEG take the CPU way (the latter recorded as failed)."""
+    from PIL import Image
+
+    jpg = image_tree / "cat" / "1.jpg"
+    big = Image.open(jpg).resize((500, 375))
+    for i in range(6):
+        big.rotate(i * 7).save(image_tree / "dog" / f"photo{i}.jpg", quality=92)
+    (image_tree / "eel" / "cut.jpg").write_bytes(jpg.read_bytes()[:-100])
+    exact = run_extract(image_tree, "resnet18", "none", tmp_path / "exact.h5", device="cuda", workers=2)
+    gpu = run_extract(image_tree, "resnet18", "none", tmp_path / "gpu.h5", device="cuda", workers=2, decode="gpu")
+    assert gpu.decode == "gpu" and [p for p, _ in gpu.failures] == [p for p, _ in exact.failures] == ["eel/cut.jpg"]
+    a, b = load_cache(tmp_path / "exact.h5"), load_cache(tmp_path / "gpu.h5")
+    assert b.decode == "gpu" and a.paths == b.paths
+    rel = np.abs(a.embeddings - b.embeddings).max(axis=1) / np.abs(a.embeddings).max(axis=1)
+    png_rows = [i for i, p in enumerate(a.paths) if not p.endswith(".jpg")]
+    assert rel[png_rows].max() < 1e-4  # decoded on the CPU either way
+    assert rel.max() < 0.1, rel.max()  # JPEG rows: close, not equal

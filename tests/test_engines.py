@@ -108,8 +108,8 @@ def test_padded_last_batch_gives_the_same_rows():
 def test_exported_engines_match_eager_and_are_recorded(tmp_path, image_tree, tiny_hub, name):
     pytest.importorskip(name)
     messages: list[str] = []
-    eager = run_extract(image_tree, tiny_hub, "none", tmp_path / "e.h5", workers=0, engine="eager", batch_size=5)
-    other = run_extract(image_tree, tiny_hub, "none", tmp_path / "o.h5", workers=0, engine=name, batch_size=5, log=messages.append)
+    eager = run_extract(image_tree, tiny_hub, "none", tmp_path / "e.h5", workers=0, engine="eager", batch_size=5, device="cpu")
+    other = run_extract(image_tree, tiny_hub, "none", tmp_path / "o.h5", workers=0, engine=name, batch_size=5, log=messages.append, device="cpu")
     assert (eager.engine, other.engine) == ("eager", name), messages
     a, b = load_cache(tmp_path / "e.h5"), load_cache(tmp_path / "o.h5")
     assert b.engine == name and b.paths == a.paths
@@ -117,7 +117,7 @@ def test_exported_engines_match_eager_and_are_recorded(tmp_path, image_tree, tin
     assert any(f"engine {name}: ready" in m for m in messages)
     # the export is cached on disk: a second run does not export again
     messages.clear()
-    run_extract(image_tree, tiny_hub, "none", tmp_path / "o2.h5", workers=0, engine=name, batch_size=5, log=messages.append)
+    run_extract(image_tree, tiny_hub, "none", tmp_path / "o2.h5", workers=0, engine=name, batch_size=5, log=messages.append, device="cpu")
     assert not any("exported the model" in m for m in messages)
 
 
@@ -159,10 +159,10 @@ def test_auto_uses_the_engine_measured_fastest_here(tmp_path, image_tree, tiny_h
 
     monkeypatch.setattr(engines, "tune", lambda *a, **k: pytest.fail("measured again"))
     messages: list[str] = []
-    s = run_extract(image_tree, tiny_hub, "none", cache_dir / "a.h5", workers=0, batch_size=4, log=messages.append)
+    s = run_extract(image_tree, tiny_hub, "none", cache_dir / "a.h5", workers=0, batch_size=4, log=messages.append, device="cpu")
     assert s.engine == result["engine"] and any("measured fastest on this machine" in m for m in messages)
     # another batch size is another measurement: small jobs stay eager until one is made
-    s = run_extract(image_tree, tiny_hub, "none", cache_dir / "b.h5", workers=0, batch_size=3, log=messages.append)
+    s = run_extract(image_tree, tiny_hub, "none", cache_dir / "b.h5", workers=0, batch_size=3, log=messages.append, device="cpu")
     assert s.engine == "eager"
 
 
@@ -222,3 +222,27 @@ def test_draft_decode_is_opt_in_recorded_and_never_mixed(tmp_path, tiny_hub):
     with pytest.raises(UsageError, match="--decode 'fast'"):
         run_extract(root, tiny_hub, "none", tmp_path / "x.h5", decode="fast")
     assert default_cache_path("m", "w", root, tmp_path) != default_cache_path("m", "w", root, tmp_path, decode="draft")
+
+
+def test_gpu_decode_needs_cuda_and_takes_only_plain_complete_jpegs(tmp_path, image_tree, tiny_hub):
+    import io
+
+    from PIL import Image
+
+    from pipeline.gpu_decode import plain_jpeg
+
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="--decode gpu needs a CUDA device"):
+            run_extract(image_tree, tiny_hub, "none", tmp_path / "g.h5", decode="gpu")
+        assert not (tmp_path / "g.h5").exists()
+
+    def jpeg(mode: str, size=(40, 30)) -> bytes:
+        buf = io.BytesIO()
+        Image.new(mode, size, 128 if mode == "L" else (10, 20, 30) if mode == "RGB" else (1, 2, 3, 4)).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    assert plain_jpeg(jpeg("RGB"), None) and plain_jpeg(jpeg("L"), None)
+    assert not plain_jpeg(jpeg("CMYK"), None)  # nvJPEG's colour conversion differs: the CPU decodes it
+    assert not plain_jpeg(jpeg("RGB")[:-40], None)  # truncated: the CPU path reports it as such
+    assert not plain_jpeg(jpeg("RGB"), max_pixels=1000)  # 1,200 pixels: the CPU path reports the bomb
+    assert not plain_jpeg((image_tree / "cat" / "0.png").read_bytes(), None)
