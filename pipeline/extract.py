@@ -45,7 +45,17 @@ class DecodedBatch:
     images: torch.Tensor | None  # [B, 3, H, W] (float32, or uint8 pixels in extraction), or None when none decoded
     sha256: list[str]
     failures: list[tuple[int, str]]  # (record index, reason)
-    encoded: list[tuple[int, torch.Tensor, str]] = field(default_factory=list)  # --decode gpu: (index, JPEG bytes, sha256) still to decode
+    # --decode gpu: JPEGs still to decode, as (record index, sha256) and their bytes packed in one
+    # tensor (one shared-memory transfer per batch from a decoder process, not one per file)
+    encoded: list[tuple[int, str]] = field(default_factory=list)
+    jpeg_bytes: torch.Tensor | None = None
+    jpeg_sizes: list[int] = field(default_factory=list)
+
+    def jpegs(self) -> dict[int, torch.Tensor]:
+        """{record index: that JPEG's bytes} (views into ``jpeg_bytes``)."""
+        if self.jpeg_bytes is None:
+            return {}
+        return {i: part for (i, _), part in zip(self.encoded, torch.split(self.jpeg_bytes, self.jpeg_sizes))}
 
     def pin_memory(self) -> "DecodedBatch":
         """Called by the DataLoader's pinning thread (CUDA): page-locked images copy asynchronously."""
@@ -95,8 +105,9 @@ def collate_decoded(items: list[tuple[int, Any, str]]) -> DecodedBatch:
     ok = [(i, t, s) for i, t, s in items if t is not None and not isinstance(t, Encoded)]
     failures = [(i, s[1:]) for i, t, s in items if t is None]
     images = torch.stack([t for _, t, _ in ok]) if ok else None
-    encoded = [(i, t.data, s) for i, t, s in items if isinstance(t, Encoded)]
-    return DecodedBatch([i for i, _, _ in ok], images, [s for _, _, s in ok], failures, encoded)
+    jpegs = [(i, t.data, s) for i, t, s in items if isinstance(t, Encoded)]
+    return DecodedBatch([i for i, _, _ in ok], images, [s for _, _, s in ok], failures, [(i, s) for i, _, s in jpegs],
+                        torch.cat([d for _, d, _ in jpegs]) if jpegs else None, [len(d) for _, d, _ in jpegs])
 
 
 class SharedDecodeDataset(ImageFileDataset):
@@ -131,14 +142,14 @@ def collate_shared(items: list[tuple[int, Any, str]], needs: Sequence[Sequence[b
 def finish_on_gpu(parts: list[DecodedBatch], targets: Sequence["Target"], device: torch.device) -> None:
     """--decode gpu: decode each batch's JPEGs once on the GPU, then resize and crop them with
     every backbone's own preprocessing; they join the batch's CPU-decoded pixels."""
-    encoded = {i: data for part in parts for i, data, _ in part.encoded}
+    encoded = {i: data for part in parts for i, data in part.jpegs().items()}
     if not encoded:
         return
     decoded, failed = decode_on_gpu(encoded, device)
     for part, t in zip(parts, targets):
-        keep = [(i, sha) for i, _, sha in part.encoded if i in decoded]
-        part.failures += [(i, failed[i]) for i, _, _ in part.encoded if i in failed]
-        part.encoded = []
+        keep = [(i, sha) for i, sha in part.encoded if i in decoded]
+        part.failures += [(i, failed[i]) for i, _ in part.encoded if i in failed]
+        part.encoded, part.jpeg_bytes, part.jpeg_sizes = [], None, []
         if not keep:
             continue
         pixels = pixels_on_gpu(decoded, [i for i, _ in keep], t.backbone.preprocessing.pixels())

@@ -61,8 +61,16 @@ def decode_on_gpu(encoded: dict[int, torch.Tensor], device: torch.device) -> tup
 
 
 def pixels_on_gpu(decoded: dict[int, torch.Tensor], positions: Sequence[int], to_pixels: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Resize and crop each decoded image with the backbone's own preprocessing, on the GPU."""
-    return torch.stack([to_pixels(decoded[p]) for p in positions])
+    """Resize and crop the decoded images with the backbone's own preprocessing, on the GPU:
+    one call per distinct image size (a camera's photos share one), in ``positions`` order."""
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for k, p in enumerate(positions):
+        by_size.setdefault(tuple(decoded[p].shape), []).append(k)
+    out: list[torch.Tensor | None] = [None] * len(positions)
+    for ks in by_size.values():
+        for k, pixels in zip(ks, to_pixels(torch.stack([decoded[positions[k]] for k in ks]))):
+            out[k] = pixels
+    return torch.stack(out)
 
 
 def check_gpu_decode(device: torch.device) -> None:

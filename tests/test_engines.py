@@ -246,3 +246,16 @@ def test_gpu_decode_needs_cuda_and_takes_only_plain_complete_jpegs(tmp_path, ima
     assert not plain_jpeg(jpeg("RGB")[:-40], None)  # truncated: the CPU path reports it as such
     assert not plain_jpeg(jpeg("RGB"), max_pixels=1000)  # 1,200 pixels: the CPU path reports the bomb
     assert not plain_jpeg((image_tree / "cat" / "0.png").read_bytes(), None)
+
+
+def test_gpu_resize_in_groups_equals_one_by_one():
+    """--decode gpu resizes same-size images in one call; the result must equal image by image."""
+    from pipeline.backbones import load_backbone
+    from pipeline.gpu_decode import pixels_on_gpu
+
+    to_pixels = load_backbone("resnet50", "none").preprocessing.pixels()
+    g = torch.Generator().manual_seed(0)
+    decoded = {i: torch.randint(0, 256, (3, 375 if i % 3 else 400, 500), dtype=torch.uint8, generator=g) for i in range(7)}
+    order = [5, 1, 0, 3, 6, 2, 4]
+    grouped = pixels_on_gpu(decoded, order, to_pixels)
+    assert grouped.shape == (7, 3, 224, 224) and torch.equal(grouped, torch.stack([to_pixels(decoded[i]) for i in order]))
