@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import make_jpegs  # noqa: E402
 from pipeline.backbones import load_backbone  # noqa: E402
 from pipeline.engines import EngineContext, TorchEngine, engines_dir, measure, model_identity, tune  # noqa: E402
-from pipeline.extract import default_workers, prepare_model, resolve_device, run_extract  # noqa: E402
+from pipeline.extract import prepare_model, resolve_device, run_extract  # noqa: E402
+from pipeline.reader import default_workers  # noqa: E402
 from pipeline.hardware import PrecisionChoice, cpu_flags, cpu_summary, native_bf16  # noqa: E402
 
 FP32 = PrecisionChoice("fp32", None, "")
@@ -69,7 +70,7 @@ def engines_alone(model_name: str, batch: int, cache_dir: Path, device: torch.de
 def decode_alone(data: Path, model_name: str, n: int, draft: bool = False) -> float:
     """Images/s of read + decode + transforms on one core (after a few warm-up images)."""
     from pipeline.data import scan_folder
-    from pipeline.extract import ImageFileDataset
+    from pipeline.reader import ImageFileDataset
 
     bb = load_backbone(model_name, "none")
     records = scan_folder(data).records[:n]

@@ -47,7 +47,7 @@ def _timed(batches, step, dev: torch.device) -> tuple[int, float]:
 def run_ours(data: Path, model: str, batch: int, device: str) -> dict:
     from pipeline.backbones import load_backbone
     from pipeline.data import scan_folder
-    from pipeline.extract import default_workers, make_loader
+    from pipeline.reader import default_workers, make_loader
     from pipeline.finetune import AugmentedDataset, Trainer, assemble, epoch_order, resolve_options, train_transform
     from pipeline.heads import build_head_module
 

@@ -1,9 +1,10 @@
-"""Stage 1: what is missing -> batches -> backbone -> cache writer.
+"""Stage 1: what is missing -> batches -> backbone -> cache writer, for one or several backbones.
 
-Reader (``ImageFileDataset`` + ``DataLoader`` workers: read, hash, decode, transform),
-mapper (``embed_batch``: the frozen backbone under ``inference_mode``) and writer
-(``CacheWriter``: buffered rows committed every ``commit_every`` images or
-``commit_seconds``) are separate pieces; ``run_extract`` only wires and times them.
+Reader (``reader.py``: decoder processes read, hash, decode, resize and crop), mapper
+(``engines.py``: the frozen backbone on the engine measured fastest here) and writer
+(``cache.py``'s ``CacheWriter``: rows committed every ``commit_every`` images or
+``commit_seconds``) are separate modules; ``extract_many`` wires them per ``Target`` (one
+backbone and its cache) and times them, with torchrun ranks sharing the files.
 """
 from __future__ import annotations
 
@@ -19,182 +20,21 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
 from .backbones import Backbone, load_backbone
 from .cache import CacheWriter, PendingRow
 from .distributed import World, rank_device, world
-from .data import DEFAULT_MAX_PIXELS, DecodeError, ImageRecord, ScanResult, decode_image, read_bytes, scan_folder
+from .data import DEFAULT_MAX_PIXELS, ImageRecord, ScanResult, scan_folder
 from .errors import Interrupted, UsageError
-from .gpu_decode import Encoded, check_gpu_decode, decode_on_gpu, pixels_on_gpu, plain_jpeg
+from .gpu_decode import check_gpu_decode
 from .engines import ENGINES, Engine, EngineContext, TorchEngine, build_engine, choice_path, engines_dir, model_identity, tune
 from .hardware import PrecisionChoice, choose_precision
 from .interrupts import sigterm_as_interrupt
 from .locks import WriterLock
+from .reader import DecodedBatch, SharedDecodeDataset, collate_shared, default_workers, finish_on_gpu, make_loader
 
 EMBEDDING_DEFINITION = "input of the model's final classification layer (classifier replaced by Identity)"
-
-
-# ----------------------------------------------------------------------------- reader
-
-
-@dataclass
-class DecodedBatch:
-    positions: list[int]  # indices into the job's record list, for the decoded images
-    images: torch.Tensor | None  # [B, 3, H, W] (float32, or uint8 pixels in extraction), or None when none decoded
-    sha256: list[str]
-    failures: list[tuple[int, str]]  # (record index, reason)
-    # --decode gpu: JPEGs still to decode, as (record index, sha256) and their bytes packed in one
-    # tensor (one shared-memory transfer per batch from a decoder process, not one per file)
-    encoded: list[tuple[int, str]] = field(default_factory=list)
-    jpeg_bytes: torch.Tensor | None = None
-    jpeg_sizes: list[int] = field(default_factory=list)
-
-    def jpegs(self) -> dict[int, torch.Tensor]:
-        """{record index: that JPEG's bytes} (views into ``jpeg_bytes``)."""
-        if self.jpeg_bytes is None:
-            return {}
-        return {i: part for (i, _), part in zip(self.encoded, torch.split(self.jpeg_bytes, self.jpeg_sizes))}
-
-    def pin_memory(self) -> "DecodedBatch":
-        """Called by the DataLoader's pinning thread (CUDA): page-locked images copy asynchronously."""
-        if self.images is not None:
-            self.images = self.images.pin_memory()
-        return self
-
-
-class ImageFileDataset(Dataset):
-    """Reads, hashes and decodes one file per item; never substitutes a failed file.
-
-    ``hash_files=False`` skips the SHA-256 (training and prediction do not record it);
-    subclasses change how a decoded image becomes a tensor by overriding ``preprocess``,
-    or what becomes of a file's bytes by overriding ``prepare``.
-    """
-
-    def __init__(self, root: Path, records: Sequence[ImageRecord], transform: Callable, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 hash_files: bool = True, draft_size: int | None = None):
-        self.root = Path(root)
-        self.records = list(records)
-        self.transform = transform
-        self.max_pixels = max_pixels
-        self.hash_files = hash_files
-        self.draft_size = draft_size
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def preprocess(self, i: int, image) -> torch.Tensor:
-        return self.transform(image)
-
-    def prepare(self, i: int, data: bytes):
-        return self.preprocess(i, decode_image(data, self.max_pixels, self.draft_size))
-
-    def __getitem__(self, i: int) -> tuple[int, Any, str]:
-        try:
-            data = read_bytes(self.root / self.records[i].relpath)
-            sha = hashlib.sha256(data).hexdigest() if self.hash_files else ""
-            return i, self.prepare(i, data), sha
-        except DecodeError as exc:
-            return i, None, f"!{exc}"
-        except Exception as exc:  # a transform failure on a pathological image: record, do not stop
-            return i, None, f"!cannot preprocess: {type(exc).__name__}: {exc}"
-
-
-def collate_decoded(items: list[tuple[int, Any, str]]) -> DecodedBatch:
-    ok = [(i, t, s) for i, t, s in items if t is not None and not isinstance(t, Encoded)]
-    failures = [(i, s[1:]) for i, t, s in items if t is None]
-    images = torch.stack([t for _, t, _ in ok]) if ok else None
-    jpegs = [(i, t.data, s) for i, t, s in items if isinstance(t, Encoded)]
-    return DecodedBatch([i for i, _, _ in ok], images, [s for _, _, s in ok], failures, [(i, s) for i, _, s in jpegs],
-                        torch.cat([d for _, d, _ in jpegs]) if jpegs else None, [len(d) for _, d, _ in jpegs])
-
-
-class SharedDecodeDataset(ImageFileDataset):
-    """One read and decode per file for several backbones: item ``i`` is transformed by each
-    backbone's own preprocessing that needs it (``needs[i][k]``), ``None`` for the others.
-    Extraction passes ``Preprocessing.pixels()`` here and normalises on the engine's device.
-    With ``gpu_decode`` a plain JPEG is passed on undecoded (``Encoded``) for nvJPEG."""
-
-    def __init__(self, root: Path, records: Sequence[ImageRecord], transforms: Sequence[Callable], needs: Sequence[Sequence[bool]],
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None, gpu_decode: bool = False):
-        super().__init__(root, records, transforms[0], max_pixels, draft_size=draft_size)
-        self.transforms = list(transforms)
-        self.needs = needs
-        self.gpu_decode = gpu_decode
-
-    def preprocess(self, i: int, image) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        return tuple(t(image) if need else None for t, need in zip(self.transforms, self.needs[i]))
-
-    def prepare(self, i: int, data: bytes):
-        if self.gpu_decode and plain_jpeg(data, self.max_pixels):
-            return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-        return super().prepare(i, data)
-
-
-def collate_shared(items: list[tuple[int, Any, str]], needs: Sequence[Sequence[bool]]) -> list[DecodedBatch]:
-    """One ``DecodedBatch`` per backbone from ``SharedDecodeDataset`` items; a file that failed
-    to decode is a failure for every backbone that needed it, an undecoded JPEG goes to each."""
-    pick = lambda t, k: t if t is None or isinstance(t, Encoded) else t[k]  # noqa: E731
-    return [collate_decoded([(i, pick(t, k), s) for i, t, s in items if needs[i][k]]) for k in range(len(needs[items[0][0]]))]
-
-
-def finish_on_gpu(parts: list[DecodedBatch], targets: Sequence["Target"], device: torch.device) -> None:
-    """--decode gpu: decode each batch's JPEGs once on the GPU, then resize and crop them with
-    every backbone's own preprocessing; they join the batch's CPU-decoded pixels."""
-    encoded = {i: data for part in parts for i, data in part.jpegs().items()}
-    if not encoded:
-        return
-    decoded, failed = decode_on_gpu(encoded, device)
-    for part, t in zip(parts, targets):
-        keep = [(i, sha) for i, sha in part.encoded if i in decoded]
-        part.failures += [(i, failed[i]) for i, _ in part.encoded if i in failed]
-        part.encoded, part.jpeg_bytes, part.jpeg_sizes = [], None, []
-        if not keep:
-            continue
-        pixels = pixels_on_gpu(decoded, [i for i, _ in keep], t.backbone.preprocessing.pixels())
-        if part.images is not None:
-            pixels = torch.cat([part.images.to(device, non_blocking=True), pixels])
-        part.images = pixels
-        part.positions += [i for i, _ in keep]
-        part.sha256 += [sha for _, sha in keep]
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decoders must not fight the backbone for cores
-
-
-def default_workers(device_type: str = "cpu") -> int:
-    """Decoder processes. On a CPU with 2 cores or fewer, none: the engine already uses every
-    core, and a decoder process beside it slows the whole run (bench/extract.py, data path:
-    resnet50 on ONNX Runtime, 2 cores: 0 workers 44 img/s, 1 worker 40). With more cores a
-    quarter of them decode; on CUDA, where the CPU only decodes, half. The engine keeps all
-    its threads: giving it one core less cost more than the decoders' contention (26 vs 40).
-    Under torchrun the node's cores are shared by its ranks."""
-    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    cores = max(1, (os.cpu_count() or 2) // ranks_here)
-    if device_type == "cuda":
-        return max(1, min(8, cores // 2))
-    if cores <= 2:
-        return 0
-    return max(1, min(8, cores // 4))
-
-
-def make_loader(dataset: ImageFileDataset, batch_size: int, workers: int, pin_memory: bool, sampler: Sequence[int] | None = None,
-                collate: Callable = collate_decoded) -> DataLoader:
-    """Batches of decoded images; ``sampler`` gives the item order (default: in order)."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=False,
-        generator=torch.Generator().manual_seed(0),  # worker seeds must not consume the global RNG (resume stays bit-exact)
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        worker_init_fn=_worker_init if workers > 0 else None,
-        prefetch_factor=4 if workers > 0 else None,
-    )
 
 
 # ----------------------------------------------------------------------------- mapper
@@ -491,14 +331,14 @@ def extract_many(
             t.writer.set_meta(engine=t.engine.name)
         needs = [tuple(r.relpath in t.todo for t in targets) for r in todo]
         draft = max(t.backbone.preprocessing.draft_size for t in targets) if decode == "draft" else None
-        dataset = SharedDecodeDataset(scan.root, todo, [t.backbone.preprocessing.pixels() for t in targets], needs, max_pixels, draft,
-                                      gpu_decode=decode == "gpu")
+        to_pixels = [t.backbone.preprocessing.pixels() for t in targets]
+        dataset = SharedDecodeDataset(scan.root, todo, to_pixels, needs, max_pixels, draft, gpu_decode=decode == "gpu")
         loader = make_loader(dataset, batch_size, workers if todo else 0, dev.type == "cuda", collate=partial(collate_shared, needs=needs))
         done = 0
         try:
             with sigterm_as_interrupt():
                 for parts in loader if todo else ():
-                    finish_on_gpu(parts, targets, dev)
+                    finish_on_gpu(parts, to_pixels, dev)
                     for t, batch in zip(targets, parts):
                         _write_batch(t, batch, todo, commit_every, commit_seconds)
                     done += len({i for b in parts for i in b.positions} | {i for b in parts for i, _ in b.failures})

@@ -43,7 +43,8 @@ from .atomic import atomic_path
 from .backbones import AUX_CLASSIFIERS, Backbone, Preprocessing, drop_aux_classifiers, torch_load_quietly
 from .data import ImageRecord, scan_folder
 from .errors import CacheError, DataError, IncompatibleError, Interrupted, TrainingDiverged, UsageError
-from .extract import ImageFileDataset, default_workers, make_loader, resolve_device
+from .extract import resolve_device
+from .reader import ImageFileDataset, default_workers, make_loader
 from .freezing import freeze_batchnorm, keep_frozen_in_eval, unfreeze
 from .heads import LogRegHead, TorchHead, build_head_module
 from .distributed import World, rank_device, world

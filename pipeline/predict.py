@@ -13,7 +13,8 @@ from .artifacts import load_head
 from .atomic import atomic_path
 from .data import ImageRecord, scan_folder
 from .errors import DataError
-from .extract import ImageFileDataset, embed_batch, make_loader, prepare_model, resolve_device
+from .extract import embed_batch, prepare_model, resolve_device
+from .reader import ImageFileDataset, make_loader
 from .fit import full_proba
 
 

@@ -66,7 +66,7 @@ def format_cache_status(s: dict[str, Any]) -> str:
     lines = [
         f"cache      {s['cache']}",
         f"backbone   {meta['model']}  weights={meta['weights']}  embed_dim={s['embed_dim']} {s['dtype']}  "
-        f"({meta.get('precision', 'fp32')}, engine {meta.get('engine', 'eager')})",
+        f"({meta.get('precision', 'fp32')}, engine {meta.get('engine', 'eager')}, decode {meta.get('decode', 'exact')})",
         f"preprocess resize={pre['resize_size']} crop={pre['crop_size']} {pre['interpolation']} mean={pre['mean']} std={pre['std']}",
         f"data root  {meta['data_root']}  (layout {meta['layout']})",
         f"rows       {s['rows']}  in {s['parts']} part(s), {human_bytes(s['bytes_on_disk'])} on disk, updated {s['updated']}",

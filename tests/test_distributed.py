@@ -96,7 +96,7 @@ def _ddp_step(rank: int, world: int, init: str, hub: str, batch: int, out: str, 
 
     from pipeline.backbones import load_backbone
     from pipeline.distributed import World
-    from pipeline.extract import DecodedBatch
+    from pipeline.reader import DecodedBatch
     from pipeline.finetune import Trainer, assemble, epoch_order, resolve_options
     from pipeline.heads import build_head_module
 

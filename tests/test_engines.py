@@ -181,7 +181,7 @@ def test_model_identity_follows_the_weights():
 
 
 def test_decoders_are_sized_to_the_cores(monkeypatch):
-    from pipeline.extract import default_workers
+    from pipeline.reader import default_workers
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     for cores, cpu, cuda in [(2, 0, 1), (4, 1, 2), (16, 4, 8), (64, 8, 8)]:
@@ -259,3 +259,13 @@ def test_gpu_resize_in_groups_equals_one_by_one():
     order = [5, 1, 0, 3, 6, 2, 4]
     grouped = pixels_on_gpu(decoded, order, to_pixels)
     assert grouped.shape == (7, 3, 224, 224) and torch.equal(grouped, torch.stack([to_pixels(decoded[i]) for i in order]))
+
+
+def test_cli_engines_measures_and_remembers(tmp_path, tiny_hub):
+    from conftest import cli_json, run_cli
+
+    out = cli_json("engines", "--model", tiny_hub, "--weights", "none", "--batch-size", "4", "--device", "cpu", "--cache-dir", str(tmp_path))
+    assert out["engine"] in out["images_per_s"] and out["images_per_s"]["eager"] > 0
+    assert Path(out["choice_file"]).parent == tmp_path / ".engines"
+    proc = run_cli("engines", "--model", "resnet5", "--weights", "none")
+    assert proc.returncode == 2 and "did you mean resnet50" in proc.stderr and "Traceback" not in proc.stderr

@@ -21,7 +21,7 @@ from pipeline import load_cache
 from pipeline.artifacts import load_head
 from pipeline.backbones import load_backbone
 from pipeline.errors import IncompatibleError, TrainingDiverged, UsageError
-from pipeline.extract import DecodedBatch
+from pipeline.reader import DecodedBatch
 from pipeline.finetune import (Trainer, assemble, checkpoint_path_for, lr_factor, resolve_options,
                                run_finetune, train_transform)
 from pipeline.freezing import backbone_blocks, batchnorm_layers

@@ -256,3 +256,37 @@ def test_the_readme_job_example_is_valid(tmp_path):
     job = load_job(job_file, [f'data=["{tmp_path / "data"}"]'])
     assert [b.model for b in job.backbones] == ["resnet50", "efficientnet_b0"] and [h.name for h in job.heads] == ["logreg", "mlp-wide"]
     assert job.finetune.from_head == "logreg" and job.finetune.options["epochs"] == 3
+
+
+def test_backbones_with_the_same_options_share_one_pass(job_dir, tiny_hub, monkeypatch):
+    """Two backbones, same weights and extract options: each file decoded once, two caches."""
+    import pipeline.reader as reader
+
+    job = job_dir / "two.toml"
+    job.write_text(f'''
+name = "two"
+data = ["digits"]
+cache_dir = "cache"
+out_dir = "runs"
+workers = 0
+
+[[backbones]]
+model = "{tiny_hub}"
+weights = "none"
+
+[[backbones]]
+model = "mobilenet_v3_small"
+weights = "none"
+
+[[heads]]
+clf = "logreg"
+''')
+    decodes: list[int] = []
+    real = reader.decode_image
+    monkeypatch.setattr(reader, "decode_image", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    result = run_job(job)
+    extracts = [s for s in result.steps if s.kind == "extract"]
+    assert [s.action for s in extracts] == ["run", "run"] and len({s.target for s in extracts}) == 2
+    assert len(decodes) == 80  # 10 classes x 8 digits, once each for both backbones
+    assert [len(load_cache(s.target)) for s in extracts] == [80, 80]
+    assert sum(s.kind == "fit-head" and s.action == "run" for s in result.steps) == 2

@@ -23,9 +23,9 @@ def count_decodes(monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
-    import pipeline.extract as extract_module
+    import pipeline.reader as reader
 
-    monkeypatch.setattr(extract_module, "decode_image", counting)
+    monkeypatch.setattr(reader, "decode_image", counting)
     return calls
 
 

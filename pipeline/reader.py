@@ -1,0 +1,177 @@
+"""Stage 1's reader: files -> bytes, SHA-256, decoded and preprocessed batches, in decoder processes.
+
+A file that cannot be read or decoded becomes a recorded failure of its batch, never a
+substitute image. Several backbones share one read and decode (``SharedDecodeDataset``);
+``--decode gpu`` leaves plain JPEGs to nvJPEG (``finish_on_gpu``).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data import DEFAULT_MAX_PIXELS, DecodeError, ImageRecord, decode_image, read_bytes
+from .gpu_decode import Encoded, decode_on_gpu, pixels_on_gpu, plain_jpeg
+
+
+@dataclass
+class DecodedBatch:
+    positions: list[int]  # indices into the job's record list, for the decoded images
+    images: torch.Tensor | None  # [B, 3, H, W] (float32, or uint8 pixels in extraction), or None when none decoded
+    sha256: list[str]
+    failures: list[tuple[int, str]]  # (record index, reason)
+    # --decode gpu: JPEGs still to decode, as (record index, sha256) and their bytes packed in one
+    # tensor (one shared-memory transfer per batch from a decoder process, not one per file)
+    encoded: list[tuple[int, str]] = field(default_factory=list)
+    jpeg_bytes: torch.Tensor | None = None
+    jpeg_sizes: list[int] = field(default_factory=list)
+
+    def jpegs(self) -> dict[int, torch.Tensor]:
+        """{record index: that JPEG's bytes} (views into ``jpeg_bytes``)."""
+        if self.jpeg_bytes is None:
+            return {}
+        return {i: part for (i, _), part in zip(self.encoded, torch.split(self.jpeg_bytes, self.jpeg_sizes))}
+
+    def pin_memory(self) -> "DecodedBatch":
+        """Called by the DataLoader's pinning thread (CUDA): page-locked images copy asynchronously."""
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        return self
+
+
+class ImageFileDataset(Dataset):
+    """Reads, hashes and decodes one file per item; never substitutes a failed file.
+
+    ``hash_files=False`` skips the SHA-256 (training and prediction do not record it);
+    subclasses change how a decoded image becomes a tensor by overriding ``preprocess``,
+    or what becomes of a file's bytes by overriding ``prepare``.
+    """
+
+    def __init__(self, root: Path, records: Sequence[ImageRecord], transform: Callable, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 hash_files: bool = True, draft_size: int | None = None):
+        self.root = Path(root)
+        self.records = list(records)
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.hash_files = hash_files
+        self.draft_size = draft_size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def preprocess(self, i: int, image) -> torch.Tensor:
+        return self.transform(image)
+
+    def prepare(self, i: int, data: bytes):
+        return self.preprocess(i, decode_image(data, self.max_pixels, self.draft_size))
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str]:
+        try:
+            data = read_bytes(self.root / self.records[i].relpath)
+            sha = hashlib.sha256(data).hexdigest() if self.hash_files else ""
+            return i, self.prepare(i, data), sha
+        except DecodeError as exc:
+            return i, None, f"!{exc}"
+        except Exception as exc:  # a transform failure on a pathological image: record, do not stop
+            return i, None, f"!cannot preprocess: {type(exc).__name__}: {exc}"
+
+
+def collate_decoded(items: list[tuple[int, Any, str]]) -> DecodedBatch:
+    ok = [(i, t, s) for i, t, s in items if t is not None and not isinstance(t, Encoded)]
+    failures = [(i, s[1:]) for i, t, s in items if t is None]
+    images = torch.stack([t for _, t, _ in ok]) if ok else None
+    jpegs = [(i, t.data, s) for i, t, s in items if isinstance(t, Encoded)]
+    return DecodedBatch([i for i, _, _ in ok], images, [s for _, _, s in ok], failures, [(i, s) for i, _, s in jpegs],
+                        torch.cat([d for _, d, _ in jpegs]) if jpegs else None, [len(d) for _, d, _ in jpegs])
+
+
+class SharedDecodeDataset(ImageFileDataset):
+    """One read and decode per file for several backbones: item ``i`` is transformed by each
+    backbone's own preprocessing that needs it (``needs[i][k]``), ``None`` for the others.
+    Extraction passes ``Preprocessing.pixels()`` here and normalises on the engine's device.
+    With ``gpu_decode`` a plain JPEG is passed on undecoded (``Encoded``) for nvJPEG."""
+
+    def __init__(self, root: Path, records: Sequence[ImageRecord], transforms: Sequence[Callable], needs: Sequence[Sequence[bool]],
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None, gpu_decode: bool = False):
+        super().__init__(root, records, transforms[0], max_pixels, draft_size=draft_size)
+        self.transforms = list(transforms)
+        self.needs = needs
+        self.gpu_decode = gpu_decode
+
+    def preprocess(self, i: int, image) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        return tuple(t(image) if need else None for t, need in zip(self.transforms, self.needs[i]))
+
+    def prepare(self, i: int, data: bytes):
+        if self.gpu_decode and plain_jpeg(data, self.max_pixels):
+            return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        return super().prepare(i, data)
+
+
+def collate_shared(items: list[tuple[int, Any, str]], needs: Sequence[Sequence[bool]]) -> list[DecodedBatch]:
+    """One ``DecodedBatch`` per backbone from ``SharedDecodeDataset`` items; a file that failed
+    to decode is a failure for every backbone that needed it, an undecoded JPEG goes to each."""
+    pick = lambda t, k: t if t is None or isinstance(t, Encoded) else t[k]  # noqa: E731
+    return [collate_decoded([(i, pick(t, k), s) for i, t, s in items if needs[i][k]]) for k in range(len(needs[items[0][0]]))]
+
+
+def finish_on_gpu(parts: list[DecodedBatch], to_pixels: Sequence[Callable[[torch.Tensor], torch.Tensor]], device: torch.device) -> None:
+    """--decode gpu: decode each batch's JPEGs once on the GPU, then resize and crop them with
+    every backbone's own preprocessing; they join the batch's CPU-decoded pixels."""
+    encoded = {i: data for part in parts for i, data in part.jpegs().items()}
+    if not encoded:
+        return
+    decoded, failed = decode_on_gpu(encoded, device)
+    for part, pixels_of in zip(parts, to_pixels):
+        keep = [(i, sha) for i, sha in part.encoded if i in decoded]
+        part.failures += [(i, failed[i]) for i, _ in part.encoded if i in failed]
+        part.encoded, part.jpeg_bytes, part.jpeg_sizes = [], None, []
+        if not keep:
+            continue
+        pixels = pixels_on_gpu(decoded, [i for i, _ in keep], pixels_of)
+        if part.images is not None:
+            pixels = torch.cat([part.images.to(device, non_blocking=True), pixels])
+        part.images = pixels
+        part.positions += [i for i, _ in keep]
+        part.sha256 += [sha for _, sha in keep]
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoders must not fight the backbone for cores
+
+
+def default_workers(device_type: str = "cpu") -> int:
+    """Decoder processes. On a CPU with 2 cores or fewer, none: the engine already uses every
+    core, and a decoder process beside it slows the whole run (bench/extract.py, data path:
+    resnet50 on ONNX Runtime, 2 cores: 0 workers 44 img/s, 1 worker 40). With more cores a
+    quarter of them decode; on CUDA, where the CPU only decodes, half. The engine keeps all
+    its threads: giving it one core less cost more than the decoders' contention (26 vs 40).
+    Under torchrun the node's cores are shared by its ranks."""
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = max(1, (os.cpu_count() or 2) // ranks_here)
+    if device_type == "cuda":
+        return max(1, min(8, cores // 2))
+    if cores <= 2:
+        return 0
+    return max(1, min(8, cores // 4))
+
+
+def make_loader(dataset: ImageFileDataset, batch_size: int, workers: int, pin_memory: bool, sampler: Sequence[int] | None = None,
+                collate: Callable = collate_decoded) -> DataLoader:
+    """Batches of decoded images; ``sampler`` gives the item order (default: in order)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        generator=torch.Generator().manual_seed(0),  # worker seeds must not consume the global RNG (resume stays bit-exact)
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
+    )
