@@ -438,7 +438,7 @@ def finetune(
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling)."),
     channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format (on by default)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for order, augmentation and new layers (0)."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoder processes (default: half the cores)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoder processes (default as for extract: none on a CPU of <= 2 cores, where training measured faster without; more on bigger machines and CUDA)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <out>.ckpt (bit-for-bit); options left out are taken from it."),
     force: bool = typer.Option(False, "--force", help="Start over even though <out>.ckpt exists."),
