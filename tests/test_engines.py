@@ -269,3 +269,40 @@ def test_cli_engines_measures_and_remembers(tmp_path, tiny_hub):
     assert Path(out["choice_file"]).parent == tmp_path / ".engines"
     proc = run_cli("engines", "--model", "resnet5", "--weights", "none")
     assert proc.returncode == 2 and "did you mean resnet50" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_gpu_decode_plumbing_with_the_cpu_decoder(image_tree):
+    """The --decode gpu path (JPEGs passed undecoded, packed per batch, decoded once for every
+    backbone, then resized per backbone) run with torchvision's CPU JPEG decoder, so it is
+    checked where no GPU exists: every file ends in exactly one place, rows stay matched."""
+    from functools import partial
+
+    from PIL import Image
+
+    from pipeline.backbones import load_backbone
+    from pipeline.data import scan_folder
+    from pipeline.reader import SharedDecodeDataset, collate_shared, finish_on_gpu
+
+    Image.open(image_tree / "cat" / "1.jpg").resize((120, 90)).save(image_tree / "dog" / "big.jpg")
+    (image_tree / "eel" / "cut.jpg").write_bytes((image_tree / "cat" / "1.jpg").read_bytes()[:-60])
+    records = scan_folder(image_tree).records
+    pixels = [load_backbone(m, "none").preprocessing.pixels() for m in ("resnet18", "vit_b_16")]
+    needs = [(True, r.relpath != "dog/big.jpg") for r in records]  # the second backbone already has big.jpg
+    ds = SharedDecodeDataset(image_tree, records, pixels, needs, gpu_decode=True)
+    parts = collate_shared([ds[i] for i in range(len(ds))], needs)
+    jpegs = {records[i].relpath for i, _ in parts[0].encoded}
+    assert jpegs == {"cat/1.jpg", "dog/1.jpg", "eel/1.jpg", "dog/big.jpg"}  # complete JPEGs only
+    assert parts[0].jpeg_bytes.dtype == torch.uint8 and sum(parts[0].jpeg_sizes) == len(parts[0].jpeg_bytes)
+    finish_on_gpu(parts, pixels, torch.device("cpu"))
+    exact = SharedDecodeDataset(image_tree, records, pixels, needs)
+    want = collate_shared([exact[i] for i in range(len(exact))], needs)
+    for got, ref in zip(parts, want):
+        assert not got.encoded and got.jpeg_bytes is None
+        assert sorted(got.positions) == sorted(ref.positions) and got.failures == ref.failures
+        assert [records[i].relpath for i, _ in got.failures] == ["eel/cut.jpg"]  # truncated: the CPU path caught it
+        order = [ref.positions.index(p) for p in got.positions]
+        assert got.sha256 == [ref.sha256[k] for k in order] and got.images.shape == ref.images.shape
+        diff = (got.images.float() - ref.images[order].float()).abs()
+        png = [k for k, p in enumerate(got.positions) if not records[p].relpath.endswith(".jpg")]
+        assert diff[png].max() == 0 and diff.mean() < 8  # JPEGs: another resampling, close
+    assert len(parts[1].positions) == len(parts[0].positions) - 1
