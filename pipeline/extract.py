@@ -162,9 +162,8 @@ def _open_writer(path: Path, meta: dict[str, Any], create: bool) -> CacheWriter:
 
 
 def _open_target(t: Target, w: World, records: Sequence[ImageRecord]) -> None:
-    """Lock (rank 0), open the cache (rank 0 first: it adopts parts of earlier crashed runs)
-    and work out what this cache lacks; each rank then writes parts of its own."""
-    w.run_on_main(t.lock.acquire)
+    """Open the locked cache (rank 0 first: it adopts parts of earlier crashed runs) and work
+    out what this cache lacks; each rank then writes parts of its own."""
     main_writer = w.run_on_main(lambda: _open_writer(t.out_path, t.meta, create=w.enabled))
     t.writer = CacheWriter(t.out_path, t.meta, staging=True, tag=f"rank{w.rank}-") if w.enabled else main_writer
     known = t.writer.known()
@@ -313,9 +312,10 @@ def extract_many(
     t0 = time.perf_counter()
     opened: list[Target] = []
     try:
-        for t in targets:
-            _open_target(t, w, scan.records)
+        for t in targets:  # rank 0 holds every cache's lock for the whole run
+            w.run_on_main(t.lock.acquire)
             opened.append(t)
+            _open_target(t, w, scan.records)
         # one pass over every file some cache lacks; each rank takes a deterministic share
         todo_all = [r for r in scan.records if any(r.relpath in t.todo for t in targets)]
         todo = todo_all[w.rank :: w.size]

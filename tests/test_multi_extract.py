@@ -80,3 +80,17 @@ def test_cli_several_models(tmp_path, image_tree, tiny_hub):
     proc = run_cli("extract", str(image_tree), "--model", tiny_hub, "--model", SECOND, "--weights", "none", "--out", str(tmp_path / "c.h5"))
     assert proc.returncode == 2 and "--out was given 1 times for 2 --model values" in proc.stderr
     assert not (tmp_path / "c.h5").exists()
+
+
+def test_a_refused_cache_releases_every_lock(tmp_path, image_tree, tiny_hub):
+    """The second cache belongs to another backbone: the run is refused, and no lock stays held."""
+    from pipeline.errors import IncompatibleError
+    from pipeline.locks import WriterLock
+
+    a, b = tmp_path / "a.h5", tmp_path / "b.h5"
+    run_extract(image_tree, tiny_hub, "none", b, workers=0)  # b holds tinybn rows
+    with pytest.raises(IncompatibleError):
+        extract_many(image_tree, [SECOND, SECOND.replace("small", "large")], "none", [a, b], workers=0)
+    for path in (a, b):
+        WriterLock(path).acquire().release()  # would raise LockHeldError if a lock leaked
+    assert not a.exists()
