@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .finetune import DEFAULTS as FINETUNE_DEFAULTS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,10 +50,20 @@ BACKBONE_KEYS: dict[str, Any] = {"model": str, "weights": str, "batch_size": int
 HEAD_KEYS: dict[str, Any] = {"name": str, "clf": str, "C": NUMBER, "jobs": int, "epochs": int, "lr": NUMBER, "weight_decay": NUMBER,
                              "batch_size": int, "hidden": list, "dropout": list, "label_smoothing": NUMBER, "schedule": str, "patience": int,
                              "class_weight": str, "val_fraction": NUMBER, "seed": int, "stream": bool}
-FINETUNE_KEYS: dict[str, Any] = {"from_head": str, "head": str, "unfreeze": str, "augment": str, "optimizer": str, "lr_backbone": NUMBER,
-                                 "lr_head": NUMBER, "momentum": NUMBER, "weight_decay": NUMBER, "schedule": str, "warmup": NUMBER, "epochs": int,
-                                 "batch_size": int, "accum": int, "clip_grad": NUMBER, "label_smoothing": NUMBER, "amp": bool,
-                                 "channels_last": bool, "seed": int, "workers": int}
+
+
+def _option_type(default: Any) -> Any:
+    """The TOML type a fine-tune option takes, from its default (None: a number chosen per optimizer)."""
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, int):
+        return int
+    return NUMBER if default is None or isinstance(default, float) else type(default)
+
+
+# The [finetune] table: where to start from and how to decode, plus every `finetune` option
+# (derived from finetune.DEFAULTS, so a new option is accepted here without a second list).
+FINETUNE_KEYS: dict[str, Any] = {"from_head": str, "workers": int, **{k: _option_type(v) for k, v in FINETUNE_DEFAULTS.items()}}
 
 
 class JobFileError(UsageError):
