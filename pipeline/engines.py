@@ -17,6 +17,8 @@ architecture, the input size and the library versions.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -58,6 +60,7 @@ class Engine:
 
     name: str
     precision: PrecisionChoice
+    device: torch.device  # where its input batches go (pixels are normalised there)
     note: str  # how it was built and checked, for the log
 
     def embed(self, images: torch.Tensor) -> np.ndarray:
@@ -88,11 +91,15 @@ class TorchEngine(Engine):
         autocast = torch.autocast(self.device.type, dtype=self.precision.dtype) if self.precision.dtype is not None else nullcontext()
         exact = no_tf32() if self.device.type == "cuda" and self.precision.dtype is None else nullcontext()
         with torch.inference_mode(), autocast, exact:
-            out = self.model(x)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            out = torch.flatten(out, 1)
+            out = _rows(self.model(x))
         return out[:n].float().cpu().numpy()
+
+
+def _rows(out) -> torch.Tensor:
+    """A backbone's output as [B, D]: the first output of models that return several."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return torch.flatten(out, 1)
 
 
 @contextmanager
@@ -108,25 +115,17 @@ def no_tf32() -> Iterator[None]:
 
 
 @dataclass
-class OnnxRuntimeEngine(Engine):
-    session: object
+class ExportedEngine(Engine):
+    """The model's ONNX export run by another runtime on CPU (ONNX Runtime, OpenVINO)."""
+
+    name: str
+    run: Callable[[np.ndarray], object]  # float32 [B, 3, H, W] -> [B, D]
     precision: PrecisionChoice
-    name: str = "onnxruntime"
+    device: torch.device = torch.device("cpu")
     note: str = ""
 
     def embed(self, images: torch.Tensor) -> np.ndarray:
-        return np.asarray(self.session.run(None, {"images": images.numpy()})[0], dtype=np.float32)
-
-
-@dataclass
-class OpenVinoEngine(Engine):
-    compiled: object
-    precision: PrecisionChoice
-    name: str = "openvino"
-    note: str = ""
-
-    def embed(self, images: torch.Tensor) -> np.ndarray:
-        return np.asarray(self.compiled(images.numpy())[0], dtype=np.float32)
+        return np.asarray(self.run(images.numpy()), dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------- building
@@ -170,18 +169,15 @@ def model_identity(model: nn.Module, provenance: dict) -> str:
 
 
 def _installed(engine: str) -> bool:
-    try:
-        __import__(engine)
-        return True
-    except ImportError:
-        return False
+    """Whether the package is there, without importing it (this runs on every `auto` extract)."""
+    return importlib.util.find_spec(engine) is not None
 
 
 def candidates(device: torch.device, precision: PrecisionChoice) -> list[str]:
     """The engines worth measuring for this device and precision (installed ones only)."""
-    if device.type == "cuda":
-        return ["eager", "compile"]
     names = ["eager", "compile"]
+    if device.type == "cuda":
+        return names
     if precision.name == "fp32" and _installed("onnxruntime"):
         names.append("onnxruntime")  # no native bf16 on CPU in ONNX Runtime
     if precision.name in ("fp32", "bf16") and _installed("openvino"):
@@ -197,15 +193,16 @@ class _Flatten(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        return torch.flatten(out, 1)
+        return _rows(self.model(x))
+
+
+def _onnx_path(ctx: EngineContext) -> Path:
+    return ctx.work_dir / f"onnx-{ctx.identity}-{ctx.input_size}px.onnx"
 
 
 def onnx_file(ctx: EngineContext, log: Log) -> Path:
     """The model exported to ONNX once (dynamic batch), cached by identity and input size."""
-    path = ctx.work_dir / f"onnx-{ctx.identity}-{ctx.input_size}px.onnx"
+    path = _onnx_path(ctx)
     if path.exists():
         return path
     t0 = time.perf_counter()
@@ -230,7 +227,7 @@ def _build_compile(ctx: EngineContext, log: Log) -> TorchEngine:
     return TorchEngine("compile", torch.compile(ctx.model, dynamic=False), ctx.precision, ctx.device, ctx.channels_last, ctx.batch_size)
 
 
-def _build_onnxruntime(ctx: EngineContext, log: Log) -> OnnxRuntimeEngine:
+def _build_onnxruntime(ctx: EngineContext, log: Log) -> ExportedEngine:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -239,16 +236,17 @@ def _build_onnxruntime(ctx: EngineContext, log: Log) -> OnnxRuntimeEngine:
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not steal the decoder's core
     options.log_severity_level = 3
     session = ort.InferenceSession(str(onnx_file(ctx, log)), options, providers=["CPUExecutionProvider"])
-    return OnnxRuntimeEngine(session, ctx.precision)
+    return ExportedEngine("onnxruntime", lambda x: session.run(None, {"images": x})[0], ctx.precision)
 
 
-def _build_openvino(ctx: EngineContext, log: Log) -> OpenVinoEngine:
+def _build_openvino(ctx: EngineContext, log: Log) -> ExportedEngine:
     import openvino as ov
 
     core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": "bf16" if ctx.precision.name == "bf16" else "f32",  # OpenVINO picks bf16 itself on AMX: never for exact
               "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": ctx.threads, "CACHE_DIR": str(ctx.work_dir / "openvino")}
-    return OpenVinoEngine(core.compile_model(core.read_model(str(onnx_file(ctx, log))), "CPU", config), ctx.precision)
+    compiled = core.compile_model(core.read_model(str(onnx_file(ctx, log))), "CPU", config)
+    return ExportedEngine("openvino", lambda x: compiled(x)[0], ctx.precision)
 
 
 BUILDERS: dict[str, Callable[[EngineContext, Log], Engine]] = {
@@ -312,14 +310,14 @@ def machine_key(device: torch.device, threads: int) -> str:
         hw = f"{torch.cuda.get_device_name(device)} cc{torch.cuda.get_device_capability(device)}"
     else:
         hw = f"{platform.processor() or platform.machine()} {json.dumps(cpu_summary(), sort_keys=True)} threads={threads}"
-    versions = " ".join(f"{m}={_version(m)}" for m in ("torch", "onnxruntime", "openvino"))
-    return f"{hw} {versions}"
+    versions = " ".join(f"{m}={_version(m)}" for m in ("onnxruntime", "openvino"))
+    return f"{hw} torch={torch.__version__} {versions}"
 
 
-def _version(module: str) -> str:
+def _version(package: str) -> str:
     try:
-        return str(__import__(module).__version__)
-    except Exception:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
         return "-"
 
 
@@ -369,7 +367,7 @@ def _is_warm(name: str, ctx: EngineContext) -> bool:
     if name == "compile":
         folder = ctx.work_dir / "inductor"
         return folder.is_dir() and any(folder.rglob("*"))
-    return (ctx.work_dir / f"onnx-{ctx.identity}-{ctx.input_size}px.onnx").exists()
+    return _onnx_path(ctx).exists()
 
 
 def build_engine(requested: str, ctx: EngineContext, n_images: int, log: Log = lambda m: None) -> Engine:
