@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import make_jpegs  # noqa: E402
 from pipeline.backbones import load_backbone  # noqa: E402
-from pipeline.engines import EngineContext, TorchEngine, engines_dir, measure, model_identity, tune  # noqa: E402
-from pipeline.extract import prepare_model, resolve_device, run_extract  # noqa: E402
+from pipeline.engines import TorchEngine, measure, tune  # noqa: E402
+from pipeline.extract import engine_context, resolve_device, run_extract  # noqa: E402
 from pipeline.reader import default_workers  # noqa: E402
 from pipeline.hardware import PrecisionChoice, cpu_flags, cpu_summary, native_bf16  # noqa: E402
 
@@ -53,10 +53,9 @@ def engines_alone(model_name: str, batch: int, cache_dir: Path, device: torch.de
     if device.type == "cpu":
         nchw = bb.model.eval()
         rates["eager_fp32_nchw"] = measure(TorchEngine("eager", nchw, FP32, device, False, batch), x, seconds)
-    model = prepare_model(bb, device)
     precisions = [FP32] + ([PrecisionChoice("bf16", torch.bfloat16, "")] if bf16 else [])
     for precision in precisions:
-        ctx = EngineContext(model, device, precision, batch, size, engines_dir(cache_dir), lambda: model_identity(bb.model, bb.provenance()))
+        ctx = engine_context(bb, device, precision, batch, cache_dir)
         t0 = time.perf_counter()
         tuning = tune(ctx, min_seconds=seconds)
         rates[f"tuning_seconds_{precision.name}"] = round(time.perf_counter() - t0, 1)

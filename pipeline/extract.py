@@ -57,6 +57,26 @@ def prepare_model(backbone: Backbone, device: torch.device, channels_last: bool 
     return model
 
 
+def engine_context(backbone: Backbone, device: torch.device, precision: PrecisionChoice, batch_size: int, cache_dir: Path) -> EngineContext:
+    """What building, measuring or remembering an engine for ``backbone`` needs; choices and
+    exports live beside the caches (``<cache_dir>/.engines``)."""
+    return EngineContext(prepare_model(backbone, device), device, precision, batch_size, backbone.preprocessing.input_size,
+                         engines_dir(cache_dir), lambda: model_identity(backbone.model, backbone.provenance()))
+
+
+def resolve_precision(precision: str, device: torch.device, log: Callable[[str], None]) -> PrecisionChoice:
+    """``--precision`` as this hardware runs it, saying so when the request was changed."""
+    chosen = choose_precision(precision, device)
+    if chosen.note:
+        log(chosen.note)
+    return chosen
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+
+
 def embed_batch(model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool = True, amp_dtype: torch.dtype | None = None) -> np.ndarray:
     """Eager backbone forward for one batch; float32 numpy [B, D] (predict and the benches)."""
     precision = PrecisionChoice("fp32" if amp_dtype is None else str(amp_dtype), amp_dtype, "")
@@ -145,7 +165,6 @@ class Target:
     meta: dict[str, Any]
     lock: WriterLock
     summary: ExtractSummary
-    device: torch.device = torch.device("cpu")  # where pixels are normalised: the engine's device
     writer: CacheWriter | None = None
     engine: Engine | None = None
     todo: set[str] = field(default_factory=set)  # relpaths this cache lacks (all ranks)
@@ -222,7 +241,7 @@ def _write_batch(t: Target, batch: DecodedBatch, records: Sequence[ImageRecord],
         t.summary.new_failed += 1
     if batch.images is not None:
         # uint8 pixels travel to the engine's device, then become the model's input there
-        emb = t.engine.embed(t.backbone.preprocessing.normalize(batch.images.to(t.device, non_blocking=True)))
+        emb = t.engine.embed(t.backbone.preprocessing.normalize(batch.images.to(t.engine.device, non_blocking=True)))
         rows = [PendingRow(records[i].relpath, records[i].label, records[i].split, records[i].size, records[i].mtime_ns, s)
                 for i, s in zip(batch.positions, batch.sha256)]
         t.writer.add(rows, emb)
@@ -236,8 +255,7 @@ DECODES = ("exact", "draft", "gpu")
 
 
 def _check_extract_options(batch_size: int, commit_every: int, workers: int, engine: str, decode: str) -> None:
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    check_batch_size(batch_size)
     if commit_every < 1:
         raise UsageError(f"--commit-every must be at least 1 (got {commit_every})")
     if workers < 0:
@@ -289,9 +307,7 @@ def extract_many(
         if dev.type != "cuda":
             raise UsageError("--amp needs a CUDA device; on CPU use --precision bf16 (used where the CPU runs bf16 natively)")
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    chosen = choose_precision(precision, dev)
-    if chosen.note:
-        log(chosen.note)
+    chosen = resolve_precision(precision, dev, log)
 
     if decode == "gpu":
         check_gpu_decode(dev)
@@ -323,10 +339,8 @@ def extract_many(
             if w.is_main and (t.removed or t.todo):
                 log(f"{t.backbone.name}: {len(t.todo)} to extract, {t.summary.cached} cached, {len(t.removed)} removed"
                     + (f" ({w.size} ranks)" if w.enabled else ""))
-            ctx = EngineContext(prepare_model(t.backbone, dev), dev, chosen, batch_size, t.backbone.preprocessing.input_size,
-                                engines_dir(t.out_path.parent), lambda b=t.backbone: model_identity(b.model, b.provenance()))
+            ctx = engine_context(t.backbone, dev, chosen, batch_size, t.out_path.parent)
             t.engine = build_engine(engine, ctx, len(t.todo), log if w.is_main else (lambda m: None))
-            t.device = dev if isinstance(t.engine, TorchEngine) else torch.device("cpu")
             t.summary.engine = t.engine.name
             t.writer.set_meta(engine=t.engine.name)
         needs = [tuple(r.relpath in t.todo for t in targets) for r in todo]
@@ -372,16 +386,11 @@ def measure_engines(model: str, weights: str = "DEFAULT", *, precision: str = "f
                     cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Measure every engine available here on ``model`` (random tensors) and remember the fastest
     where ``extract --engine auto`` into ``cache_dir`` looks for it."""
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    check_batch_size(batch_size)
     dev = resolve_device(device)
-    chosen = choose_precision(precision, dev)
-    if chosen.note:
-        log(chosen.note)
+    chosen = resolve_precision(precision, dev, log)
     backbone = load_backbone(model, weights, seed=seed)
-    ctx = EngineContext(prepare_model(backbone, dev), dev, chosen, batch_size, backbone.preprocessing.input_size,
-                        engines_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir()),
-                        lambda: model_identity(backbone.model, backbone.provenance()))
+    ctx = engine_context(backbone, dev, chosen, batch_size, Path(cache_dir) if cache_dir is not None else default_cache_dir())
     tuning = tune(ctx, log=log)
     return {"model": model, "weights": backbone.weights_id, "precision": chosen.name, "batch_size": batch_size, "device": str(dev),
             "engine": tuning.best, "images_per_s": tuning.rates, "skipped": tuning.reasons, "choice_file": str(choice_path(ctx))}
