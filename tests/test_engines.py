@@ -275,8 +275,6 @@ def test_gpu_decode_plumbing_with_the_cpu_decoder(image_tree):
     """The --decode gpu path (JPEGs passed undecoded, packed per batch, decoded once for every
     backbone, then resized per backbone) run with torchvision's CPU JPEG decoder, so it is
     checked where no GPU exists: every file ends in exactly one place, rows stay matched."""
-    from functools import partial
-
     from PIL import Image
 
     from pipeline.backbones import load_backbone

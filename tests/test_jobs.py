@@ -262,25 +262,8 @@ def test_backbones_with_the_same_options_share_one_pass(job_dir, tiny_hub, monke
     """Two backbones, same weights and extract options: each file decoded once, two caches."""
     import pipeline.reader as reader
 
-    job = job_dir / "two.toml"
-    job.write_text(f'''
-name = "two"
-data = ["digits"]
-cache_dir = "cache"
-out_dir = "runs"
-workers = 0
-
-[[backbones]]
-model = "{tiny_hub}"
-weights = "none"
-
-[[backbones]]
-model = "mobilenet_v3_small"
-weights = "none"
-
-[[heads]]
-clf = "logreg"
-''')
+    # the second backbone shares the first's weights and extract options (batch_size 64)
+    job = _write_job(job_dir, tiny_hub, finetune=False, extra='[[backbones]]\nmodel = "mobilenet_v3_small"\nweights = "none"\nbatch_size = 64\n')
     decodes: list[int] = []
     real = reader.decode_image
     monkeypatch.setattr(reader, "decode_image", lambda *a, **k: decodes.append(1) or real(*a, **k))
@@ -289,4 +272,4 @@ clf = "logreg"
     assert [s.action for s in extracts] == ["run", "run"] and len({s.target for s in extracts}) == 2
     assert len(decodes) == 80  # 10 classes x 8 digits, once each for both backbones
     assert [len(load_cache(s.target)) for s in extracts] == [80, 80]
-    assert sum(s.kind == "fit-head" and s.action == "run" for s in result.steps) == 2
+    assert sum(s.kind == "fit-head" and s.action == "run" for s in result.steps) == 4  # both heads on both caches
