@@ -155,7 +155,7 @@ def extract(
     amp: bool = typer.Option(False, "--amp", help="Mixed precision on CUDA (bf16 where supported, else fp16); same as --precision bf16/fp16."),
     engine: str = typer.Option("auto", "--engine", help="auto (the engine measured fastest on this machine, once the job repays measuring; else eager), eager, compile (torch.compile), onnxruntime or openvino (optional extras); every engine is checked against eager."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 (exact), bf16/fp16 (only where the hardware runs it natively, else fp32 with a message), auto (bf16 where native)."),
-    decode: str = typer.Option("exact", "--decode", help="exact, or draft: JPEGs decoded at a reduced DCT scale still >= the resize target (several times faster on large photos; changes pixels, recorded in the cache, never mixed with exact rows)."),
+    decode: str = typer.Option("exact", "--decode", help="exact; draft: JPEGs decoded at a reduced DCT scale still >= the resize target (several times faster on large photos); gpu: JPEGs decoded by nvJPEG on CUDA. Both change pixels slightly, are recorded in the cache and never mixed with exact rows."),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same cache to finish."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout (with several --model: {\"caches\": [...]})."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary text (errors still go to stderr)."),
