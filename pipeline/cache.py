@@ -71,13 +71,13 @@ class CacheData:
 
     @property
     def decode(self) -> str:
-        """exact, or draft (JPEGs decoded at a reduced DCT scale: opt-in, changes pixels)."""
-        return str(self.meta.get("decode", "exact"))
+        """exact, or the opt-in draft / gpu JPEG decoding (changes pixels; never mixed with exact)."""
+        return str(self.meta.get("decode", COMPAT_DEFAULTS["decode"]))
 
     @property
     def precision(self) -> str:
         """fp32, bf16 or fp16: every row of a cache shares it (mixing is refused)."""
-        return str(self.meta.get("precision", "fp32"))
+        return str(self.meta.get("precision", COMPAT_DEFAULTS["precision"]))
 
     def __len__(self) -> int:
         return len(self.paths)
