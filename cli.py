@@ -115,6 +115,15 @@ def _emit_json(obj: dict[str, Any]) -> None:
         typer.echo(json.dumps(obj, indent=None, default=str))
 
 
+def _options(cls: type, flags: dict[str, Any], **renamed: Any) -> Any:
+    """A stage's options object from a command's flags: every field of ``cls`` is taken from
+    the flag of the same name (``renamed`` for the few whose parameter name differs), so a
+    new option is one field and one flag."""
+    from dataclasses import fields
+
+    return cls(**{f.name: renamed[f.name] if f.name in renamed else flags[f.name] for f in fields(cls) if f.name in flags or f.name in renamed})
+
+
 class _Progress:
     """One updating line on a terminal (stderr); silent when not a TTY or --quiet."""
 
@@ -162,16 +171,13 @@ def extract(
 ) -> int:
     """Embed every image not yet in the cache (incremental, crash-safe)."""
     from pipeline.errors import UsageError
-    from pipeline.extract import extract_many
+    from pipeline.extract import ExtractOptions, extract_many
 
     _begin(as_json, quiet)
     if outs and len(outs) != len(models):
         raise UsageError(f"--out was given {len(outs)} times for {len(models)} --model values; give one --out per --model, or none")
-    summaries = extract_many(
-        data_dir, models, weights, outs or None, batch_size=batch_size, workers=workers, device=device, dtype=dtype,
-        layout=layout, seed=seed, commit_every=commit_every, commit_seconds=commit_seconds, max_pixels=max_pixels,
-        amp=amp, engine=engine, precision=precision, decode=decode, wait=wait, progress=_Progress(not quiet and not as_json, "extract"), log=_err,
-    )
+    summaries = extract_many(data_dir, models, outs or None, _options(ExtractOptions, locals()), wait=wait,
+                             progress=_Progress(not quiet and not as_json, "extract"), log=_err)
     code = 3 if any(s.failed for s in summaries) else 0
     if as_json:
         _emit_json({**summaries[0].to_dict(), "exit_code": code} if len(summaries) == 1 else {"caches": [s.to_dict() for s in summaries], "exit_code": code})
@@ -225,18 +231,18 @@ def status(
     _begin(as_json)
     if target.suffix == ".toml":
         from pipeline.jobs import run_job
-        from pipeline.report import format_job_plan
+        from pipeline.status import format_job_plan
 
         plan = run_job(target, dry_run=True)
         typer.echo(json.dumps(plan.to_dict(), default=str) if as_json else format_job_plan(plan))
         return 0
     if target.suffix in (".pt", ".pth"):
-        from pipeline.report import artifact_status, format_artifact_status
+        from pipeline.status import artifact_status, format_artifact_status
 
         info = artifact_status(target)
         typer.echo(json.dumps(info, default=str) if as_json else format_artifact_status(info))
         return 0
-    from pipeline.report import cache_status, format_cache_status
+    from pipeline.status import cache_status, format_cache_status
 
     if target.is_dir() and not target.name.endswith(".parts"):
         raise CacheError(f"{str(target)!r} is a folder; pass a cache .h5 file, a head/model .pt file or a job .toml file")
@@ -259,7 +265,7 @@ def run(
 ) -> int:
     """Run a job file, doing only what is stale (for cron): extract, fit heads, fine-tune."""
     from pipeline.jobs import run_job
-    from pipeline.report import format_job_plan
+    from pipeline.status import format_job_plan
 
     _begin(as_json, quiet)
     result = run_job(job, set_ or [], force=force, dry_run=dry_run, wait=wait, device=device, workers=workers, log=_err,
@@ -288,7 +294,7 @@ def _floats(text: Optional[str], option: str) -> Optional[tuple[float, ...]]:
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
-    from pipeline.metrics import format_metrics
+    from pipeline.heads import format_metrics
 
     for split in ("val", "test", "all"):
         if split in metrics:
@@ -315,18 +321,18 @@ def fit_head(
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Validation share when the data is not pre-split (hash of path: stable)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the split and the head."),
     stream: bool = typer.Option(False, "--stream", help="torch heads: stream the cache in chunks instead of loading it."),
-    memory_budget_gb: float = typer.Option(4.0, "--memory-budget", help="GiB of embeddings to load before streaming automatically."),
+    memory_budget: float = typer.Option(4.0, "--memory-budget", help="GiB of embeddings to load before streaming automatically."),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same head file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the metrics on stdout."),
 ) -> int:
     """Fit a head on a cache, evaluate it on val/test, save it with its provenance and reports."""
-    from pipeline.fit import fit_head as run_fit, head_params
+    from pipeline.heads import FitOptions
+    from pipeline.heads import fit_head as run_fit
 
     _begin(as_json)
-    params = head_params(clf, C=C, jobs=jobs, seed=seed, class_weight=class_weight, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                         batch_size=batch_size, hidden=tuple(int(h) for h in _floats(hidden, "--hidden")) if hidden else None,
-                         dropout=_floats(dropout, "--dropout"), label_smoothing=label_smoothing, schedule=schedule, patience=patience)
-    r = run_fit(cache, clf, out, params=params, val_fraction=val_fraction, seed=seed, stream=stream, memory_budget=int(memory_budget_gb * 2**30), wait=wait)
+    hidden = tuple(int(h) for h in _floats(hidden, "--hidden")) if hidden else None
+    dropout = _floats(dropout, "--dropout")
+    r = run_fit(cache, _options(FitOptions, locals()), out, wait=wait)
     if as_json:
         _emit_json({"head": r.head_path, "clf": r.kind, "cache": r.cache, "n_train": r.n_train, "n_val": r.n_val, "n_test": r.n_test,
                     "fit_seconds": r.seconds, "metrics": r.metrics, "reports": r.reports})
@@ -345,7 +351,7 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the metrics on stdout."),
 ) -> int:
     """Re-score a saved head on a compatible cache."""
-    from pipeline.fit import evaluate_head
+    from pipeline.heads import evaluate_head
 
     _begin(as_json)
     result = evaluate_head(head, cache)
@@ -399,12 +405,10 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> int:
     """Which backbone transfers best: the same head on several caches, ranked."""
-    from pipeline.fit import compare_caches, head_params
+    from pipeline.heads import FitOptions, compare_caches
 
     _begin(as_json)
-    params = head_params(clf, C=None, jobs=None, seed=seed, class_weight=None, epochs=None, lr=None, weight_decay=None, batch_size=None,
-                         hidden=None, dropout=None, label_smoothing=0.0, schedule="cosine", patience=None)
-    result = compare_caches(caches, clf, params, val_fraction, seed)
+    result = compare_caches(caches, _options(FitOptions, locals()))
     if as_json:
         _emit_json(result)
     else:
@@ -447,13 +451,11 @@ def finetune(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or per-epoch lines."),
 ) -> int:
     """Fine-tune the head's backbone end to end (BatchNorm frozen), starting from the head."""
-    from pipeline.finetune import run_finetune
+    from pipeline.finetune import FinetuneOptions, run_finetune
 
     _begin(as_json, quiet)
-    given = {"head": head_mode, "unfreeze": unfreeze, "augment": augment, "optimizer": optimizer, "lr_backbone": lr_backbone, "lr_head": lr_head,
-             "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule, "warmup": warmup, "epochs": epochs, "batch_size": batch_size,
-             "accum": accum, "clip_grad": clip_grad, "label_smoothing": label_smoothing, "amp": amp, "channels_last": channels_last, "seed": seed}
-    r = run_finetune(head, out, data_dir=data, options=given, resume=resume, force=force, workers=workers, device=device, wait=wait,
+    options = _options(FinetuneOptions, locals(), head=head_mode)
+    r = run_finetune(head, out, data_dir=data, options=options, resume=resume, force=force, wait=wait,
                      progress=_Progress(not quiet and not as_json, "train"), log=_err)
     code = 3 if r.failures else 0
     if as_json:
@@ -490,9 +492,9 @@ def demo(
     from pipeline.demo import write_digits
     from pipeline.extract import run_extract
     from pipeline.finetune import run_finetune
-    from pipeline.fit import fit_head as run_fit
+    from pipeline.heads import fit_head as run_fit
     from pipeline.predict import predict_images
-    from pipeline.report import cache_status, format_cache_status
+    from pipeline.status import cache_status, format_cache_status
 
     _begin(as_json)
     data = write_digits(workdir / "digits")

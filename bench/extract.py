@@ -34,11 +34,11 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import make_jpegs  # noqa: E402
-from pipeline.backbones import load_backbone  # noqa: E402
-from pipeline.engines import TorchEngine, measure, tune  # noqa: E402
+from pipeline.backbones.registry import load_backbone  # noqa: E402
+from pipeline.backbones.engines import TorchEngine, measure, tune  # noqa: E402
 from pipeline.extract import engine_context, resolve_device, run_extract  # noqa: E402
-from pipeline.reader import default_workers  # noqa: E402
-from pipeline.hardware import PrecisionChoice, cpu_flags, cpu_summary, native_bf16  # noqa: E402
+from pipeline.images.reader import default_workers  # noqa: E402
+from pipeline.backbones.hardware import PrecisionChoice, cpu_flags, cpu_summary, native_bf16  # noqa: E402
 
 FP32 = PrecisionChoice("fp32", None, "")
 
@@ -68,8 +68,8 @@ def engines_alone(model_name: str, batch: int, cache_dir: Path, device: torch.de
 
 def decode_alone(data: Path, model_name: str, n: int, draft: bool = False) -> float:
     """Images/s of read + decode + transforms on one core (after a few warm-up images)."""
-    from pipeline.data import scan_folder
-    from pipeline.reader import ImageFileDataset
+    from pipeline.images.folders import scan_folder
+    from pipeline.images.reader import ImageFileDataset
 
     bb = load_backbone(model_name, "none")
     records = scan_folder(data).records[:n]

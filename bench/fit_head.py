@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def make_cache(path: Path, rows: int, dim: int, classes: int) -> None:
-    from pipeline.cache import CacheWriter, PendingRow
+    from pipeline.store.writer import CacheWriter, PendingRow
 
     rng = np.random.default_rng(0)
     centers = rng.normal(0, 1, (classes, dim)).astype(np.float32)
@@ -43,8 +43,8 @@ def make_cache(path: Path, rows: int, dim: int, classes: int) -> None:
 def fit_in_child(cache: Path, kind: str, params: dict) -> dict:
     code = (
         "import json,sys,time,resource; sys.path.insert(0, %r)\n"
-        "from pipeline.fit import fit_head\n"
-        "t=time.perf_counter(); r=fit_head(%r, %r, %r, params=json.loads(%r), plots=False)\n"
+        "from pipeline.heads import fit_head\n"
+        "t=time.perf_counter(); r=fit_head(%r, %r, %r, plots=False, **json.loads(%r))\n"
         "print(json.dumps({'seconds': time.perf_counter()-t, 'fit_seconds': r.seconds, 'accuracy': r.metrics['val']['accuracy'],"
         " 'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024}))"
     ) % (str(ROOT), str(cache), kind, str(cache) + f".{kind}.pt", json.dumps(params))
@@ -55,7 +55,7 @@ def fit_in_child(cache: Path, kind: str, params: dict) -> dict:
 def backbone_images_per_s(n: int = 64) -> float:
     import torch
 
-    from pipeline.backbones import load_backbone
+    from pipeline.backbones.registry import load_backbone
     from pipeline.extract import embed_batch, prepare_model
 
     bb = load_backbone("resnet50", "none")

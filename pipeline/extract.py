@@ -15,24 +15,48 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torchvision
 
 from . import __version__
-from .backbones import Backbone, load_backbone
-from .cache import CacheWriter, PendingRow
+from .backbones import (
+    ENGINES,
+    PRECISIONS,
+    Backbone,
+    Engine,
+    EngineContext,
+    PrecisionChoice,
+    TorchEngine,
+    build_engine,
+    choice_path,
+    choose_precision,
+    engines_dir,
+    load_backbone,
+    model_identity,
+    tune,
+)
 from .distributed import World, rank_device, world
-from .data import DEFAULT_MAX_PIXELS, ImageRecord, ScanResult, scan_folder
 from .errors import Interrupted, UsageError
-from .gpu_decode import check_gpu_decode
-from .engines import ENGINES, Engine, EngineContext, TorchEngine, build_engine, choice_path, engines_dir, model_identity, tune
-from .hardware import PrecisionChoice, choose_precision
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    LAYOUTS,
+    DecodedBatch,
+    ImageRecord,
+    ScanResult,
+    SharedDecodeDataset,
+    check_gpu_decode,
+    collate_shared,
+    default_workers,
+    finish_on_gpu,
+    make_loader,
+    scan_folder,
+)
 from .interrupts import sigterm_as_interrupt
-from .locks import WriterLock
-from .reader import DecodedBatch, SharedDecodeDataset, collate_shared, default_workers, finish_on_gpu, make_loader
+from .options import HOW, JOB_LEVEL, build, check_device_name, check_types, require, require_choice
+from .store import DTYPES, CacheWriter, PendingRow, WriterLock
 
 EMBEDDING_DEFINITION = "input of the model's final classification layer (classifier replaced by Identity)"
 
@@ -72,15 +96,54 @@ def resolve_precision(precision: str, device: torch.device, log: Callable[[str],
     return chosen
 
 
-def check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
-
-
 def embed_batch(model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool = True, amp_dtype: torch.dtype | None = None) -> np.ndarray:
     """Eager backbone forward for one batch; float32 numpy [B, D] (predict and the benches)."""
     precision = PrecisionChoice("fp32" if amp_dtype is None else str(amp_dtype), amp_dtype, "")
     return TorchEngine("eager", model, precision, device, channels_last, len(images)).embed(images)
+
+
+
+# ----------------------------------------------------------------------------- options
+
+
+DECODES = ("exact", "draft", "gpu")
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How stage 1 embeds a folder: the ``extract`` flags and a job file's ``[[backbones]]`` keys
+    (besides ``model``). Checked when built; ``None`` workers means sized to the machine."""
+
+    weights: str = "DEFAULT"  # DEFAULT, a weights name, none (seeded random init) or a state_dict path
+    batch_size: int = 32
+    workers: int | None = field(default=None, metadata={HOW: True})
+    device: str = field(default="auto", metadata={HOW: True, JOB_LEVEL: True})
+    dtype: str = "float32"
+    layout: str = "auto"
+    seed: int = 0  # for weights "none"
+    commit_every: int = 1000
+    commit_seconds: float = 60.0
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    amp: bool = False
+    engine: str = "auto"
+    precision: str = "fp32"
+    decode: str = "exact"
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        require(bool(self.weights.strip()), "--weights is empty; give DEFAULT, a weights name, none or a state_dict path")
+        require(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
+        require(self.workers is None or self.workers >= 0, f"--workers must be 0 or more (got {self.workers})")
+        check_device_name(self.device)
+        require_choice("dtype", self.dtype, DTYPES)
+        require_choice("layout", self.layout, LAYOUTS)
+        require(self.commit_every >= 1, f"--commit-every must be at least 1 (got {self.commit_every})")
+        require(self.commit_seconds > 0, f"--commit-seconds must be more than 0 (got {self.commit_seconds})")
+        require(self.max_pixels is None or self.max_pixels >= 1, f"--max-pixels must be at least 1 (got {self.max_pixels})")
+        require_choice("engine", self.engine, ENGINES)
+        require_choice("precision", self.precision, PRECISIONS)
+        require(self.decode in DECODES, f"--decode {self.decode!r}: choose exact (the default), draft (faster JPEG decode of large photos) or gpu "
+                                        "(nvJPEG on CUDA); both change pixels slightly")
 
 
 # ----------------------------------------------------------------------------- runner
@@ -251,59 +314,34 @@ def _write_batch(t: Target, batch: DecodedBatch, records: Sequence[ImageRecord],
         t.last_commit = time.monotonic()
 
 
-DECODES = ("exact", "draft", "gpu")
-
-
-def _check_extract_options(batch_size: int, commit_every: int, workers: int, engine: str, decode: str) -> None:
-    check_batch_size(batch_size)
-    if commit_every < 1:
-        raise UsageError(f"--commit-every must be at least 1 (got {commit_every})")
-    if workers < 0:
-        raise UsageError(f"--workers must be 0 or more (got {workers})")
-    if engine not in ENGINES:
-        raise UsageError(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    if decode not in DECODES:
-        raise UsageError(f"--decode {decode!r}: choose exact (the default), draft (faster JPEG decode of large photos) or gpu "
-                         "(nvJPEG on CUDA); both change pixels slightly")
-
-
 def extract_many(
     data_dir: str | os.PathLike,
     models: Sequence[str],
-    weights: str = "DEFAULT",
     outs: Sequence[str | os.PathLike | None] | None = None,
+    options: ExtractOptions | Mapping[str, Any] | None = None,
     *,
-    batch_size: int = 32,
-    workers: int | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
-    layout: str = "auto",
-    seed: int = 0,
-    commit_every: int = 1000,
-    commit_seconds: float = 60.0,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    amp: bool = False,
-    engine: str = "auto",
-    precision: str = "fp32",
-    decode: str = "exact",
     wait: float = 0.0,
     progress: ProgressFn | None = None,
     log: Callable[[str], None] = lambda msg: None,
+    **fields: Any,
 ) -> list[ExtractSummary]:
     """Extract every image under ``data_dir`` not yet in each backbone's cache, reading and
     decoding each file once for all of them (each backbone applies its own preprocessing).
+    ``fields`` replace single values of ``options`` (e.g. ``workers=0``).
 
     Raises:
         DataError, BackboneError, WeightsUnavailableError, CacheError, IncompatibleError,
         LockHeldError, StorageError, Interrupted (after committing finished batches).
     """
-    dev = resolve_device(device)
-    workers = default_workers(dev.type) if workers is None else workers
-    _check_extract_options(batch_size, commit_every, workers, engine, decode)
+    opts = build(ExtractOptions, options, **fields)
+    weights, batch_size, decode, engine = opts.weights, opts.batch_size, opts.decode, opts.engine
+    dev = resolve_device(opts.device)
+    workers = default_workers(dev.type) if opts.workers is None else opts.workers
     if len(set(models)) != len(models):
         raise UsageError(f"--model names the same backbone twice ({', '.join(models)})")
     outs = list(outs) if outs is not None else [None] * len(models)
-    if amp:  # the older spelling of reduced precision on CUDA
+    precision = opts.precision
+    if opts.amp:  # the older spelling of reduced precision on CUDA
         if dev.type != "cuda":
             raise UsageError("--amp needs a CUDA device; on CPU use --precision bf16 (used where the CPU runs bf16 natively)")
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -313,14 +351,14 @@ def extract_many(
         check_gpu_decode(dev)
     w = world(dev.type)
     dev = rank_device(dev, w)
-    scan = scan_folder(data_dir, layout)
+    scan = scan_folder(data_dir, opts.layout)
     targets: list[Target] = []
     for model, out in zip(models, outs):
-        backbone = load_backbone(model, weights, seed=seed)
+        backbone = load_backbone(model, weights, seed=opts.seed)
         out_path = Path(out) if out is not None else default_cache_path(model, weights, scan.root, precision=chosen.name, decode=decode)
         summary = ExtractSummary(str(out_path), model, backbone.weights_id, backbone.embed_dim, str(dev), classes=list(scan.classes),
                                  rank=w.rank, world_size=w.size, skipped=list(scan.skipped), precision=chosen.name, decode=decode)
-        targets.append(Target(backbone, out_path, build_meta(backbone, scan, dtype, dev, chosen.name, decode),
+        targets.append(Target(backbone, out_path, build_meta(backbone, scan, opts.dtype, dev, chosen.name, decode),
                               WriterLock(out_path, command=f"extract --model {model}", wait=wait), summary))
     if len({t.out_path.resolve() for t in targets}) != len(targets):
         raise UsageError("two --model values would write the same cache; give each its own --out")
@@ -346,7 +384,7 @@ def extract_many(
         needs = [tuple(r.relpath in t.todo for t in targets) for r in todo]
         draft = max(t.backbone.preprocessing.draft_size for t in targets) if decode == "draft" else None
         to_pixels = [t.backbone.preprocessing.pixels() for t in targets]
-        dataset = SharedDecodeDataset(scan.root, todo, to_pixels, needs, max_pixels, draft, gpu_decode=decode == "gpu")
+        dataset = SharedDecodeDataset(scan.root, todo, to_pixels, needs, opts.max_pixels, draft, gpu_decode=decode == "gpu")
         loader = make_loader(dataset, batch_size, workers if todo else 0, dev.type == "cuda", collate=partial(collate_shared, needs=needs))
         done = 0
         try:
@@ -354,7 +392,7 @@ def extract_many(
                 for parts in loader if todo else ():
                     finish_on_gpu(parts, to_pixels, dev)
                     for t, batch in zip(targets, parts):
-                        _write_batch(t, batch, todo, commit_every, commit_seconds)
+                        _write_batch(t, batch, todo, opts.commit_every, opts.commit_seconds)
                     done += len({i for b in parts for i in b.positions} | {i for b in parts for i, _ in b.failures})
                     if progress and w.is_main:
                         progress(done, len(todo), time.perf_counter() - t0)
@@ -377,16 +415,17 @@ def extract_many(
     return [t.summary for t in targets]
 
 
-def run_extract(data_dir: str | os.PathLike, model: str, weights: str = "DEFAULT", out: str | os.PathLike | None = None, **options: Any) -> ExtractSummary:
+def run_extract(data_dir: str | os.PathLike, model: str, weights: str = "DEFAULT", out: str | os.PathLike | None = None,
+                options: ExtractOptions | Mapping[str, Any] | None = None, **fields: Any) -> ExtractSummary:
     """Extract one backbone's embeddings (``extract_many`` with one model); same options."""
-    return extract_many(data_dir, [model], weights, [out], **options)[0]
+    return extract_many(data_dir, [model], [out], build(ExtractOptions, options, weights=weights), **fields)[0]
 
 
 def measure_engines(model: str, weights: str = "DEFAULT", *, precision: str = "fp32", batch_size: int = 32, device: str = "auto", seed: int = 0,
                     cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Measure every engine available here on ``model`` (random tensors) and remember the fastest
     where ``extract --engine auto`` into ``cache_dir`` looks for it."""
-    check_batch_size(batch_size)
+    require(batch_size >= 1, f"--batch-size must be at least 1 (got {batch_size})")
     dev = resolve_device(device)
     chosen = resolve_precision(precision, dev, log)
     backbone = load_backbone(model, weights, seed=seed)

@@ -9,13 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from .artifacts import load_head
-from .atomic import atomic_path
-from .data import ImageRecord, scan_folder
 from .errors import DataError
 from .extract import embed_batch, prepare_model, resolve_device
-from .reader import ImageFileDataset, make_loader
-from .fit import full_proba
+from .heads import full_proba, load_head
+from .images import ImageFileDataset, ImageRecord, make_loader, scan_folder
+from .store import atomic_path
 
 
 @dataclass
@@ -85,10 +83,10 @@ def predict_images(head_path: str | os.PathLike, inputs: list[str | os.PathLike]
 
 def plot_grid(rows: list[dict[str, Any]], path: Path, max_images: int = 32) -> Path:
     """Images with predicted (and true) labels, green when right, red when wrong."""
-    from .data import load_image
-    from .metrics import _pyplot, save_figure
+    from .heads import pyplot, save_figure
+    from .images import load_image
 
-    plt = _pyplot()
+    plt = pyplot()
 
     rows = rows[:max_images]
     cols = min(8, len(rows))

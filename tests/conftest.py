@@ -135,7 +135,7 @@ def tiny_head(tmp_path_factory, tiny_hub) -> Path:
     """A logreg head on tinybn features of 10 digits per class (the fine-tune starting point)."""
     from pipeline.demo import write_digits
     from pipeline.extract import run_extract
-    from pipeline.fit import fit_head
+    from pipeline.heads.fit import fit_head
 
     base = tmp_path_factory.mktemp("tinyhead")
     data = write_digits(base / "digits", size=32, per_class=10)

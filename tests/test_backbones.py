@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.backbones import load_backbone
+from pipeline.backbones.registry import load_backbone
 from pipeline.errors import BackboneError, WeightsUnavailableError
 
 # (model, input size for the check, expected embedding width)

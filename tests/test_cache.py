@@ -9,9 +9,10 @@ import h5py
 import numpy as np
 import pytest
 
-import pipeline.cache as cache_mod
+import pipeline.store.writer as cache_mod
 from pipeline import load_cache
-from pipeline.cache import CacheWriter, PendingRow, parts_dir_for
+from pipeline.store.writer import CacheWriter, PendingRow
+from pipeline.store.schema import parts_dir_for
 from pipeline.errors import CacheError, StorageError
 
 META = {"model": "m", "weights": "none", "preprocessing": {}, "embed_dim": 4, "dtype": "float32",

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT, make_image, run_cli
 from pipeline import load_cache
-from pipeline.locks import lock_path_for
+from pipeline.store.locks import lock_path_for
 
 pytestmark = pytest.mark.slow
 
@@ -116,7 +116,7 @@ def test_second_writer_is_refused_then_waits(tmp_path, many_images):
     """The lock is held by this test process, so the outcome never depends on how fast a writer runs."""
     import threading
 
-    from pipeline.locks import WriterLock
+    from pipeline.store.locks import WriterLock
 
     out = tmp_path / "c.h5"
     lock = WriterLock(out, command="test holder").acquire()

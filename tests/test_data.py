@@ -10,7 +10,8 @@ import torchvision
 from PIL import Image
 
 from conftest import make_image
-from pipeline.data import IMG_EXTENSIONS, DecodeError, decode_image, load_image, scan_folder
+from pipeline.images.folders import IMG_EXTENSIONS, scan_folder
+from pipeline.images.decode import DecodeError, decode_image, load_image
 from pipeline.errors import DataError
 
 
@@ -156,8 +157,8 @@ def test_unreadable_file(tmp_path, monkeypatch):
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    import pipeline.data
+    import pipeline.images.decode
 
-    monkeypatch.setattr(pipeline.data, "open", denied, raising=False)  # root ignores chmod
+    monkeypatch.setattr(pipeline.images.decode, "open", denied, raising=False)  # root ignores chmod
     with pytest.raises(DecodeError, match="permission denied"):
         load_image(p)

@@ -94,11 +94,14 @@ def _ddp_step(rank: int, world: int, init: str, hub: str, batch: int, out: str, 
     """One optimiser step of our Trainer (batch ``batch`` per rank) over this rank's share of ``n_images`` fixed images."""
     import torch.distributed as dist
 
-    from pipeline.backbones import load_backbone
+    from pipeline.backbones.registry import load_backbone
     from pipeline.distributed import World
-    from pipeline.reader import DecodedBatch
-    from pipeline.finetune import Trainer, assemble, epoch_order, resolve_options
-    from pipeline.heads import build_head_module
+    from pipeline.images.reader import DecodedBatch
+    from pipeline.finetune.trainer import Trainer
+    from pipeline.finetune.model import assemble
+    from pipeline.finetune.augment import epoch_order
+    from pipeline.finetune.options import resolve_options
+    from pipeline.heads.estimators import build_head_module
 
     torch.set_num_threads(1)
     if world > 1:
@@ -138,9 +141,9 @@ def test_ddp_two_ranks_batch_b_equal_one_rank_batch_2b(tmp_path, tiny_hub):
 
 
 def load_start(hub: str) -> dict:
-    from pipeline.backbones import load_backbone
-    from pipeline.finetune import assemble
-    from pipeline.heads import build_head_module
+    from pipeline.backbones.registry import load_backbone
+    from pipeline.finetune.model import assemble
+    from pipeline.heads.estimators import build_head_module
 
     bb = load_backbone(hub, "none", seed=0)
     torch.manual_seed(0)

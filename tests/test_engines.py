@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import hardware, load_cache
+from pipeline import load_cache
+from pipeline.backbones import hardware
 from pipeline.errors import IncompatibleError, UsageError
 from pipeline.extract import run_extract
-from pipeline.hardware import choose_precision
+from pipeline.backbones.hardware import choose_precision
 
 
 @pytest.fixture
@@ -89,8 +90,8 @@ def test_auto_engine_stays_eager_for_small_jobs(tmp_path, image_tree, tiny_hub):
 
 def test_padded_last_batch_gives_the_same_rows():
     """The compiled engine pads a short last batch to its fixed shape; padding must not leak into rows."""
-    from pipeline.engines import TorchEngine
-    from pipeline.hardware import PrecisionChoice
+    from pipeline.backbones.engines import TorchEngine
+    from pipeline.backbones.hardware import PrecisionChoice
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1)).eval()
     x = torch.randn(3, 3, 16, 16)
@@ -122,7 +123,7 @@ def test_exported_engines_match_eager_and_are_recorded(tmp_path, image_tree, tin
 
 
 def test_missing_engine_package_is_a_usage_error(tmp_path, image_tree, tiny_hub, monkeypatch):
-    from pipeline import engines
+    from pipeline.backbones import engines
 
     monkeypatch.setattr(engines, "_installed", lambda name: False)
     with pytest.raises(UsageError, match=r"--engine onnxruntime needs the onnxruntime package: pip install 'featcache\[onnx\]'"):
@@ -133,7 +134,7 @@ def test_missing_engine_package_is_a_usage_error(tmp_path, image_tree, tiny_hub,
 
 def test_an_engine_that_differs_from_eager_is_refused(tmp_path, image_tree, tiny_hub, monkeypatch):
     """The reference check is real: an engine whose rows drift beyond 1e-4 is not used."""
-    from pipeline import engines
+    from pipeline.backbones import engines
 
     class Drifting(engines.TorchEngine):
         def embed(self, images):
@@ -148,7 +149,7 @@ def test_an_engine_that_differs_from_eager_is_refused(tmp_path, image_tree, tiny
 def test_auto_uses_the_engine_measured_fastest_here(tmp_path, image_tree, tiny_hub, monkeypatch):
     """`engines` measures once and remembers; a later small extract with auto uses that engine
     (its export is warm), without measuring again."""
-    from pipeline import engines
+    from pipeline.backbones import engines
     from pipeline.extract import measure_engines
 
     cache_dir = tmp_path / "caches"
@@ -167,7 +168,7 @@ def test_auto_uses_the_engine_measured_fastest_here(tmp_path, image_tree, tiny_h
 
 
 def test_model_identity_follows_the_weights():
-    from pipeline.engines import model_identity
+    from pipeline.backbones.engines import model_identity
 
     a = torch.nn.Linear(3, 2)
     b = torch.nn.Linear(3, 2)
@@ -181,7 +182,7 @@ def test_model_identity_follows_the_weights():
 
 
 def test_decoders_are_sized_to_the_cores(monkeypatch):
-    from pipeline.reader import default_workers
+    from pipeline.images.reader import default_workers
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     for cores, cpu, cuda in [(2, 0, 1), (4, 1, 2), (16, 4, 8), (64, 8, 8)]:
@@ -198,7 +199,7 @@ def test_decoders_are_sized_to_the_cores(monkeypatch):
 def test_draft_decode_is_opt_in_recorded_and_never_mixed(tmp_path, tiny_hub):
     from PIL import Image
 
-    from pipeline.data import decode_image
+    from pipeline.images.decode import decode_image
     from pipeline.extract import default_cache_path
 
     root = tmp_path / "photos"
@@ -229,7 +230,7 @@ def test_gpu_decode_needs_cuda_and_takes_only_plain_complete_jpegs(tmp_path, ima
 
     from PIL import Image
 
-    from pipeline.gpu_decode import plain_jpeg
+    from pipeline.images.gpu_decode import plain_jpeg
 
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="--decode gpu needs a CUDA device"):
@@ -250,8 +251,8 @@ def test_gpu_decode_needs_cuda_and_takes_only_plain_complete_jpegs(tmp_path, ima
 
 def test_gpu_resize_in_groups_equals_one_by_one():
     """--decode gpu resizes same-size images in one call; the result must equal image by image."""
-    from pipeline.backbones import load_backbone
-    from pipeline.gpu_decode import pixels_on_gpu
+    from pipeline.backbones.registry import load_backbone
+    from pipeline.images.gpu_decode import pixels_on_gpu
 
     to_pixels = load_backbone("resnet50", "none").preprocessing.pixels()
     g = torch.Generator().manual_seed(0)
@@ -277,9 +278,9 @@ def test_gpu_decode_plumbing_with_the_cpu_decoder(image_tree):
     checked where no GPU exists: every file ends in exactly one place, rows stay matched."""
     from PIL import Image
 
-    from pipeline.backbones import load_backbone
-    from pipeline.data import scan_folder
-    from pipeline.reader import SharedDecodeDataset, collate_shared, finish_on_gpu
+    from pipeline.backbones.registry import load_backbone
+    from pipeline.images.folders import scan_folder
+    from pipeline.images.reader import SharedDecodeDataset, collate_shared, finish_on_gpu
 
     Image.open(image_tree / "cat" / "1.jpg").resize((120, 90)).save(image_tree / "dog" / "big.jpg")
     (image_tree / "eel" / "cut.jpg").write_bytes((image_tree / "cat" / "1.jpg").read_bytes()[:-60])

@@ -18,14 +18,17 @@ from torch import nn
 
 from conftest import ROOT, cli_json, run_cli
 from pipeline import load_cache
-from pipeline.artifacts import load_head
-from pipeline.backbones import load_backbone
+from pipeline.heads.artifacts import load_head
+from pipeline.backbones.registry import load_backbone
 from pipeline.errors import IncompatibleError, TrainingDiverged, UsageError
-from pipeline.reader import DecodedBatch
-from pipeline.finetune import (Trainer, assemble, checkpoint_path_for, lr_factor, resolve_options,
-                               run_finetune, train_transform)
-from pipeline.freezing import backbone_blocks, batchnorm_layers
-from pipeline.heads import build_head_module
+from pipeline.images.reader import DecodedBatch
+from pipeline.finetune.trainer import Trainer, lr_factor
+from pipeline.finetune.model import assemble
+from pipeline.finetune.run import checkpoint_path_for, run_finetune
+from pipeline.finetune.options import resolve_options
+from pipeline.finetune.augment import train_transform
+from pipeline.finetune.freezing import backbone_blocks, batchnorm_layers
+from pipeline.heads.estimators import build_head_module
 
 FAST = {"batch_size": 8, "augment": "light"}
 
@@ -103,7 +106,7 @@ def test_unfreeze_last_n_trains_only_those_blocks():
 def test_backbone_blocks_follow_the_architecture(name, first, last):
     import torchvision
 
-    from pipeline.backbones import make_headless
+    from pipeline.backbones.registry import make_headless
 
     model = torchvision.models.get_model(name, weights=None)
     make_headless(model, 1000)
@@ -143,7 +146,7 @@ def test_lr_schedule_by_hand():
 
 
 def test_train_transform_uses_the_models_size_and_normalisation():
-    from pipeline.backbones import Preprocessing
+    from pipeline.backbones.registry import Preprocessing
 
     pre = Preprocessing(resize_size=[342], crop_size=[299], mean=[0.5] * 3, std=[0.5] * 3)
     from PIL import Image
@@ -158,7 +161,7 @@ def test_train_transform_uses_the_models_size_and_normalisation():
 def test_epochs_zero_equals_the_heads_accuracy(digits_small, tmp_path):
     """The assembled resnet18 + logreg head scores the val images exactly as the head scored the cache."""
     from pipeline.extract import run_extract
-    from pipeline.fit import fit_head
+    from pipeline.heads.fit import fit_head
 
     cache = tmp_path / "c.h5"
     run_extract(digits_small, "resnet18", "none", cache, workers=0)
@@ -243,7 +246,7 @@ def test_finetuned_model_works_with_predict_extract_and_evaluate(tiny_head, tiny
     ex = cli_json("extract", str(data), "--model", str(out), "--out", str(cache), "--workers", "0")
     assert ex["new"] > 0 and ex["weights"].startswith("finetuned:sha256=")
     # the cache rows are the fine-tuned backbone's own outputs
-    from pipeline.data import load_image
+    from pipeline.images.decode import load_image
 
     loaded = load_head(out)
     bb = load_backbone(loaded.provenance["model"], str(out))
@@ -266,7 +269,7 @@ def test_head_backbone_mismatch_is_refused(tiny_hub, tmp_path):
     """A head fitted on one weights file refuses to fine-tune once that file holds other weights."""
     from pipeline.demo import write_digits
     from pipeline.extract import run_extract
-    from pipeline.fit import fit_head
+    from pipeline.heads.fit import fit_head
 
     data = write_digits(tmp_path / "d", size=32, per_class=4)
     weights = tmp_path / "w.pt"
@@ -347,8 +350,8 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_hub):
 
 
 def test_never_trains_on_the_heads_validation_images(tiny_head, tmp_path):
-    from pipeline.finetune import FineTuneJob
-    from pipeline.fit import _load_split
+    from pipeline.finetune.run import FineTuneJob
+    from pipeline.heads.fit import _load_split
 
     loaded = load_head(tiny_head)
     job = FineTuneJob(loaded, tmp_path / "m.pt", None, {"epochs": 1}, False, False, 0, torch.device("cpu"), lambda m: None)
@@ -360,7 +363,7 @@ def test_never_trains_on_the_heads_validation_images(tiny_head, tmp_path):
 
 
 def test_non_finite_outputs_are_a_clear_error_not_a_crash(tiny_head, tmp_path, monkeypatch):
-    import pipeline.finetune as ft
+    import pipeline.finetune.trainer as ft
 
     real = ft.Trainer.predict
 

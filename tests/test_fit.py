@@ -12,8 +12,8 @@ from conftest import cli_json, make_image, run_cli
 from pipeline import load_cache, load_head
 from pipeline.errors import IncompatibleError, UsageError
 from pipeline.extract import run_extract
-from pipeline.fit import evaluate_head, fit_head
-from pipeline.splits import assign_splits
+from pipeline.heads.fit import evaluate_head, fit_head
+from pipeline.heads.splits import assign_splits
 
 
 def test_hash_split_is_stable_when_cache_grows():
@@ -28,7 +28,7 @@ def test_hash_split_is_stable_when_cache_grows():
 
 
 def test_logreg_head_matches_sklearn_on_cache(digits_cache, tmp_path):
-    r = fit_head(digits_cache, "logreg", tmp_path / "h.pt", params={"C": 0.5}, plots=False)
+    r = fit_head(digits_cache, "logreg", tmp_path / "h.pt", C=0.5, plots=False)
     c = load_cache(digits_cache)
     split, _ = assign_splits(c.paths, c.labels, c.split, 0.2, 0)
     tr, va = split == "train", split == "val"
@@ -54,11 +54,11 @@ def test_streaming_fit_equals_in_memory_quality(digits_cache, tmp_path):
     r = fit_head(digits_cache, "linear", tmp_path / "s.pt", stream=True, plots=False)
     assert r.metrics["val"]["accuracy"] > 0.9
     with pytest.raises(UsageError, match="--clf linear"):
-        fit_head(digits_cache, "logreg", tmp_path / "x.pt", memory_budget=1000)
+        fit_head(digits_cache, "logreg", tmp_path / "x.pt", memory_budget=1000 / 2**30)
 
 
 def test_head_refuses_other_backbone(tmp_path, image_tree, digits_cache):
-    r = fit_head(digits_cache, "logreg", tmp_path / "h.pt", params={"C": 1.0}, plots=False)
+    r = fit_head(digits_cache, "logreg", tmp_path / "h.pt", C=1.0, plots=False)
     other = tmp_path / "r34.h5"
     run_extract(image_tree, "resnet34", "none", other, workers=0)
     with pytest.raises(IncompatibleError, match="model='resnet18'.*'resnet34'"):
@@ -114,7 +114,7 @@ def test_cli_fit_evaluate_predict_compare(digits_cache, tmp_path, image_tree):
 ])
 def test_cli_bad_input_stage2(digits_cache, tmp_path, args, code, needle):
     head = tmp_path / "h.pt"
-    fit_head(digits_cache, "logreg", head, params={"C": 1.0}, plots=False)
+    fit_head(digits_cache, "logreg", head, C=1.0, plots=False)
     (tmp_path / "empty").mkdir()
     notours = tmp_path / "x.pt"
     notours.write_bytes(b"garbage")

@@ -127,7 +127,7 @@ def test_awkward_but_valid_inputs_work(things, tmp_path, tiny_hub):
 def test_unreadable_file_is_a_recorded_failure(things, tmp_path, tiny_hub, monkeypatch):
     """Permission denied on one image: recorded with its reason, exit 3, the rest extracted.
     (Simulated in-process where the tests run as root, which ignores file permissions.)"""
-    from pipeline import data as data_mod
+    from pipeline.images import decode as data_mod
     from pipeline.extract import run_extract
 
     root = tmp_path / "perm"
@@ -152,7 +152,7 @@ def test_disk_full_while_saving_a_head_keeps_the_old_one(things, tmp_path, monke
     import errno
 
     from pipeline.errors import StorageError
-    from pipeline.fit import fit_head
+    from pipeline.heads.fit import fit_head
 
     target = tmp_path / "h.head.pt"
     fit_head(things["cache"], "logreg", target, plots=False)
@@ -165,7 +165,7 @@ def test_disk_full_while_saving_a_head_keeps_the_old_one(things, tmp_path, monke
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(StorageError, match="disk is full.*nothing was changed"):
-        fit_head(things["cache"], "logreg", target, params={"C": 0.5}, plots=False)
+        fit_head(things["cache"], "logreg", target, C=0.5, plots=False)
     monkeypatch.setattr(torch, "save", real_save)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []

@@ -10,7 +10,7 @@ from sklearn.model_selection import GridSearchCV, cross_val_score, train_test_sp
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipeline.heads import LinearHead, LogRegHead, MLPHead
+from pipeline.heads.estimators import LinearHead, LogRegHead, MLPHead
 
 FAST = [LogRegHead(Cs=(0.1, 1.0), cv=2), LinearHead(epochs=200, lr=5e-2, device="cpu"), MLPHead(hidden=(16,), dropout=(0.0,), epochs=30, lr=1e-2, device="cpu")]
 

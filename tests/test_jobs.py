@@ -15,9 +15,9 @@ import pytest
 
 from conftest import ROOT, make_image, run_cli
 from pipeline import load_cache
-from pipeline.jobs import run_job
-from pipeline.jobspec import JobFileError, load_job
-from pipeline.locks import WriterLock, lock_path_for
+from pipeline.jobs.runner import run_job
+from pipeline.jobs.spec import JobFileError, load_job
+from pipeline.store.locks import WriterLock, lock_path_for
 
 pytestmark = pytest.mark.slow
 
@@ -255,12 +255,12 @@ def test_the_readme_job_example_is_valid(tmp_path):
     job_file.write_text(block)
     job = load_job(job_file, [f'data=["{tmp_path / "data"}"]'])
     assert [b.model for b in job.backbones] == ["resnet50", "efficientnet_b0"] and [h.name for h in job.heads] == ["logreg", "mlp-wide"]
-    assert job.finetune.from_head == "logreg" and job.finetune.options["epochs"] == 3
+    assert job.finetune.from_head == "logreg" and job.finetune.options.epochs == 3
 
 
 def test_backbones_with_the_same_options_share_one_pass(job_dir, tiny_hub, monkeypatch):
     """Two backbones, same weights and extract options: each file decoded once, two caches."""
-    import pipeline.reader as reader
+    import pipeline.images.reader as reader
 
     # the second backbone shares the first's weights and extract options (batch_size 64)
     job = _write_job(job_dir, tiny_hub, finetune=False, extra='[[backbones]]\nmodel = "mobilenet_v3_small"\nweights = "none"\nbatch_size = 64\n')

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import data, load_cache
+from pipeline import load_cache
+from pipeline.images import decode as data
 from pipeline.errors import UsageError
 from pipeline.extract import extract_many, run_extract
 
@@ -23,7 +24,7 @@ def count_decodes(monkeypatch):
         calls.append(1)
         return real(*args, **kwargs)
 
-    import pipeline.reader as reader
+    import pipeline.images.reader as reader
 
     monkeypatch.setattr(reader, "decode_image", counting)
     return calls
@@ -31,7 +32,7 @@ def count_decodes(monkeypatch):
 
 def test_one_decode_per_file_and_rows_equal_single_runs(tmp_path, image_tree, tiny_hub, count_decodes):
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
-    both = extract_many(image_tree, [tiny_hub, SECOND], "none", [a, b], workers=0, batch_size=5, engine="eager")
+    both = extract_many(image_tree, [tiny_hub, SECOND], [a, b], weights="none", workers=0, batch_size=5, engine="eager")
     assert len(count_decodes) == 12  # 12 files, two backbones, one decode each
     assert [s.new for s in both] == [12, 12] and [s.model for s in both] == [tiny_hub, SECOND]
     count_decodes.clear()
@@ -51,7 +52,7 @@ def test_only_what_each_cache_lacks_is_decoded(tmp_path, image_tree, tiny_hub, c
     run_extract(image_tree, tiny_hub, "none", a, workers=0)  # a is complete
     make_image(image_tree / "cat" / "new.png", seed=99)
     count_decodes.clear()
-    first, second = extract_many(image_tree, [tiny_hub, SECOND], "none", [a, b], workers=0, batch_size=4)
+    first, second = extract_many(image_tree, [tiny_hub, SECOND], [a, b], weights="none", workers=0, batch_size=4)
     assert (first.new, first.cached, second.new, second.cached) == (1, 12, 13, 0)
     assert len(count_decodes) == 13
     assert len(load_cache(a)) == 13 and len(load_cache(b)) == 13
@@ -59,16 +60,16 @@ def test_only_what_each_cache_lacks_is_decoded(tmp_path, image_tree, tiny_hub, c
 
 def test_a_broken_file_fails_for_every_backbone(tmp_path, image_tree, tiny_hub):
     (image_tree / "dog" / "bad.jpg").write_bytes(b"not a jpeg")
-    first, second = extract_many(image_tree, [tiny_hub, SECOND], "none", [tmp_path / "a.h5", tmp_path / "b.h5"], workers=2, batch_size=4)
+    first, second = extract_many(image_tree, [tiny_hub, SECOND], [tmp_path / "a.h5", tmp_path / "b.h5"], weights="none", workers=2, batch_size=4)
     assert [p for p, _ in first.failures] == ["dog/bad.jpg"] == [p for p, _ in second.failures]
     assert first.new == second.new == 12
 
 
 def test_the_same_backbone_twice_or_one_cache_twice_is_refused(tmp_path, image_tree, tiny_hub):
     with pytest.raises(UsageError, match="same backbone twice"):
-        extract_many(image_tree, [tiny_hub, tiny_hub], "none")
+        extract_many(image_tree, [tiny_hub, tiny_hub], weights="none")
     with pytest.raises(UsageError, match="same cache"):
-        extract_many(image_tree, [tiny_hub, SECOND], "none", [tmp_path / "x.h5", tmp_path / "x.h5"])
+        extract_many(image_tree, [tiny_hub, SECOND], [tmp_path / "x.h5", tmp_path / "x.h5"], weights="none")
     assert not (tmp_path / "x.h5").exists()
 
 
@@ -85,12 +86,12 @@ def test_cli_several_models(tmp_path, image_tree, tiny_hub):
 def test_a_refused_cache_releases_every_lock(tmp_path, image_tree, tiny_hub):
     """The second cache belongs to another backbone: the run is refused, and no lock stays held."""
     from pipeline.errors import IncompatibleError
-    from pipeline.locks import WriterLock
+    from pipeline.store.locks import WriterLock
 
     a, b = tmp_path / "a.h5", tmp_path / "b.h5"
     run_extract(image_tree, tiny_hub, "none", b, workers=0)  # b holds tinybn rows
     with pytest.raises(IncompatibleError):
-        extract_many(image_tree, [SECOND, SECOND.replace("small", "large")], "none", [a, b], workers=0)
+        extract_many(image_tree, [SECOND, SECOND.replace("small", "large")], [a, b], weights="none", workers=0)
     for path in (a, b):
         WriterLock(path).acquire().release()  # would raise LockHeldError if a lock leaked
     assert not a.exists()

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from .errors import UsageError
+from ..errors import UsageError
 
 JPEG_EOI = b"\xff\xd9"
 

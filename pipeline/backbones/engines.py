@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_path
-from .errors import UsageError
+from ..errors import UsageError
+from ..store import atomic_path
 from .hardware import PrecisionChoice, cpu_summary
 
 ENGINES = ("auto", "eager", "compile", "onnxruntime", "openvino")

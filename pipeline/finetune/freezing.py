@@ -16,8 +16,8 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .backbones import AUX_CLASSIFIERS
-from .errors import UsageError
+from ..backbones import AUX_CLASSIFIERS
+from ..errors import UsageError
 
 Block = tuple[str, list[tuple[str, nn.Parameter]]]
 

@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 from torchvision.transforms._presets import ImageClassification
 
-from .errors import BackboneError, WeightsUnavailableError
+from ..errors import BackboneError, WeightsUnavailableError
 
 HUB_PREFIX = "hub:"
 # Used only for torch.hub entries that declare no preprocessing of their own (recorded as such).

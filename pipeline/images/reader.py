@@ -15,7 +15,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import DEFAULT_MAX_PIXELS, DecodeError, ImageRecord, decode_image, read_bytes
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_bytes
+from .folders import ImageRecord
 from .gpu_decode import Encoded, decode_on_gpu, pixels_on_gpu, plain_jpeg
 
 

@@ -1,27 +1,19 @@
-"""Image folders in, records out; bytes in, RGB images out.
+"""Image folders in, records out.
 
 Scanning follows ``torchvision.datasets.ImageFolder`` exactly (class folders sorted as
 ``os.scandir`` names, files found by a sorted ``os.walk(followlinks=True)``, the same
 extensions, case-insensitive) so class indices agree with the classic tutorials. It adds
 what ImageFolder lacks: pre-split ``train/ val/ test/`` roots, flat unlabeled folders,
 symlink-loop protection, and file fingerprints for incremental extraction.
-
-Decoding never substitutes another file for a bad one: it raises
-:class:`DecodeError` with a short reason, which the caller records.
 """
 from __future__ import annotations
 
-import io
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-
-from .errors import DataError
+from ..errors import DataError
 
 # Same list as torchvision.datasets.folder.IMG_EXTENSIONS (checked by a test).
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -175,95 +167,3 @@ def scan_folder(root: str | os.PathLike, layout: str = "auto") -> ScanResult:
             f"with extensions {', '.join(IMG_EXTENSIONS)}"
         )
     return ScanResult(path, resolved, classes, records, skipped)
-
-
-# ----------------------------------------------------------------------------- decoding
-
-
-class DecodeError(Exception):
-    """A file that cannot become an RGB image; ``str(err)`` is the recorded reason."""
-
-
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
-
-
-def read_bytes(path: str | os.PathLike) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read()
-    except PermissionError:
-        raise DecodeError("permission denied")
-    except FileNotFoundError:
-        raise DecodeError("file vanished during the run")
-    except IsADirectoryError:
-        raise DecodeError("is a folder, not a file")
-    except OSError as exc:
-        raise DecodeError(f"cannot read: {exc.strerror or exc}")
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB: 16-bit/float scaled, alpha composited over white."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = float(arr.max()) if arr.size else 0.0
-        if mode == "F" and hi <= 1.0:
-            arr = arr * 255.0
-        elif hi > 255.0:
-            arr = arr / 257.0  # 16-bit full range to 8-bit
-        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
-        return gray.convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
-
-
-def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
-    """Decode ``data`` fully into an upright RGB image, or raise :class:`DecodeError`.
-
-    ``draft_size`` (opt-in, changes pixels): a JPEG is decoded at the smallest 1/2, 1/4 or 1/8
-    scale whose both sides are still at least ``draft_size`` — several times faster on large
-    photos, since the DCT skips what the resize would throw away."""
-    if not data:
-        raise DecodeError("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        previous = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max_pixels
-        try:
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise DecodeError(
-                    f"decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels}; raise --max-pixels to accept it"
-                )
-            ImageFile.LOAD_TRUNCATED_IMAGES = False
-            if draft_size and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))
-            img.load()  # force the full decode here, so truncation is caught now
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
-        except DecodeError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise DecodeError(f"decompression bomb: {exc}; raise --max-pixels to accept it")
-        except UnidentifiedImageError:
-            raise DecodeError("not an image (cannot identify image format)")
-        except OSError as exc:
-            msg = str(exc)
-            if "truncated" in msg:
-                raise DecodeError("truncated image file")
-            raise DecodeError(f"corrupt image: {msg}")
-        except (ValueError, SyntaxError, TypeError, IndexError, MemoryError, EOFError) as exc:
-            raise DecodeError(f"corrupt image: {type(exc).__name__}: {exc}")
-        finally:
-            Image.MAX_IMAGE_PIXELS = previous
-
-
-def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read and decode one file (see :func:`decode_image`)."""
-    return decode_image(read_bytes(path), max_pixels)

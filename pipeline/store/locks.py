@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from .errors import LockHeldError, StorageError
+from ..errors import LockHeldError, StorageError
 
 log = logging.getLogger("featcache")
 

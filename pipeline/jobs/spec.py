@@ -33,37 +33,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .finetune import DEFAULTS as FINETUNE_DEFAULTS
+from ..errors import UsageError
+from ..extract import ExtractOptions
+from ..finetune import FinetuneOptions
+from ..heads import FitOptions
+from ..options import build, toml_schema, type_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-NUMBER = (int, float)
-TOP_KEYS: dict[str, Any] = {"name": str, "data": (str, list), "cache_dir": str, "out_dir": str, "device": str, "workers": int,
-                            "backbones": list, "heads": list, "finetune": dict}
-BACKBONE_KEYS: dict[str, Any] = {"model": str, "weights": str, "batch_size": int, "workers": int, "dtype": str, "layout": str, "seed": int,
-                                 "commit_every": int, "commit_seconds": NUMBER, "max_pixels": int, "amp": bool,
-                                 "engine": str, "precision": str, "decode": str}
-HEAD_KEYS: dict[str, Any] = {"name": str, "clf": str, "C": NUMBER, "jobs": int, "epochs": int, "lr": NUMBER, "weight_decay": NUMBER,
-                             "batch_size": int, "hidden": list, "dropout": list, "label_smoothing": NUMBER, "schedule": str, "patience": int,
-                             "class_weight": str, "val_fraction": NUMBER, "seed": int, "stream": bool}
-
-
-def _option_type(default: Any) -> Any:
-    """The TOML type a fine-tune option takes, from its default (None: a number chosen per optimizer)."""
-    if isinstance(default, bool):
-        return bool
-    if isinstance(default, int):
-        return int
-    return NUMBER if default is None or isinstance(default, float) else type(default)
-
-
-# The [finetune] table: where to start from and how to decode, plus every `finetune` option
-# (derived from finetune.DEFAULTS, so a new option is accepted here without a second list).
-FINETUNE_KEYS: dict[str, Any] = {"from_head": str, "workers": int, **{k: _option_type(v) for k, v in FINETUNE_DEFAULTS.items()}}
+# Each table takes its stage's options (the same fields as the command's flags, checked by
+# the same code) plus the keys that say what the table is about.
+TOP_KEYS: dict[str, Any] = {"name": str, "data": None, "cache_dir": str, "out_dir": str, "device": str, "workers": int,
+                            "backbones": list, "heads": list, "finetune": dict}  # None: checked on its own below
+BACKBONE_KEYS: dict[str, Any] = {"model": str, **toml_schema(ExtractOptions)}
+HEAD_KEYS: dict[str, Any] = {"name": str, **toml_schema(FitOptions)}
+FINETUNE_KEYS: dict[str, Any] = {"from_head": str, **toml_schema(FinetuneOptions)}
 
 
 class JobFileError(UsageError):
@@ -73,39 +60,32 @@ class JobFileError(UsageError):
 @dataclass
 class BackboneSpec:
     model: str
-    weights: str = "DEFAULT"
-    extract: dict[str, Any] = field(default_factory=dict)
+    options: ExtractOptions = field(default_factory=ExtractOptions)
+
+    @property
+    def weights(self) -> str:
+        return self.options.weights
 
 
 @dataclass
 class HeadSpec:
     name: str
-    clf: str
-    params: dict[str, Any] = field(default_factory=dict)  # fit-head options as given
+    params: dict[str, Any] = field(default_factory=dict)  # the table's options as written (for the digest)
+    options: FitOptions = field(default_factory=FitOptions)
+
+    @property
+    def clf(self) -> str:
+        return self.options.clf
 
     def digest(self) -> str:
         """What a fitted head must have been fitted with to count as up to date."""
         return hashlib.sha256(json.dumps({"clf": self.clf, **self.params}, sort_keys=True).encode()).hexdigest()[:16]
 
-    def fit_args(self) -> dict[str, Any]:
-        """``fit_head`` keyword arguments (raises UsageError for bad values)."""
-        from .fit import head_params
-
-        p = self.params
-        params = head_params(self.clf, C=p.get("C"), jobs=p.get("jobs"), seed=p.get("seed", 0), class_weight=p.get("class_weight"),
-                             epochs=p.get("epochs"), lr=p.get("lr"), weight_decay=p.get("weight_decay"), batch_size=p.get("batch_size"),
-                             hidden=tuple(p["hidden"]) if "hidden" in p else None, dropout=tuple(p["dropout"]) if "dropout" in p else None,
-                             label_smoothing=p.get("label_smoothing", 0.0), schedule=p.get("schedule", "cosine"), patience=p.get("patience"))
-        if not 0.0 <= p.get("val_fraction", 0.2) < 1.0:
-            raise UsageError(f"val_fraction must be in [0, 1), got {p['val_fraction']}")
-        return {"params": params, "val_fraction": p.get("val_fraction", 0.2), "seed": p.get("seed", 0), "stream": p.get("stream", False)}
-
 
 @dataclass
 class FinetuneSpec:
     from_head: str
-    options: dict[str, Any] = field(default_factory=dict)
-    workers: int | None = None
+    options: FinetuneOptions = field(default_factory=FinetuneOptions)
 
 
 @dataclass
@@ -122,15 +102,12 @@ class JobSpec:
     finetune: FinetuneSpec | None = None
 
 
-def _type_name(t: Any) -> str:
-    names = {str: "a string", int: "an integer", bool: "true or false", list: "a list", dict: "a table", NUMBER: "a number", (str, list): "a string or a list of strings"}
-    return names.get(t, str(t))
-
-
-def _type_ok(value: Any, expected: Any) -> bool:
-    if isinstance(value, bool) and expected is not bool:
-        return False  # TOML true is not a number
-    return isinstance(value, expected)
+def _type_ok_problem(value: Any, expected: Any) -> str | None:
+    if expected is None:
+        return None
+    if expected in (list, dict):
+        return None if isinstance(value, expected) else f"expected {'a list' if expected is list else 'a table'}, got {type(value).__name__} {value!r}"
+    return type_problem(value, expected)
 
 
 def _check_table(table: dict[str, Any], schema: dict[str, Any], where: str, problems: list[str]) -> None:
@@ -138,8 +115,10 @@ def _check_table(table: dict[str, Any], schema: dict[str, Any], where: str, prob
         if key not in schema:
             close = difflib.get_close_matches(key, list(schema), n=1)
             problems.append(f"{where}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else f"; allowed: {', '.join(schema)}"))
-        elif not _type_ok(value, schema[key]):
-            problems.append(f"{where}.{key}: expected {_type_name(schema[key])}, got {type(value).__name__} {value!r}")
+        else:
+            problem = _type_ok_problem(value, schema[key])
+            if problem:
+                problems.append(f"{where}.{key}: {problem}")
 
 
 def _tables(doc: dict[str, Any], key: str, schema: dict[str, Any], problems: list[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -159,8 +138,16 @@ def _tables(doc: dict[str, Any], key: str, schema: dict[str, Any], problems: lis
     return found
 
 
-def _type_problems(problems: list[str], where: str) -> bool:
-    return any(p.startswith(where + ".") and ": expected " in p for p in problems)
+def _options(cls: type, values: dict[str, Any], where: str, problems: list[str]) -> Any:
+    """The table's options object, or None with the problem recorded (once: a table with a
+    key of the wrong type, already reported, is not checked again)."""
+    if any(p.startswith(where + ".") and ": expected " in p for p in problems):
+        return None
+    try:
+        return build(cls, {k: v for k, v in values.items() if k in toml_schema(cls)})
+    except UsageError as exc:
+        problems.append(f"{where}: {exc}")
+        return None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -206,10 +193,8 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     Raises:
         JobFileError: missing/unreadable/invalid TOML, or a list of problems.
     """
-    from .backbones import check_model_name
-    from .errors import BackboneError
-    from .finetune import resolve_options
-    from .heads import HEAD_KINDS
+    from ..backbones import check_model_name
+    from ..errors import BackboneError
 
     path = Path(path)
     if not path.is_file():
@@ -265,25 +250,19 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
             check_model_name(model)
         except BackboneError as exc:
             problems.append(f"{where}.model: {exc}")
-        extract = {k: v for k, v in b.items() if k not in ("model", "weights")}
-        backbones.append(BackboneSpec(model, str(b.get("weights", "DEFAULT")), extract))
+        options = _options(ExtractOptions, b, where, problems)
+        if options is not None:
+            backbones.append(BackboneSpec(model, options))
 
     heads: list[HeadSpec] = []
     for where, h in _tables(doc, "heads", HEAD_KEYS, problems):
-        clf = h.get("clf")
-        if clf not in HEAD_KINDS:
-            problems.append(f"{where}.clf: {clf!r} is not a head; choose one of {', '.join(HEAD_KINDS)}")
+        options = _options(FitOptions, h, where, problems)
+        if options is None:
             continue
-        name = str(h.get("name", clf))
+        name = str(h.get("name", options.clf))
         if any(x.name == name for x in heads):
             problems.append(f"{where}.name: {name!r} is used twice; give each head a distinct name")
-        spec = HeadSpec(name, clf, {k: v for k, v in h.items() if k not in ("name", "clf")})
-        if not _type_problems(problems, where):  # types are right: check the values
-            try:
-                spec.fit_args()
-            except UsageError as exc:
-                problems.append(f"{where}: {exc}")
-        heads.append(spec)
+        heads.append(HeadSpec(name, {k: v for k, v in h.items() if k not in ("name", "clf")}, options))
 
     finetune = None
     raw_ft = doc.get("finetune")
@@ -294,13 +273,13 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
             problems.append("finetune: needs a head to start from; add a [[heads]] table")
         elif not any(h.name == from_head for h in heads):
             problems.append(f"finetune.from_head: no head named {from_head!r} (heads: {', '.join(h.name for h in heads) or 'none'})")
-        options = {k: v for k, v in raw_ft.items() if k not in ("from_head", "workers")}
-        if not _type_problems(problems, "finetune"):
+        options = _options(FinetuneOptions, raw_ft, "finetune", problems)
+        if options is not None:
             try:
-                resolve_options(options)
+                options.resolve()  # the combination (e.g. per-optimizer learning rates) is valid
             except UsageError as exc:
                 problems.append(f"finetune: {exc}")
-        finetune = FinetuneSpec(str(from_head), options, raw_ft.get("workers"))
+        finetune = FinetuneSpec(str(from_head), options or FinetuneOptions())
 
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)

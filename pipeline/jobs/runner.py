@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .atomic import atomic_path
-from .errors import FeatcacheError
-from .jobspec import BackboneSpec, HeadSpec, JobSpec, load_job
-from .locks import WriterLock
+from ..errors import FeatcacheError
+from ..finetune import FinetuneOptions
+from ..store import WriterLock, atomic_path
+from .spec import BackboneSpec, HeadSpec, JobSpec, load_job
 
 
 @dataclass
@@ -49,11 +49,11 @@ class JobResult:
 
 
 def cache_path_for(job: JobSpec, data_root: Path, backbone: BackboneSpec) -> Path:
-    from .extract import default_cache_path, resolve_device
-    from .hardware import choose_precision
+    from ..backbones import choose_precision
+    from ..extract import default_cache_path, resolve_device
 
-    precision = choose_precision(backbone.extract.get("precision", "fp32"), resolve_device(job.device)).name  # what this machine runs
-    return default_cache_path(backbone.model, backbone.weights, data_root, job.cache_dir, precision, backbone.extract.get("decode", "exact"))
+    precision = choose_precision(backbone.options.precision, resolve_device(job.device)).name  # what this machine runs
+    return default_cache_path(backbone.model, backbone.weights, data_root, job.cache_dir, precision, backbone.options.decode)
 
 
 def head_path_for(job: JobSpec, cache: Path, head: HeadSpec) -> Path:
@@ -69,8 +69,8 @@ def model_path_for(job: JobSpec, cache: Path, head_name: str) -> Path:
 
 def head_staleness(head_path: Path, cache: Path, spec: HeadSpec) -> str | None:
     """None when the head on disk is up to date, else why it must be (re)fitted."""
-    from .artifacts import load_head
-    from .cache import read_rows
+    from ..heads import load_head
+    from ..store import read_rows
 
     if not head_path.is_file():
         return "not fitted yet"
@@ -87,10 +87,10 @@ def head_staleness(head_path: Path, cache: Path, spec: HeadSpec) -> str | None:
     return None
 
 
-def finetune_plan(model_path: Path, head_path: Path, options: dict[str, Any]) -> tuple[str, str]:
+def finetune_plan(model_path: Path, head_path: Path, options: FinetuneOptions) -> tuple[str, str]:
     """("skip" | "resume" | "start over" | "run", reason) for a fine-tune from ``head_path``."""
-    from .artifacts import artifact_id
-    from .finetune import RESUME_MAY_CHANGE, checkpoint_path_for, load_checkpoint, resolve_options
+    from ..finetune import RESUME_MAY_CHANGE, checkpoint_path_for, load_checkpoint, resolve_options
+    from ..heads import artifact_id
 
     if not head_path.is_file():
         return "run", "its head is fitted in this run"
@@ -100,16 +100,16 @@ def finetune_plan(model_path: Path, head_path: Path, options: dict[str, Any]) ->
         try:
             state = load_checkpoint(ckpt)
             fixed = lambda opts: {k: v for k, v in opts.items() if k not in RESUME_MAY_CHANGE}  # noqa: E731
-            same = state["identity"]["head_sha256"] == artifact_id(head_path) and fixed(state["options"]) == fixed(wanted)
+            same = state["identity"]["head_sha256"] == artifact_id(head_path) and fixed(state["options"]) == fixed(wanted.training())
             done = int(state["epoch"])
         except (FeatcacheError, KeyError):
             return "start over", "its checkpoint is unreadable"
-        if same and done >= wanted["epochs"] and model_path.is_file():
+        if same and done >= wanted.epochs and model_path.is_file():
             return "skip", f"up to date ({done} epochs from this head)"
-        if same and done < wanted["epochs"]:
-            return "resume", f"its checkpoint stopped after {done} of {wanted['epochs']} epochs"
+        if same and done < wanted.epochs:
+            return "resume", f"its checkpoint stopped after {done} of {wanted.epochs} epochs"
         return "start over", "its head or options changed"
-    if wanted["epochs"] == 0 and model_path.is_file():
+    if wanted.epochs == 0 and model_path.is_file():
         return "start over", "evaluation only"
     return "run", "not fine-tuned yet"
 
@@ -151,7 +151,7 @@ def run_job(path: str | Path, overrides: list[str] | None = None, *, force: bool
 
 
 def _plan(job: JobSpec, result: JobResult, force: bool) -> None:
-    from .report import cache_status
+    from ..status import cache_status
 
     for root in job.data:
         for bb in job.backbones:
@@ -179,13 +179,13 @@ def _extract_groups(job: JobSpec) -> list[list[BackboneSpec]]:
     """Backbones that share weights and extract options: one pass over the files for each group."""
     groups: dict[str, list[BackboneSpec]] = {}
     for bb in job.backbones:
-        key = json.dumps([bb.weights, bb.extract], sort_keys=True, default=str)
+        key = json.dumps(asdict(bb.options), sort_keys=True, default=str)
         groups.setdefault(key, []).append(bb)
     return list(groups.values())
 
 
 def _execute(job: JobSpec, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress) -> None:
-    from .extract import extract_many
+    from ..extract import extract_many
 
     for root in job.data:
         for group in _extract_groups(job):
@@ -193,9 +193,9 @@ def _execute(job: JobSpec, result: JobResult, force: bool, wait: float, log: Cal
             for bb, cache in zip(group, caches):
                 log(f"[{job.name}] extract {root} with {bb.model} ({bb.weights}) -> {cache}")
             t = time.perf_counter()
-            opts = {k: v for k, v in group[0].extract.items() if k != "workers"}
-            summaries = extract_many(root, [bb.model for bb in group], group[0].weights, caches, device=job.device,
-                                     workers=group[0].extract.get("workers", job.workers), wait=wait, progress=progress("extract"), log=log, **opts)
+            opts = group[0].options
+            summaries = extract_many(root, [bb.model for bb in group], caches, opts, device=job.device,
+                                     workers=opts.workers if opts.workers is not None else job.workers, wait=wait, progress=progress("extract"), log=log)
             seconds = round(time.perf_counter() - t, 3)
             for cache, s in zip(caches, summaries):
                 changed = bool(s.new or s.removed or s.new_failed)
@@ -213,8 +213,8 @@ def _execute(job: JobSpec, result: JobResult, force: bool, wait: float, log: Cal
 
 def _fit_and_finetune(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress) -> None:
     """The heads of one cache, then the fine-tune that starts from one of them: each only when stale."""
-    from .finetune import run_finetune
-    from .fit import fit_head
+    from ..finetune import run_finetune
+    from ..heads import fit_head
 
     for h in job.heads:
         head = head_path_for(job, cache, h)
@@ -225,7 +225,7 @@ def _fit_and_finetune(job: JobSpec, cache: Path, result: JobResult, force: bool,
             continue
         log(f"[{job.name}] fit-head {h.name} ({why}) -> {head}")
         t = time.perf_counter()
-        r = fit_head(cache, h.clf, head, wait=wait, extra_provenance={"job_spec": h.digest(), "job": str(job.path)}, **h.fit_args())
+        r = fit_head(cache, h.options, head, wait=wait, extra_provenance={"job_spec": h.digest(), "job": str(job.path)})
         m = r.metrics.get("val") or r.metrics.get("test") or {}
         result.steps.append(Step("fit-head", str(head), "run", why, round(time.perf_counter() - t, 3),
                                  {"val_accuracy": m.get("accuracy"), "n_train": r.n_train, "reports": r.reports}))
@@ -243,7 +243,7 @@ def _fit_and_finetune(job: JobSpec, cache: Path, result: JobResult, force: bool,
     log(f"[{job.name}] finetune from {head.name} ({reason}) -> {model}")
     t = time.perf_counter()
     r = run_finetune(head, model, options=ft.options, resume=action == "resume", force=action != "resume",
-                     workers=ft.workers if ft.workers is not None else job.workers, device=job.device, wait=wait,
+                     workers=ft.options.workers if ft.options.workers is not None else job.workers, device=job.device, wait=wait,
                      progress=progress("train"), log=log)
     result.failed_inputs += len(r.failures)
     val = r.metrics.get("val", {})

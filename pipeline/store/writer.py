@@ -1,4 +1,4 @@
-"""The embedding cache: the only module that imports h5py.
+"""Writing the embedding cache (the store is the only package that imports h5py).
 
 On disk a cache ``X.h5`` is an *index* file plus a folder ``X.h5.parts/`` of *part*
 files. Each part holds the rows of one commit (embeddings and per-row metadata) and is
@@ -17,212 +17,33 @@ touched. The schema (below) is versioned by ``SCHEMA_VERSION``; see README "Cach
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import h5py
 import numpy as np
 
+from ..errors import CacheError
 from .atomic import atomic_path, remove_stale_temporaries
-from .errors import CacheError, IncompatibleError
-
-FORMAT = "featcache.cache"
-PART_FORMAT = "featcache.part"
-SCHEMA_VERSION = 1
-STR = h5py.string_dtype("utf-8")
-DTYPES = ("float32", "float16")
-# Provenance keys that must be equal for rows to share one cache.
-COMPAT_KEYS = ("model", "weights", "preprocessing", "embed_dim", "dtype", "precision", "decode", "data_root", "layout")
-# What a cache written before a key existed holds.
-COMPAT_DEFAULTS = {"precision": "fp32", "decode": "exact"}
-
-
-def parts_dir_for(path: Path) -> Path:
-    return path.with_name(path.name + ".parts")
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-@dataclass
-class CacheData:
-    """What ``load_cache`` returns: the current rows, sorted by path."""
-
-    path: Path
-    embeddings: np.ndarray  # [N, D]
-    labels: np.ndarray  # [N] int64, -1 = unlabeled
-    paths: list[str]  # relative to the data root
-    classes: list[str]
-    split: list[str]  # per row: "train", "val", "test" or ""
-    failures: list[tuple[str, str]]  # (relative path, reason)
-    meta: dict[str, Any]  # provenance
-    fingerprints: dict[str, np.ndarray] = field(default_factory=dict)  # size, mtime_ns, sha256
-
-    @property
-    def engine(self) -> str:
-        """The engine that last extracted into this cache (eager, compile)."""
-        return str(self.meta.get("engine", "eager"))
-
-    @property
-    def decode(self) -> str:
-        """exact, or the opt-in draft / gpu JPEG decoding (changes pixels; never mixed with exact)."""
-        return str(self.meta.get("decode", COMPAT_DEFAULTS["decode"]))
-
-    @property
-    def precision(self) -> str:
-        """fp32, bf16 or fp16: every row of a cache shares it (mixing is refused)."""
-        return str(self.meta.get("precision", COMPAT_DEFAULTS["precision"]))
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.meta["embed_dim"])
-
-
-def _open_index(path: Path) -> h5py.File:
-    path = Path(path)
-    if not path.exists():
-        raise CacheError(f"cache {str(path)!r} does not exist; create it with `python cli.py extract DATA_DIR --model NAME --out {path}`")
-    if path.is_dir():
-        raise CacheError(f"cache {str(path)!r} is a folder; pass the .h5 index file written by extract")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise CacheError(f"{str(path)!r} is not a readable HDF5 file (truncated or corrupt: {str(exc).splitlines()[0][:100]}); re-run extract with a new --out") from exc
-    fmt = f.attrs.get("format")
-    if fmt != FORMAT:
-        f.close()
-        raise CacheError(f"{str(path)!r} is an HDF5 file but not a featcache cache (format={fmt!r}); pass a file written by `extract`")
-    version = int(f.attrs.get("schema_version", 0))
-    if version > SCHEMA_VERSION:
-        f.close()
-        raise CacheError(f"{str(path)!r} uses cache schema {version}, newer than this featcache understands ({SCHEMA_VERSION}); upgrade featcache")
-    return f
-
-
-def _strs(ds: h5py.Dataset) -> list[str]:
-    return list(ds.asstr()[...]) if ds.shape[0] else []
-
-
-def _check_parts_present(path: Path, names: Sequence[str]) -> None:
-    folder = parts_dir_for(path)
-    missing = [n for n in names if not (folder / n).is_file()]
-    if missing:
-        raise CacheError(f"cache {str(path)!r} is missing {len(missing)} part file(s) in {str(folder)!r} (e.g. {missing[0]}); the cache was moved without its .parts folder — move both, or re-extract")
-
-
-def read_cache_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """Provenance of a cache without reading its rows."""
-    with _open_index(Path(path)) as f:
-        return json.loads(f.attrs["meta_json"])
-
-
-def read_index_info(path: str | os.PathLike) -> dict[str, Any]:
-    """Failures, last update time and part count of a cache (no rows, no embeddings)."""
-    with _open_index(Path(path)) as f:
-        return {
-            "failures": list(zip(_strs(f["failures/paths"]), _strs(f["failures/reasons"]))),
-            "updated": float(f.attrs.get("updated", 0)),
-            "created": float(f.attrs.get("created", 0)),
-            "parts": int(f["parts/names"].shape[0]),
-        }
-
-
-@dataclass
-class RowTable:
-    """Per-row metadata of the valid rows, plus their positions in the index (for streaming)."""
-
-    path: Path
-    index_rows: np.ndarray  # positions in the index's datasets, sorted by path
-    paths: list[str]
-    labels: np.ndarray
-    split: list[str]
-    meta: dict[str, Any]
-    fingerprints: dict[str, np.ndarray]  # size, mtime_ns, sha256 per row
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
-
-    def content_digest(self) -> str:
-        """Hash of what a head learns from: every valid row's path, label and file hash, the
-        class names and the backbone identity. Unchanged by compaction or re-commits, so
-        "has this cache changed since the head was fitted?" is one comparison."""
-        h = hashlib.sha256()
-        ident = {k: self.meta.get(k) for k in ("model", "weights", "preprocessing", "embed_dim", "dtype")}
-        h.update(json.dumps([self.classes, ident], sort_keys=True).encode())
-        for path, label, sha in zip(self.paths, self.labels.tolist(), self.fingerprints["sha256"]):
-            h.update(f"{path}\0{label}\0{sha}\n".encode())
-        return h.hexdigest()[:32]
-
-
-def read_rows(path: str | os.PathLike) -> RowTable:
-    """Everything but the embeddings: cheap even for caches larger than memory."""
-    path = Path(path)
-    with _open_index(path) as f:
-        meta = json.loads(f.attrs["meta_json"])
-        _check_parts_present(path, _strs(f["parts/names"]))
-        valid = f["valid"][...].astype(bool)
-        all_paths = np.array(_strs(f["paths"]), dtype=object)
-        all_split = np.array(_strs(f["split"]), dtype=object)
-        labels = f["labels"][...].astype(np.int64)
-        fingerprints = {
-            "size": f["fingerprints/size"][...],
-            "mtime_ns": f["fingerprints/mtime_ns"][...],
-            "sha256": np.array(_strs(f["fingerprints/sha256"]), dtype=object),
-        }
-    rows = np.flatnonzero(valid)
-    order = np.argsort(all_paths[rows].astype(str), kind="stable") if len(rows) else rows
-    rows = rows[order]
-    fingerprints = {k: v[rows] if len(v) else v for k, v in fingerprints.items()}
-    return RowTable(path, rows, list(all_paths[rows]), labels[rows], list(all_split[rows]), meta, fingerprints)
-
-
-def iter_embeddings(path: str | os.PathLike, index_rows: np.ndarray, chunk_rows: int = 8192) -> Iterator[tuple[slice, np.ndarray]]:
-    """Yield ``(positions, embeddings)`` for ``index_rows`` (any order) chunk by chunk.
-
-    Reads contiguous spans of the index, so memory stays ~ ``chunk_rows x D``.
-    """
-    index_rows = np.asarray(index_rows, dtype=np.int64)
-    with _open_index(Path(path)) as f:
-        ds = f["embeddings"]
-        for start in range(0, len(index_rows), chunk_rows):
-            want = index_rows[start : start + chunk_rows]
-            lo, hi = int(want.min()), int(want.max()) + 1
-            if hi - lo <= 4 * len(want):
-                block = ds[lo:hi]
-                out = block[want - lo]
-            else:  # scattered rows: read them in sorted order
-                order = np.argsort(want)
-                out = np.empty((len(want), ds.shape[1]), dtype=ds.dtype)
-                out[order] = ds[want[order]]
-            yield slice(start, start + len(want)), out
-
-
-def load_cache(path: str | os.PathLike) -> CacheData:
-    """Read the current rows of a cache into memory (sorted by relative path).
-
-    Raises:
-        CacheError: missing, truncated, foreign, newer-schema cache, or missing parts.
-    """
-    table = read_rows(path)
-    dim = int(table.meta["embed_dim"])
-    emb = np.empty((len(table.index_rows), dim), dtype=np.dtype(table.meta.get("dtype", "float32")))
-    for pos, block in iter_embeddings(path, table.index_rows):
-        emb[pos] = block
-    fail = read_index_info(path)["failures"]
-    if len(emb) and np.isnan(emb).any():
-        raise CacheError(f"cache {str(path)!r} has unreadable embedding rows (a part file is damaged); re-extract into a new --out")
-    return CacheData(Path(path), emb, table.labels, table.paths, table.classes, table.split, sorted(fail), table.meta, table.fingerprints)
-
+from .reader import iter_embeddings
+from .schema import (
+    COMPAT_KEYS,
+    DTYPES,
+    FORMAT,
+    PART_FORMAT,
+    SCHEMA_VERSION,
+    STR,
+    check_compatible,
+    check_parts_present,
+    open_index,
+    parts_dir_for,
+    read_strings,
+)
 
 # ----------------------------------------------------------------------------- writing
 
@@ -257,23 +78,23 @@ class _IndexState:
 
 
 def _load_state(path: Path) -> _IndexState:
-    with _open_index(path) as f:
+    with open_index(path) as f:
         st = _IndexState(json.loads(f.attrs["meta_json"]))
-        st.parts = _strs(f["parts/names"])
+        st.parts = read_strings(f["parts/names"])
         st.part_rows = [int(x) for x in f["parts/rows"][...]]
-        st.paths = _strs(f["paths"])
+        st.paths = read_strings(f["paths"])
         st.labels = [int(x) for x in f["labels"][...]]
-        st.split = _strs(f["split"])
+        st.split = read_strings(f["split"])
         st.size = [int(x) for x in f["fingerprints/size"][...]]
         st.mtime_ns = [int(x) for x in f["fingerprints/mtime_ns"][...]]
-        st.sha256 = _strs(f["fingerprints/sha256"])
+        st.sha256 = read_strings(f["fingerprints/sha256"])
         st.valid = [bool(x) for x in f["valid"][...]]
-        fp, fr = _strs(f["failures/paths"]), _strs(f["failures/reasons"])
+        fp, fr = read_strings(f["failures/paths"]), read_strings(f["failures/reasons"])
         fs, fm = f["failures/size"][...], f["failures/mtime_ns"][...]
         st.failures = {p: (r, int(s), int(m)) for p, r, s, m in zip(fp, fr, fs, fm)}
         st.created = float(f.attrs.get("created", time.time()))
         st.generation = int(f.attrs.get("generation", 0))
-    _check_parts_present(path, st.parts)
+    check_parts_present(path, st.parts)
     return st
 
 
@@ -354,8 +175,8 @@ def _read_orphan(entry: Path, state: _IndexState) -> dict[str, list] | None:
             meta = json.loads(f.attrs["meta_json"])
             if any(meta.get(k) != state.meta.get(k) for k in COMPAT_KEYS):
                 return None
-            rows = {"paths": _strs(f["paths"]), "labels": [int(x) for x in f["labels"][...]], "split": _strs(f["split"]),
-                    "size": [int(x) for x in f["size"][...]], "mtime_ns": [int(x) for x in f["mtime_ns"][...]], "sha256": _strs(f["sha256"])}
+            rows = {"paths": read_strings(f["paths"]), "labels": [int(x) for x in f["labels"][...]], "split": read_strings(f["split"]),
+                    "size": [int(x) for x in f["size"][...]], "mtime_ns": [int(x) for x in f["mtime_ns"][...]], "sha256": read_strings(f["sha256"])}
     except (OSError, KeyError, ValueError):
         return None
     part_classes, classes = list(meta.get("classes", [])), list(state.meta.get("classes", []))
@@ -363,17 +184,6 @@ def _read_orphan(entry: Path, state: _IndexState) -> dict[str, list] | None:
         pos = {c: i for i, c in enumerate(classes)}
         rows["labels"] = [pos.get(part_classes[l], -1) if l >= 0 else -1 for l in rows["labels"]]
     return rows
-
-
-def check_compatible(path: Path, have: dict[str, Any], want: dict[str, Any]) -> None:
-    """Refuse to mix rows of different backbones, weights, preprocessing, dtype or data roots."""
-    for key in COMPAT_KEYS:
-        held, wanted = have.get(key, COMPAT_DEFAULTS.get(key)), want.get(key, COMPAT_DEFAULTS.get(key))
-        if held != wanted:
-            raise IncompatibleError(
-                f"cache {str(path)!r} holds {key}={held!r} but this run has {key}={wanted!r}; "
-                "use another --out (the default path is derived from model and weights) or delete the cache"
-            )
 
 
 @dataclass
@@ -599,11 +409,3 @@ class CacheWriter:
         for name in old:
             (self.parts_dir / name).unlink(missing_ok=True)
         return True
-
-
-def cache_disk_bytes(path: Path) -> int:
-    total = path.stat().st_size if path.exists() else 0
-    folder = parts_dir_for(path)
-    if folder.is_dir():
-        total += sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    return total

@@ -58,7 +58,7 @@ class PrecisionChoice:
 
 def choose_precision(requested: str, device: torch.device) -> PrecisionChoice:
     """``fp32`` exact; ``bf16``/``fp16`` where native (else fp32, saying why); ``auto`` bf16 where native."""
-    from .errors import UsageError
+    from ..errors import UsageError
 
     if requested not in PRECISIONS:
         raise UsageError(f"--precision {requested!r}: choose one of {', '.join(PRECISIONS)}")

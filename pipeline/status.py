@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cache import cache_disk_bytes, read_index_info, read_rows
-from .data import scan_folder
 from .errors import DataError
+from .images import scan_folder
+from .store import cache_disk_bytes, read_index_info, read_rows
 
 
 def human_bytes(n: float) -> str:
@@ -90,8 +90,8 @@ def format_cache_status(s: dict[str, Any]) -> str:
 def artifact_status(path: str | os.PathLike) -> dict[str, Any]:
     """What a head (or fine-tuned model) was fitted on, how well, and whether it is stale:
     its cache changed since (heads), or its base head changed since (fine-tuned models)."""
-    from .artifacts import artifact_id, load_head
     from .errors import FeatcacheError
+    from .heads import artifact_id, load_head
 
     loaded = load_head(path)
     prov = loaded.provenance

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import StorageError
+from ..errors import StorageError
 
 TMP_MARK = ".tmp-"
 

@@ -1,0 +1,13 @@
+"""Images in: folders scanned into records (ImageFolder's classes and order, pre-split
+``train/ val/ test/`` roots, flat unlabeled folders), robust decoding (CPU, draft, GPU), and
+the batch reader that decodes in worker processes and records every file that failed.
+
+Never runs model code and never substitutes one file for another.
+"""
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, load_image
+from .folders import LAYOUTS, ImageRecord, ScanResult, scan_folder
+from .gpu_decode import check_gpu_decode
+from .reader import DecodedBatch, ImageFileDataset, SharedDecodeDataset, collate_shared, default_workers, finish_on_gpu, make_loader
+
+__all__ = ["DEFAULT_MAX_PIXELS", "LAYOUTS", "DecodeError", "DecodedBatch", "ImageFileDataset", "ImageRecord", "ScanResult", "SharedDecodeDataset",
+           "check_gpu_decode", "collate_shared", "decode_image", "default_workers", "finish_on_gpu", "load_image", "make_loader", "scan_folder"]
