@@ -34,11 +34,12 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import make_jpegs  # noqa: E402
-from pipeline.backbones.registry import load_backbone  # noqa: E402
+
 from pipeline.backbones.engines import TorchEngine, measure, tune  # noqa: E402
+from pipeline.backbones.hardware import PrecisionChoice, cpu_flags, cpu_summary, native_bf16  # noqa: E402
+from pipeline.backbones.registry import load_backbone  # noqa: E402
 from pipeline.extract import engine_context, resolve_device, run_extract  # noqa: E402
 from pipeline.images.reader import default_workers  # noqa: E402
-from pipeline.backbones.hardware import PrecisionChoice, cpu_flags, cpu_summary, native_bf16  # noqa: E402
 
 FP32 = PrecisionChoice("fp32", None, "")
 

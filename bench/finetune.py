@@ -46,13 +46,13 @@ def _timed(batches, step, dev: torch.device) -> tuple[int, float]:
 
 def run_ours(data: Path, model: str, batch: int, device: str) -> dict:
     from pipeline.backbones.registry import load_backbone
-    from pipeline.images.folders import scan_folder
-    from pipeline.images.reader import default_workers, make_loader
     from pipeline.finetune.augment import AugmentedDataset, epoch_order, train_transform
-    from pipeline.finetune.trainer import Trainer
     from pipeline.finetune.model import assemble
     from pipeline.finetune.options import resolve_options
+    from pipeline.finetune.trainer import Trainer
     from pipeline.heads.estimators import build_head_module
+    from pipeline.images.folders import scan_folder
+    from pipeline.images.reader import default_workers, make_loader
 
     dev = torch.device(device)
     scan = scan_folder(data)
@@ -88,7 +88,7 @@ def run_tutorial(data: Path, model: str, batch: int, device: str) -> dict:
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=0)
     torch.manual_seed(0)
     net = torchvision.models.get_model(model, weights=None)
-    from pipeline.backbones.registry import find_classifier, _set_submodule
+    from pipeline.backbones.registry import _set_submodule, find_classifier
 
     name, layer = find_classifier(net, 1000)
     _set_submodule(net, name, torch.nn.Linear(layer.in_features, len(ds.classes)))

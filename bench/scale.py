@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common import make_jpegs, run_json  # noqa: E402
+
 from pipeline import load_cache  # noqa: E402
 
 

@@ -1,10 +1,11 @@
 """Stage 1: what is missing -> batches -> backbone -> cache writer, for one or several backbones.
 
-Reader (``reader.py``: decoder processes read, hash, decode, resize and crop), mapper
-(``engines.py``: the frozen backbone on the engine measured fastest here) and writer
-(``cache.py``'s ``CacheWriter``: rows committed every ``commit_every`` images or
-``commit_seconds``) are separate modules; ``extract_many`` wires them per ``Target`` (one
-backbone and its cache) and times them, with torchrun ranks sharing the files.
+Reader (``images/reader.py``: decoder processes read, hash, decode, resize and crop),
+mapper (``backbones/engines.py``: the frozen backbone on the engine measured fastest here)
+and writer (``store/writer.py``'s ``CacheWriter``: rows committed every ``commit_every``
+images or ``commit_seconds``) live in their stages' packages; ``extract_many`` wires them
+per ``Target`` (one backbone and its cache) and times them, with torchrun ranks sharing
+the files. ``ExtractOptions`` holds every option, checked when it is built.
 """
 from __future__ import annotations
 

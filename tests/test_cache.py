@@ -11,9 +11,9 @@ import pytest
 
 import pipeline.store.writer as cache_mod
 from pipeline import load_cache
-from pipeline.store.writer import CacheWriter, PendingRow
-from pipeline.store.schema import parts_dir_for
 from pipeline.errors import CacheError, StorageError
+from pipeline.store.schema import parts_dir_for
+from pipeline.store.writer import CacheWriter, PendingRow
 
 META = {"model": "m", "weights": "none", "preprocessing": {}, "embed_dim": 4, "dtype": "float32",
         "data_root": "/data", "layout": "imagefolder", "classes": ["a", "b"]}

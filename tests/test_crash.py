@@ -13,9 +13,10 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_image, run_cli
 from pipeline import load_cache
 from pipeline.store.locks import lock_path_for
+
+from conftest import ROOT, make_image, run_cli
 
 pytestmark = pytest.mark.slow
 

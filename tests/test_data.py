@@ -9,10 +9,11 @@ import pytest
 import torchvision
 from PIL import Image
 
-from conftest import make_image
-from pipeline.images.folders import IMG_EXTENSIONS, scan_folder
-from pipeline.images.decode import DecodeError, decode_image, load_image
 from pipeline.errors import DataError
+from pipeline.images.decode import DecodeError, decode_image, load_image
+from pipeline.images.folders import IMG_EXTENSIONS, scan_folder
+
+from conftest import make_image
 
 
 def test_extensions_match_torchvision():

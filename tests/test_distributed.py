@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_image, run_cli
 from pipeline import load_cache
+
+from conftest import ROOT, make_image, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -96,12 +97,12 @@ def _ddp_step(rank: int, world: int, init: str, hub: str, batch: int, out: str, 
 
     from pipeline.backbones.registry import load_backbone
     from pipeline.distributed import World
-    from pipeline.images.reader import DecodedBatch
-    from pipeline.finetune.trainer import Trainer
-    from pipeline.finetune.model import assemble
     from pipeline.finetune.augment import epoch_order
+    from pipeline.finetune.model import assemble
     from pipeline.finetune.options import resolve_options
+    from pipeline.finetune.trainer import Trainer
     from pipeline.heads.estimators import build_head_module
+    from pipeline.images.reader import DecodedBatch
 
     torch.set_num_threads(1)
     if world > 1:

@@ -11,9 +11,9 @@ import torch
 
 from pipeline import load_cache
 from pipeline.backbones import hardware
+from pipeline.backbones.hardware import choose_precision
 from pipeline.errors import IncompatibleError, UsageError
 from pipeline.extract import run_extract
-from pipeline.backbones.hardware import choose_precision
 
 
 @pytest.fixture
@@ -199,8 +199,8 @@ def test_decoders_are_sized_to_the_cores(monkeypatch):
 def test_draft_decode_is_opt_in_recorded_and_never_mixed(tmp_path, tiny_hub):
     from PIL import Image
 
-    from pipeline.images.decode import decode_image
     from pipeline.extract import default_cache_path
+    from pipeline.images.decode import decode_image
 
     root = tmp_path / "photos"
     rng = np.random.default_rng(0)

@@ -11,10 +11,11 @@ import torch
 import torchvision
 from PIL import Image
 
-from conftest import make_image
 from pipeline import load_cache
 from pipeline.errors import IncompatibleError
 from pipeline.extract import run_extract
+
+from conftest import make_image
 
 
 @pytest.mark.parametrize("name", ["resnet50", "densenet121"])

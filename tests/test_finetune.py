@@ -16,19 +16,20 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, cli_json, run_cli
 from pipeline import load_cache
-from pipeline.heads.artifacts import load_head
 from pipeline.backbones.registry import load_backbone
 from pipeline.errors import IncompatibleError, TrainingDiverged, UsageError
-from pipeline.images.reader import DecodedBatch
-from pipeline.finetune.trainer import Trainer, lr_factor
-from pipeline.finetune.model import assemble
-from pipeline.finetune.run import checkpoint_path_for, run_finetune
-from pipeline.finetune.options import resolve_options
 from pipeline.finetune.augment import train_transform
 from pipeline.finetune.freezing import backbone_blocks, batchnorm_layers
+from pipeline.finetune.model import assemble
+from pipeline.finetune.options import resolve_options
+from pipeline.finetune.run import checkpoint_path_for, run_finetune
+from pipeline.finetune.trainer import Trainer, lr_factor
+from pipeline.heads.artifacts import load_head
 from pipeline.heads.estimators import build_head_module
+from pipeline.images.reader import DecodedBatch
+
+from conftest import ROOT, cli_json, run_cli
 
 FAST = {"batch_size": 8, "augment": "light"}
 

@@ -8,12 +8,13 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from conftest import cli_json, make_image, run_cli
 from pipeline import load_cache, load_head
 from pipeline.errors import IncompatibleError, UsageError
 from pipeline.extract import run_extract
 from pipeline.heads.fit import evaluate_head, fit_head
 from pipeline.heads.splits import assign_splits
+
+from conftest import cli_json, make_image, run_cli
 
 
 def test_hash_split_is_stable_when_cache_grows():

@@ -127,8 +127,8 @@ def test_awkward_but_valid_inputs_work(things, tmp_path, tiny_hub):
 def test_unreadable_file_is_a_recorded_failure(things, tmp_path, tiny_hub, monkeypatch):
     """Permission denied on one image: recorded with its reason, exit 3, the rest extracted.
     (Simulated in-process where the tests run as root, which ignores file permissions.)"""
-    from pipeline.images import decode as data_mod
     from pipeline.extract import run_extract
+    from pipeline.images import decode as data_mod
 
     root = tmp_path / "perm"
     make_image(root / "a" / "ok.png", seed=1)

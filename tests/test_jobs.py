@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_image, run_cli
 from pipeline import load_cache
 from pipeline.jobs.runner import run_job
 from pipeline.jobs.spec import JobFileError, load_job
 from pipeline.store.locks import WriterLock, lock_path_for
+
+from conftest import ROOT, make_image, run_cli
 
 pytestmark = pytest.mark.slow
 

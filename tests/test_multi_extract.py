@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from pipeline import load_cache
-from pipeline.images import decode as data
 from pipeline.errors import UsageError
 from pipeline.extract import extract_many, run_extract
+from pipeline.images import decode as data
 
 from conftest import cli_json, make_image, run_cli
 

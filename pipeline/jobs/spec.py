@@ -37,7 +37,7 @@ from ..errors import UsageError
 from ..extract import ExtractOptions
 from ..finetune import FinetuneOptions
 from ..heads import FitOptions
-from ..options import build, toml_schema, type_problem
+from ..options import build, check_device_name, toml_schema, type_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -235,8 +235,11 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
                 problems.append(f"job.data[{i}]: {str(folder)!r} is a file, not a folder")
             data.append(folder)
     device = doc.get("device", "auto")
-    if isinstance(device, str) and not (device in ("auto", "cpu") or device.startswith("cuda")):
-        problems.append(f"job.device: {device!r} is not auto, cpu or cuda[:N]")
+    if isinstance(device, str):
+        try:
+            check_device_name(device)
+        except UsageError as exc:
+            problems.append(f"job.device: {exc}")
 
     backbones: list[BackboneSpec] = []
     if isinstance(doc.get("backbones", []), list) and not doc.get("backbones"):
