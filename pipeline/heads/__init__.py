@@ -1,0 +1,16 @@
+"""Stage 2: heads behind one scikit-learn estimator contract (logreg, linear, mlp), fitted on
+a cache (in memory or streamed), the train/val/test split, the metrics and plots, and the
+head and model artifacts with their provenance, checked against a cache on load.
+
+Never reads images: everything here works on cached embeddings.
+"""
+from .artifacts import LoadedHead, artifact_id, load_head, save_model_artifact
+from .estimators import HEAD_KINDS, LinearHead, LogRegHead, MLPHead, TorchHead, build_head_module
+from .fit import compare_caches, evaluate_head, fit_head, full_proba
+from .metrics import classification_metrics, format_metrics, pyplot, save_figure, write_reports
+from .options import FitOptions
+from .splits import assign_splits
+
+__all__ = ["HEAD_KINDS", "FitOptions", "LinearHead", "LoadedHead", "LogRegHead", "MLPHead", "TorchHead", "artifact_id", "assign_splits", "build_head_module",
+           "classification_metrics", "compare_caches", "evaluate_head", "fit_head", "format_metrics", "full_proba", "load_head", "pyplot",
+           "save_figure", "save_model_artifact", "write_reports"]

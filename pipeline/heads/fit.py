@@ -1,0 +1,218 @@
+"""Stage 2: fit a head on a cache, score it, save it with provenance; compare caches."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import sklearn
+import torch
+
+from .. import __version__
+from .artifacts import LoadedHead, load_head, save_head
+from ..store import iter_embeddings, read_cache_meta, read_rows
+from ..errors import UsageError
+from .estimators import HEAD_KINDS, TorchHead, make_head
+from ..store import WriterLock
+from ..options import build
+from .options import FitOptions
+from .metrics import classification_metrics, plot_leaderboard, write_reports
+from .splits import assign_splits
+
+
+
+class CacheSource:
+    """Rows of a cache streamed in chunks (shuffled chunk order, shuffled within chunk)."""
+
+    def __init__(self, path: Path, index_rows: np.ndarray, labels: np.ndarray, chunk_rows: int = 16384):
+        order = np.argsort(index_rows)
+        self.path, self.rows, self.y = path, np.asarray(index_rows)[order], np.asarray(labels)[order]
+        self.n_rows, self.chunk_rows = len(self.rows), chunk_rows
+
+    def batches(self, batch_size, shuffle, rng) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        starts = np.arange(0, self.n_rows, self.chunk_rows)
+        if shuffle:
+            starts = rng.permutation(starts)
+        for s in starts:
+            rows, y = self.rows[s : s + self.chunk_rows], self.y[s : s + self.chunk_rows]
+            (_, X), = iter_embeddings(self.path, rows, chunk_rows=len(rows))
+            order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
+            for i in range(0, len(rows), batch_size):
+                idx = order[i : i + batch_size]
+                yield X[idx].astype(np.float32), y[idx]
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        total = total_sq = None
+        for _, X in iter_embeddings(self.path, self.rows, chunk_rows=self.chunk_rows):
+            X = X.astype(np.float64)
+            total = X.sum(0) if total is None else total + X.sum(0)
+            total_sq = (X**2).sum(0) if total_sq is None else total_sq + (X**2).sum(0)
+        mean = total / self.n_rows
+        return mean, np.sqrt(np.maximum(total_sq / self.n_rows - mean**2, 0))
+
+
+@dataclass
+class FitResult:
+    head_path: str
+    kind: str
+    cache: str
+    metrics: dict[str, Any]
+    seconds: float
+    n_train: int
+    n_val: int
+    n_test: int
+    reports: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_split(cache: Path, val_fraction: float, seed: int):
+    table = read_rows(cache)
+    classes = table.classes
+    labelled = int((table.labels >= 0).sum())
+    if labelled == 0:
+        raise UsageError(f"cache {str(cache)!r} has no labelled rows (it was extracted from an unlabeled folder); heads need class sub-folders")
+    present = np.unique(table.labels[table.labels >= 0])
+    if len(present) < 2:
+        raise UsageError(f"cache {str(cache)!r} has only one class ({classes[int(present[0])]!r}); a classifier needs at least 2 class folders")
+    split, rule = assign_splits(table.paths, table.labels, table.split, val_fraction, seed)
+    return table, split, rule
+
+
+def _read(cache: Path, rows: np.ndarray, dim: int) -> np.ndarray:
+    X = np.empty((len(rows), dim), dtype=np.float32)
+    for pos, block in iter_embeddings(cache, rows):
+        X[pos] = block
+    return X
+
+
+def full_proba(head, X: np.ndarray, n_classes: int) -> np.ndarray:
+    """[N, n_classes] probabilities even when the head saw only some classes."""
+    proba = head.predict_proba(X)
+    out = np.zeros((len(X), n_classes))
+    out[:, np.asarray(head.classes_, dtype=int)] = proba
+    return out
+
+
+def _default_head_path(cache: Path, kind: str) -> Path:
+    return Path(os.environ.get("FEATCACHE_HEAD_DIR", "heads")) / f"{cache.stem}.{kind}.head.pt"
+
+
+def fit_head(cache: str | os.PathLike, options: FitOptions | str | Mapping[str, Any] | None = None, out: str | os.PathLike | None = None, *,
+             plots: bool = True, wait: float = 0.0, extra_provenance: dict[str, Any] | None = None, **fields: Any) -> FitResult:
+    """Fit the head ``options`` names on the cache's train rows, score val/test, save the
+    artifact and reports. ``options`` may be just the head's name (``"logreg"``); ``fields``
+    replace single values (``C=0.5``).
+
+    The head file is locked while it is written (``wait`` seconds for another writer).
+    ``extra_provenance`` is recorded with the head (``run`` stores its spec digest there).
+
+    Raises:
+        CacheError, UsageError (bad options, one class, no labels, logreg on a cache too big
+        for RAM), LockHeldError, StorageError.
+    """
+    opts = build(FitOptions, {"clf": options} if isinstance(options, str) else options, **fields)
+    cache = Path(cache)
+    out_path = Path(out) if out is not None else _default_head_path(cache, opts.clf)
+    loaded = _load_split(cache, opts.val_fraction, opts.seed)  # a bad cache is refused before anything is created
+    with WriterLock(out_path, command=f"fit-head --clf {opts.clf}", wait=wait):
+        return _fit_head_locked(cache, loaded, opts, out_path, plots, extra_provenance or {})
+
+
+def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Path, plots: bool, extra_provenance: dict[str, Any]) -> FitResult:
+    kind = opts.clf
+    table, split, rule = loaded
+    meta, classes, dim = table.meta, table.classes, int(table.meta["embed_dim"])
+    idx = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
+    if not len(idx["train"]):
+        raise UsageError(f"cache {str(cache)!r} has no training rows; add images or lower --val-fraction")
+    n_bytes = len(table.index_rows) * dim * 4
+    streaming = opts.stream or n_bytes > opts.memory_budget_bytes
+    head = make_head(kind, **opts.estimator_params())
+    t0 = time.perf_counter()
+    if streaming and kind == "logreg":
+        raise UsageError(f"cache {str(cache)!r} holds {n_bytes / 2**30:.1f} GiB of embeddings, over the memory budget; "
+                         "logreg needs them all in RAM: use --clf linear (streams the cache), or raise --memory-budget")
+    if streaming:
+        src = lambda s: CacheSource(cache, table.index_rows[idx[s]], table.labels[idx[s]])  # noqa: E731
+        head.fit_source(src("train"), src("val") if len(idx["val"]) else None, classes=np.unique(table.labels[idx["train"]]),
+                        n_features=dim, train_labels=table.labels[idx["train"]])
+        X = {s: None for s in idx}
+    else:
+        X = {s: _read(cache, table.index_rows[idx[s]], dim) for s in idx}
+        y_train = table.labels[idx["train"]]
+        if isinstance(head, TorchHead) and len(idx["val"]):
+            head.fit(X["train"], y_train, X["val"], table.labels[idx["val"]])
+        else:
+            head.fit(X["train"], y_train)
+    seconds = time.perf_counter() - t0
+
+    metrics: dict[str, Any] = {}
+    for s in ("val", "test"):
+        if len(idx[s]):
+            Xs = X[s] if X[s] is not None else _read(cache, table.index_rows[idx[s]], dim)
+            metrics[s] = classification_metrics(table.labels[idx[s]], full_proba(head, Xs, len(classes)), classes)
+    metrics["fit_seconds"] = seconds
+    history = list(getattr(head, "history_", []) or [])
+    provenance = {
+        **{k: meta.get(k) for k in ("model", "weights", "weights_spec", "seed", "preprocessing", "embed_dim", "classes", "dtype", "data_root", "layout", "engine", "precision", "decode")},
+        "cache": str(cache.resolve()),
+        "cache_schema_version": 1,
+        "cache_fingerprint": table.content_digest(),
+        "split_rule": rule.to_dict(),
+        "n_train": int(len(idx["train"])), "n_val": int(len(idx["val"])), "n_test": int(len(idx["test"])),
+        "featcache_version": __version__, "torch_version": str(torch.__version__), "sklearn_version": sklearn.__version__,
+        "numpy_version": np.__version__, "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra_provenance,
+    }
+    extra = {"history": history, "C": getattr(head, "C_", None), "cv_scores": {str(k): v for k, v in (getattr(head, "cv_scores_", {}) or {}).items()}}
+    save_head(out_path, head, kind, head.get_params(), provenance, metrics, extra)
+    reports = write_reports(out_path, metrics, classes, history, kind, plots)
+    return FitResult(str(out_path), kind, str(cache), metrics, seconds, len(idx["train"]), len(idx["val"]), len(idx["test"]), reports, head.get_params())
+
+
+def evaluate_head(head_path: str | os.PathLike, cache: str | os.PathLike, val_fraction: float | None = None) -> dict[str, Any]:
+    """Re-score a saved head on a compatible cache: its val/test rows by the head's split rule,
+    or every labelled row when the cache is another dataset (different data root)."""
+    loaded: LoadedHead = load_head(head_path)
+    cache = Path(cache)
+    table = read_rows(cache)
+    loaded.check_cache(table.meta, cache)
+    rule = loaded.provenance.get("split_rule", {})
+    same_data = table.meta.get("data_root") == loaded.provenance.get("data_root")
+    labelled = table.labels >= 0
+    if not labelled.any():
+        raise UsageError(f"cache {str(cache)!r} has no labelled rows to evaluate on")
+    dim, classes = int(table.meta["embed_dim"]), table.classes
+    result: dict[str, Any] = {"head": str(head_path), "cache": str(cache), "kind": loaded.kind}
+    if same_data:
+        split, _ = assign_splits(table.paths, table.labels, table.split, val_fraction if val_fraction is not None else rule.get("val_fraction", 0.2), rule.get("seed", 0))
+        groups = {s: np.flatnonzero(split == s) for s in ("val", "test")}
+    else:
+        groups = {"all": np.flatnonzero(labelled)}
+    for name, rows in groups.items():
+        if len(rows):
+            X = _read(cache, table.index_rows[rows], dim)
+            result[name] = classification_metrics(table.labels[rows], full_proba(loaded.head, X, len(classes)), classes)
+    return result
+
+
+def compare_caches(caches: list[str | os.PathLike], options: FitOptions | str | None = None, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Fit the same head on several caches and rank them by validation accuracy."""
+    opts = build(FitOptions, {"clf": options} if isinstance(options, str) else options)
+    kind = opts.clf
+    if not caches:
+        raise UsageError("compare needs at least one cache")
+    out_dir = Path(out_dir or os.environ.get("FEATCACHE_HEAD_DIR", "heads")) / "compare"
+    rows = []
+    for c in caches:
+        r = fit_head(c, opts, out_dir / f"{Path(c).stem}.{kind}.head.pt", plots=False)
+        meta = read_cache_meta(c)
+        m = r.metrics.get("val") or r.metrics.get("test")
+        rows.append({"name": f"{meta['model']} ({meta['weights']})", "cache": str(c), "accuracy": m["accuracy"] if m else float("nan"),
+                     "macro_f1": m["macro_f1"] if m else float("nan"), "fit_seconds": r.seconds, "embed_dim": meta["embed_dim"], "head": r.head_path})
+    rows.sort(key=lambda r: -r["accuracy"])
+    chart = plot_leaderboard(rows, out_dir / f"leaderboard.{kind}.png", f"{kind} head: validation accuracy by backbone")
+    return {"clf": kind, "leaderboard": rows, "chart_png": str(chart)}

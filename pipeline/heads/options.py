@@ -1,0 +1,71 @@
+"""Stage 2's options: the ``fit-head`` flags and a job file's ``[[heads]]`` keys (besides ``name``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..options import check_types, require, require_choice
+from .estimators import HEAD_KINDS
+
+TORCH_SCHEDULES = ("cosine", "step")
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Which head and how it is fitted. ``None`` means the head's own default (logreg: C by
+    cross-validation; torch heads: their constructor defaults)."""
+
+    clf: str = "logreg"
+    C: float | None = None  # logreg: fixed C
+    jobs: int | None = None  # logreg: parallel CV jobs (joblib; -1 = all cores)
+    epochs: int | None = None  # torch heads from here on
+    lr: float | None = None
+    weight_decay: float | None = None
+    batch_size: int | None = None
+    hidden: tuple[int, ...] | None = None  # mlp only
+    dropout: tuple[float, ...] | None = None  # mlp only
+    label_smoothing: float = 0.0
+    schedule: str = "cosine"
+    patience: int | None = None
+    class_weight: str | None = None
+    val_fraction: float = 0.2  # validation share when the data is not pre-split
+    seed: int = 0  # the split and the head
+    stream: bool = False  # torch heads: stream the cache in chunks
+    memory_budget: float = 4.0  # GiB of embeddings loaded before streaming automatically
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        require(self.clf in HEAD_KINDS, f"--clf {self.clf!r} is not a head; choose one of {', '.join(HEAD_KINDS)}")
+        require(self.class_weight in (None, "balanced"), f"--class-weight {self.class_weight!r}: only 'balanced' is supported")
+        require(self.C is None or self.C > 0, f"--C must be more than 0 (got {self.C})")
+        require(self.jobs is None or self.jobs != 0, "--jobs must be a positive count, or -1 for every core (got 0)")
+        require(self.epochs is None or self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})")
+        require(self.lr is None or self.lr > 0, f"--lr must be more than 0 (got {self.lr})")
+        require(self.weight_decay is None or self.weight_decay >= 0, f"--weight-decay must be 0 or more (got {self.weight_decay})")
+        require(self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
+        require(self.hidden is None or all(h >= 1 for h in self.hidden), f"--hidden sizes must be at least 1 (got {self.hidden})")
+        require(self.dropout is None or all(0 <= d < 1 for d in self.dropout), f"--dropout values are fractions in [0, 1) (got {self.dropout})")
+        require(0 <= self.label_smoothing < 1, f"--label-smoothing is a fraction in [0, 1) (got {self.label_smoothing})")
+        require_choice("schedule", self.schedule, TORCH_SCHEDULES)
+        require(self.patience is None or self.patience >= 0, f"--patience must be 0 (off) or more (got {self.patience})")
+        require(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
+        require(self.memory_budget > 0, f"--memory-budget must be more than 0 GiB (got {self.memory_budget})")
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return int(self.memory_budget * 2**30)
+
+    def estimator_params(self) -> dict[str, Any]:
+        """The head estimator's constructor arguments (only those that were set)."""
+        if self.clf == "logreg":
+            return {"C": self.C, "n_jobs": self.jobs, "random_state": self.seed, "class_weight": self.class_weight}
+        params: dict[str, Any] = {"random_state": self.seed, "class_weight": self.class_weight, "label_smoothing": self.label_smoothing,
+                                  "schedule": self.schedule}
+        for name in ("epochs", "lr", "weight_decay", "batch_size", "patience"):
+            if getattr(self, name) is not None:
+                params[name] = getattr(self, name)
+        if self.clf == "mlp":
+            for name in ("hidden", "dropout"):
+                if getattr(self, name) is not None:
+                    params[name] = tuple(getattr(self, name))
+        return params
