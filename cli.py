@@ -304,10 +304,10 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 @command
 def fit_head(
     cache: Path = typer.Argument(..., help="Cache .h5 written by extract."),
-    clf: str = typer.Option("logreg", "--clf", help="logreg, linear or mlp."),
+    clf: str = typer.Option("logreg", "--clf", help="logreg, linear, mlp or knn."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Head file; default heads/<cache>.<clf>.head.pt."),
-    C: Optional[float] = typer.Option(None, "--C", help="logreg: fix C (default: chosen by cross-validation on train)."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", help="logreg: parallel CV jobs (joblib)."),
+    C: Optional[float] = typer.Option(None, "--C", help="logreg: fix C (default: chosen from 1e-6 ... 1e4 along a warm-started path, coarse to fine)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", help="logreg: solver threads (default: torch's, all cores)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="torch heads: maximum epochs (default 100, early stopping on val loss)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="torch heads: AdamW learning rate."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="torch heads: AdamW weight decay."),
@@ -322,6 +322,8 @@ def fit_head(
     seed: int = typer.Option(0, "--seed", help="Seed for the split and the head."),
     stream: bool = typer.Option(False, "--stream", help="torch heads: stream the cache in chunks instead of loading it."),
     memory_budget: float = typer.Option(4.0, "--memory-budget", help="GiB of embeddings to load before streaming automatically."),
+    k: Optional[str] = typer.Option(None, "--k", help="knn: neighbours, one count or several (e.g. 10,20,100,200: scored in one pass, the best on val kept; default 20)."),
+    select_on: str = typer.Option("cv", "--select-on", help="logreg: choose C by cross-validation on the training rows (cv) or on the validation rows (val)."),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same head file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the metrics on stdout."),
 ) -> int:
@@ -332,6 +334,7 @@ def fit_head(
     _begin(as_json)
     hidden = tuple(int(h) for h in _floats(hidden, "--hidden")) if hidden else None
     dropout = _floats(dropout, "--dropout")
+    k = tuple(int(n) for n in _floats(k, "--k")) if k else None
     r = run_fit(cache, _options(FitOptions, locals()), out, wait=wait)
     if as_json:
         _emit_json({"head": r.head_path, "clf": r.kind, "cache": r.cache, "n_train": r.n_train, "n_val": r.n_val, "n_test": r.n_test,
@@ -398,21 +401,22 @@ def predict(
 
 @command
 def compare(
-    caches: list[Path] = typer.Argument(..., help="Caches of different backbones/weights over the same data."),
-    clf: str = typer.Option("logreg", "--clf", help="Head to fit on each: logreg, linear or mlp."),
+    caches: list[Path] = typer.Argument(..., help="Caches of different backbones/weights over the same data (or one cache, to compare heads)."),
+    clf: list[str] = typer.Option(["logreg"], "--clf", help="Head to fit on each cache: logreg, linear, mlp or knn; repeat it to compare heads."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Validation share (same hash split for every cache)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the split and the heads."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> int:
-    """Which backbone transfers best: the same head on several caches, ranked."""
+    """Which backbone transfers best, and which head: every --clf on every cache, ranked."""
     from pipeline.heads import FitOptions, compare_caches
 
     _begin(as_json)
-    result = compare_caches(caches, _options(FitOptions, locals()))
+    flags = locals()
+    result = compare_caches(caches, [_options(FitOptions, {**flags, "clf": name}) for name in clf])
     if as_json:
         _emit_json(result)
     else:
-        _err(f"{'rank':>4}  {'backbone':<36} {'accuracy':>8} {'macro_f1':>8} {'fit s':>7} {'dim':>6}")
+        _err(f"{'rank':>4}  {'backbone / head':<36} {'accuracy':>8} {'macro_f1':>8} {'fit s':>7} {'dim':>6}")
         for i, r in enumerate(result["leaderboard"], 1):
             _err(f"{i:>4}  {r['name']:<36} {r['accuracy']:8.4f} {r['macro_f1']:8.4f} {r['fit_seconds']:7.1f} {r['embed_dim']:>6}")
         _err(f"  chart: {result['chart_png']}")

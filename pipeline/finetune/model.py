@@ -48,6 +48,9 @@ def head_module_from(loaded: LoadedHead, n_classes: int, fresh: bool, seed: int)
     """(kind, params, module) to attach: the artifact's head as a torch module, or a fresh
     linear layer that keeps the artifact's standardisation (data statistics, not learned)."""
     head = loaded.head
+    if loaded.kind == "knn":
+        raise IncompatibleError(f"head {str(loaded.path)!r} is a kNN head: it has no weights to fine-tune; fit a logreg, linear or mlp head "
+                                "on the same cache and fine-tune from that one")
     classes = [int(c) for c in np.asarray(head.classes_)]
     if classes != list(range(n_classes)):
         missing = sorted(set(range(n_classes)) - set(classes))

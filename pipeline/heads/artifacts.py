@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..store import atomic_path
 from ..backbones import MODEL_ARTIFACT_FORMAT, Backbone, file_digest, load_backbone, torch_load_quietly
 from ..errors import CacheError, IncompatibleError
+from ..store import atomic_path
 from .estimators import make_head
 
 HEAD_FORMAT = "featcache.head"
@@ -131,7 +131,7 @@ def check_head_matches(head_prov: dict[str, Any], cache_meta: dict[str, Any], he
 
 def _make_loaded_head(kind: str, params: dict[str, Any], state: dict[str, Any]):
     params = _from_plain(params)
-    for key in ("hidden", "dropout", "Cs"):
+    for key in ("hidden", "dropout", "Cs", "k"):
         if key in params and isinstance(params[key], (list, np.ndarray)):
             params[key] = tuple(np.asarray(params[key]).tolist())
     if "device" in params:  # a head fitted on a GPU must still load on a CPU-only machine

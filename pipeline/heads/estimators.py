@@ -22,118 +22,17 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import validate_data
 from torch import nn
 
-HEAD_KINDS = ("logreg", "linear", "mlp")
+from .common import check_fitted as _check_fitted
+from .common import head_device as _device
+from .knn import KNNHead
+from .logreg import LogRegHead
 
-
-def _check_fitted(est: BaseEstimator) -> None:
-    from ..errors import HeadNotFittedError
-
-    try:
-        check_is_fitted(est, "classes_")
-    except Exception as exc:
-        raise HeadNotFittedError(f"This {type(est).__name__} instance is not fitted yet. Call 'fit' with appropriate arguments before using this estimator.") from exc
-
-
-# ----------------------------------------------------------------------------- logreg
-
-
-class LogRegHead(ClassifierMixin, BaseEstimator):
-    """Standardise, then multinomial logistic regression (lbfgs).
-
-    ``C=None`` picks C from ``Cs`` by stratified k-fold CV on the training data (the
-    linear-probe protocol); a number fixes it.
-    """
-
-    def __init__(self, C: float | None = None, Cs: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0), cv: int = 3,
-                 max_iter: int = 1000, class_weight: str | None = None, n_jobs: int | None = None, random_state: int = 0):
-        self.C = C
-        self.Cs = Cs
-        self.cv = cv
-        self.max_iter = max_iter
-        self.class_weight = class_weight
-        self.n_jobs = n_jobs
-        self.random_state = random_state
-
-    def _pipeline(self, C: float) -> Pipeline:
-        return Pipeline([
-            ("scale", StandardScaler()),
-            ("clf", LogisticRegression(C=C, max_iter=self.max_iter, class_weight=self.class_weight, random_state=self.random_state)),
-        ])
-
-    def fit(self, X, y) -> "LogRegHead":
-        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
-        check_classification_targets(y)
-        self.classes_ = np.unique(y)
-        counts = np.bincount(np.searchsorted(self.classes_, y))
-        folds = min(self.cv, int(counts.min()))
-        if self.C is not None or folds < 2 or len(self.Cs) < 2 or len(self.classes_) < 2:
-            self.C_ = float(self.C if self.C is not None else 1.0)
-            self.pipeline_ = self._pipeline(self.C_).fit(X, y)
-            self.cv_scores_ = {}
-        else:
-            search = GridSearchCV(
-                self._pipeline(1.0), {"clf__C": list(self.Cs)},
-                cv=StratifiedKFold(folds, shuffle=True, random_state=self.random_state), n_jobs=self.n_jobs, refit=True,
-            ).fit(X, y)
-            self.C_ = float(search.best_params_["clf__C"])
-            self.pipeline_ = search.best_estimator_
-            self.cv_scores_ = {float(c): float(s) for c, s in zip(self.Cs, search.cv_results_["mean_test_score"])}
-        self.n_iter_ = self.pipeline_.named_steps["clf"].n_iter_
-        return self
-
-    def decision_function(self, X) -> np.ndarray:
-        _check_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        return self.pipeline_.decision_function(X)
-
-    def predict_proba(self, X) -> np.ndarray:
-        _check_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        return self.pipeline_.predict_proba(X)
-
-    def predict(self, X) -> np.ndarray:
-        proba = self.predict_proba(X)
-        return self.classes_[np.argmax(proba, axis=1)]
-
-    def as_linear(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(mean, scale, weight [C, D], bias [C]) of the equivalent standardise+linear layer."""
-        _check_fitted(self)
-        scaler, clf = self.pipeline_.named_steps["scale"], self.pipeline_.named_steps["clf"]
-        coef, intercept = clf.coef_, clf.intercept_
-        if coef.shape[0] == 1:  # binary: softmax over (-z/2, z/2) equals sigmoid(z)
-            coef = np.vstack([-coef / 2, coef / 2])
-            intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
-        return scaler.mean_, scaler.scale_, coef, intercept
-
-    # state for artifacts: arrays only, so loading needs no pickle
-    def get_state(self) -> dict[str, Any]:
-        scaler, clf = self.pipeline_.named_steps["scale"], self.pipeline_.named_steps["clf"]
-        return {"classes": self.classes_, "mean": scaler.mean_, "scale": scaler.scale_, "var": scaler.var_,
-                "coef": clf.coef_, "intercept": clf.intercept_, "C": self.C_, "n_features_in": self.n_features_in_}
-
-    def set_state(self, state: dict[str, Any]) -> "LogRegHead":
-        pipe = self._pipeline(float(state["C"]))
-        scaler, clf = pipe.named_steps["scale"], pipe.named_steps["clf"]
-        scaler.mean_, scaler.scale_, scaler.var_ = (np.asarray(state[k], dtype=np.float64) for k in ("mean", "scale", "var"))
-        scaler.n_features_in_ = int(state["n_features_in"])
-        scaler.n_samples_seen_ = 1
-        clf.coef_, clf.intercept_ = np.asarray(state["coef"], dtype=np.float64), np.asarray(state["intercept"], dtype=np.float64)
-        clf.classes_ = np.asarray(state["classes"])
-        clf.n_features_in_ = int(state["n_features_in"])
-        clf.n_iter_ = np.array([0])
-        self.pipeline_, self.C_, self.cv_scores_, self.n_iter_ = pipe, float(state["C"]), {}, clf.n_iter_
-        self.classes_ = np.asarray(state["classes"])
-        self.n_features_in_ = int(state["n_features_in"])
-        return self
+HEAD_KINDS = ("logreg", "linear", "mlp", "knn")
 
 
 # ----------------------------------------------------------------------------- torch heads
@@ -185,12 +84,6 @@ def build_head_module(in_dim: int, n_classes: int, hidden: tuple[int, ...], drop
         width = h
     layers.append(nn.Linear(width, n_classes))
     return nn.Sequential(*layers)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class TorchHead(ClassifierMixin, BaseEstimator):
@@ -403,7 +296,7 @@ class MLPHead(TorchHead):
 def make_head(kind: str, **params: Any) -> BaseEstimator:
     from ..errors import UsageError
 
-    classes = {"logreg": LogRegHead, "linear": LinearHead, "mlp": MLPHead}
+    classes = {"logreg": LogRegHead, "linear": LinearHead, "mlp": MLPHead, "knn": KNNHead}
     if kind not in classes:
         raise UsageError(f"--clf {kind!r} is not a head; choose one of {', '.join(HEAD_KINDS)}")
     return classes[kind](**params)

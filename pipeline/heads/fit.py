@@ -11,17 +11,16 @@ import numpy as np
 import sklearn
 import torch
 
-from .. import __version__
-from .artifacts import LoadedHead, load_head, save_head
-from ..store import iter_embeddings, read_cache_meta, read_rows
+from .. import __version__, logs
 from ..errors import UsageError
-from .estimators import HEAD_KINDS, TorchHead, make_head
-from ..store import WriterLock
 from ..options import build
-from .options import FitOptions
+from ..store import WriterLock, iter_embeddings, read_cache_meta, read_rows
+from .artifacts import LoadedHead, load_head, save_head
+from .estimators import TorchHead, make_head
+from .knn import KNNHead
 from .metrics import classification_metrics, plot_leaderboard, write_reports
+from .options import FitOptions
 from .splits import assign_splits
-
 
 
 class CacheSource:
@@ -132,9 +131,9 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
     streaming = opts.stream or n_bytes > opts.memory_budget_bytes
     head = make_head(kind, **opts.estimator_params())
     t0 = time.perf_counter()
-    if streaming and kind == "logreg":
+    if streaming and kind in ("logreg", "knn"):
         raise UsageError(f"cache {str(cache)!r} holds {n_bytes / 2**30:.1f} GiB of embeddings, over the memory budget; "
-                         "logreg needs them all in RAM: use --clf linear (streams the cache), or raise --memory-budget")
+                         f"{kind} needs them all in RAM: use --clf linear (streams the cache), or raise --memory-budget")
     if streaming:
         src = lambda s: CacheSource(cache, table.index_rows[idx[s]], table.labels[idx[s]])  # noqa: E731
         head.fit_source(src("train"), src("val") if len(idx["val"]) else None, classes=np.unique(table.labels[idx["train"]]),
@@ -143,10 +142,16 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
     else:
         X = {s: _read(cache, table.index_rows[idx[s]], dim) for s in idx}
         y_train = table.labels[idx["train"]]
-        if isinstance(head, TorchHead) and len(idx["val"]):
+        use_val = isinstance(head, (TorchHead, KNNHead)) or opts.select_on == "val"  # early stopping, k, or logreg's C on val
+        if opts.select_on == "val" and not len(idx["val"]):
+            raise UsageError(f"--select-on val: cache {str(cache)!r} has no validation rows under this split; use --select-on cv or a --val-fraction above 0")
+        if use_val and len(idx["val"]):
             head.fit(X["train"], y_train, X["val"], table.labels[idx["val"]])
         else:
             head.fit(X["train"], y_train)
+        if getattr(head, "C_at_edge_", ""):
+            logs.warning(f"logreg: the chosen C={head.C_:g} is the {head.C_at_edge_} value searched; the best C may lie beyond it "
+                         "(fix one with --C, or check the features)")
     seconds = time.perf_counter() - t0
 
     metrics: dict[str, Any] = {}
@@ -155,6 +160,8 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
             Xs = X[s] if X[s] is not None else _read(cache, table.index_rows[idx[s]], dim)
             metrics[s] = classification_metrics(table.labels[idx[s]], full_proba(head, Xs, len(classes)), classes)
     metrics["fit_seconds"] = seconds
+    if getattr(head, "path_", None):
+        metrics["selection"] = {"C": head.C_, "select_on": opts.select_on, "at_edge": head.C_at_edge_ or None, "path": head.path_}
     history = list(getattr(head, "history_", []) or [])
     provenance = {
         **{k: meta.get(k) for k in ("model", "weights", "weights_spec", "seed", "preprocessing", "embed_dim", "classes", "dtype", "data_root", "layout", "engine", "precision", "decode")},
@@ -167,7 +174,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
         "numpy_version": np.__version__, "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **extra_provenance,
     }
-    extra = {"history": history, "C": getattr(head, "C_", None), "cv_scores": {str(k): v for k, v in (getattr(head, "cv_scores_", {}) or {}).items()}}
+    extra = {"history": history, "C": getattr(head, "C_", None), "cv_path": getattr(head, "path_", []), "cv_scores": {str(k): v for k, v in (getattr(head, "cv_scores_", {}) or {}).items()}}
     save_head(out_path, head, kind, head.get_params(), provenance, metrics, extra)
     reports = write_reports(out_path, metrics, classes, history, kind, plots)
     return FitResult(str(out_path), kind, str(cache), metrics, seconds, len(idx["train"]), len(idx["val"]), len(idx["test"]), reports, head.get_params())
@@ -199,20 +206,28 @@ def evaluate_head(head_path: str | os.PathLike, cache: str | os.PathLike, val_fr
     return result
 
 
-def compare_caches(caches: list[str | os.PathLike], options: FitOptions | str | None = None, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Fit the same head on several caches and rank them by validation accuracy."""
-    opts = build(FitOptions, {"clf": options} if isinstance(options, str) else options)
-    kind = opts.clf
+def compare_caches(caches: list[str | os.PathLike], options: FitOptions | str | list[FitOptions | str] | None = None,
+                   out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Fit each head (``options``: one or several) on each cache and rank every pair by
+    validation accuracy: which backbone transfers best, which head suits a cache."""
+    heads = [build(FitOptions, {"clf": o} if isinstance(o, str) else o) for o in (options if isinstance(options, list) else [options])]
     if not caches:
         raise UsageError("compare needs at least one cache")
+    if len({h.clf for h in heads}) != len(heads):
+        raise UsageError("--clf names the same head twice; give each head once")
     out_dir = Path(out_dir or os.environ.get("FEATCACHE_HEAD_DIR", "heads")) / "compare"
     rows = []
     for c in caches:
-        r = fit_head(c, opts, out_dir / f"{Path(c).stem}.{kind}.head.pt", plots=False)
         meta = read_cache_meta(c)
-        m = r.metrics.get("val") or r.metrics.get("test")
-        rows.append({"name": f"{meta['model']} ({meta['weights']})", "cache": str(c), "accuracy": m["accuracy"] if m else float("nan"),
-                     "macro_f1": m["macro_f1"] if m else float("nan"), "fit_seconds": r.seconds, "embed_dim": meta["embed_dim"], "head": r.head_path})
+        for opts in heads:
+            r = fit_head(c, opts, out_dir / f"{Path(c).stem}.{opts.clf}.head.pt", plots=False)
+            m = r.metrics.get("val") or r.metrics.get("test")
+            name = f"{meta['model']} ({meta['weights']})" + (f" · {opts.clf}" if len(heads) > 1 else "")
+            rows.append({"name": name, "clf": opts.clf, "cache": str(c), "accuracy": m["accuracy"] if m else float("nan"),
+                         "macro_f1": m["macro_f1"] if m else float("nan"), "fit_seconds": r.seconds, "embed_dim": meta["embed_dim"],
+                         "head": r.head_path})
     rows.sort(key=lambda r: -r["accuracy"])
-    chart = plot_leaderboard(rows, out_dir / f"leaderboard.{kind}.png", f"{kind} head: validation accuracy by backbone")
-    return {"clf": kind, "leaderboard": rows, "chart_png": str(chart)}
+    kinds = "+".join(h.clf for h in heads)
+    what = "backbone" if len(heads) == 1 else "backbone and head" if len(caches) > 1 else "head"
+    chart = plot_leaderboard(rows, out_dir / f"leaderboard.{kinds}.png", f"{kinds}: validation accuracy by {what}")
+    return {"clf": kinds, "leaderboard": rows, "chart_png": str(chart)}

@@ -8,6 +8,7 @@ from ..options import check_types, require, require_choice
 from .estimators import HEAD_KINDS
 
 TORCH_SCHEDULES = ("cosine", "step")
+SELECT_ON = ("cv", "val")
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class FitOptions:
 
     clf: str = "logreg"
     C: float | None = None  # logreg: fixed C
-    jobs: int | None = None  # logreg: parallel CV jobs (joblib; -1 = all cores)
+    jobs: int | None = None  # logreg: solver threads (None: torch's default, every core)
     epochs: int | None = None  # torch heads from here on
     lr: float | None = None
     weight_decay: float | None = None
@@ -32,13 +33,15 @@ class FitOptions:
     seed: int = 0  # the split and the head
     stream: bool = False  # torch heads: stream the cache in chunks
     memory_budget: float = 4.0  # GiB of embeddings loaded before streaming automatically
+    k: tuple[int, ...] | None = None  # knn: neighbour counts; several are scored in one pass and the best on val kept (default 20)
+    select_on: str = "cv"  # logreg: choose C by cross-validation on train, or on the cache's val split
 
     def __post_init__(self) -> None:
         check_types(self)
         require(self.clf in HEAD_KINDS, f"--clf {self.clf!r} is not a head; choose one of {', '.join(HEAD_KINDS)}")
         require(self.class_weight in (None, "balanced"), f"--class-weight {self.class_weight!r}: only 'balanced' is supported")
         require(self.C is None or self.C > 0, f"--C must be more than 0 (got {self.C})")
-        require(self.jobs is None or self.jobs != 0, "--jobs must be a positive count, or -1 for every core (got 0)")
+        require(self.jobs is None or self.jobs >= 1, f"--jobs must be at least 1 (got {self.jobs}); leave it out to use every core")
         require(self.epochs is None or self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})")
         require(self.lr is None or self.lr > 0, f"--lr must be more than 0 (got {self.lr})")
         require(self.weight_decay is None or self.weight_decay >= 0, f"--weight-decay must be 0 or more (got {self.weight_decay})")
@@ -49,6 +52,8 @@ class FitOptions:
         require_choice("schedule", self.schedule, TORCH_SCHEDULES)
         require(self.patience is None or self.patience >= 0, f"--patience must be 0 (off) or more (got {self.patience})")
         require(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
+        require(self.k is None or (len(self.k) > 0 and all(k >= 1 for k in self.k)), f"--k takes counts of at least 1, e.g. --k 10,20,100 (got {self.k})")
+        require_choice("select_on", self.select_on, SELECT_ON, "cv: folds of the training rows; val: the validation rows")
         require(self.memory_budget > 0, f"--memory-budget must be more than 0 GiB (got {self.memory_budget})")
 
     @property
@@ -59,6 +64,8 @@ class FitOptions:
         """The head estimator's constructor arguments (only those that were set)."""
         if self.clf == "logreg":
             return {"C": self.C, "n_jobs": self.jobs, "random_state": self.seed, "class_weight": self.class_weight}
+        if self.clf == "knn":
+            return {"k": tuple(self.k) if self.k else 20, "random_state": self.seed}
         params: dict[str, Any] = {"random_state": self.seed, "class_weight": self.class_weight, "label_smoothing": self.label_smoothing,
                                   "schedule": self.schedule}
         for name in ("epochs", "lr", "weight_decay", "batch_size", "patience"):

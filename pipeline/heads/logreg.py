@@ -1,0 +1,184 @@
+"""``LogRegHead``: standardise, then L2 logistic regression with C chosen by a fast path.
+
+The model is scikit-learn's own (a ``StandardScaler`` + ``LogisticRegression`` pipeline
+holding the solution), so prediction, artifacts and stage 3 see exactly what they did;
+only the solving is ours (``logreg_path``): torch L-BFGS, warm starts along C,
+coarse-to-fine, folds on a subsample of a large training set, one refit on all rows.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import validate_data
+
+from .common import check_fitted, head_device
+from .logreg_path import DEFAULT_CS, LogisticProblem, balanced_weights, select_C, stratified_subsample
+
+FLOAT64_MAX_VALUES = 20_000_000  # rows x features solved in float64 (exact); larger problems in float32
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """``n_jobs`` as torch's thread count for the duration of a fit (None: torch's default)."""
+    before = torch.get_num_threads()
+    if n is not None and n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class LogRegHead(ClassifierMixin, BaseEstimator):
+    """Standardise, then multinomial (binary for two classes) L2 logistic regression.
+
+    ``C=None`` chooses C by stratified ``cv``-fold cross-validation on the training rows
+    (at most ``select_rows`` of them, stratified), or on ``X_val``/``y_val`` when ``fit``
+    is given them: over ``Cs``, or by default the decades 1e-6 … 1e4 walked with warm
+    starts, stopped two decades past the best, then refined to quarter decades. A number
+    fixes C. The chosen C is refit on every training row. ``n_jobs`` is the solver's thread
+    count; ``device`` ``auto`` uses the GPU when there is one.
+    """
+
+    def __init__(self, C: float | None = None, Cs: tuple[float, ...] | None = None, cv: int = 3, max_iter: int = 1000, tol: float = 1e-4,
+                 class_weight: str | None = None, n_jobs: int | None = None, random_state: int = 0, select_rows: int = 20_000,
+                 device: str = "auto"):
+        self.C = C
+        self.Cs = Cs
+        self.cv = cv
+        self.max_iter = max_iter
+        self.tol = tol
+        self.class_weight = class_weight
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+        self.select_rows = select_rows
+        self.device = device
+
+    # -- fitting
+    def fit(self, X, y, X_val=None, y_val=None) -> "LogRegHead":
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        check_classification_targets(y)
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise ValueError(f"Classifier can't train when only one class is present (class {self.classes_[0]!r}); give rows of at least 2 classes")
+        labels = np.searchsorted(self.classes_, y)
+        scaler = StandardScaler().fit(X)
+        device = head_device(self.device)
+        dtype = torch.float64 if X.size <= FLOAT64_MAX_VALUES and device.type == "cpu" else torch.float32
+        as_tensor = lambda a, dt=dtype: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=device)  # noqa: E731
+        t0 = time.perf_counter()
+        with _threads(self.n_jobs):
+            Z = as_tensor(scaler.transform(X))
+            Y = as_tensor(labels, torch.long)
+            n_classes = len(self.classes_)
+            weights = lambda rows: self._row_weights(labels[rows], n_classes, as_tensor)  # noqa: E731
+            warm = None
+            self.cv_scores_, self.path_, self.C_at_edge_ = {}, [], ""
+            if self.C is not None:
+                self.C_ = float(self.C)
+            else:
+                selection = self._select(Z, Y, labels, weights, X_val, y_val, scaler, as_tensor)
+                if selection is None:  # too few rows per class to cross-validate
+                    self.C_ = 1.0
+                else:
+                    self.C_, self.C_at_edge_ = selection.C, selection.at_edge
+                    self.cv_scores_ = {p.C: p.score for p in selection.points}
+                    self.path_ = [asdict(p) for p in selection.points]
+                    warm = tuple(torch.stack([s[i] for s in selection.warm]).mean(0) for i in range(2))
+            problem = LogisticProblem(Z, Y, n_classes, weights(np.arange(len(labels))))
+            # the kept model is solved tighter than the path (its predictions are compared with scikit-learn's)
+            W, b, n_iter = problem.solve(self.C_, warm, tol=self.tol * 1e-2, max_iter=self.max_iter)
+        self.fit_seconds_ = round(time.perf_counter() - t0, 4)
+        self.pipeline_ = self._pipeline(scaler, W.double().cpu().numpy(), b.double().cpu().numpy())
+        self.n_iter_ = np.array([n_iter])
+        return self
+
+    def _row_weights(self, labels: np.ndarray, n_classes: int, as_tensor) -> torch.Tensor | None:
+        """Per-row weights from ``class_weight``: None, "balanced" or {class label: weight}."""
+        if self.class_weight is None:
+            return None
+        if self.class_weight == "balanced":
+            return as_tensor(balanced_weights(labels, n_classes))
+        per_class = np.array([float(self.class_weight.get(c, 1.0)) for c in self.classes_])
+        return as_tensor(per_class[labels])
+
+    def _select(self, Z, Y, labels, weights, X_val, y_val, scaler, as_tensor):
+        grid = tuple(self.Cs) if self.Cs is not None else DEFAULT_CS
+        refine = self.Cs is None  # a grid that was given is solved exactly as given
+        if X_val is not None and y_val is not None and len(y_val):
+            known = np.isin(y_val, self.classes_)
+            Xv = as_tensor(scaler.transform(np.asarray(X_val, dtype=np.float64)[known]))
+            Yv = as_tensor(np.searchsorted(self.classes_, np.asarray(y_val)[known]), torch.long)
+            folds = [(LogisticProblem(Z, Y, len(self.classes_), weights(np.arange(len(labels)))), Xv, Yv)]
+        else:
+            rows = stratified_subsample(labels, self.select_rows, self.random_state)
+            n_folds = min(self.cv, int(np.bincount(labels[rows]).min()))
+            if n_folds < 2 or len(grid) < 2:
+                return None
+            splitter = StratifiedKFold(n_folds, shuffle=True, random_state=self.random_state)
+            folds = []
+            for train, test in splitter.split(np.zeros(len(rows)), labels[rows]):
+                tr, te = torch.as_tensor(rows[train], device=Z.device), torch.as_tensor(rows[test], device=Z.device)
+                folds.append((LogisticProblem(Z[tr], Y[tr], len(self.classes_), weights(rows[train])), Z[te], Y[te]))
+        return select_C(folds, grid, tol=self.tol, max_iter=self.max_iter, refine=refine)
+
+    def _pipeline(self, scaler: StandardScaler, coef: np.ndarray, intercept: np.ndarray) -> Pipeline:
+        clf = LogisticRegression(C=self.C_, max_iter=self.max_iter, tol=self.tol, class_weight=self.class_weight, random_state=self.random_state)
+        clf.coef_, clf.intercept_, clf.classes_ = coef, intercept, self.classes_
+        clf.n_features_in_ = coef.shape[1]
+        clf.n_iter_ = np.array([0])
+        return Pipeline([("scale", scaler), ("clf", clf)])
+
+    # -- predicting
+    def decision_function(self, X) -> np.ndarray:
+        check_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return self.pipeline_.decision_function(X)
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return self.pipeline_.predict_proba(X)
+
+    def predict(self, X) -> np.ndarray:
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
+
+    def as_linear(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(mean, scale, weight [C, D], bias [C]) of the equivalent standardise+linear layer."""
+        check_fitted(self)
+        scaler, clf = self.pipeline_.named_steps["scale"], self.pipeline_.named_steps["clf"]
+        coef, intercept = clf.coef_, clf.intercept_
+        if coef.shape[0] == 1:  # binary: softmax over (-z/2, z/2) equals sigmoid(z)
+            coef = np.vstack([-coef / 2, coef / 2])
+            intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
+        return scaler.mean_, scaler.scale_, coef, intercept
+
+    # -- state for artifacts: arrays only, so loading needs no pickle
+    def get_state(self) -> dict[str, Any]:
+        scaler, clf = self.pipeline_.named_steps["scale"], self.pipeline_.named_steps["clf"]
+        return {"classes": self.classes_, "mean": scaler.mean_, "scale": scaler.scale_, "var": scaler.var_,
+                "coef": clf.coef_, "intercept": clf.intercept_, "C": self.C_, "n_features_in": self.n_features_in_}
+
+    def set_state(self, state: dict[str, Any]) -> "LogRegHead":
+        scaler = StandardScaler()
+        scaler.mean_, scaler.scale_, scaler.var_ = (np.asarray(state[k], dtype=np.float64) for k in ("mean", "scale", "var"))
+        scaler.n_features_in_ = int(state["n_features_in"])
+        scaler.n_samples_seen_ = 1
+        self.classes_ = np.asarray(state["classes"])
+        self.n_features_in_ = int(state["n_features_in"])
+        self.C_, self.cv_scores_, self.path_, self.C_at_edge_ = float(state["C"]), {}, [], ""
+        self.pipeline_ = self._pipeline(scaler, np.asarray(state["coef"], dtype=np.float64), np.asarray(state["intercept"], dtype=np.float64))
+        self.n_iter_ = np.array([0])
+        return self
