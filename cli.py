@@ -309,10 +309,10 @@ def fit_head(
     C: Optional[float] = typer.Option(None, "--C", help="logreg: fix C (default: chosen from 1e-6 ... 1e4 along a warm-started path, coarse to fine)."),
     jobs: Optional[int] = typer.Option(None, "--jobs", help="logreg: solver threads (default: torch's, all cores)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="torch heads: maximum epochs (default 100, early stopping on val loss)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="torch heads: AdamW learning rate."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="torch heads: AdamW weight decay."),
+    lr: Optional[str] = typer.Option(None, "--lr", help="torch heads: AdamW learning rate; several (1e-3,3e-3,1e-2) train a grid in one read and keep the best on val."),
+    weight_decay: Optional[str] = typer.Option(None, "--weight-decay", help="torch heads: AdamW weight decay; several (0,1e-4,1e-3) join the grid."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="torch heads: minibatch size."),
-    hidden: Optional[str] = typer.Option(None, "--hidden", help="mlp: hidden sizes, e.g. 512,256."),
+    hidden: Optional[str] = typer.Option(None, "--hidden", help="mlp: hidden sizes, e.g. 512,256; several architectures with ':' (512,256:1024) join the grid."),
     dropout: Optional[str] = typer.Option(None, "--dropout", help="mlp: dropout per hidden layer, e.g. 0.25,0.5."),
     label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="torch heads: label smoothing."),
     schedule: str = typer.Option("cosine", "--schedule", help="torch heads: cosine or step."),
@@ -332,7 +332,8 @@ def fit_head(
     from pipeline.heads import fit_head as run_fit
 
     _begin(as_json)
-    hidden = tuple(int(h) for h in _floats(hidden, "--hidden")) if hidden else None
+    hidden = tuple(tuple(int(h) for h in _floats(arch, "--hidden")) for arch in hidden.split(":")) if hidden else None
+    lr, weight_decay = _floats(lr, "--lr"), _floats(weight_decay, "--weight-decay")
     dropout = _floats(dropout, "--dropout")
     k = tuple(int(n) for n in _floats(k, "--k")) if k else None
     r = run_fit(cache, _options(FitOptions, locals()), out, wait=wait)

@@ -15,6 +15,7 @@ Methods, each in its own process (seconds, peak RSS, validation accuracy):
 - ours: ``fit-head --clf logreg`` (C from 1e-6 ... 1e4 along a warm-started path, coarse to fine);
 - script: ``StandardScaler`` + ``LogisticRegressionCV(Cs=np.logspace(-4, 2, 7), cv=3 stratified
   folds, max_iter=3000, n_jobs=cores)`` — the 20-line script (a narrower grid than ours);
+- grid: one linear head against ten (ten learning rates) trained in one read, 20 epochs each;
 - knn: our ``--clf knn`` (k=20, T=0.07) against the same vote computed by brute force in numpy.
 """
 from __future__ import annotations
@@ -66,6 +67,17 @@ METHODS = {
         "clf = LogisticRegressionCV(Cs=np.logspace(-4, 2, 7), cv=StratifiedKFold(3, shuffle=True, random_state=0), max_iter=3000,\n"
         "                           n_jobs=os.cpu_count()).fit(sc.transform(Xtr), ytr)\n"
         "done({'accuracy': float(clf.score(sc.transform(Xva), yva)), 'C': float(clf.C_[0]), 'searched': 7}, t0)\n"
+    ),
+    "ours linear, 1 head": (
+        "from pipeline.heads import fit_head\n"
+        "t0 = time.perf_counter(); r = fit_head(CACHE, 'linear', CACHE + '.lin1.pt', plots=False, epochs=20, patience=0)\n"
+        "done({'accuracy': r.metrics['val']['accuracy']}, t0)\n"
+    ),
+    "ours linear, 10 heads one read": (
+        "from pipeline.heads import fit_head\n"
+        "t0 = time.perf_counter(); r = fit_head(CACHE, 'linear', CACHE + '.lin10.pt', plots=False, epochs=20, patience=0,\n"
+        "                                      lr=tuple(np.logspace(-4, -1, 10)))\n"
+        "done({'accuracy': r.metrics['val']['accuracy']}, t0)\n"
     ),
     "ours knn (k=20)": (
         "from pipeline.heads import fit_head\n"
@@ -200,6 +212,9 @@ def main() -> None:
                 ratio, gap = ours["seconds"] / script["seconds"], 100 * (ours["accuracy"] - script["accuracy"])
                 print(f"  ratio ours / script time = {ratio:.2f}  (goal <= 0.5, hard <= 0.2); accuracy {gap:+.1f} points (goal >= -0.5)")
                 table.append((case, ratio, gap))
+            one, ten = results.get("ours linear, 1 head", {}), results.get("ours linear, 10 heads one read", {})
+            if "seconds" in one and "seconds" in ten:
+                print(f"  ratio 10 heads in one read / 1 head = {ten['seconds'] / one['seconds']:.2f}  (goal <= 2; 20 epochs each, no early stop)")
             knn, brute = results.get("ours knn (k=20)", {}), results.get("numpy brute-force knn", {})
             if "seconds" in knn and "seconds" in brute:
                 print(f"  ratio knn / brute-force time = {knn['seconds'] / brute['seconds']:.2f}; accuracy {100 * (knn['accuracy'] - brute['accuracy']):+.2f} points")

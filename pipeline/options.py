@@ -58,6 +58,7 @@ def type_problem(value: Any, tp: Any) -> str | None:
     TOML and the command line give ints for floats (accepted), lists for tuples (accepted),
     and true/false never counts as a number.
     """
+    value = _coerce(value, tp)
     tp, optional = _unwrap_optional(tp)
     if value is None:
         return None if optional else f"expected {describe(tp)}, got None"
@@ -77,21 +78,36 @@ def type_problem(value: Any, tp: Any) -> str | None:
 def describe(tp: Any) -> str:
     tp, _ = _unwrap_optional(tp)
     if typing.get_origin(tp) is tuple:
-        return "a list of " + {int: "integers", float: "numbers"}.get(typing.get_args(tp)[0], "values")
+        item = typing.get_args(tp)[0]
+        return "a list of " + {int: "integers", float: "numbers"}.get(item, "lists of integers" if typing.get_origin(item) is tuple else "values")
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
+def _coerce(value: Any, tp: Any) -> Any:
+    """A list field given one value takes it as a one-item list (``lr = 0.01`` for
+    ``lr: tuple[float, ...]``; ``hidden = [512, 256]`` for a list of architectures);
+    lists become tuples, so frozen options stay hashable."""
+    tp, _ = _unwrap_optional(tp)
+    if value is None or typing.get_origin(tp) is not tuple:
+        return value
+    item = typing.get_args(tp)[0]
+    if not isinstance(value, (list, tuple)):
+        return (value,)
+    if typing.get_origin(item) is tuple and value and not any(isinstance(v, (list, tuple)) for v in value):
+        return (tuple(value),)
+    return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+
+
 def check_types(options: Any) -> None:
-    """Raise UsageError naming the first field whose value does not fit its annotation;
-    lists become tuples (frozen dataclasses stay hashable)."""
+    """Raise UsageError naming the first field whose value does not fit its annotation
+    (after :func:`_coerce`)."""
     hints = _hints(type(options))
     for f in dataclasses.fields(options):
-        value = getattr(options, f.name)
+        value = _coerce(getattr(options, f.name), hints[f.name])
         problem = type_problem(value, hints[f.name])
         if problem:
             raise UsageError(f"{flag(f.name)}: {problem}")
-        if isinstance(value, list):
-            object.__setattr__(options, f.name, tuple(value))
+        object.__setattr__(options, f.name, value)
 
 
 def require(ok: bool, message: str) -> None:

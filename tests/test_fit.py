@@ -123,3 +123,25 @@ def test_cli_bad_input_stage2(digits_cache, tmp_path, args, code, needle):
     proc = run_cli(*[subs.get(a, a) for a in args])
     assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr and needle in proc.stderr
+
+
+def test_cli_knn_head_fits_evaluates_predicts_and_is_refused_by_finetune(digits_cache, tmp_path):
+    """The kNN head goes everywhere a head goes (artifact, evaluate, predict on images,
+    compare next to other heads) except stage 3, which says why."""
+    head = tmp_path / "knn.pt"
+    fit = cli_json("fit-head", str(digits_cache), "--clf", "knn", "--k", "1,10,50", "--out", str(head))
+    assert fit["metrics"]["val"]["accuracy"] > 0.8
+    loaded = load_head(head)
+    assert loaded.kind == "knn" and loaded.head.k_ in (1, 10, 50) and set(loaded.head.scores_) == {1, 10, 50}
+    ev = cli_json("evaluate", str(head), "--cache", str(digits_cache))
+    assert ev["val"]["accuracy"] == pytest.approx(fit["metrics"]["val"]["accuracy"])
+    from pathlib import Path
+
+    data = load_cache(digits_cache).meta["data_root"]
+    picks = [str(p) for p in sorted((Path(data) / "digit_4").iterdir())[:3]]
+    pred = cli_json("predict", str(head), *picks)
+    assert len(pred["predictions"]) == 3
+    proc = run_cli("finetune", str(head), "--out", str(tmp_path / "m.pt"))
+    assert proc.returncode == 5 and "kNN head" in proc.stderr and "Traceback" not in proc.stderr
+    cmp = cli_json("compare", str(digits_cache), "--clf", "logreg", "--clf", "knn")
+    assert sorted(r["clf"] for r in cmp["leaderboard"]) == ["knn", "logreg"]

@@ -16,7 +16,7 @@ from ..errors import UsageError
 from ..options import build
 from ..store import WriterLock, iter_embeddings, read_cache_meta, read_rows
 from .artifacts import LoadedHead, load_head, save_head
-from .estimators import TorchHead, make_head
+from .estimators import ArraySource, TorchHead, make_head
 from .knn import KNNHead
 from .metrics import classification_metrics, plot_leaderboard, write_reports
 from .options import FitOptions
@@ -134,7 +134,11 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
     if streaming and kind in ("logreg", "knn"):
         raise UsageError(f"cache {str(cache)!r} holds {n_bytes / 2**30:.1f} GiB of embeddings, over the memory budget; "
                          f"{kind} needs them all in RAM: use --clf linear (streams the cache), or raise --memory-budget")
-    if streaming:
+    grid_board: list[dict[str, Any]] = []
+    if opts.is_grid():
+        head, grid_board = _fit_grid(cache, table, idx, opts, head, streaming, dim)
+        X = {s: None for s in idx}
+    elif streaming:
         src = lambda s: CacheSource(cache, table.index_rows[idx[s]], table.labels[idx[s]])  # noqa: E731
         head.fit_source(src("train"), src("val") if len(idx["val"]) else None, classes=np.unique(table.labels[idx["train"]]),
                         n_features=dim, train_labels=table.labels[idx["train"]])
@@ -149,9 +153,9 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
             head.fit(X["train"], y_train, X["val"], table.labels[idx["val"]])
         else:
             head.fit(X["train"], y_train)
-        if getattr(head, "C_at_edge_", ""):
-            logs.warning(f"logreg: the chosen C={head.C_:g} is the {head.C_at_edge_} value searched; the best C may lie beyond it "
-                         "(fix one with --C, or check the features)")
+        if getattr(head, "C_at_edge_", "") == "largest":  # (the smallest edge is a model of class frequencies: recorded, nothing beyond it)
+            logs.warning(f"logreg: the chosen C={head.C_:g} is the largest value searched; a weaker regularisation may be better "
+                         "(try --C with larger values)")
     seconds = time.perf_counter() - t0
 
     metrics: dict[str, Any] = {}
@@ -160,6 +164,8 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
             Xs = X[s] if X[s] is not None else _read(cache, table.index_rows[idx[s]], dim)
             metrics[s] = classification_metrics(table.labels[idx[s]], full_proba(head, Xs, len(classes)), classes)
     metrics["fit_seconds"] = seconds
+    if grid_board:
+        metrics["grid"] = grid_board
     if getattr(head, "path_", None):
         metrics["selection"] = {"C": head.C_, "select_on": opts.select_on, "at_edge": head.C_at_edge_ or None, "path": head.path_}
     history = list(getattr(head, "history_", []) or [])
@@ -177,7 +183,33 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
     extra = {"history": history, "C": getattr(head, "C_", None), "cv_path": getattr(head, "path_", []), "cv_scores": {str(k): v for k, v in (getattr(head, "cv_scores_", {}) or {}).items()}}
     save_head(out_path, head, kind, head.get_params(), provenance, metrics, extra)
     reports = write_reports(out_path, metrics, classes, history, kind, plots)
+    if grid_board and plots:
+        rows = [{"name": r["name"], "accuracy": r["val_accuracy"] or 0.0} for r in grid_board]
+        chart = out_path.with_name(out_path.name.removesuffix(".pt") + ".grid.png")
+        reports["grid_png"] = str(plot_leaderboard(rows, chart, f"{kind}: {len(rows)} heads trained in one read (best first)"))
     return FitResult(str(out_path), kind, str(cache), metrics, seconds, len(idx["train"]), len(idx["val"]), len(idx["test"]), reports, head.get_params())
+
+
+def _fit_grid(cache: Path, table, idx: dict[str, np.ndarray], opts: FitOptions, template: TorchHead, streaming: bool, dim: int):
+    """Every (lr, weight decay, architecture) of ``opts`` trained on one read of the cache per
+    epoch; the best on validation rows (or a held-out share of train when the split has none)."""
+    from .grid import fit_grid, grid_members
+
+    hiddens = opts.hidden if opts.clf == "mlp" and opts.hidden else (tuple(template.hidden),)
+    members = grid_members(opts.lr or (template.lr,), opts.weight_decay or (template.weight_decay,), hiddens)
+    train_rows, val_rows = idx["train"], idx["val"]
+    if not len(val_rows):  # hold out a stratified share of train, as a single torch head does
+        from sklearn.model_selection import train_test_split
+
+        labels = table.labels[train_rows]
+        strat = labels if np.bincount(labels).min() >= 2 else None
+        train_rows, val_rows = train_test_split(train_rows, test_size=max(template.val_fraction, 0.1), random_state=opts.seed, stratify=strat)
+    if streaming:
+        source = lambda rows: CacheSource(cache, table.index_rows[rows], table.labels[rows])  # noqa: E731
+    else:
+        source = lambda rows: ArraySource(_read(cache, table.index_rows[rows], dim), table.labels[rows])  # noqa: E731
+    train_labels = table.labels[train_rows]
+    return fit_grid(template, members, source(train_rows), source(val_rows), np.unique(train_labels), dim, train_labels)
 
 
 def evaluate_head(head_path: str | os.PathLike, cache: str | os.PathLike, val_fraction: float | None = None) -> dict[str, Any]:
@@ -216,9 +248,10 @@ def compare_caches(caches: list[str | os.PathLike], options: FitOptions | str | 
     if len({h.clf for h in heads}) != len(heads):
         raise UsageError("--clf names the same head twice; give each head once")
     out_dir = Path(out_dir or os.environ.get("FEATCACHE_HEAD_DIR", "heads")) / "compare"
+    metas = {str(c): read_cache_meta(c) for c in caches}  # every cache is checked before any head is fitted
     rows = []
     for c in caches:
-        meta = read_cache_meta(c)
+        meta = metas[str(c)]
         for opts in heads:
             r = fit_head(c, opts, out_dir / f"{Path(c).stem}.{opts.clf}.head.pt", plots=False)
             m = r.metrics.get("val") or r.metrics.get("test")

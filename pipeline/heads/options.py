@@ -20,10 +20,10 @@ class FitOptions:
     C: float | None = None  # logreg: fixed C
     jobs: int | None = None  # logreg: solver threads (None: torch's default, every core)
     epochs: int | None = None  # torch heads from here on
-    lr: float | None = None
-    weight_decay: float | None = None
+    lr: tuple[float, ...] | None = None  # several values (or weight decays, or architectures): a grid trained in one read
+    weight_decay: tuple[float, ...] | None = None
     batch_size: int | None = None
-    hidden: tuple[int, ...] | None = None  # mlp only
+    hidden: tuple[tuple[int, ...], ...] | None = None  # mlp only: one architecture or several
     dropout: tuple[float, ...] | None = None  # mlp only
     label_smoothing: float = 0.0
     schedule: str = "cosine"
@@ -43,10 +43,11 @@ class FitOptions:
         require(self.C is None or self.C > 0, f"--C must be more than 0 (got {self.C})")
         require(self.jobs is None or self.jobs >= 1, f"--jobs must be at least 1 (got {self.jobs}); leave it out to use every core")
         require(self.epochs is None or self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})")
-        require(self.lr is None or self.lr > 0, f"--lr must be more than 0 (got {self.lr})")
-        require(self.weight_decay is None or self.weight_decay >= 0, f"--weight-decay must be 0 or more (got {self.weight_decay})")
+        require(self.lr is None or all(lr > 0 for lr in self.lr), f"--lr values must be more than 0 (got {self.lr})")
+        require(self.weight_decay is None or all(wd >= 0 for wd in self.weight_decay), f"--weight-decay values must be 0 or more (got {self.weight_decay})")
         require(self.batch_size is None or self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
-        require(self.hidden is None or all(h >= 1 for h in self.hidden), f"--hidden sizes must be at least 1 (got {self.hidden})")
+        require(self.hidden is None or all(h >= 1 for arch in self.hidden for h in arch), f"--hidden sizes must be at least 1 (got {self.hidden})")
+        require(self.clf in ("linear", "mlp") or not self.is_grid(), f"--clf {self.clf}: lists of --lr/--weight-decay/--hidden are for the torch heads (linear, mlp)")
         require(self.dropout is None or all(0 <= d < 1 for d in self.dropout), f"--dropout values are fractions in [0, 1) (got {self.dropout})")
         require(0 <= self.label_smoothing < 1, f"--label-smoothing is a fraction in [0, 1) (got {self.label_smoothing})")
         require_choice("schedule", self.schedule, TORCH_SCHEDULES)
@@ -68,11 +69,20 @@ class FitOptions:
             return {"k": tuple(self.k) if self.k else 20, "random_state": self.seed}
         params: dict[str, Any] = {"random_state": self.seed, "class_weight": self.class_weight, "label_smoothing": self.label_smoothing,
                                   "schedule": self.schedule}
-        for name in ("epochs", "lr", "weight_decay", "batch_size", "patience"):
+        for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) is not None:
                 params[name] = getattr(self, name)
+        for name in ("lr", "weight_decay"):  # a grid's first value; fit_grid sets each member's
+            if getattr(self, name) is not None:
+                params[name] = getattr(self, name)[0]
         if self.clf == "mlp":
-            for name in ("hidden", "dropout"):
-                if getattr(self, name) is not None:
-                    params[name] = tuple(getattr(self, name))
+            if self.hidden is not None:
+                params["hidden"] = tuple(self.hidden[0])
+            if self.dropout is not None:
+                params["dropout"] = tuple(self.dropout)
         return params
+
+    def is_grid(self) -> bool:
+        """Several learning rates, weight decays or architectures: a grid of torch heads."""
+        names = ("lr", "weight_decay") + (("hidden",) if self.clf == "mlp" else ())
+        return any(len(getattr(self, name) or ()) > 1 for name in names)
