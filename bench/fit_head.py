@@ -68,12 +68,12 @@ METHODS = {
         "                           n_jobs=os.cpu_count()).fit(sc.transform(Xtr), ytr)\n"
         "done({'accuracy': float(clf.score(sc.transform(Xva), yva)), 'C': float(clf.C_[0]), 'searched': 7}, t0)\n"
     ),
-    "ours linear, 1 head": (
+    "ours linear x1": (
         "from pipeline.heads import fit_head\n"
         "t0 = time.perf_counter(); r = fit_head(CACHE, 'linear', CACHE + '.lin1.pt', plots=False, epochs=20, patience=0)\n"
         "done({'accuracy': r.metrics['val']['accuracy']}, t0)\n"
     ),
-    "ours linear, 10 heads one read": (
+    "ours linear x10 one read": (
         "from pipeline.heads import fit_head\n"
         "t0 = time.perf_counter(); r = fit_head(CACHE, 'linear', CACHE + '.lin10.pt', plots=False, epochs=20, patience=0,\n"
         "                                      lr=tuple(np.logspace(-4, -1, 10)))\n"
@@ -212,7 +212,7 @@ def main() -> None:
                 ratio, gap = ours["seconds"] / script["seconds"], 100 * (ours["accuracy"] - script["accuracy"])
                 print(f"  ratio ours / script time = {ratio:.2f}  (goal <= 0.5, hard <= 0.2); accuracy {gap:+.1f} points (goal >= -0.5)")
                 table.append((case, ratio, gap))
-            one, ten = results.get("ours linear, 1 head", {}), results.get("ours linear, 10 heads one read", {})
+            one, ten = results.get("ours linear x1", {}), results.get("ours linear x10 one read", {})
             if "seconds" in one and "seconds" in ten:
                 print(f"  ratio 10 heads in one read / 1 head = {ten['seconds'] / one['seconds']:.2f}  (goal <= 2; 20 epochs each, no early stop)")
             knn, brute = results.get("ours knn (k=20)", {}), results.get("numpy brute-force knn", {})

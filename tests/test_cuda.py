@@ -80,3 +80,19 @@ def test_gpu_decode_is_close_recorded_and_handles_what_nvjpeg_cannot(tmp_path, i
     # 500x375 photos: close, not equal (measured on an H100: 1.1e-3 to 1.7e-3). The 48x40 noise
     # JPEGs, upsampled 5x by the resize, differ more (up to 0.12): GPU and PIL resampling round differently
     assert 0 < rel[photo_rows].max() < 1e-2, rel[photo_rows]
+
+
+def test_logreg_and_knn_heads_on_cuda_match_cpu():
+    """The stage-2 solvers on the GPU (float32 there) give the CPU's predictions."""
+    from sklearn.datasets import load_digits
+
+    from pipeline.heads import KNNHead
+    from pipeline.heads.logreg import LogRegHead
+
+    X, y = load_digits(return_X_y=True)
+    X = X.astype(np.float32)
+    cpu, gpu = LogRegHead(C=0.5, device="cpu").fit(X[:1200], y[:1200]), LogRegHead(C=0.5, device="cuda").fit(X[:1200], y[:1200])
+    assert (cpu.predict(X[1200:]) == gpu.predict(X[1200:])).mean() > 0.99
+    np.testing.assert_allclose(gpu.predict_proba(X[1200:]), cpu.predict_proba(X[1200:]), atol=2e-2)
+    a, b = KNNHead(k=10, device="cpu").fit(X[:1200], y[:1200]), KNNHead(k=10, device="cuda").fit(X[:1200], y[:1200])
+    np.testing.assert_allclose(b.predict_proba(X[1200:]), a.predict_proba(X[1200:]), atol=1e-4)

@@ -145,3 +145,31 @@ def test_cli_knn_head_fits_evaluates_predicts_and_is_refused_by_finetune(digits_
     assert proc.returncode == 5 and "kNN head" in proc.stderr and "Traceback" not in proc.stderr
     cmp = cli_json("compare", str(digits_cache), "--clf", "logreg", "--clf", "knn")
     assert sorted(r["clf"] for r in cmp["leaderboard"]) == ["knn", "logreg"]
+
+
+def test_knn_over_the_memory_budget_reads_its_training_rows_from_the_cache(tmp_path, image_tree, tiny_hub):
+    """Above --memory-budget the kNN head keeps paths and file hashes, not embeddings: the
+    same predictions as the in-memory head, a small file, and a clear refusal once the
+    cache no longer holds a training row as it was."""
+    import os
+    import shutil
+
+    from pipeline.errors import CacheError
+
+    data = tmp_path / "data"
+    shutil.copytree(image_tree, data)
+    cache = tmp_path / "c.h5"
+    run_extract(data, tiny_hub, "none", cache, workers=0)
+    in_memory = fit_head(cache, "knn", tmp_path / "mem.pt", k=(1, 3), plots=False)
+    streamed = fit_head(cache, "knn", tmp_path / "disk.pt", k=(1, 3), memory_budget=1e-9, plots=False)
+    a, b = load_head(tmp_path / "mem.pt").head, load_head(tmp_path / "disk.pt").head
+    assert a.train_ is not None and b.train_ is None and b.cache_["paths"]
+    X = load_cache(cache).embeddings
+    np.testing.assert_allclose(b.predict_proba(X), a.predict_proba(X), atol=1e-6)
+    assert streamed.metrics["val"]["accuracy"] == pytest.approx(in_memory.metrics["val"]["accuracy"])
+    assert os.path.getsize(tmp_path / "disk.pt") < os.path.getsize(tmp_path / "mem.pt")
+    victim = next(p for p in b.cache_["paths"])
+    make_image(data / victim, seed=99)  # new content for one training image, then re-extracted
+    run_extract(data, tiny_hub, "none", cache, workers=0)
+    with pytest.raises(CacheError, match="no longer holds 1 of this kNN head's training rows"):
+        load_head(tmp_path / "disk.pt").head.predict_proba(X)

@@ -96,8 +96,11 @@ def test_logreg_default_path_is_wide_fine_and_warm(digits):
     Cs = [p["C"] for p in head.path_]
     assert Cs[0] == 1e-6 and Cs == sorted(Cs) and len(Cs) >= 10
     decades = [c for c in Cs if np.isclose(np.log10(c), round(np.log10(c)))]
+    scores = head.cv_scores_
+    best_decade = min(c for c in decades if scores[c] == max(scores[d] for d in decades))
+    assert max(decades) <= best_decade * 10**2 * 1.0001 < 1e4  # stopped two decades past the best, short of the grid's end
     best = head.C_
-    assert max(decades) <= best * 10**2 * 1.0001 and any(np.isclose(c, best * 10**0.25) or np.isclose(c, best * 10**-0.25) for c in Cs)
+    assert any(np.isclose(c, best * 10**0.25) or np.isclose(c, best * 10**-0.25) for c in Cs)  # refined to quarter decades
     assert head.C_at_edge_ == "" and head.cv_scores_[best] == max(head.cv_scores_.values())
     assert all(p["n_iter"] >= 0 and p["seconds"] >= 0 for p in head.path_)
 

@@ -131,12 +131,18 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
     streaming = opts.stream or n_bytes > opts.memory_budget_bytes
     head = make_head(kind, **opts.estimator_params())
     t0 = time.perf_counter()
-    if streaming and kind in ("logreg", "knn"):
+    if streaming and kind == "logreg":
         raise UsageError(f"cache {str(cache)!r} holds {n_bytes / 2**30:.1f} GiB of embeddings, over the memory budget; "
-                         f"{kind} needs them all in RAM: use --clf linear (streams the cache), or raise --memory-budget")
+                         "logreg needs them all in RAM: use --clf linear or knn (both stream the cache), or raise --memory-budget")
     grid_board: list[dict[str, Any]] = []
     if opts.is_grid():
         head, grid_board = _fit_grid(cache, table, idx, opts, head, streaming, dim)
+        X = {s: None for s in idx}
+    elif streaming and kind == "knn":  # the training rows stay in the cache
+        tr = idx["train"]
+        Xv = _read(cache, table.index_rows[idx["val"]], dim) if len(idx["val"]) else None
+        head.fit_cache(cache, [table.paths[i] for i in tr], [table.fingerprints["sha256"][i] for i in tr], table.labels[tr], dim,
+                       Xv, table.labels[idx["val"]] if Xv is not None else None)
         X = {s: None for s in idx}
     elif streaming:
         src = lambda s: CacheSource(cache, table.index_rows[idx[s]], table.labels[idx[s]])  # noqa: E731

@@ -69,10 +69,14 @@ class StackedHeads(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[n, D] -> [G, n, classes]."""
-        h = self.standardize(x).unsqueeze(0).expand(len(self.weights[0]), -1, -1)
+        x = self.standardize(x)
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            G, out, _ = w.shape
+            if i == 0:  # every member reads the same rows: one [n, D] x [D, G*out] matmul
+                h = (x @ w.reshape(G * out, -1).T).view(len(x), G, out).transpose(0, 1) + b.unsqueeze(1)
+            else:
+                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
             if i < last:
                 h = F.relu(h)
                 p = self.dropouts[i] if i < len(self.dropouts) else (self.dropouts[-1] if self.dropouts else 0.0)
@@ -118,6 +122,15 @@ def _schedule_factor(schedule: str, epoch: int, epochs: int) -> float:
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * epoch / max(1, epochs)))
     return 0.1 ** (epoch // max(1, epochs // 3))
+
+
+def _member_losses(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, label_smoothing: float) -> torch.Tensor:
+    """[G] mean cross-entropy of each member's [n, classes] logits (one call when unweighted)."""
+    if weight is None:
+        G, n, k = logits.shape
+        ce = F.cross_entropy(logits.reshape(G * n, k), y.repeat(G), label_smoothing=label_smoothing, reduction="none")
+        return ce.view(G, n).mean(1)
+    return torch.stack([F.cross_entropy(z, y, weight=weight, label_smoothing=label_smoothing) for z in logits])
 
 
 def fit_grid(template: TorchHead, members: list[Member], train: BatchSource, val: BatchSource, classes: np.ndarray, n_features: int,
@@ -167,19 +180,18 @@ def fit_grid(template: TorchHead, members: list[Member], train: BatchSource, val
                                torch.as_tensor(np.searchsorted(classes, y), dtype=torch.long, device=device))
     for epoch in range(epochs):
         factor = _schedule_factor(template.schedule, epoch, epochs)
-        totals = {i: 0.0 for i in range(len(members))}
+        sums = {h: torch.zeros(len(groups[h]), dtype=torch.float64, device=device) for h in stacks}
         for s in stacks.values():
             s.train()
         for X, y in train.batches(template.batch_size, True, rng):  # one read for every member
             xb, yb = to_tensors(X, y)
             for hidden, stack in stacks.items():
-                logits = stack(xb)
-                losses = torch.stack([F.cross_entropy(z, yb, weight=weight, label_smoothing=template.label_smoothing) for z in logits])
+                losses = _member_losses(stack(xb), yb, weight, template.label_smoothing)
                 optimizers[hidden].zero_grad()
                 losses.sum().backward()
                 optimizers[hidden].step(factor, active[hidden])
-                for g, i in enumerate(groups[hidden]):
-                    totals[i] += float(losses[g].detach()) * len(xb)
+                sums[hidden] += losses.detach().double() * len(xb)
+        totals = {i: float(sums[h][g]) for h in stacks for g, i in enumerate(groups[h])}
         val_loss, val_correct, norm = ({i: 0.0 for i in totals} for _ in range(3))
         for s in stacks.values():
             s.eval()

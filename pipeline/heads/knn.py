@@ -7,10 +7,15 @@ normalised training rows. Similarities are computed in chunks of training rows (
 memory whatever the training set), on the GPU when there is one. Several ``k`` are
 scored in one pass (the top max(k) neighbours serve every smaller k) and the best on
 validation rows is kept.
+
+A training set larger than the memory budget stays in its cache (``fit_cache``): the head
+then keeps the rows' paths and file hashes, reads their embeddings chunk by chunk for
+every prediction, and refuses a cache in which any of them is gone or changed.
 """
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -18,6 +23,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import validate_data
 
+from ..errors import CacheError
+from ..store import iter_embeddings, read_rows
 from .common import check_fitted, head_device
 
 
@@ -81,20 +88,63 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         self._store(X, labels)
         return self
 
+    def fit_cache(self, cache: str | Path, paths: list[str], sha256: list[str], y: np.ndarray, n_features: int, X_val=None, y_val=None) -> "KNNHead":
+        """Fit on training rows that stay in ``cache`` (named by path, checked by file hash)."""
+        self.classes_ = np.unique(y)
+        self.n_features_in_ = int(n_features)
+        self.device_ = head_device(self.device)
+        self.train_, self.cache_ = None, {"path": str(Path(cache).resolve()), "paths": list(paths), "sha256": list(sha256)}
+        self.train_labels_ = torch.as_tensor(np.searchsorted(self.classes_, y), dtype=torch.long, device=self.device_)
+        ks = self._ks()
+        self.scores_, self.k_ = {}, ks[0]
+        if len(ks) > 1 and X_val is not None and len(y_val):
+            votes = self._votes(np.asarray(X_val), ks)
+            yv = torch.as_tensor(np.searchsorted(self.classes_, y_val), device=self.device_)
+            self.scores_ = {k: float((v.argmax(1) == yv).double().mean()) for k, v in zip(ks, votes)}
+            top = max(self.scores_.values())
+            self.k_ = min(k for k, s in self.scores_.items() if s == top)
+        return self
+
     def _store(self, X: np.ndarray, labels: np.ndarray) -> None:
-        self.train_ = _normalise(torch.tensor(np.asarray(X), dtype=torch.float32, device=self.device_))
+        self.train_, self.cache_ = _normalise(torch.tensor(np.asarray(X), dtype=torch.float32, device=self.device_)), None
         self.train_labels_ = torch.as_tensor(labels, dtype=torch.long, device=self.device_)
+
+    def _cache_rows(self) -> np.ndarray:
+        """Where the training rows sit in the cache now (compaction moves them); refuses a
+        cache that lost or changed any of them."""
+        cache = Path(self.cache_["path"])
+        try:
+            table = read_rows(cache)
+        except CacheError as exc:
+            raise CacheError(f"this kNN head reads its training rows from {str(cache)!r}: {exc}") from None
+        where = {p: i for i, p in enumerate(table.paths)}
+        sha = table.fingerprints["sha256"]
+        missing = [p for p, h in zip(self.cache_["paths"], self.cache_["sha256"]) if p not in where or sha[where[p]] != h]
+        if missing:
+            raise CacheError(f"cache {str(cache)!r} no longer holds {len(missing)} of this kNN head's training rows as fitted "
+                             f"(e.g. {missing[0]!r}); refit the head (fit-head --clf knn)")
+        return table.index_rows[[where[p] for p in self.cache_["paths"]]]
+
+    def _train_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(offset, normalised rows) of the training set, chunk by chunk."""
+        if self.train_ is not None:
+            for t0 in range(0, len(self.train_), self.chunk_rows):
+                yield t0, self.train_[t0 : t0 + self.chunk_rows]
+            return
+        for pos, block in iter_embeddings(self.cache_["path"], self._cache_rows(), chunk_rows=self.chunk_rows):
+            yield pos.start, _normalise(torch.as_tensor(block, dtype=torch.float32, device=self.device_))
 
     def _votes(self, X: np.ndarray, ks: tuple[int, ...]) -> list[torch.Tensor]:
         """[n, n_classes] normalised votes for each k, from one pass over the training rows."""
-        n_classes, kmax = len(self.classes_), min(max(ks), len(self.train_))
+        n_classes, kmax = len(self.classes_), min(max(ks), len(self.train_labels_))
         out = [torch.zeros(len(X), n_classes, dtype=torch.float64, device=self.device_) for _ in ks]
-        for q0 in range(0, len(X), self.chunk_rows):
-            Q = _normalise(torch.tensor(np.asarray(X[q0 : q0 + self.chunk_rows]), dtype=torch.float32, device=self.device_))
+        query_rows = self.chunk_rows if self.train_ is not None else max(self.chunk_rows, 65536)  # fewer passes over a cache
+        for q0 in range(0, len(X), query_rows):
+            Q = _normalise(torch.tensor(np.asarray(X[q0 : q0 + query_rows]), dtype=torch.float32, device=self.device_))
             best_sim = torch.full((len(Q), 0), -2.0, device=self.device_)
             best_idx = torch.zeros((len(Q), 0), dtype=torch.long, device=self.device_)
-            for t0 in range(0, len(self.train_), self.chunk_rows):  # running top-kmax over chunks of training rows
-                sim = Q @ self.train_[t0 : t0 + self.chunk_rows].T
+            for t0, train in self._train_chunks():  # running top-kmax over chunks of training rows
+                sim = Q @ train.T
                 s, i = sim.topk(min(kmax, sim.shape[1]), dim=1)
                 best_sim, pick = torch.cat([best_sim, s], 1).topk(min(kmax, best_sim.shape[1] + s.shape[1]), dim=1)
                 best_idx = torch.cat([best_idx, i + t0], 1).gather(1, pick)
@@ -116,14 +166,20 @@ class KNNHead(ClassifierMixin, BaseEstimator):
 
     # -- state for artifacts: arrays only (the normalised training rows are the model)
     def get_state(self) -> dict[str, Any]:
-        return {"classes": self.classes_, "k": self.k_, "train": self.train_.cpu().numpy(), "train_labels": self.train_labels_.cpu().numpy(),
+        rows = {"train": self.train_.cpu().numpy()} if self.train_ is not None else {
+            "cache": self.cache_["path"], "cache_paths": self.cache_["paths"], "cache_sha256": self.cache_["sha256"]}
+        return {"classes": self.classes_, "k": self.k_, **rows, "train_labels": self.train_labels_.cpu().numpy(),
                 "scores": {str(k): v for k, v in self.scores_.items()}, "n_features_in": self.n_features_in_}
 
     def set_state(self, state: dict[str, Any]) -> "KNNHead":
         self.device_ = head_device(self.device)
         self.classes_ = np.asarray(state["classes"])
         self.k_ = int(state["k"])
-        self.train_ = torch.as_tensor(np.asarray(state["train"], dtype=np.float32), device=self.device_)
+        if "train" in state:
+            self.train_, self.cache_ = torch.as_tensor(np.asarray(state["train"], dtype=np.float32), device=self.device_), None
+        else:
+            self.train_ = None
+            self.cache_ = {"path": str(state["cache"]), "paths": [str(p) for p in state["cache_paths"]], "sha256": [str(h) for h in state["cache_sha256"]]}
         self.train_labels_ = torch.as_tensor(np.asarray(state["train_labels"]), dtype=torch.long, device=self.device_)
         self.scores_ = {int(k): float(v) for k, v in dict(state.get("scores", {})).items()}
         self.n_features_in_ = int(state["n_features_in"])
