@@ -145,14 +145,15 @@ def photo_like(root: Path, per_class: int, size: int = 96, classes: int = 10, se
         palette = rng.uniform(0, 255, (2, 3))
         folder = root / f"class_{c}"
         folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            angle, freq = rng.uniform(0, np.pi) + c * 0.3, 3 + c + rng.uniform(-1, 1)
+        for i in range(per_class):  # classes overlap: jittered palettes, neighbouring frequencies, any angle
+            angle, freq = rng.uniform(0, np.pi), 3 + 0.6 * c + rng.uniform(-1.5, 1.5)
             t = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 6))
-            img = palette[0] * t[..., None] + palette[1] * (1 - t[..., None])
+            colours = np.clip(palette + rng.normal(0, 70, palette.shape), 0, 255)
+            img = colours[0] * t[..., None] + colours[1] * (1 - t[..., None])
             cy, cx, r = rng.uniform(0.2, 0.8, 2).tolist() + [rng.uniform(0.1, 0.3)]
             blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < r**2
             img[blob] = 255 - img[blob] * (0.5 + 0.1 * (c % 5))
-            img += rng.normal(0, 25, img.shape)
+            img += rng.normal(0, 40, img.shape)
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i:04d}.jpg", quality=90)
     return root
 
@@ -178,7 +179,7 @@ def make_case(name: str, tmp: Path, quick: bool) -> Path:
                     extra.unlink()
         extract(data, cache)
     elif name == "photos":
-        extract(photo_like(tmp / "photos", 6 if quick else 90), cache)
+        extract(photo_like(tmp / "photos", 6 if quick else 150), cache)
     return cache
 
 
