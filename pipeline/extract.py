@@ -187,11 +187,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FEATCACHE_CACHE_DIR", "cache"))
 
 
-def default_cache_path(model: str, weights: str, data_root: Path, cache_dir: Path | None = None, precision: str = "fp32", decode: str = "exact") -> Path:
-    """``cache/<model>__<weights>[__bf16][__draft]__<root name>-<hash>.h5``: one cache per backbone, weights, precision, decode and root."""
+def default_cache_path(model: str, weights: str, data_root: Path, cache_dir: Path | None = None, precision: str = "fp32", decode: str = "exact",
+                       seed: int = 0) -> Path:
+    """``cache/<model>__<weights>[__bf16][__draft]__<root name>-<hash>.h5``: one cache per backbone, weights (a seed
+    other than 0 for ``none``: ``none-seed7``), precision, decode and root."""
     base = Path(cache_dir or default_cache_dir())
     clean = lambda s: "".join(c if c.isalnum() or c in "-_." else "-" for c in s).strip("-")  # noqa: E731
     w = Path(weights).stem if os.sep in str(weights) else str(weights)
+    if w == "none" and seed:
+        w = f"none-seed{seed}"
     root_tag = hashlib.sha1(str(Path(data_root).resolve()).encode()).hexdigest()[:8]
     tag = ("" if precision == "fp32" else f"__{precision}") + ("" if decode == "exact" else f"__{decode}")
     return base / f"{clean(model)}__{clean(w)}{tag}__{clean(Path(data_root).name) or 'root'}-{root_tag}.h5"
@@ -356,7 +360,7 @@ def extract_many(
     targets: list[Target] = []
     for model, out in zip(models, outs):
         backbone = load_backbone(model, weights, seed=opts.seed)
-        out_path = Path(out) if out is not None else default_cache_path(model, weights, scan.root, precision=chosen.name, decode=decode)
+        out_path = Path(out) if out is not None else default_cache_path(model, weights, scan.root, precision=chosen.name, decode=decode, seed=opts.seed)
         summary = ExtractSummary(str(out_path), model, backbone.weights_id, backbone.embed_dim, str(dev), classes=list(scan.classes),
                                  rank=w.rank, world_size=w.size, skipped=list(scan.skipped), precision=chosen.name, decode=decode)
         targets.append(Target(backbone, out_path, build_meta(backbone, scan, opts.dtype, dev, chosen.name, decode),

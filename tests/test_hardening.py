@@ -169,3 +169,49 @@ def test_disk_full_while_saving_a_head_keeps_the_old_one(things, tmp_path, monke
     monkeypatch.setattr(torch, "save", real_save)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_a_random_init_seed_is_part_of_the_backbone_identity(tmp_path, image_tree, tiny_hub):
+    """Two seeds of --weights none are two backbones: their rows never share a cache, and a
+    head fitted on one refuses the other (exit 5); the default cache names differ."""
+    from pipeline.extract import default_cache_path
+
+    cache = tmp_path / "c.h5"
+    assert run_cli("extract", str(image_tree), "-m", tiny_hub, "-w", "none", "--out", str(cache), "--workers", "0").returncode == 0
+    mixed = run_cli("extract", str(image_tree), "-m", tiny_hub, "-w", "none", "--seed", "7", "--out", str(cache), "--workers", "0")
+    assert mixed.returncode == 5 and "seed 7" in mixed.stderr and "seed 0" in mixed.stderr and "Traceback" not in mixed.stderr
+    other = tmp_path / "c7.h5"
+    assert run_cli("extract", str(image_tree), "-m", tiny_hub, "-w", "none", "--seed", "7", "--out", str(other), "--workers", "0").returncode == 0
+    head = tmp_path / "h.pt"
+    assert run_cli("fit-head", str(cache), "--clf", "knn", "--out", str(head)).returncode == 0
+    refused = run_cli("evaluate", str(head), "--cache", str(other))
+    assert refused.returncode == 5 and "seed" in refused.stderr
+    assert default_cache_path("m", "none", image_tree, seed=7) != default_cache_path("m", "none", image_tree)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["fit-head", "{cache}", "--clf", "mlp", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["fit-head", "{cache}", "--clf", "mlp", "--epochs", "-1"], "--epochs must be at least 1"),
+    (["fit-head", "{cache}", "--val-fraction", "-0.5"], "--val-fraction must be in [0, 1)"),
+    (["fit-head", "{cache}", "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
+    (["fit-head", "{cache}", "--C", "-3"], "--C must be more than 0"),
+    (["extract", "{data}", "-m", "resnet18", "--commit-every", "0"], "--commit-every must be at least 1"),
+    (["extract", "{data}", "-m", "resnet18", "--max-pixels", "-5"], "--max-pixels must be at least 1"),
+    (["extract", "{data}", "-m", "resnet18", "--workers", "-3"], "--workers must be 0 or more"),
+])
+def test_out_of_range_options_are_refused_up_front(things, image_tree, tmp_path, args, needle):
+    """Every numeric option has its range in its stage's options dataclass: exit 2, one line, nothing written."""
+    subs = {"{cache}": str(things["cache"]), "{data}": str(image_tree)}
+    env = {"FEATCACHE_HEAD_DIR": str(tmp_path / "heads"), "FEATCACHE_CACHE_DIR": str(tmp_path / "cache")}
+    proc = run_cli(*[subs.get(a, a) for a in args], env=env)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "heads").exists() and not (tmp_path / "cache").exists()
+
+
+def test_job_file_values_out_of_range_fail_the_dry_run(tmp_path, image_tree):
+    job = tmp_path / "job.toml"
+    job.write_text(f'data = ["{image_tree}"]\n[[backbones]]\nmodel = "resnet18"\nbatch_size = 0\ncommit_every = 0\nmax_pixels = -5\n'
+                   'workers = -3\n[[heads]]\nclf = "logreg"\nC = -3\n[[heads]]\nname = "m"\nclf = "mlp"\nhidden = ["a"]\n')
+    proc = run_cli("run", str(job), "--dry-run")
+    assert proc.returncode == 2 and "--batch-size must be at least 1" in proc.stderr and "--C must be more than 0" in proc.stderr
+    assert "hidden" in proc.stderr and "Traceback" not in proc.stderr

@@ -16,7 +16,7 @@ import torch
 
 from ..backbones import MODEL_ARTIFACT_FORMAT, Backbone, file_digest, load_backbone, torch_load_quietly
 from ..errors import CacheError, IncompatibleError
-from ..store import atomic_path
+from ..store import atomic_path, weights_identity
 from .estimators import make_head
 
 HEAD_FORMAT = "featcache.head"
@@ -117,10 +117,11 @@ class LoadedHead:
 def check_head_matches(head_prov: dict[str, Any], cache_meta: dict[str, Any], head_path: Path, cache_path: Path) -> None:
     """Refuse a cache of another backbone, weights, preprocessing, width or class set."""
     for key in HEAD_COMPAT_KEYS:
-        if head_prov.get(key) != cache_meta.get(key):
+        held, given = (weights_identity(head_prov), weights_identity(cache_meta)) if key == "weights" else (head_prov.get(key), cache_meta.get(key))
+        if held != given:
             raise IncompatibleError(
-                f"head {str(head_path)!r} was fitted on {key}={head_prov.get(key)!r} but cache {str(cache_path)!r} has "
-                f"{key}={cache_meta.get(key)!r}; use a cache extracted with the head's backbone and weights"
+                f"head {str(head_path)!r} was fitted on {key}={held!r} but cache {str(cache_path)!r} has "
+                f"{key}={given!r}; use a cache extracted with the head's backbone and weights"
             )
     if list(head_prov.get("classes", [])) != list(cache_meta.get("classes", [])):
         raise IncompatibleError(

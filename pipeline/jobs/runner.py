@@ -53,7 +53,7 @@ def cache_path_for(job: JobSpec, data_root: Path, backbone: BackboneSpec) -> Pat
     from ..extract import default_cache_path, resolve_device
 
     precision = choose_precision(backbone.options.precision, resolve_device(job.device)).name  # what this machine runs
-    return default_cache_path(backbone.model, backbone.weights, data_root, job.cache_dir, precision, backbone.options.decode)
+    return default_cache_path(backbone.model, backbone.weights, data_root, job.cache_dir, precision, backbone.options.decode, backbone.options.seed)
 
 
 def head_path_for(job: JobSpec, cache: Path, head: HeadSpec) -> Path:

@@ -8,8 +8,8 @@ different backbones, weights or preprocessing.
 from .atomic import atomic_path
 from .locks import WriterLock, lock_path_for
 from .reader import CacheData, RowTable, cache_disk_bytes, iter_embeddings, load_cache, read_cache_meta, read_index_info, read_rows
-from .schema import DTYPES
+from .schema import DTYPES, weights_identity
 from .writer import CacheWriter, PendingRow
 
 __all__ = ["DTYPES", "CacheData", "CacheWriter", "PendingRow", "RowTable", "WriterLock", "atomic_path", "cache_disk_bytes", "iter_embeddings",
-           "load_cache", "lock_path_for", "read_cache_meta", "read_index_info", "read_rows"]
+           "load_cache", "lock_path_for", "read_cache_meta", "read_index_info", "read_rows", "weights_identity"]

@@ -56,10 +56,26 @@ def check_parts_present(path: Path, names: Sequence[str]) -> None:
         raise CacheError(f"cache {str(path)!r} is missing {len(missing)} part file(s) in {str(folder)!r} (e.g. {missing[0]}); the cache was moved without its .parts folder — move both, or re-extract")
 
 
+def weights_identity(meta: dict[str, Any]) -> str:
+    """What a backbone's weights are: a weights name or file digest, or for a seeded random
+    init (``none``) the seed, since two seeds are two different backbones."""
+    weights, seed = meta.get("weights"), meta.get("seed")  # the seed is recorded only for a random init
+    return f"{weights} (seed {int(seed)})" if seed is not None else str(weights)
+
+
+def compat_value(meta: dict[str, Any], key: str) -> Any:
+    """``meta[key]`` as compatibility checks compare it (weights by identity, old caches' defaults)."""
+    return weights_identity(meta) if key == "weights" else meta.get(key, COMPAT_DEFAULTS.get(key))
+
+
+def same_backbone_rows(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(compat_value(a, k) == compat_value(b, k) for k in COMPAT_KEYS)
+
+
 def check_compatible(path: Path, have: dict[str, Any], want: dict[str, Any]) -> None:
-    """Refuse to mix rows of different backbones, weights, preprocessing, dtype or data roots."""
+    """Refuse to mix rows of different backbones, weights (seeds), preprocessing, dtype or data roots."""
     for key in COMPAT_KEYS:
-        held, wanted = have.get(key, COMPAT_DEFAULTS.get(key)), want.get(key, COMPAT_DEFAULTS.get(key))
+        held, wanted = compat_value(have, key), compat_value(want, key)
         if held != wanted:
             raise IncompatibleError(
                 f"cache {str(path)!r} holds {key}={held!r} but this run has {key}={wanted!r}; "

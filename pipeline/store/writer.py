@@ -32,7 +32,6 @@ from ..errors import CacheError
 from .atomic import atomic_path, remove_stale_temporaries
 from .reader import iter_embeddings
 from .schema import (
-    COMPAT_KEYS,
     DTYPES,
     FORMAT,
     PART_FORMAT,
@@ -43,6 +42,7 @@ from .schema import (
     open_index,
     parts_dir_for,
     read_strings,
+    same_backbone_rows,
 )
 
 # ----------------------------------------------------------------------------- writing
@@ -173,7 +173,7 @@ def _read_orphan(entry: Path, state: _IndexState) -> dict[str, list] | None:
             if f.attrs.get("format") != PART_FORMAT or int(f.attrs.get("base_generation", -1)) < state.generation:
                 return None
             meta = json.loads(f.attrs["meta_json"])
-            if any(meta.get(k) != state.meta.get(k) for k in COMPAT_KEYS):
+            if not same_backbone_rows(meta, state.meta):
                 return None
             rows = {"paths": read_strings(f["paths"]), "labels": [int(x) for x in f["labels"][...]], "split": read_strings(f["split"]),
                     "size": [int(x) for x in f["size"][...]], "mtime_ns": [int(x) for x in f["mtime_ns"][...]], "sha256": read_strings(f["sha256"])}
