@@ -86,6 +86,17 @@ def build_head_module(in_dim: int, n_classes: int, hidden: tuple[int, ...], drop
     return nn.Sequential(*layers)
 
 
+def class_weight_vector(class_weight: str | dict | None, classes: np.ndarray, labels: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
+    """The loss's per-class weights for ``class_weight`` ("balanced" or {label: weight}), 1 for
+    classes absent from ``labels``; None without class weights."""
+    if class_weight is None:
+        return None
+    present = np.unique(labels)
+    w = np.ones(len(classes), dtype=np.float32)
+    w[np.searchsorted(classes, present)] = compute_class_weight(class_weight, classes=present, y=labels)
+    return torch.as_tensor(w, device=device)
+
+
 class TorchHead(ClassifierMixin, BaseEstimator):
     """A torch classifier on embeddings: AdamW, cosine/step schedule, early stopping.
 
@@ -175,13 +186,8 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         std = np.where(std > 1e-12, std, 1.0)
         self.module_[0].mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.module_[0].scale.copy_(torch.as_tensor(std, dtype=torch.float32))
-        weight = None
-        if self.class_weight is not None:  # "balanced" or {label: weight}
-            labels = train_labels if train_labels is not None else getattr(train, "y", None)
-            present = np.unique(labels)
-            w = np.ones(len(self.classes_), dtype=np.float32)
-            w[np.searchsorted(self.classes_, present)] = compute_class_weight(self.class_weight, classes=present, y=labels)
-            weight = torch.as_tensor(w, device=self.device_)
+        weight = class_weight_vector(self.class_weight, self.classes_, train_labels if train_labels is not None else getattr(train, "y", None),
+                                     self.device_)
         self._weight = weight
         self._criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=self.label_smoothing)
         self._optimizer = torch.optim.AdamW(self.module_.parameters(), lr=self.lr, weight_decay=self.weight_decay)

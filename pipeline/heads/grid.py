@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .estimators import BatchSource, TorchHead, build_head_module
+from .common import head_device
+from .estimators import BatchSource, TorchHead, build_head_module, class_weight_vector
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def fit_grid(template: TorchHead, members: list[Member], train: BatchSource, val
     from sklearn.base import clone
 
     heads = [clone(template).set_params(lr=m.lr, weight_decay=m.weight_decay, hidden=m.hidden) for m in members]
-    device = torch.device(heads[0].device if heads[0].device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = head_device(template.device)
     classes = np.asarray(classes)
     mean, std = train.moments()
     std = np.where(std > 1e-12, std, 1.0)
@@ -160,15 +161,7 @@ def fit_grid(template: TorchHead, members: list[Member], train: BatchSource, val
         for g, module in enumerate(modules):
             stack.load_member(g, module)
         stacks[hidden] = stack.to(device)
-    weight = None
-    if template.class_weight is not None:
-        from sklearn.utils.class_weight import compute_class_weight
-
-        labels = train_labels if train_labels is not None else getattr(train, "y", None)
-        present = np.unique(labels)
-        w = np.ones(len(classes), dtype=np.float32)
-        w[np.searchsorted(classes, present)] = compute_class_weight(template.class_weight, classes=present, y=labels)
-        weight = torch.as_tensor(w, device=device)
+    weight = class_weight_vector(template.class_weight, classes, train_labels if train_labels is not None else getattr(train, "y", None), device)
     optimizers = {h: BatchedAdamW(list(s.parameters()), torch.tensor([members[i].lr for i in groups[h]], device=device),
                                   torch.tensor([members[i].weight_decay for i in groups[h]], device=device)) for h, s in stacks.items()}
     active = {h: torch.ones(len(groups[h]), device=device) for h in stacks}

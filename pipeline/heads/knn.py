@@ -79,10 +79,7 @@ class KNNHead(ClassifierMixin, BaseEstimator):
                 self._store(X, labels)
                 known = np.isin(y_val, self.classes_)
                 Xv, yv = np.asarray(X_val)[known], np.searchsorted(self.classes_, np.asarray(y_val)[known])
-            votes = self._votes(Xv, ks)
-            self.scores_ = {k: float((v.argmax(1) == torch.as_tensor(yv, device=v.device)).double().mean()) for k, v in zip(ks, votes)}
-            top = max(self.scores_.values())
-            self.k_ = min(k for k, s in self.scores_.items() if s == top)
+            self._choose_k(Xv, yv, ks)
         else:
             self.k_ = ks[0]
         self._store(X, labels)
@@ -98,12 +95,15 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         ks = self._ks()
         self.scores_, self.k_ = {}, ks[0]
         if len(ks) > 1 and X_val is not None and len(y_val):
-            votes = self._votes(np.asarray(X_val), ks)
-            yv = torch.as_tensor(np.searchsorted(self.classes_, y_val), device=self.device_)
-            self.scores_ = {k: float((v.argmax(1) == yv).double().mean()) for k, v in zip(ks, votes)}
-            top = max(self.scores_.values())
-            self.k_ = min(k for k, s in self.scores_.items() if s == top)
+            self._choose_k(np.asarray(X_val), np.searchsorted(self.classes_, y_val), ks)
         return self
+
+    def _choose_k(self, X: np.ndarray, labels: np.ndarray, ks: tuple[int, ...]) -> None:
+        """Score every k on validation rows in one pass; keep the best (the smallest on ties)."""
+        truth = torch.as_tensor(labels, device=self.device_)
+        self.scores_ = {k: float((v.argmax(1) == truth).double().mean()) for k, v in zip(ks, self._votes(X, ks))}
+        top = max(self.scores_.values())
+        self.k_ = min(k for k, s in self.scores_.items() if s == top)
 
     def _store(self, X: np.ndarray, labels: np.ndarray) -> None:
         self.train_, self.cache_ = _normalise(torch.tensor(np.asarray(X), dtype=torch.float32, device=self.device_)), None
