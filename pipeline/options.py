@@ -19,6 +19,7 @@ import types
 import typing
 from typing import Any, Iterable, Mapping, TypeVar, Union
 
+from .choices import canonical, canonical_device
 from .errors import UsageError
 
 JOB_LEVEL = "job_level"
@@ -119,6 +120,24 @@ def require(ok: bool, message: str) -> None:
 def require_choice(name: str, value: Any, choices: Iterable[Any], hint: str = "") -> None:
     choices = tuple(choices)
     require(value in choices, f"{flag(name)} {value!r}: choose one of {', '.join(map(str, choices))}" + (f" ({hint})" if hint else ""))
+
+
+def choose(options: Any, name: str, choices: Iterable[str], hint: str = "") -> None:
+    """Set ``options.<name>`` to its canonical spelling among ``choices`` (the one rule of
+    :mod:`pipeline.choices`: case-insensitive) and refuse anything else; None stays None."""
+    value = getattr(options, name)
+    if value is None:
+        return
+    choices = tuple(choices)
+    value = canonical(value, choices)
+    require_choice(name, value, choices, hint)
+    object.__setattr__(options, name, value)
+
+
+def check_device(options: Any) -> None:
+    """``options.device`` lower-cased, then checked as :func:`check_device_name`."""
+    object.__setattr__(options, "device", canonical_device(options.device))
+    check_device_name(options.device)
 
 
 def check_device_name(device: str) -> None:

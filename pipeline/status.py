@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from .errors import DataError, command_hint
 from .images import scan_folder
 from .store import cache_disk_bytes, read_index_info, read_rows
 
@@ -151,5 +151,5 @@ def format_job_plan(result: Any) -> str:
     lines = [f"job {result.name} ({result.job})"]
     for step in result.steps:
         lines.append(f"  {step.kind:<9} {step.action:<10} {step.target}  ({step.reason})")
-    lines.append("  nothing to do: everything is up to date" if not result.did_work else "  run it with: python cli.py run " + result.job)
+    lines.append("  nothing to do: everything is up to date" if not result.did_work else "  run it with: " + command_hint(f"run {result.job}"))
     return "\n".join(lines)

@@ -50,7 +50,7 @@ def test_default_out_under_cache_dir(tmp_path, image_tree):
     (["extract", "{tree}", "-m", "resnet18", "-w", "none", "--batch-size", "0"], 2, ["--batch-size"]),
     (["status", "{file}"], 5, ["not a readable HDF5"]),
     (["status", "{foreign}"], 5, ["not a featcache cache"]),
-    (["status", "/nonexistent.h5"], 5, ["does not exist"]),
+    (["status", "/nonexistent.h5"], 2, ["does not exist"]),
 ])
 def test_bad_input_one_line_error(tmp_path, image_tree, args, code, needles):
     if "cuda" in args:

@@ -107,9 +107,9 @@ def test_cli_fit_evaluate_predict_compare(digits_cache, tmp_path, image_tree):
 
 
 @pytest.mark.parametrize("args,code,needle", [
-    (["fit-head", "/missing.h5"], 5, "does not exist"),
+    (["fit-head", "/missing.h5"], 2, "does not exist"),
     (["fit-head", "{cache}", "--clf", "svm"], 2, "--clf 'svm'"),
-    (["evaluate", "/missing.pt", "--cache", "{cache}"], 5, "does not exist"),
+    (["evaluate", "/missing.pt", "--cache", "{cache}"], 2, "does not exist"),
     (["evaluate", "{notours}", "--cache", "{cache}"], 5, "not a featcache head"),
     (["predict", "{head}", "{empty}"], 2, "no images found"),
 ])

@@ -29,7 +29,7 @@ SAMPLES = {
     ExtractOptions: {"weights": "none", "batch_size": 7, "workers": 1, "dtype": "float16", "layout": "imagefolder", "seed": 3,
                      "commit_every": 11, "commit_seconds": 5.5, "max_pixels": 1000, "amp": True, "engine": "eager", "precision": "bf16",
                      "decode": "draft"},
-    FitOptions: {"clf": "mlp", "C": 0.5, "jobs": 2, "epochs": 3, "lr": 0.01, "weight_decay": 0.001, "batch_size": 16, "hidden": [8, 4],
+    FitOptions: {"clf": "mlp", "C": 0.5, "workers": 2, "epochs": 3, "lr": 0.01, "weight_decay": 0.001, "batch_size": 16, "hidden": [8, 4],
                  "dropout": [0.1, 0.2], "label_smoothing": 0.1, "schedule": "step", "patience": 2, "class_weight": "balanced",
                  "val_fraction": 0.3, "seed": 4, "stream": True, "memory_budget": 0.5, "k": [5, 10], "select_on": "val"},
     FinetuneOptions: {"head": "new", "unfreeze": "last:2", "augment": "light", "optimizer": "adamw", "lr_backbone": 0.001, "lr_head": 0.01,
@@ -91,7 +91,7 @@ def test_every_field_is_a_flag_of_its_command(cls, _, __, command):
     (lambda: ExtractOptions(device="gpu"), "--device 'gpu'"),
     (lambda: ExtractOptions(workers=-1), "--workers must be 0 or more"),
     (lambda: ExtractOptions(amp=1), "--amp: expected true or false"),
-    (lambda: FitOptions(clf="svm"), "'svm' is not a head"),
+    (lambda: FitOptions(clf="svm"), "--clf 'svm': choose one of logreg"),
     (lambda: FitOptions(val_fraction=1.0), "--val-fraction must be in [0, 1)"),
     (lambda: FitOptions(hidden=(8, 0)), "--hidden sizes must be at least 1"),
     (lambda: FitOptions(C=0), "--C must be more than 0"),
@@ -133,3 +133,79 @@ def test_job_table_unknown_key_is_suggested(tmp_path):
     with pytest.raises(JobFileError) as info:
         load_job(tmp_path / "job.toml")
     assert "did you mean 'batch_size'" in str(info.value) and "did you mean 'epochs'" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- one normalisation rule
+
+
+@pytest.mark.parametrize("make, field, canonical", [
+    (lambda: ExtractOptions(weights="None"), "weights", "none"),
+    (lambda: ExtractOptions(weights=" NONE "), "weights", "none"),
+    (lambda: ExtractOptions(weights="default"), "weights", "DEFAULT"),
+    (lambda: ExtractOptions(weights="imagenet1k_v2"), "weights", "IMAGENET1K_V2"),
+    (lambda: ExtractOptions(weights="ResNet50_Weights.imagenet1k_v2"), "weights", "ResNet50_Weights.IMAGENET1K_V2"),
+    (lambda: ExtractOptions(weights="My.pt"), "weights", "My.pt"),  # a path keeps its case
+    (lambda: ExtractOptions(device="CPU"), "device", "cpu"),
+    (lambda: ExtractOptions(device="Cuda:1"), "device", "cuda:1"),
+    (lambda: ExtractOptions(dtype="Float16"), "dtype", "float16"),
+    (lambda: ExtractOptions(layout="ImageFolder"), "layout", "imagefolder"),
+    (lambda: ExtractOptions(engine="ONNXRuntime"), "engine", "onnxruntime"),
+    (lambda: ExtractOptions(precision="BF16"), "precision", "bf16"),
+    (lambda: ExtractOptions(decode="Draft"), "decode", "draft"),
+    (lambda: FitOptions(clf="LogReg"), "clf", "logreg"),
+    (lambda: FitOptions(clf="MLP"), "clf", "mlp"),
+    (lambda: FitOptions(class_weight="Balanced"), "class_weight", "balanced"),
+    (lambda: FitOptions(schedule="Step"), "schedule", "step"),
+    (lambda: FitOptions(select_on="VAL"), "select_on", "val"),
+    (lambda: FinetuneOptions(head="New"), "head", "new"),
+    (lambda: FinetuneOptions(unfreeze="Last:2"), "unfreeze", "last:2"),
+    (lambda: FinetuneOptions(augment="LIGHT"), "augment", "light"),
+    (lambda: FinetuneOptions(optimizer="AdamW"), "optimizer", "adamw"),
+    (lambda: FinetuneOptions(schedule="Constant"), "schedule", "constant"),
+    (lambda: FinetuneOptions(device="CPU"), "device", "cpu"),
+])
+def test_name_like_values_are_read_case_insensitively_and_kept_canonical(make, field, canonical):
+    assert getattr(make(), field) == canonical
+
+
+def test_weights_spelled_any_way_name_one_cache(tmp_path):
+    from pipeline.extract import default_cache_path
+
+    names = {default_cache_path("resnet18", ExtractOptions(weights=w).weights, tmp_path) for w in ("none", "None", "NONE")}
+    assert len(names) == 1 and "__none__" in next(iter(names)).name
+
+
+def test_model_names_are_read_case_insensitively():
+    from pipeline.backbones import check_model_name
+    from pipeline.errors import BackboneError
+
+    assert check_model_name("ResNet18") == "resnet18" and check_model_name("hub:Some/Repo:Entry") == "hub:Some/Repo:Entry"
+    with pytest.raises(BackboneError, match="did you mean"):
+        check_model_name("resnet19")
+
+
+def test_job_file_values_follow_the_same_rule(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "job.toml").write_text('data = ["data"]\ndevice = "CPU"\n[[backbones]]\nmodel = "ResNet18"\nweights = "None"\n'
+                                       '[[heads]]\nclf = "LogReg"\n')
+    job = load_job(tmp_path / "job.toml")
+    assert job.backbones[0].model == "resnet18" and job.backbones[0].options.weights == "none" and job.heads[0].options.clf == "logreg"
+
+
+def test_cli_choices_are_case_insensitive_and_listed_in_help():
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["fit-head", "--help"], env={"COLUMNS": "200"}).output
+    assert "logreg|linear|mlp|knn" in help_text and "cv|val" in help_text
+    assert "none|light|basic|rotate|strong" in runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "200"}).output
+    result = runner.invoke(app, ["fit-head", "/nowhere/x.h5", "--clf", "LogReg", "--select-on", "VAL"])
+    assert result.exit_code == 2 and "does not exist" in result.output  # the choices were accepted; the path was not
+    result = runner.invoke(app, ["fit-head", "/nowhere/x.h5", "--clf", "svm"])
+    assert result.exit_code == 2 and "svm" in result.output
+
+
+@pytest.mark.parametrize("command", ["extract", "engines", "status", "run", "fit-head", "evaluate", "predict", "compare", "finetune", "models", "demo"])
+def test_every_command_takes_quiet_and_json(command):
+    names = {opt for p in typer.main.get_command(app).commands[command].params for opt in getattr(p, "opts", [])}
+    assert {"--json", "--quiet", "-q"} <= names

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ..choices import ENGINES
+from ..errors import UsageError, command_hint
 from ..store import atomic_path
 from .hardware import PrecisionChoice, cpu_summary
 
-ENGINES = ("auto", "eager", "compile", "onnxruntime", "openvino")
 INSTALL_HINT = {"onnxruntime": "pip install 'featcache[onnx]'", "openvino": "pip install 'featcache[openvino]'"}
 # Images from which `auto` measures the engines when nothing was measured yet on this machine:
 # exporting and compiling resnet50 once costs about a minute on 2 cores, which the fastest
@@ -398,7 +398,7 @@ def build_engine(requested: str, ctx: EngineContext, n_images: int, log: Log = l
     names = candidates(ctx.device, ctx.precision)
     if n_images < AUTO_TUNE_MIN_IMAGES or len(names) == 1:
         log(f"engine auto -> eager: {n_images} images do not repay measuring {', '.join(names[1:]) or 'other engines'} once "
-            f"(from {AUTO_TUNE_MIN_IMAGES} images; `featcache engines --model ...` measures ahead of time)")
+            f"(from {AUTO_TUNE_MIN_IMAGES} images; `{command_hint('engines --model ...')}` measures ahead of time)")
         return ctx.eager()
     log(f"engine auto: measuring {', '.join(names)} once for this model and machine ({n_images} images repay it)")
     tuning = tune(ctx, names, log)

@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+from ..choices import PRECISIONS
 
 
 @lru_cache(maxsize=1)

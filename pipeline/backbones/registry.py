@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 from torchvision.transforms._presets import ImageClassification
 
-from ..errors import BackboneError, WeightsUnavailableError
+from ..errors import BackboneError, WeightsUnavailableError, command_hint
 
 HUB_PREFIX = "hub:"
 # Used only for torch.hub entries that declare no preprocessing of their own (recorded as such).
@@ -145,11 +145,17 @@ def available_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def check_model_name(name: str) -> None:
-    if name.startswith(HUB_PREFIX) or name in available_models():
-        return
+def check_model_name(name: str) -> str:
+    """``name`` as torchvision spells it (``ResNet50`` -> ``resnet50``: its registry is
+    lower-case), or a BackboneError with the closest names; hub entries are kept as given."""
+    if name.startswith(HUB_PREFIX) or (name.endswith((".pt", ".pth")) and Path(name).expanduser().is_file()):  # hub entry, fine-tuned model
+        return name
+    known = available_models()
+    canonical = next((m for m in known if m == name.strip().lower()), None)
+    if canonical:
+        return canonical
     close = difflib.get_close_matches(name, available_models(), n=5, cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}?" if close else "see `python cli.py models` for the list"
+    hint = f"did you mean {', '.join(close)}?" if close else f"see `{command_hint('models')}` for the list"
     raise BackboneError(f"unknown model {name!r}: {hint} (torch.hub entries: --model hub:REPO_OR_DIR:ENTRY)")
 
 
@@ -345,7 +351,7 @@ def load_backbone(name: str, weights: str = "DEFAULT", seed: int = 0, device: st
         if blob is None:
             raise BackboneError(f"--model {name!r} is a file but not a featcache fine-tuned model; pass a model name, or the file as --weights")
         name, weights = blob["backbone"]["model"], str(Path(name).expanduser().resolve())
-    check_model_name(name)
+    name = check_model_name(name)
     if name.startswith(HUB_PREFIX):
         backbone = _load_hub(name, weights, seed)
     else:

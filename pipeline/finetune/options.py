@@ -11,12 +11,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..choices import AUGMENT_PRESETS, HEAD_MODES, OPTIMIZERS, SCHEDULES
 from ..errors import UsageError
-from ..options import HOW, JOB_LEVEL, build, check_device_name, check_types, flag, how_fields, require, require_choice
+from ..options import HOW, JOB_LEVEL, build, check_device, check_types, choose, flag, how_fields, require
 from .freezing import parse_unfreeze
 
-AUGMENT_PRESETS = ("none", "light", "basic", "rotate", "strong")
-SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZER_DEFAULTS = {
     "sgd": {"lr_backbone": 1e-3, "lr_head": 1e-2, "weight_decay": 1e-4},
     "adamw": {"lr_backbone": 1e-5, "lr_head": 1e-3, "weight_decay": 0.05},
@@ -53,14 +52,13 @@ class FinetuneOptions:
 
     def __post_init__(self) -> None:
         check_types(self)
-        given = self.given()
-        if "head" in given:
-            require(self.head in ("from", "new"), f"--head {self.head!r}: use 'from' (the artifact's head) or 'new'")
-        if "unfreeze" in given:
+        choose(self, "head", HEAD_MODES, "from: the artifact's head; new: a fresh linear layer")
+        for name, choices in (("augment", AUGMENT_PRESETS), ("schedule", SCHEDULES), ("optimizer", OPTIMIZERS)):
+            choose(self, name, choices)
+        if self.unfreeze is not None:
+            object.__setattr__(self, "unfreeze", self.unfreeze.strip().lower())
             parse_unfreeze(self.unfreeze)
-        for name, choices in (("augment", AUGMENT_PRESETS), ("schedule", SCHEDULES), ("optimizer", tuple(OPTIMIZER_DEFAULTS))):
-            if name in given:
-                require_choice(name, given[name], choices)
+        given = self.given()
         at_least = {"epochs": 0, "batch_size": 1, "accum": 1, "lr_backbone": 0.0, "weight_decay": 0.0, "clip_grad": 0.0}
         for name, low in at_least.items():
             if name in given:
@@ -71,7 +69,7 @@ class FinetuneOptions:
         if "lr_head" in given:
             require(self.lr_head > 0, f"--lr-head must be more than 0 (got {self.lr_head})")
         require(self.workers is None or self.workers >= 0, f"--workers must be 0 or more (got {self.workers})")
-        check_device_name(self.device)
+        check_device(self)
 
     def given(self) -> dict[str, Any]:
         """The training options that were set (not None)."""

@@ -1,14 +1,11 @@
 """Stage 2's options: the ``fit-head`` flags and a job file's ``[[heads]]`` keys (besides ``name``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..options import check_types, require, require_choice
-from .estimators import HEAD_KINDS
-
-TORCH_SCHEDULES = ("cosine", "step")
-SELECT_ON = ("cv", "val")
+from ..choices import CLASS_WEIGHTS, HEAD_KINDS, SELECT_ON, TORCH_SCHEDULES
+from ..options import HOW, check_types, choose, require
 
 
 @dataclass(frozen=True)
@@ -18,7 +15,7 @@ class FitOptions:
 
     clf: str = "logreg"
     C: float | None = None  # logreg: fixed C
-    jobs: int | None = None  # logreg: solver threads (None: torch's default, every core)
+    workers: int | None = field(default=None, metadata={HOW: True})  # logreg: solver threads (None: torch's default, every core)
     epochs: int | None = None  # torch heads from here on
     lr: tuple[float, ...] | None = None  # several values (or weight decays, or architectures): a grid trained in one read
     weight_decay: tuple[float, ...] | None = None
@@ -38,10 +35,10 @@ class FitOptions:
 
     def __post_init__(self) -> None:
         check_types(self)
-        require(self.clf in HEAD_KINDS, f"--clf {self.clf!r} is not a head; choose one of {', '.join(HEAD_KINDS)}")
-        require(self.class_weight in (None, "balanced"), f"--class-weight {self.class_weight!r}: only 'balanced' is supported")
+        choose(self, "clf", HEAD_KINDS)
+        choose(self, "class_weight", CLASS_WEIGHTS, "or leave it out for equal weights")
         require(self.C is None or self.C > 0, f"--C must be more than 0 (got {self.C})")
-        require(self.jobs is None or self.jobs >= 1, f"--jobs must be at least 1 (got {self.jobs}); leave it out to use every core")
+        require(self.workers is None or self.workers >= 1, f"--workers must be at least 1 (got {self.workers}); leave it out to use every core")
         require(self.epochs is None or self.epochs >= 1, f"--epochs must be at least 1 (got {self.epochs})")
         require(self.lr is None or all(lr > 0 for lr in self.lr), f"--lr values must be more than 0 (got {self.lr})")
         require(self.weight_decay is None or all(wd >= 0 for wd in self.weight_decay), f"--weight-decay values must be 0 or more (got {self.weight_decay})")
@@ -50,11 +47,11 @@ class FitOptions:
         require(self.clf in ("linear", "mlp") or not self.is_grid(), f"--clf {self.clf}: lists of --lr/--weight-decay/--hidden are for the torch heads (linear, mlp)")
         require(self.dropout is None or all(0 <= d < 1 for d in self.dropout), f"--dropout values are fractions in [0, 1) (got {self.dropout})")
         require(0 <= self.label_smoothing < 1, f"--label-smoothing is a fraction in [0, 1) (got {self.label_smoothing})")
-        require_choice("schedule", self.schedule, TORCH_SCHEDULES)
+        choose(self, "schedule", TORCH_SCHEDULES)
         require(self.patience is None or self.patience >= 0, f"--patience must be 0 (off) or more (got {self.patience})")
         require(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
         require(self.k is None or (len(self.k) > 0 and all(k >= 1 for k in self.k)), f"--k takes counts of at least 1, e.g. --k 10,20,100 (got {self.k})")
-        require_choice("select_on", self.select_on, SELECT_ON, "cv: folds of the training rows; val: the validation rows")
+        choose(self, "select_on", SELECT_ON, "cv: folds of the training rows; val: the validation rows")
         require(self.memory_budget > 0, f"--memory-budget must be more than 0 GiB (got {self.memory_budget})")
 
     @property
@@ -64,7 +61,7 @@ class FitOptions:
     def estimator_params(self) -> dict[str, Any]:
         """The head estimator's constructor arguments (only those that were set)."""
         if self.clf == "logreg":
-            return {"C": self.C, "n_jobs": self.jobs, "random_state": self.seed, "class_weight": self.class_weight}
+            return {"C": self.C, "n_jobs": self.workers, "random_state": self.seed, "class_weight": self.class_weight}
         if self.clf == "knn":
             return {"k": tuple(self.k) if self.k else 20, "random_state": self.seed}
         params: dict[str, Any] = {"random_state": self.seed, "class_weight": self.class_weight, "label_smoothing": self.label_smoothing,

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ..choices import LAYOUTS
 from ..errors import DataError
 
 # Same list as torchvision.datasets.folder.IMG_EXTENSIONS (checked by a test).
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 Layout = Literal["auto", "imagefolder", "split", "flat"]
-LAYOUTS: tuple[str, ...] = ("auto", "imagefolder", "split", "flat")
 UNLABELED = -1
 
 

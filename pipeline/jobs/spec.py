@@ -28,11 +28,13 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..choices import canonical_device
 from ..errors import UsageError
 from ..extract import ExtractOptions
 from ..finetune import FinetuneOptions
@@ -187,6 +189,17 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return doc
 
 
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
+
+
+def name_problem(name: str) -> str | None:
+    """Job and head names become file and folder names: one path component of letters,
+    digits and ``._+-`` (no separators, no leading dot, nothing hidden or traversing)."""
+    if _SAFE_NAME.match(name) and name not in (".", ".."):
+        return None
+    return f"{name!r} cannot be a file name; use letters, digits and . _ + - (starting with a letter or digit, at most 100)"
+
+
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     """Read, override (``--set``) and validate a job file; every problem is reported at once.
 
@@ -237,7 +250,7 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     device = doc.get("device", "auto")
     if isinstance(device, str):
         try:
-            check_device_name(device)
+            check_device_name(canonical_device(device))
         except UsageError as exc:
             problems.append(f"job.device: {exc}")
 
@@ -250,7 +263,7 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
             problems.append(f"{where}.model: missing; e.g. model = \"resnet50\"")
             continue
         try:
-            check_model_name(model)
+            model = check_model_name(model)
         except BackboneError as exc:
             problems.append(f"{where}.model: {exc}")
         options = _options(ExtractOptions, b, where, problems)
@@ -263,7 +276,10 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         if options is None:
             continue
         name = str(h.get("name", options.clf))
-        if any(x.name == name for x in heads):
+        problem = name_problem(name)
+        if problem:
+            problems.append(f"{where}.name: {problem}")
+        elif any(x.name == name for x in heads):
             problems.append(f"{where}.name: {name!r} is used twice; give each head a distinct name")
         heads.append(HeadSpec(name, {k: v for k, v in h.items() if k not in ("name", "clf")}, options))
 
@@ -284,10 +300,13 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
                 problems.append(f"finetune: {exc}")
         finetune = FinetuneSpec(str(from_head), options or FinetuneOptions())
 
+    name = str(doc.get("name", path.stem))
+    problem = name_problem(name)
+    if problem:
+        problems.append(f"job.name: {problem}" if "name" in doc else f"job file name {path.name!r}: {problem}; or set name = \"...\" in it")
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise JobFileError(f"job file {str(path)!r} has {len(problems)} problem(s); nothing was run:\n{lines}")
-    name = str(doc.get("name", path.stem))
     return JobSpec(path=path.resolve(), name=name, data=data, cache_dir=resolve(doc.get("cache_dir", "cache")),
                    out_dir=resolve(doc.get("out_dir", f"runs/{name}")), device=device, workers=doc.get("workers"),
                    backbones=backbones, heads=heads, finetune=finetune)
