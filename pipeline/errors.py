@@ -4,7 +4,17 @@ Every message is one line that names the bad thing and says what to do about it.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from sklearn.exceptions import NotFittedError
+
+
+def command_hint(args: str) -> str:
+    """``args`` as a command the user can paste: ``python cli.py ARGS`` when they ran the
+    script, ``featcache ARGS`` when they ran the installed command (or the library)."""
+    script = sys.argv[0] if sys.argv else ""
+    return f"python {script} {args}" if Path(script).name == "cli.py" else f"featcache {args}"
 
 
 class ExitCode:
@@ -17,6 +27,7 @@ class ExitCode:
     LOCKED = 4  # another process is writing the same cache/artifact
     INCOMPATIBLE = 5  # cache/head/checkpoint corrupt, foreign, or built for something else
     UNAVAILABLE = 6  # a resource is missing: pretrained weights offline, disk full, read-only
+    DIVERGED = 7  # training loss blew up (NaN/inf or orders of magnitude): lower the learning rate
     INTERRUPTED = 130  # SIGINT/SIGTERM: finished work was committed, then we stopped
 
 
@@ -74,10 +85,16 @@ class Interrupted(FeatcacheError):
     exit_code = ExitCode.INTERRUPTED
 
 
-class TrainingDiverged(FeatcacheError):
-    """The loss became NaN or infinite: the hyperparameters, not the program, need changing."""
+class TrainingDivergedError(FeatcacheError):
+    """Training loss blew up (NaN/inf, or orders of magnitude above its start); lower the learning rate.
 
-    exit_code = ExitCode.USAGE
+    The hyperparameters, not the program, need changing; what was saved before is intact.
+    """
+
+    exit_code = ExitCode.DIVERGED
+
+
+TrainingDiverged = TrainingDivergedError  # the earlier name
 
 
 class HeadNotFittedError(FeatcacheError, NotFittedError):

@@ -14,6 +14,7 @@ step), so a resumed run needs no scheduler object and stays exact.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -29,13 +30,13 @@ import torchvision
 from .. import __version__
 from ..backbones import AUX_CLASSIFIERS, Backbone, torch_load_quietly
 from ..distributed import World, rank_device, world
-from ..errors import CacheError, DataError, IncompatibleError, Interrupted, TrainingDiverged, UsageError
+from ..errors import CacheError, DataError, IncompatibleError, Interrupted, TrainingDivergedError, UsageError
 from ..extract import resolve_device
 from ..heads import LoadedHead, artifact_id, assign_splits, classification_metrics, load_head, save_model_artifact, write_reports
 from ..images import ImageFileDataset, default_workers, make_loader, scan_folder
 from ..interrupts import sigterm_as_interrupt
 from ..options import build
-from ..store import WriterLock, atomic_path
+from ..store import WriterLock, atomic_path, ensure_free_space, payload_bytes, write_bytes_atomically
 from .augment import AugmentedDataset, epoch_order, train_transform
 from .model import FineTuneModel, assemble, head_module_from
 from .options import FinetuneOptions, resolve_options
@@ -133,7 +134,7 @@ def run_finetune(
 
     Raises:
         UsageError, DataError, IncompatibleError, CacheError, LockHeldError, StorageError,
-        WeightsUnavailableError, TrainingDiverged, Interrupted (the last epoch's checkpoint is intact).
+        WeightsUnavailableError, TrainingDivergedError, Interrupted (the last epoch's checkpoint is intact).
     """
     given = build(FinetuneOptions, options, **fields)
     head_path = Path(head_path)
@@ -154,7 +155,9 @@ def run_finetune(
         if team.is_main:
             lock.release()
     if team.is_main:
-        result.reports = write_reports(out_path, result.metrics, job.classes, result.history, f"finetune {job.prov['model']}", plots=plots)
+        history = ([job.epoch0] if job.epoch0 else []) + result.history  # the reports show epoch 0 (as assembled) too
+        result.reports = write_reports(out_path, result.metrics, job.classes, history, f"finetune {job.prov['model']}", plots=plots,
+                                       best_epoch=result.best_epoch)
     return result
 
 
@@ -174,6 +177,7 @@ class FineTuneJob:
         self._prepare_data(data_dir)
         self._prepare_model()
         self.failures: dict[str, str] = {}
+        self.epoch0: dict[str, Any] | None = None  # val loss/accuracy before training, for the reports (not in ``history``)
 
     # -- setup
     def _previous_checkpoint(self, resume: bool, force: bool) -> dict[str, Any] | None:
@@ -241,8 +245,10 @@ class FineTuneJob:
             return None
         broken = ~np.isfinite(proba).all(axis=1)
         if broken.any():
-            raise TrainingDiverged(f"the model's outputs are NaN/inf for {int(broken.sum())} of {len(broken)} {split_name} images; after training, "
-                                   "lower --lr-backbone/--lr-head; before any training (epoch 0) the head does not fit this backbone: rerun with --debug and report it")
+            what = f"the model's outputs are NaN/inf for {int(broken.sum())} of {len(broken)} {split_name} images"
+            if self.trainer.guard is None:  # nothing trained yet: not a learning-rate problem
+                raise TrainingDivergedError(f"{what} before any training (epoch 0): the head does not fit this backbone; rerun with --debug and report it")
+            raise TrainingDivergedError(f"training diverged: {what} after training; {self.trainer.lower_lr_advice()}")
         y = self.labels[rows][pos]
         metrics = classification_metrics(y, proba, self.classes)
         metrics["loss"] = float(-np.log(np.clip(proba[np.arange(len(y)), y], 1e-12, None)).mean())
@@ -287,6 +293,7 @@ class FineTuneJob:
         start = 0
         if self.previous is not None:
             history, best, start = self._restore()
+            self.epoch0 = _epoch0_row(best["metrics"]) if best["epoch"] == 0 else None  # else it is not kept in the checkpoint
         t_start = time.perf_counter()
         epoch = start
         try:
@@ -294,13 +301,17 @@ class FineTuneJob:
                 if self.previous is None:  # the assembled model before training: the baseline every epoch must beat
                     metrics = {s: m for s in ("val", "test") if (m := self.evaluate(s)) is not None}
                     best = {"epoch": 0, "val_accuracy": metrics["val"]["accuracy"] if "val" in metrics else -1.0, "metrics": metrics}
+                    self.epoch0 = _epoch0_row(metrics)
                     self.save_model(0, metrics, history)
                     if "val" in metrics:
                         self.log(f"epoch 0 (as assembled): val loss {metrics['val']['loss']:.4f} acc {metrics['val']['accuracy']:.4f}")
                 if start >= epochs > 0:
                     self.log(f"the checkpoint already finished {start} epochs; pass a larger --epochs to train more")
-                for epoch in range(start, epochs):
-                    best = self._epoch(epoch, history, best, progress)
+                try:
+                    for epoch in range(start, epochs):
+                        best = self._epoch(epoch, history, best, progress)
+                except TrainingDivergedError as exc:
+                    raise TrainingDivergedError(f"{exc}{self._kept_after_divergence(history, best)}") from exc
         except KeyboardInterrupt:
             kept = f"the checkpoint of epoch {len(history)} is intact at {str(self.ckpt_path)!r}" if history else "no epoch had finished"
             raise Interrupted(f"interrupted during epoch {epoch + 1}; {kept}; run the same command with --resume to continue") from None
@@ -312,6 +323,14 @@ class FineTuneJob:
             round(time.perf_counter() - t_start, 3), self.thawed, *(int(len(self.index[s])) for s in ("train", "val", "test")),
             self.opts.training(), {}, sorted(self.failures.items()), start if self.previous is not None else None,
         )
+
+    def _kept_after_divergence(self, history: list[dict[str, Any]], best: dict[str, Any]) -> str:
+        """The end of a divergence message: how to start again, and that nothing of the diverged epoch was saved."""
+        model = f"{self.out_path.name} holds epoch {best['epoch']}" + (" (as assembled)" if best["epoch"] == 0 else "")
+        if history:
+            return f", and start over with --force; nothing of the diverged epoch was saved: the checkpoint of epoch {len(history)} is intact, {model}"
+        again = " with --force" if self.ckpt_path.is_file() else ""
+        return f", and run again{again}; nothing of the diverged epoch was saved: {model}"
 
     def _epoch(self, epoch: int, history: list[dict[str, Any]], best: dict[str, Any], progress) -> dict[str, Any]:
         """Train one epoch, validate, keep the model if best, checkpoint; returns the new best."""
@@ -326,6 +345,7 @@ class FineTuneJob:
             stats.correct, stats.images = int(correct), int(images)
             stats.failures = [f for share in team.gather(stats.failures) for f in share]
         self.failures.update({self.train_set.records[i].relpath: r for i, r in stats.failures})
+        trainer.check_epoch(stats.loss, epoch)  # before anything of this epoch is evaluated or saved
         val = self.evaluate("val")
         row = {"epoch": epoch + 1, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
                "lr_backbone": trainer.optimizer.param_groups[0]["lr"] if self.thawed else 0.0,
@@ -350,6 +370,12 @@ class FineTuneJob:
         return best
 
 
+def _epoch0_row(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The history row of the assembled model (epoch 0): its val loss and accuracy, when it had val images."""
+    val = metrics.get("val")
+    return {"epoch": 0, "val_loss": val["loss"], "val_accuracy": val["accuracy"]} if val and "loss" in val else None
+
+
 def _save_checkpoint(path: Path, model: FineTuneModel, trainer: Trainer, opts: FinetuneOptions, identity: dict[str, Any], epoch: int,
                      history: list[dict[str, Any]], best: dict[str, Any]) -> None:
     blob = {
@@ -358,8 +384,10 @@ def _save_checkpoint(path: Path, model: FineTuneModel, trainer: Trainer, opts: F
         "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else {}, "rng": rng_state(),
         "history": history, "best": best,
     }
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+    ensure_free_space(path, payload_bytes(blob))
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    write_bytes_atomically(path, buffer.getbuffer())
 
 
 def _write_history(model_path: Path, history: list[dict[str, Any]]) -> None:

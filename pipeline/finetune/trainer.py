@@ -18,11 +18,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import World
-from ..errors import TrainingDiverged
+from ..divergence import DivergenceGuard
+from ..errors import TrainingDivergedError
 from .model import FineTuneModel
 from .options import FinetuneOptions
 
 INCEPTION_AUX_WEIGHT = 0.4  # loss = main + 0.4 * aux (torchvision's reference recipe)
+DIVERGENCE_CHECK_EVERY = 20  # batches between looks at the epoch's mean loss so far (NaN/inf batches stop at once)
 
 
 def param_groups(model: FineTuneModel, opts: FinetuneOptions) -> list[dict[str, Any]]:
@@ -102,6 +104,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.guard: DivergenceGuard | None = None  # set by the first batch: its loss is where training started
+        self._running = [0.0, 0]  # loss summed over this epoch's images so far, and their count
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
@@ -119,6 +123,7 @@ class Trainer:
         total_steps = steps_per_epoch * total_epochs
         t0 = time.perf_counter()
         loss_sum, correct, seen, failures = 0.0, 0, 0, []
+        self._running = [0.0, 0]
         self.optimizer.zero_grad(set_to_none=True)
         for b, batch in enumerate(loader):
             failures += batch.failures
@@ -156,15 +161,50 @@ class Trainer:
             else:
                 loss = self.criterion(logits, y)
         value = float(loss.detach())
-        if self.team.enabled:  # every rank stops together (a lone raise would leave the others waiting)
-            value = value if self.team.sum([0.0 if math.isfinite(value) else 1.0], self.device)[0] == 0 else math.nan
-        if not math.isfinite(value):
-            raise TrainingDiverged(f"the training loss became {value} in epoch {epoch + 1}, batch {b + 1}; lower --lr-backbone/--lr-head "
-                                   "or --clip-grad and start over with --force (the last epoch's checkpoint is intact)")
+        self._watch(value, 0 if y is None else len(y), epoch, b)
         self.scaler.scale(loss / group_size).backward()
         if y is None:
             return 0.0, 0, 0
         return value, int((logits.detach().argmax(1) == y).sum()), len(y)
+
+    def _watch(self, value: float, n: int, epoch: int, b: int) -> None:
+        """Raise TrainingDivergedError at a NaN/inf batch loss, or when the epoch's mean loss so far is over
+        the divergence limit (looked at every DIVERGENCE_CHECK_EVERY batches), before the step that would apply it."""
+        if n:
+            if self.guard is None:
+                self.guard = DivergenceGuard.starting_at(value, self.module.head[-1].out_features)
+            self._running[0] += value * n
+            self._running[1] += n
+        problem = None
+        if not math.isfinite(value):
+            problem = f"the training loss became {value} in epoch {epoch + 1}, batch {b + 1}"
+        elif self.guard is not None and (b + 1) % DIVERGENCE_CHECK_EVERY == 0 and (grew := self.guard.problem(self._running[0] / max(self._running[1], 1))):
+            problem = f"the mean training loss of epoch {epoch + 1} so far {grew} by batch {b + 1}"
+        self._stop_if(problem, f"epoch {epoch + 1}, batch {b + 1}")
+
+    def check_epoch(self, mean_loss: float, epoch: int) -> None:
+        """After an epoch (``mean_loss`` over every rank's images), before anything is saved: raise
+        TrainingDivergedError when the mean loss diverged or a trained weight is NaN/inf."""
+        problem = None
+        if self.guard is not None and (grew := self.guard.problem(mean_loss)):
+            problem = f"the mean training loss of epoch {epoch + 1} {grew}"
+        elif not all(bool(torch.isfinite(p).all()) for p in self.trainable):
+            problem = f"epoch {epoch + 1} left NaN/inf weights"
+        self._stop_if(problem, f"epoch {epoch + 1}")
+
+    def _stop_if(self, problem: str | None, where: str) -> None:
+        """Raise for ``problem``; under DDP every rank raises when any rank has one (a lone raise would leave the others waiting)."""
+        if self.team.enabled and self.team.sum([1.0 if problem else 0.0], self.device)[0] > 0:
+            problem = problem or f"the training loss diverged on another rank in {where}"
+        if problem:
+            raise TrainingDivergedError(f"training diverged: {problem}; {self.lower_lr_advice()}")
+
+    def lower_lr_advice(self) -> str:
+        """What to change: the learning rates by name and value (command line and job file)."""
+        o = self.opts
+        clip = ", or set --clip-grad (e.g. 1.0)" if not o.clip_grad else ""
+        return (f"lower --lr-backbone/--lr-head (now {o.lr_backbone:g}/{o.lr_head:g}; job file: lr_backbone/lr_head in [finetune]), "
+                f"e.g. 10x{clip}")
 
     def _step(self, step: int, total_steps: int) -> None:
         factor = lr_factor(step, total_steps, self.opts.schedule, self.opts.warmup)

@@ -27,13 +27,13 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import validate_data
 from torch import nn
 
+from ..choices import HEAD_KINDS  # noqa: F401  (re-exported: pipeline.heads.HEAD_KINDS)
+from ..divergence import DivergenceGuard
+from ..errors import TrainingDivergedError
 from .common import check_fitted as _check_fitted
 from .common import head_device as _device
 from .knn import KNNHead
 from .logreg import LogRegHead
-
-HEAD_KINDS = ("logreg", "linear", "mlp", "knn")
-
 
 # ----------------------------------------------------------------------------- torch heads
 
@@ -200,10 +200,12 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             raise ValueError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
         self.history_: list[dict[str, float]] = []
         best, best_state, bad = math.inf, None, 0
+        self._guard = None
         for epoch in range(epochs):
             t0 = time.perf_counter()
-            total = sum(self.train_step(xb, yb) for xb, yb in self.get_batches(train, shuffle=True))
+            total = self._train_epoch(train, epoch)
             row = {"epoch": epoch + 1, "train_loss": total / max(train.n_rows, 1), "lr": self._optimizer.param_groups[0]["lr"]}
+            self._check_divergence(row["train_loss"], epoch)
             sched.step()
             if val is not None and val.n_rows:
                 row["val_loss"], row["val_accuracy"] = self._score_source(val)
@@ -219,8 +221,28 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             self.module_.load_state_dict(best_state)
         self.n_epochs_ = len(self.history_)
         self.module_.eval()
-        del self._optimizer, self._criterion, self._rng, self._weight
+        del self._optimizer, self._criterion, self._rng, self._weight, self._guard
         return self
+
+    def _train_epoch(self, train: BatchSource, epoch: int) -> float:
+        """One pass over ``train``; the summed loss. A NaN/inf batch stops at once (no epoch of NaNs)."""
+        total = 0.0
+        for xb, yb in self.get_batches(train, shuffle=True):
+            loss = self.train_step(xb, yb)
+            if self._guard is None:  # the first batch's loss is computed before any update: the starting loss
+                self._guard = DivergenceGuard.starting_at(loss / max(len(xb), 1), len(self.classes_))
+            if not math.isfinite(loss):
+                self._check_divergence(loss, epoch)
+            total += loss
+        return total
+
+    def _check_divergence(self, loss: float, epoch: int) -> None:
+        """Raise TrainingDivergedError when the (epoch's mean) training loss is NaN/inf or orders of magnitude over its start."""
+        problem = self._guard.problem(loss) if self._guard is not None else None
+        if problem:
+            kind = "mlp" if self.hidden else "linear"
+            raise TrainingDivergedError(f"training diverged: the {kind} head's training loss {problem} in epoch {epoch + 1}; "
+                                        f"lower the learning rate: --lr is {self.lr:g} now, try 10x lower (job file: lr in the head's [[heads]] entry)")
 
     def _score_source(self, source: BatchSource) -> tuple[float, float]:
         """(loss, accuracy) on ``source``; the loss uses the training class weights, so

@@ -14,11 +14,11 @@ import torch
 from .. import __version__, logs
 from ..errors import UsageError
 from ..options import build
-from ..store import WriterLock, iter_embeddings, read_cache_meta, read_rows
+from ..store import WriterLock, ensure_free_space, iter_embeddings, payload_bytes, read_cache_meta, read_rows
 from .artifacts import LoadedHead, load_head, save_head
 from .estimators import ArraySource, TorchHead, make_head
 from .knn import KNNHead
-from .metrics import classification_metrics, plot_leaderboard, write_reports
+from .metrics import REPORTS_NEED, classification_metrics, clear_reports, kept_epoch, plot_leaderboard, write_reports
 from .options import FitOptions
 from .splits import assign_splits
 
@@ -100,13 +100,14 @@ def _default_head_path(cache: Path, kind: str) -> Path:
 
 
 def fit_head(cache: str | os.PathLike, options: FitOptions | str | Mapping[str, Any] | None = None, out: str | os.PathLike | None = None, *,
-             plots: bool = True, wait: float = 0.0, extra_provenance: dict[str, Any] | None = None, **fields: Any) -> FitResult:
+             plots: bool = True, wait: float = 0.0, extra_provenance: dict[str, Any] | None = None, title: str | None = None, **fields: Any) -> FitResult:
     """Fit the head ``options`` names on the cache's train rows, score val/test, save the
     artifact and reports. ``options`` may be just the head's name (``"logreg"``); ``fields``
     replace single values (``C=0.5``).
 
     The head file is locked while it is written (``wait`` seconds for another writer).
     ``extra_provenance`` is recorded with the head (``run`` stores its spec digest there).
+    ``title`` names the head in its plots (a job's ``mlp-wide``); the default is its kind.
 
     Raises:
         CacheError, UsageError (bad options, one class, no labels, logreg on a cache too big
@@ -117,10 +118,16 @@ def fit_head(cache: str | os.PathLike, options: FitOptions | str | Mapping[str, 
     out_path = Path(out) if out is not None else _default_head_path(cache, opts.clf)
     loaded = _load_split(cache, opts.val_fraction, opts.seed)  # a bad cache is refused before anything is created
     with WriterLock(out_path, command=f"fit-head --clf {opts.clf}", wait=wait):
-        return _fit_head_locked(cache, loaded, opts, out_path, plots, extra_provenance or {})
+        return _fit_head_locked(cache, loaded, opts, out_path, plots, extra_provenance or {}, title)
 
 
-def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Path, plots: bool, extra_provenance: dict[str, Any]) -> FitResult:
+def _plot_label(kind: str, title: str | None) -> str:
+    """``mlp-wide (mlp)`` for a named head, just the kind otherwise."""
+    return kind if not title or title == kind else f"{title} ({kind})"
+
+
+def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Path, plots: bool, extra_provenance: dict[str, Any],
+                     title: str | None = None) -> FitResult:
     kind = opts.clf
     table, split, rule = loaded
     meta, classes, dim = table.meta, table.classes, int(table.meta["embed_dim"])
@@ -187,12 +194,15 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
         **extra_provenance,
     }
     extra = {"history": history, "C": getattr(head, "C_", None), "cv_path": getattr(head, "path_", []), "cv_scores": {str(k): v for k, v in (getattr(head, "cv_scores_", {}) or {}).items()}}
+    ensure_free_space(out_path, payload_bytes(head.get_state()) + REPORTS_NEED)  # the head and its reports fit, or nothing is touched
+    clear_reports(out_path)
     save_head(out_path, head, kind, head.get_params(), provenance, metrics, extra)
-    reports = write_reports(out_path, metrics, classes, history, kind, plots)
+    label = _plot_label(kind, title)
+    reports = write_reports(out_path, metrics, classes, history, label, plots, best_epoch=kept_epoch(history))
     if grid_board and plots:
         rows = [{"name": r["name"], "accuracy": r["val_accuracy"] or 0.0} for r in grid_board]
         chart = out_path.with_name(out_path.name.removesuffix(".pt") + ".grid.png")
-        reports["grid_png"] = str(plot_leaderboard(rows, chart, f"{kind}: {len(rows)} heads trained in one read (best first)"))
+        reports["grid_png"] = str(plot_leaderboard(rows, chart, f"{label}: {len(rows)} heads trained in one read (best first)"))
     return FitResult(str(out_path), kind, str(cache), metrics, seconds, len(idx["train"]), len(idx["val"]), len(idx["test"]), reports, head.get_params())
 
 

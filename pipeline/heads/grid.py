@@ -22,6 +22,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import logs
+from ..divergence import DivergenceGuard
+from ..errors import TrainingDivergedError
 from .common import head_device
 from .estimators import BatchSource, TorchHead, build_head_module, class_weight_vector
 
@@ -134,6 +137,52 @@ def _member_losses(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor |
     return torch.stack([F.cross_entropy(z, y, weight=weight, label_smoothing=label_smoothing) for z in logits])
 
 
+NONFINITE_CHECK_EVERY = 16  # batches between looks for NaN/inf member losses (each look waits for the device)
+
+
+class GridDivergence:
+    """Which members diverged, and how. A diverged member stops training and ranks last; its
+    siblings go on. Only when every member has diverged is it an error."""
+
+    def __init__(self, members: list[Member], groups: dict[tuple[int, ...], list[int]], n_classes: int):
+        self.members, self.groups, self.n_classes = members, groups, n_classes
+        self.guards: dict[int, DivergenceGuard] = {}
+        self.why: dict[int, str] = {}
+
+    def start(self, first: dict[tuple[int, ...], torch.Tensor]) -> None:
+        """Each member's loss on the first batch (before any update) is its starting loss."""
+        for hidden, losses in first.items():
+            for g, (i, loss) in enumerate(zip(self.groups[hidden], losses.tolist())):
+                self.guards[i] = DivergenceGuard.starting_at(loss, self.n_classes)
+
+    def check(self, sums: dict[tuple[int, ...], torch.Tensor], rows: int, epoch: int, active: dict[tuple[int, ...], torch.Tensor],
+              nonfinite_only: bool = False) -> None:
+        """Drop members whose mean loss so far (``sums`` / ``rows``) diverged (``nonfinite_only``: is NaN/inf)."""
+        for hidden, total in sums.items():
+            for g, (i, value) in enumerate(zip(self.groups[hidden], (total / max(rows, 1)).tolist())):
+                if i in self.why or i not in self.guards or (nonfinite_only and math.isfinite(value)):
+                    continue
+                if problem := self.guards[i].problem(value):
+                    self.why[i] = f"training loss {problem} in epoch {epoch + 1}"
+                    active[hidden][g] = 0.0
+        if len(self.why) == len(self.members):
+            raise TrainingDivergedError(f"training diverged: every head of the grid diverged ({self._listing()}); "
+                                        f"lower the learning rates: --lr is {self._lrs(self.members)} now, try 10x lower "
+                                        "(job file: lr in the head's [[heads]] entry)")
+
+    def warn(self) -> None:
+        if self.why:
+            logs.warning(f"grid: {len(self.why)} of {len(self.members)} heads diverged and were dropped ({self._listing()}); the best of the others "
+                         f"is kept; leave out learning rates as high as {self._lrs([self.members[i] for i in self.why])} (--lr)")
+
+    def _listing(self) -> str:
+        return "; ".join(f"{self.members[i].name()}: {why}" for i, why in sorted(self.why.items()))
+
+    @staticmethod
+    def _lrs(members: list[Member]) -> str:
+        return ",".join(f"{lr:g}" for lr in dict.fromkeys(m.lr for m in members))
+
+
 def fit_grid(template: TorchHead, members: list[Member], train: BatchSource, val: BatchSource, classes: np.ndarray, n_features: int,
              train_labels: np.ndarray | None = None) -> tuple[TorchHead, list[dict[str, Any]]]:
     """Train every member on one read of ``train`` per epoch; return the member with the
@@ -169,6 +218,7 @@ def fit_grid(template: TorchHead, members: list[Member], train: BatchSource, val
     history: dict[int, list[dict[str, float]]] = {i: [] for i in range(len(members))}
     rng = np.random.default_rng(template.random_state)
     epochs, t_start = template.epochs, time.perf_counter()
+    diverged = GridDivergence(members, groups, len(classes))
     to_tensors = lambda X, y: (torch.as_tensor(np.asarray(X, dtype=np.float32), device=device),  # noqa: E731
                                torch.as_tensor(np.searchsorted(classes, y), dtype=torch.long, device=device))
     for epoch in range(epochs):
@@ -176,14 +226,23 @@ def fit_grid(template: TorchHead, members: list[Member], train: BatchSource, val
         sums = {h: torch.zeros(len(groups[h]), dtype=torch.float64, device=device) for h in stacks}
         for s in stacks.values():
             s.train()
-        for X, y in train.batches(template.batch_size, True, rng):  # one read for every member
+        seen = 0
+        for b, (X, y) in enumerate(train.batches(template.batch_size, True, rng)):  # one read for every member
             xb, yb = to_tensors(X, y)
+            first = {}
             for hidden, stack in stacks.items():
                 losses = _member_losses(stack(xb), yb, weight, template.label_smoothing)
+                first[hidden] = losses.detach()
                 optimizers[hidden].zero_grad()
                 losses.sum().backward()
                 optimizers[hidden].step(factor, active[hidden])
                 sums[hidden] += losses.detach().double() * len(xb)
+            seen += len(xb)
+            if not diverged.guards:
+                diverged.start(first)
+            if (b + 1) % NONFINITE_CHECK_EVERY == 0:  # a NaN member stops now, not after an epoch of NaNs
+                diverged.check(sums, seen, epoch, active, nonfinite_only=True)
+        diverged.check(sums, train.n_rows, epoch, active)
         totals = {i: float(sums[h][g]) for h in stacks for g, i in enumerate(groups[h])}
         val_loss, val_correct, norm = ({i: 0.0 for i in totals} for _ in range(3))
         for s in stacks.values():
@@ -213,13 +272,15 @@ def fit_grid(template: TorchHead, members: list[Member], train: BatchSource, val
                         active[hidden][g] = 0.0
         if not any(bool(a.any()) for a in active.values()):
             break
+    diverged.warn()
     board = []
     for i, m in enumerate(members):
         loss, state, _ = best[i]
         last = min(history[i], key=lambda r: r["val_loss"]) if history[i] else {}
-        board.append({"name": m.name(), "lr": m.lr, "weight_decay": m.weight_decay, "hidden": list(m.hidden), "val_loss": loss,
-                      "val_accuracy": last.get("val_accuracy"), "best_epoch": last.get("epoch"), "epochs": len(history[i])})
-    order = sorted(range(len(members)), key=lambda i: (board[i]["val_loss"], i))
+        board.append({"name": m.name(), "lr": m.lr, "weight_decay": m.weight_decay, "hidden": list(m.hidden),
+                      "val_loss": None if i in diverged.why else loss, "val_accuracy": last.get("val_accuracy"), "best_epoch": last.get("epoch"),
+                      "epochs": len(history[i]), "diverged": diverged.why.get(i)})
+    order = sorted(range(len(members)), key=lambda i: (i in diverged.why, board[i]["val_loss"] or 0.0, i))
     winner = order[0]
     head, stack = heads[winner], stacks[members[winner].hidden]
     g = groups[members[winner].hidden].index(winner)

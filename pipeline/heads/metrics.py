@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,6 +45,12 @@ def format_metrics(name: str, m: dict[str, Any]) -> str:
     return "\n".join([head, *rows])
 
 
+TRAIN_COLOR = "#1f77b4"  # train is always blue, val always orange, the kept epoch green (in every panel)
+VAL_COLOR = "#ff7f0e"
+KEPT_COLOR = "#2ca02c"
+TICK_LABEL_CHARS = 32  # longer class names are shortened on the axes (metrics.json has them whole)
+
+
 def pyplot():
     import matplotlib
 
@@ -62,62 +70,183 @@ def save_figure(fig, path: Path, dpi: int = 100) -> Path:
     return Path(path)
 
 
-def plot_confusion(matrix: list[list[int]], class_names: Sequence[str], path: Path, title: str) -> Path:
+def _wrap_to_figure(text_artist, fig, margin: float = 0.98) -> None:
+    """Re-wrap a title (``textwrap``) until its rendered width fits inside the figure."""
+    text = " ".join(text_artist.get_text().split())
+    if not text:
+        return
+    renderer = fig.canvas.get_renderer()
+    limit = fig.bbox.width * margin
+    width = len(text)
+    text_artist.set_text(text)
+    while width > 8:
+        box = text_artist.get_window_extent(renderer)
+        if box.width <= limit and box.x0 >= 0 and box.x1 <= fig.bbox.width:
+            return
+        width = max(8, min(width - 1, int(width * limit / max(box.width, 1.0))))
+        text_artist.set_text(textwrap.fill(text, width, break_long_words=True))
+
+
+def _finish(fig, *titles) -> None:
+    """Lay out, wrap each title to fit the figure, lay out again (room for the extra lines)."""
+    fig.tight_layout()
+    for t in titles:
+        _wrap_to_figure(t, fig)
+    fig.tight_layout()
+
+
+def _short(name: str, limit: int = TICK_LABEL_CHARS) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def confusion_figure(matrix: list[list[int]], class_names: Sequence[str], title: str):
+    """The confusion matrix as a figure sized for its classes and their (shortened) names."""
     plt = pyplot()
     cm = np.asarray(matrix)
-    size = max(4.0, 0.5 * len(class_names) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
+    labels = [_short(str(c)) for c in class_names]
+    label_room = 0.09 * max((len(c) for c in labels), default=0)  # inches for the tick labels
+    size = max(4.0, 0.5 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(max(size + label_room, 5.0), size + label_room))
     ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(class_names)), class_names, rotation=90)
-    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xticks(range(len(labels)), labels, rotation=90)
+    ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    peak = cm.max() if cm.size else 0
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
-    return save_figure(fig, path)
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > peak / 2 else "black", fontsize=8)
+    _finish(fig, ax.set_title(title))
+    return fig
 
 
-def plot_history(history: list[dict[str, float]], path: Path, title: str) -> Path:
+def plot_confusion(matrix: list[list[int]], class_names: Sequence[str], path: Path, title: str) -> Path:
+    return save_figure(confusion_figure(matrix, class_names, title), path)
+
+
+def kept_epoch(history: list[dict[str, Any]]) -> int | None:
+    """The epoch a torch head keeps: the first to improve the best val loss by more than 1e-6
+    (the rule of ``TorchHead.fit_source`` and the grid); the last epoch when none was validated."""
+    best, kept = math.inf, None
+    for h in history:
+        loss = h.get("val_loss")
+        if loss is not None and np.isfinite(loss) and loss < best - 1e-6:
+            best, kept = loss, h["epoch"]
+    if kept is None and history:
+        kept = history[-1]["epoch"]
+    return kept
+
+
+def _series(history: list[dict[str, Any]], key: str) -> list[float] | None:
+    """One value per epoch (NaN where an epoch lacks it), or None when no epoch has it."""
+    if not any(h.get(key) is not None for h in history):
+        return None
+    return [float(h[key]) if h.get(key) is not None else np.nan for h in history]
+
+
+def _history_panel(ax, epochs: list[int], history: list[dict[str, Any]], what: str, best_epoch: int | None) -> None:
+    """train and val ``what`` (loss or accuracy) with a marker on every point, and the kept epoch."""
+    drawn = False
+    for split, color in (("train", TRAIN_COLOR), ("val", VAL_COLOR)):
+        values = _series(history, f"{split}_{what}")
+        if values is not None:
+            ax.plot(epochs, values, marker="o", markersize=6 if len(epochs) <= 40 else 3, color=color, label=split)
+            drawn = True
+    if best_epoch is not None:
+        ax.axvline(best_epoch, color=KEPT_COLOR, linestyle="--", linewidth=1.5, label=f"kept: epoch {best_epoch}")
+        val = _series(history, f"val_{what}") or []
+        at = [v for e, v in zip(epochs, val) if e == best_epoch and np.isfinite(v)]
+        if at:
+            ax.plot([best_epoch], at[:1], marker="*", markersize=20, markerfacecolor="none", markeredgewidth=2, color=KEPT_COLOR,
+                    linestyle="none", zorder=3)  # hollow: the val dot stays visible inside
+    if not drawn:
+        ax.text(0.5, 0.5, f"no {what} recorded", transform=ax.transAxes, ha="center", va="center", color="gray")
+    lo, hi = min(epochs), max(epochs)
+    pad = max(0.5, 0.05 * (hi - lo))  # a single epoch still gets a visible range around it
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.xaxis.set_major_locator(_integer_locator())
+    ax.margins(y=0.1)  # markers at the extremes stay whole
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(what)
+    if drawn or best_epoch is not None:
+        ax.legend()
+
+
+def _integer_locator():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True, min_n_ticks=1)
+
+
+def history_figure(history: list[dict[str, Any]], title: str, best_epoch: int | None = None):
+    """Loss and accuracy per epoch, train and val in the same colours in both panels."""
     plt = pyplot()
-    epochs = [h["epoch"] for h in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    a1.plot(epochs, [h["train_loss"] for h in history], label="train")
-    if any("val_loss" in h for h in history):
-        a1.plot(epochs, [h.get("val_loss", np.nan) for h in history], label="val")
-        a2.plot(epochs, [h.get("val_accuracy", np.nan) for h in history], label="val")
-    if any("train_accuracy" in h for h in history):
-        a2.plot(epochs, [h.get("train_accuracy", np.nan) for h in history], label="train")
-    a1.set_xlabel("epoch"), a1.set_ylabel("loss"), a1.legend()
-    a2.set_xlabel("epoch"), a2.set_ylabel("accuracy"), a2.legend()
-    fig.suptitle(title)
-    return save_figure(fig, path)
+    epochs = [int(h["epoch"]) for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    _history_panel(a1, epochs, history, "loss", best_epoch)
+    _history_panel(a2, epochs, history, "accuracy", best_epoch)
+    _finish(fig, fig.suptitle(title))
+    return fig
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, title: str, best_epoch: int | None = None) -> Path:
+    return save_figure(history_figure(history, title, best_epoch), path)
+
+
+def leaderboard_figure(rows: list[dict[str, Any]], title: str):
+    """Validation accuracy per row (best first, at the top), each bar labelled with its value."""
+    plt = pyplot()
+    names = [_short(str(r["name"]), 60) for r in rows][::-1]
+    values = [float(r["accuracy"]) for r in rows][::-1]
+    width = 8.0 + 0.07 * max((len(n) for n in names), default=0)
+    fig, ax = plt.subplots(figsize=(width, 0.5 * len(rows) + 1.8))
+    ax.barh(range(len(names)), [v if np.isfinite(v) else 0.0 for v in values], color=TRAIN_COLOR)
+    ax.set_yticks(range(len(names)), names)
+    for i, v in enumerate(values):
+        ax.text((v if np.isfinite(v) else 0.0) + 0.01, i, f"{v:.4f}" if np.isfinite(v) else "n/a", va="center", ha="left", fontsize=9)
+    top = max([v for v in values if np.isfinite(v)] + [1.0])
+    ax.set_xlim(0, top * 1.15)  # room for the labels right of the bars
+    ax.set_xticks(np.linspace(0, 1, 6))
+    ax.set_xlabel("validation accuracy")
+    _finish(fig, ax.set_title(title))
+    return fig
 
 
 def plot_leaderboard(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
-    names = [r["name"] for r in rows]
-    ax.barh(names[::-1], [r["accuracy"] for r in rows][::-1])
-    ax.set_xlabel("validation accuracy")
-    ax.set_xlim(0, 1)
-    ax.set_title(title)
-    return save_figure(fig, path)
+    return save_figure(leaderboard_figure(rows, title), path)
 
 
-def write_reports(artifact_path: Path, metrics: dict[str, Any], classes: list[str], history: list[dict], title: str, plots: bool = True) -> dict[str, str]:
-    """``<artifact>.metrics.json`` (metrics and history), confusion and history PNGs beside the artifact."""
+REPORT_SUFFIXES = (".metrics.json", ".confusion_val.png", ".confusion_test.png", ".history.png", ".grid.png")
+REPORTS_NEED = 2 << 20  # bytes a set of reports may take (PNGs of a many-class confusion matrix)
+
+
+def clear_reports(artifact_path: Path) -> None:
+    """Remove an artifact's reports before the artifact is replaced: they are views of it,
+    so a run killed between the two leaves reports missing (regenerated by the next run),
+    never the previous fit's reports beside the new artifact."""
+    base = artifact_path.name.removesuffix(".pt")
+    for suffix in REPORT_SUFFIXES:
+        artifact_path.with_name(base + suffix).unlink(missing_ok=True)
+
+
+def write_reports(artifact_path: Path, metrics: dict[str, Any], classes: list[str], history: list[dict], title: str, plots: bool = True,
+                  best_epoch: int | None = None) -> dict[str, str]:
+    """``<artifact>.metrics.json`` (metrics, history, kept epoch), confusion and history PNGs beside the artifact.
+
+    ``best_epoch`` is the epoch whose model was kept (marked on the history plot)."""
     reports: dict[str, str] = {}
     base = artifact_path.with_name(artifact_path.name.removesuffix(".pt"))
     mpath = Path(f"{base}.metrics.json")
+    blob: dict[str, Any] = {"metrics": metrics, "history": history}
+    if best_epoch is not None:
+        blob["best_epoch"] = int(best_epoch)
     with atomic_path(mpath) as tmp:
-        tmp.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2))
+        tmp.write_text(json.dumps(blob, indent=2))
     reports["metrics_json"] = str(mpath)
     if plots:
         for s in ("val", "test"):
             if s in metrics:
                 reports[f"confusion_{s}_png"] = str(plot_confusion(metrics[s]["confusion_matrix"], classes, Path(f"{base}.confusion_{s}.png"), f"{title}: {s} confusion"))
         if history:
-            reports["history_png"] = str(plot_history(history, Path(f"{base}.history.png"), f"{title}: training history"))
+            reports["history_png"] = str(plot_history(history, Path(f"{base}.history.png"), f"{title}: training history", best_epoch))
     return reports

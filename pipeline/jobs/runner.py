@@ -40,9 +40,35 @@ class JobResult:
     did_work: bool = False
     dry_run: bool = False
     report: str = ""
+    error: dict[str, Any] | None = None  # what stopped the job: message, type, exit_code, step
+    running: tuple[Step, float] | None = field(default=None, repr=False)  # the step under way and when it began (not reported)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("running")
+        return d
+
+    def begin(self, kind: str, target: str, action: str, reason: str) -> None:
+        self.running = (Step(kind, target, action, reason), time.perf_counter())
+
+    def finish(self, step: Step) -> None:
+        self.steps.append(step)
+        self.running = None
+
+    def fail(self, exc: BaseException) -> None:
+        """Record the error that stopped the job, and the step it stopped as a "failed" step."""
+        from ..errors import ExitCode
+
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        code = getattr(exc, "exit_code", ExitCode.INTERRUPTED if interrupted else ExitCode.INTERNAL)
+        self.error = {"message": str(exc) or ("interrupted" if interrupted else type(exc).__name__), "type": type(exc).__name__, "exit_code": code,
+                      "step": None}
+        if self.running is not None:
+            step, t0 = self.running
+            self.error["step"] = step.kind
+            self.steps.append(Step(step.kind, step.target, "failed", step.reason, round(time.perf_counter() - t0, 3),
+                                   {"planned": step.action, "error": self.error["message"], "error_type": self.error["type"], "exit_code": code}))
+            self.running = None
 
 
 # ----------------------------------------------------------------------------- where things go
@@ -56,12 +82,18 @@ def cache_path_for(job: JobSpec, data_root: Path, backbone: BackboneSpec) -> Pat
     return default_cache_path(backbone.model, backbone.weights, data_root, job.cache_dir, precision, backbone.options.decode, backbone.options.seed)
 
 
+def artifact_dir_for(job: JobSpec, cache: Path, head_name: str) -> Path:
+    """``<out_dir>/<cache>/<head>/``: one folder per backbone and head, holding the head, the
+    model fine-tuned from it, and their reports (names checked to be one path component)."""
+    return job.out_dir / cache.stem / head_name
+
+
 def head_path_for(job: JobSpec, cache: Path, head: HeadSpec) -> Path:
-    return job.out_dir / f"{cache.stem}.{head.name}.head.pt"
+    return artifact_dir_for(job, cache, head.name) / "head.pt"
 
 
 def model_path_for(job: JobSpec, cache: Path, head_name: str) -> Path:
-    return job.out_dir / f"{cache.stem}.{head_name}.finetuned.pt"
+    return artifact_dir_for(job, cache, head_name) / "finetuned.pt"
 
 
 # ----------------------------------------------------------------------------- staleness
@@ -122,7 +154,8 @@ def run_job(path: str | Path, overrides: list[str] | None = None, *, force: bool
             progress: Callable[[str], Callable[[int, int, float], None] | None] = lambda label: None) -> JobResult:
     """Validate the job file, then run its stale steps in order (or only plan them: ``dry_run``).
 
-    A failing step stops the job (work already committed stays); the error propagates.
+    A failing step stops the job (work already committed stays); the error propagates, and
+    ``<name>.run.json`` records it as a "failed" step (plus ``error``), with ``completed`` false.
     """
     job = load_job(path, overrides)
     if device is not None:
@@ -137,8 +170,9 @@ def run_job(path: str | Path, overrides: list[str] | None = None, *, force: bool
         with WriterLock(job.path, command=f"run {job.path.name}", wait=wait):
             try:
                 _execute(job, result, force, wait, log, progress)
-            except BaseException:
+            except BaseException as exc:
                 result.seconds = round(time.perf_counter() - t0, 3)
+                result.fail(exc)
                 try:  # record how far it got, without hiding the error itself
                     _write_report(job, result, failed=True)
                 except FeatcacheError:
@@ -193,15 +227,16 @@ def _execute(job: JobSpec, result: JobResult, force: bool, wait: float, log: Cal
             for bb, cache in zip(group, caches):
                 log(f"[{job.name}] extract {root} with {bb.model} ({bb.weights}) -> {cache}")
             t = time.perf_counter()
+            result.begin("extract", ", ".join(map(str, caches)), "run", "incremental extraction")
             opts = group[0].options
             summaries = extract_many(root, [bb.model for bb in group], caches, opts, device=job.device,
                                      workers=opts.workers if opts.workers is not None else job.workers, wait=wait, progress=progress("extract"), log=log)
             seconds = round(time.perf_counter() - t, 3)
             for cache, s in zip(caches, summaries):
                 changed = bool(s.new or s.removed or s.new_failed)
-                result.steps.append(Step("extract", str(cache), "run" if changed else "skip",
-                                         f"{s.new} new, {s.removed} removed, {s.new_failed} newly failed" if changed else "up to date (no new, changed or removed files)",
-                                         seconds, {k: v for k, v in s.to_dict().items() if k not in ("failures", "skipped")}))
+                result.finish(Step("extract", str(cache), "run" if changed else "skip",
+                                   f"{s.new} new, {s.removed} removed, {s.new_failed} newly failed" if changed else "up to date (no new, changed or removed files)",
+                                   seconds, {k: v for k, v in s.to_dict().items() if k not in ("failures", "skipped")}))
                 result.failed_inputs += s.failed
                 log(f"[{job.name}]   {s.model}: {s.new} new, {s.cached} cached, {s.failed} failed, {s.removed} removed")
             for cache in caches:
@@ -225,10 +260,11 @@ def _fit_and_finetune(job: JobSpec, cache: Path, result: JobResult, force: bool,
             continue
         log(f"[{job.name}] fit-head {h.name} ({why}) -> {head}")
         t = time.perf_counter()
-        r = fit_head(cache, h.options, head, wait=wait, extra_provenance={"job_spec": h.digest(), "job": str(job.path)})
+        result.begin("fit-head", str(head), "run", why)
+        r = fit_head(cache, h.options, head, wait=wait, title=h.name, extra_provenance={"job_spec": h.digest(), "job": str(job.path)})
         m = r.metrics.get("val") or r.metrics.get("test") or {}
-        result.steps.append(Step("fit-head", str(head), "run", why, round(time.perf_counter() - t, 3),
-                                 {"val_accuracy": m.get("accuracy"), "n_train": r.n_train, "reports": r.reports}))
+        result.finish(Step("fit-head", str(head), "run", why, round(time.perf_counter() - t, 3),
+                           {"val_accuracy": m.get("accuracy"), "n_train": r.n_train, "reports": r.reports}))
         log(f"[{job.name}]   fitted on {r.n_train} rows" + (f", val accuracy {m['accuracy']:.4f}" if m else ""))
     if job.finetune is None:
         return
@@ -240,15 +276,16 @@ def _fit_and_finetune(job: JobSpec, cache: Path, result: JobResult, force: bool,
         result.steps.append(Step("finetune", str(model), "skip", reason))
         log(f"[{job.name}] finetune: {reason} ({model})")
         return
-    log(f"[{job.name}] finetune from {head.name} ({reason}) -> {model}")
+    log(f"[{job.name}] finetune from head {ft.from_head!r} ({reason}) -> {model}")
     t = time.perf_counter()
+    result.begin("finetune", str(model), action, reason)
     r = run_finetune(head, model, options=ft.options, resume=action == "resume", force=action != "resume",
                      workers=ft.options.workers if ft.options.workers is not None else job.workers, device=job.device, wait=wait,
                      progress=progress("train"), log=log)
     result.failed_inputs += len(r.failures)
     val = r.metrics.get("val", {})
-    result.steps.append(Step("finetune", str(model), action, reason, round(time.perf_counter() - t, 3),
-                             {"best_epoch": r.best_epoch, "epochs_done": r.epochs_done, "val_accuracy": val.get("accuracy")}))
+    result.finish(Step("finetune", str(model), action, reason, round(time.perf_counter() - t, 3),
+                       {"best_epoch": r.best_epoch, "epochs_done": r.epochs_done, "val_accuracy": val.get("accuracy")}))
 
 
 def _write_report(job: JobSpec, result: JobResult, failed: bool = False) -> Path:
