@@ -32,6 +32,7 @@ from .backbones import (
     PrecisionChoice,
     TorchEngine,
     build_engine,
+    check_model_name,
     choice_path,
     choose_precision,
     engines_dir,
@@ -39,6 +40,7 @@ from .backbones import (
     model_identity,
     tune,
 )
+from .choices import DECODES, canonical_weights
 from .distributed import World, rank_device, world
 from .errors import Interrupted, UsageError
 from .images import (
@@ -53,10 +55,11 @@ from .images import (
     default_workers,
     finish_on_gpu,
     make_loader,
+    retry_under,
     scan_folder,
 )
 from .interrupts import sigterm_as_interrupt
-from .options import HOW, JOB_LEVEL, build, check_device_name, check_types, require, require_choice
+from .options import HOW, JOB_LEVEL, build, check_device, check_types, choose, require
 from .store import DTYPES, CacheWriter, PendingRow, WriterLock
 
 EMBEDDING_DEFINITION = "input of the model's final classification layer (classifier replaced by Identity)"
@@ -107,9 +110,6 @@ def embed_batch(model: torch.nn.Module, images: torch.Tensor, device: torch.devi
 # ----------------------------------------------------------------------------- options
 
 
-DECODES = ("exact", "draft", "gpu")
-
-
 @dataclass(frozen=True)
 class ExtractOptions:
     """How stage 1 embeds a folder: the ``extract`` flags and a job file's ``[[backbones]]`` keys
@@ -133,18 +133,18 @@ class ExtractOptions:
     def __post_init__(self) -> None:
         check_types(self)
         require(bool(self.weights.strip()), "--weights is empty; give DEFAULT, a weights name, none or a state_dict path")
+        object.__setattr__(self, "weights", canonical_weights(self.weights))
         require(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
         require(self.workers is None or self.workers >= 0, f"--workers must be 0 or more (got {self.workers})")
-        check_device_name(self.device)
-        require_choice("dtype", self.dtype, DTYPES)
-        require_choice("layout", self.layout, LAYOUTS)
+        check_device(self)
+        choose(self, "dtype", DTYPES)
+        choose(self, "layout", LAYOUTS)
         require(self.commit_every >= 1, f"--commit-every must be at least 1 (got {self.commit_every})")
         require(self.commit_seconds > 0, f"--commit-seconds must be more than 0 (got {self.commit_seconds})")
         require(self.max_pixels is None or self.max_pixels >= 1, f"--max-pixels must be at least 1 (got {self.max_pixels})")
-        require_choice("engine", self.engine, ENGINES)
-        require_choice("precision", self.precision, PRECISIONS)
-        require(self.decode in DECODES, f"--decode {self.decode!r}: choose exact (the default), draft (faster JPEG decode of large photos) or gpu "
-                                        "(nvJPEG on CUDA); both change pixels slightly")
+        choose(self, "engine", ENGINES)
+        choose(self, "precision", PRECISIONS)
+        choose(self, "decode", DECODES, "exact is the default; draft: faster JPEG decode of large photos; gpu: nvJPEG on CUDA; both change pixels slightly")
 
 
 # ----------------------------------------------------------------------------- runner
@@ -248,12 +248,12 @@ def _open_writer(path: Path, meta: dict[str, Any], create: bool) -> CacheWriter:
     return writer
 
 
-def _open_target(t: Target, w: World, records: Sequence[ImageRecord]) -> None:
+def _open_target(t: Target, w: World, records: Sequence[ImageRecord], max_pixels: int | None) -> None:
     """Open the locked cache (rank 0 first: it adopts parts of earlier crashed runs) and work
     out what this cache lacks; each rank then writes parts of its own."""
     main_writer = w.run_on_main(lambda: _open_writer(t.out_path, t.meta, create=w.enabled))
     t.writer = CacheWriter(t.out_path, t.meta, staging=True, tag=f"rank{w.rank}-") if w.enabled else main_writer
-    known = t.writer.known()
+    known = t.writer.known(retry=lambda reason: retry_under(reason, max_pixels))
     t.todo = {r.relpath for r in records if known.get(r.relpath) != (r.size, r.mtime_ns)}
     t.removed = sorted(set(known) - {r.relpath for r in records})
     t.summary.removed = len(t.removed)
@@ -342,6 +342,7 @@ def extract_many(
     weights, batch_size, decode, engine = opts.weights, opts.batch_size, opts.decode, opts.engine
     dev = resolve_device(opts.device)
     workers = default_workers(dev.type) if opts.workers is None else opts.workers
+    models = [check_model_name(m) for m in models]
     if len(set(models)) != len(models):
         raise UsageError(f"--model names the same backbone twice ({', '.join(models)})")
     outs = list(outs) if outs is not None else [None] * len(models)
@@ -374,7 +375,7 @@ def extract_many(
         for t in targets:  # rank 0 holds every cache's lock for the whole run
             w.run_on_main(t.lock.acquire)
             opened.append(t)
-            _open_target(t, w, scan.records)
+            _open_target(t, w, scan.records, opts.max_pixels)
         # one pass over every file some cache lacks; each rank takes a deterministic share
         todo_all = [r for r in scan.records if any(r.relpath in t.todo for t in targets)]
         todo = todo_all[w.rank :: w.size]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -87,14 +88,13 @@ def test_disk_full_keeps_previous_cache(tmp_path, monkeypatch):
     w = CacheWriter(path, META)
     w.add(_rows(["a/1"]), _emb(1))
     w.commit()
-    real = cache_mod.h5py.File
+    real = os.write
 
-    def full_disk(name, mode="r", *a, **k):
-        if mode == "w":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(name, mode, *a, **k)
+    def full_disk(fd, data):  # the disk fills up under the write itself (the free-space check passed)
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cache_mod.h5py, "File", full_disk)
+    monkeypatch.setattr(os, "write", full_disk)
+    monkeypatch.setattr("builtins.open", _open_unbuffered_with(real))
     w.add(_rows(["a/2"]), _emb(1))
     with pytest.raises(StorageError, match="disk is full.*nothing was changed"):
         w.commit()
@@ -103,6 +103,52 @@ def test_disk_full_keeps_previous_cache(tmp_path, monkeypatch):
     assert c.paths == ["a/1"]
     leftovers = [p.name for p in tmp_path.rglob("*") if ".tmp-" in p.name]
     assert leftovers == []
+
+
+def _open_unbuffered_with(write):
+    """``open`` whose binary writes go through ``os.write`` (so a patched one sees them)."""
+    import builtins
+    import io
+
+    real_open = builtins.open
+
+    class Raw(io.RawIOBase):
+        def __init__(self, fh):
+            self.fh = fh
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            return os.write(self.fh.fileno(), bytes(b))
+
+        def fileno(self):
+            return self.fh.fileno()
+
+        def close(self):
+            self.fh.close()
+            super().close()
+
+    def patched(file, mode="r", *a, **k):
+        fh = real_open(file, mode, *a, **k)
+        return Raw(fh) if "w" in mode and "b" in mode else fh
+
+    return patched
+
+
+def test_free_space_is_checked_before_anything_is_written(tmp_path, monkeypatch):
+    import pipeline.store.atomic as atomic
+
+    path = tmp_path / "c.h5"
+    w = CacheWriter(path, META)
+    w.add(_rows(["a/1"]), _emb(1))
+    w.commit()
+    monkeypatch.setattr(atomic, "free_bytes", lambda folder: 100_000)
+    w.add(_rows(["a/2"]), _emb(1))
+    with pytest.raises(StorageError, match=r"disk is full \(98 KiB free, about 1.*needed\); nothing was changed"):
+        w.commit()
+    monkeypatch.undo()
+    assert load_cache(path).paths == ["a/1"] and not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
 
 
 def test_index_write_failure_after_part_leaves_a_part_the_next_writer_adopts(tmp_path, monkeypatch):

@@ -143,3 +143,21 @@ def test_lock_of_killed_writer_is_not_stale(tmp_path, many_images):
     again = run_cli("extract", str(many_images), *ARGS, "--out", str(out))
     assert again.returncode == 0, again.stderr
     assert len(load_cache(out)) == 48
+
+
+def test_taking_a_lock_sweeps_temporaries_of_dead_writers_only(tmp_path):
+    """A writer killed mid-write leaves `.NAME.tmp-PID-…` files; the next writer of that
+    artifact removes them (its reports' too), but never a live process's."""
+    from pipeline.store.locks import WriterLock
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a PID that no longer runs
+    stale = [tmp_path / f".head.pt.tmp-{dead.pid}-0000aaaa", tmp_path / f".head.metrics.json.tmp-{dead.pid}-0000bbbb"]
+    live = tmp_path / f".head.pt.tmp-{os.getpid()}-0000cccc"
+    other = tmp_path / f".other.pt.tmp-{dead.pid}-0000dddd"  # another artifact's: its own writer sweeps it
+    for p in [*stale, live, other]:
+        p.write_bytes(b"partial")
+    with WriterLock(tmp_path / "head.pt"):
+        pass
+    assert not any(p.exists() for p in stale) and live.exists() and other.exists()
+    assert not (tmp_path / "head.pt.lock").exists() and (tmp_path / ".head.pt.lock").exists()  # the lock itself is hidden

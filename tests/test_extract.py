@@ -162,3 +162,22 @@ def test_float16_cache(tmp_path, image_tree):
     run_extract(image_tree, "resnet18", "none", out, workers=0, dtype="float16")
     c = load_cache(out)
     assert c.embeddings.dtype == np.float16 and c.meta["dtype"] == "float16"
+
+
+def test_a_file_refused_by_max_pixels_is_retried_when_the_limit_is_raised(tmp_path, tiny_hub):
+    """A failure caused by a setting is not the file's fault: raising --max-pixels retries it;
+    the same limit again does not, and other failures still wait for the file to change."""
+    root = tmp_path / "data"
+    make_image(root / "a" / "small.png", size=(20, 20))
+    make_image(root / "a" / "big.png", size=(60, 50))
+    make_image(root / "b" / "small.png", size=(20, 20), seed=1)
+    (root / "b" / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "c.h5"
+    first = run_extract(root, tiny_hub, "none", out, max_pixels=1000)
+    reasons = dict(first.failures)
+    assert first.new == 2 and "over --max-pixels 1000" in reasons["a/big.png"] and "raise --max-pixels" in reasons["a/big.png"]
+    again = run_extract(root, tiny_hub, "none", out, max_pixels=1000)
+    assert again.new == 0 and again.failed == 2  # nothing retried under the same limit
+    raised = run_extract(root, tiny_hub, "none", out, max_pixels=10_000)
+    assert raised.new == 1 and dict(raised.failures) == {"b/broken.png": reasons["b/broken.png"]}
+    assert raised.rows == 3

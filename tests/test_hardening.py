@@ -57,27 +57,27 @@ CASES = [
     (["extract", "{text}", "-m", "resnet18"], 2, ["text.txt", "is a file"]),
     (["extract", "{empty}", "-m", "resnet18"], 2, ["no images found"]),
     (["extract", "{loop}", "-m", "resnet18", "-w", "none", "--out", "{trunc}"], 5, ["trunc.h5", "not a readable HDF5"]),
-    (["extract", "{loop}", "-m", "resnet18", "-w", "none", "--out", "{empty}"], 5, ["is a folder"]),
+    (["extract", "{loop}", "-m", "resnet18", "-w", "none", "--out", "{empty}"], 2, ["is a folder"]),
     (["extract", "{loop}", "-m", "resnet18", "-w", "none", "--out", "{newer}"], 5, ["newer.h5", "schema"]),
     (["status", "{trunc}"], 5, ["trunc.h5", "truncated or corrupt"]),
     (["status", "{foreign}"], 5, ["foreign.h5", "not a featcache cache"]),
     (["status", "{newer}"], 5, ["newer.h5", "schema", "upgrade"]),
-    (["status", "{empty}"], 5, ["is a folder"]),
+    (["status", "{empty}"], 2, ["is a folder"]),
     (["status", "{notours}"], 5, ["not_ours.pt", "not a featcache head"]),
-    (["fit-head", "{missing}"], 5, ["nothing.h5", "does not exist"]),
-    (["fit-head", "{empty}"], 5, ["is a folder"]),
+    (["fit-head", "{missing}"], 2, ["nothing.h5", "does not exist"]),
+    (["fit-head", "{empty}"], 2, ["is a folder"]),
     (["fit-head", "{foreign}"], 5, ["not a featcache cache"]),
     (["fit-head", "{cache}", "--clf", "svm"], 2, ["--clf", "logreg"]),
     (["evaluate", "{notours}", "--cache", "{cache}"], 5, ["not_ours.pt", "not a featcache head"]),
     (["evaluate", "{pickle}", "--cache", "{cache}"], 5, ["pickle.pt", "cannot load it safely"]),
     (["evaluate", "{head}", "--cache", "{trunc}"], 5, ["trunc.h5"]),
     (["evaluate", "{head}", "--cache", "{newer}"], 5, ["newer.h5", "schema"]),
-    (["predict", "{empty}", "{text}"], 5, ["is a folder"]),
+    (["predict", "{empty}", "{text}"], 2, ["is a folder"]),
     (["predict", "{head}", "{missing}"], 2, ["nothing.h5", "does not exist"]),
     (["predict", "{head}", "{empty}"], 2, ["no images found"]),
     (["compare", "{cache}", "{foreign}"], 5, ["foreign.h5"]),
     (["finetune", "{cache}"], 5, ["tiny.h5", "not a featcache head"]),
-    (["finetune", "{missing}"], 5, ["does not exist"]),
+    (["finetune", "{missing}"], 2, ["does not exist"]),
     (["finetune", "{head}", "--data", "{empty}"], 2, ["no images found"]),
     (["finetune", "{head}", "--data", "{missing}"], 2, ["does not exist"]),
     (["run", "{dirtoml}"], 2, ["job_dir.toml", "is a folder"]),
@@ -157,16 +157,15 @@ def test_disk_full_while_saving_a_head_keeps_the_old_one(things, tmp_path, monke
     target = tmp_path / "h.head.pt"
     fit_head(things["cache"], "logreg", target, plots=False)
     before = target.read_bytes()
-    real_save = torch.save
+    import pipeline.store.atomic as atomic
 
-    def full_disk(obj, f, *a, **k):
-        Path(f).write_bytes(b"partial")
+    def full_disk(path):  # the bytes were written, the flush to disk finds no space (delayed allocation)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(atomic, "fsync_path", full_disk)
     with pytest.raises(StorageError, match="disk is full.*nothing was changed"):
         fit_head(things["cache"], "logreg", target, C=0.5, plots=False)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
@@ -215,3 +214,40 @@ def test_job_file_values_out_of_range_fail_the_dry_run(tmp_path, image_tree):
     proc = run_cli("run", str(job), "--dry-run")
     assert proc.returncode == 2 and "--batch-size must be at least 1" in proc.stderr and "--C must be more than 0" in proc.stderr
     assert "hidden" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _without_root_file_powers() -> list[str]:
+    """A command prefix under which file permissions apply: nothing when not root; as root,
+    ``setpriv`` dropping CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH (root reads a chmod-000 file,
+    so the test would prove nothing)."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: file permissions cannot be made to apply")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+def test_an_unreadable_image_is_a_per_file_failure(tmp_path, tiny_hub):
+    """A chmod-000 image (the adversarial run could not test it as root) is listed with its
+    reason, exit 3, and the other images are extracted."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    for i, cls in enumerate(("a", "b")):
+        make_image(tmp_path / "data" / cls / "ok.png", seed=i)
+    locked = make_image(tmp_path / "data" / "a" / "locked.png", seed=5)
+    locked.chmod(0o000)
+    try:
+        prefix = _without_root_file_powers()
+        assert subprocess.run([*prefix, "cat", str(locked)], capture_output=True).returncode != 0  # permissions really apply
+        proc = subprocess.run([*prefix, sys.executable, str(ROOT / "cli.py"), "extract", str(tmp_path / "data"), "-m", tiny_hub, "-w", "none",
+                               "--out", str(tmp_path / "c.h5"), "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 3, proc.stderr
+        summary = json.loads(proc.stdout)
+        assert summary["new"] == 2 and summary["failures"] == [{"path": "a/locked.png", "reason": "permission denied"}]
+    finally:
+        locked.chmod(0o644)

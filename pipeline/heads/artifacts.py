@@ -7,6 +7,7 @@ so loading an artifact can never execute code.
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,8 @@ import numpy as np
 import torch
 
 from ..backbones import MODEL_ARTIFACT_FORMAT, Backbone, file_digest, load_backbone, torch_load_quietly
-from ..errors import CacheError, IncompatibleError
-from ..store import atomic_path, weights_identity
+from ..errors import CacheError, IncompatibleError, UsageError, command_hint
+from ..store import ensure_free_space, payload_bytes, weights_identity, write_bytes_atomically
 from .estimators import make_head
 
 HEAD_FORMAT = "featcache.head"
@@ -55,9 +56,10 @@ def _plain_state(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _save_blob(path: Path, blob: dict[str, Any]) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
-    return path
+    ensure_free_space(path, payload_bytes(blob))  # before serialising a large blob at all
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    return write_bytes_atomically(path, buffer.getbuffer())
 
 
 def artifact_id(path: Path) -> str:
@@ -151,9 +153,9 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
     """
     path = Path(path)
     if path.is_dir():
-        raise CacheError(f"head {str(path)!r} is a folder; pass a head .pt file written by fit-head or finetune")
+        raise UsageError(f"head {str(path)!r} is a folder; pass a head .pt file written by fit-head or finetune")
     if not path.is_file():
-        raise CacheError(f"head {str(path)!r} does not exist; create one with `python cli.py fit-head CACHE --out {path}`")
+        raise UsageError(f"head {str(path)!r} does not exist; create one with `{command_hint(f'fit-head CACHE --out {path}')}`")
     try:
         blob = torch_load_quietly(path)
     except Exception as exc:

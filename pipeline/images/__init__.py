@@ -4,10 +4,10 @@ the batch reader that decodes in worker processes and records every file that fa
 
 Never runs model code and never substitutes one file for another.
 """
-from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, load_image
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, load_image, retry_under
 from .folders import LAYOUTS, ImageRecord, ScanResult, scan_folder
 from .gpu_decode import check_gpu_decode
 from .reader import DecodedBatch, ImageFileDataset, SharedDecodeDataset, collate_shared, default_workers, finish_on_gpu, make_loader
 
 __all__ = ["DEFAULT_MAX_PIXELS", "LAYOUTS", "DecodeError", "DecodedBatch", "ImageFileDataset", "ImageRecord", "ScanResult", "SharedDecodeDataset",
-           "check_gpu_decode", "collate_shared", "decode_image", "default_workers", "finish_on_gpu", "load_image", "make_loader", "scan_folder"]
+           "check_gpu_decode", "collate_shared", "decode_image", "default_workers", "finish_on_gpu", "load_image", "make_loader", "retry_under", "scan_folder"]

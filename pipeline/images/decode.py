@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 
 import numpy as np
@@ -56,6 +57,21 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
+_BOMB = re.compile(r"^decompression bomb: .*(?:over --max-pixels|exceeds the limit of) (\d+)")
+
+
+def bomb_reason(width: int, height: int, max_pixels: int) -> str:
+    return f"decompression bomb: {width}x{height} = {width * height:,} pixels, over --max-pixels {max_pixels}; raise --max-pixels to accept it"
+
+
+def retry_under(reason: str, max_pixels: int | None) -> bool:
+    """Whether a recorded failure should be decoded again under this ``--max-pixels``: a
+    file refused as too large under a lower limit is retried when the limit is raised
+    (other failures wait for the file to change)."""
+    match = _BOMB.match(reason)
+    return bool(match) and (max_pixels is None or max_pixels > int(match.group(1)))
+
+
 def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
     """Decode ``data`` fully into an upright RGB image, or raise :class:`DecodeError`.
 
@@ -67,14 +83,12 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         previous = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max_pixels
+        Image.MAX_IMAGE_PIXELS = None  # checked here from the header, one message for every size
         try:
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if max_pixels is not None and width * height > max_pixels:
-                raise DecodeError(
-                    f"decompression bomb: {width}x{height} pixels exceeds the limit of {max_pixels}; raise --max-pixels to accept it"
-                )
+                raise DecodeError(bomb_reason(width, height, max_pixels))
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))

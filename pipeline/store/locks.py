@@ -7,6 +7,7 @@ record found by the next writer means its author died holding the lock, which is
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -16,12 +17,15 @@ import time
 from pathlib import Path
 
 from ..errors import LockHeldError, StorageError
+from .atomic import remove_stale_temporaries, storage_error
 
 log = logging.getLogger("featcache")
 
 
 def lock_path_for(target: Path) -> Path:
-    return target.with_name(target.name + ".lock")
+    """``.NAME.lock`` beside ``target``: hidden, so a folder of artifacts lists only artifacts.
+    (Not the artifact itself: it is replaced by rename, and a lock on a replaced inode locks nothing.)"""
+    return target.with_name(f".{target.name}.lock")
 
 
 def _describe(text: str) -> str:
@@ -41,7 +45,7 @@ def _describe_holder(path: Path) -> str:
 
 
 class WriterLock:
-    """Exclusive lock on ``target`` (held through ``target + '.lock'``).
+    """Exclusive lock on ``target`` (held through the hidden ``.NAME.lock`` beside it).
 
     ``wait`` seconds: 0 fails at once with :class:`LockHeldError`; otherwise polls until then.
     """
@@ -78,11 +82,18 @@ class WriterLock:
         if left:  # a clean release empties the file: whoever wrote this died holding the lock
             log.warning(f"recovered the lock on {str(self.target)!r}: {_describe(left)} stopped without releasing it "
                         "(its committed work is kept)")
-        fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": self.command}))
-        fh.flush()
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": self.command}))
+            fh.flush()
+        except OSError as exc:  # a full disk: the lock is held all the same (flock), only the note for messages is missing
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                fh.close()
+                raise storage_error(exc, self.path) from exc
         self._fh = fh
+        # leftovers of writers of this artifact (and its reports) that died mid-write
+        remove_stale_temporaries(self.target.parent, self.target.name.rsplit(".", 1)[0])
         return self
 
     def release(self) -> None:
@@ -93,7 +104,10 @@ class WriterLock:
             except OSError:
                 pass
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:  # the holder note could not be flushed (a full disk): the flock is released all the same
+                pass
             self._fh = None
 
     def __enter__(self) -> "WriterLock":

@@ -7,13 +7,12 @@ from typing import Any, Sequence
 
 import h5py
 
-from ..errors import CacheError, IncompatibleError
+from ..errors import CacheError, IncompatibleError, UsageError, command_hint
 
 FORMAT = "featcache.cache"
 PART_FORMAT = "featcache.part"
 SCHEMA_VERSION = 1
 STR = h5py.string_dtype("utf-8")
-DTYPES = ("float32", "float16")
 # Provenance keys that must be equal for rows to share one cache.
 COMPAT_KEYS = ("model", "weights", "preprocessing", "embed_dim", "dtype", "precision", "decode", "data_root", "layout")
 # What a cache written before a key existed holds.
@@ -27,9 +26,9 @@ def parts_dir_for(path: Path) -> Path:
 def open_index(path: Path) -> h5py.File:
     path = Path(path)
     if not path.exists():
-        raise CacheError(f"cache {str(path)!r} does not exist; create it with `python cli.py extract DATA_DIR --model NAME --out {path}`")
+        raise UsageError(f"cache {str(path)!r} does not exist; create it with `{command_hint(f'extract DATA_DIR --model NAME --out {path}')}`")
     if path.is_dir():
-        raise CacheError(f"cache {str(path)!r} is a folder; pass the .h5 index file written by extract")
+        raise UsageError(f"cache {str(path)!r} is a folder; pass the .h5 index file written by extract")
     try:
         f = h5py.File(path, "r")
     except OSError as exc:

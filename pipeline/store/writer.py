@@ -17,33 +17,24 @@ touched. The schema (below) is versioned by ``SCHEMA_VERSION``; see README "Cach
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
 
+from ..choices import DTYPES
 from ..errors import CacheError
-from .atomic import atomic_path, remove_stale_temporaries
+from .atomic import ensure_free_space, payload_bytes, remove_stale_temporaries, write_bytes_atomically
 from .reader import iter_embeddings
-from .schema import (
-    DTYPES,
-    FORMAT,
-    PART_FORMAT,
-    SCHEMA_VERSION,
-    STR,
-    check_compatible,
-    check_parts_present,
-    open_index,
-    parts_dir_for,
-    read_strings,
-    same_backbone_rows,
-)
+from .schema import FORMAT, PART_FORMAT, SCHEMA_VERSION, STR, check_compatible, check_parts_present, open_index, parts_dir_for, read_strings, same_backbone_rows
 
 # ----------------------------------------------------------------------------- writing
 
@@ -98,50 +89,61 @@ def _load_state(path: Path) -> _IndexState:
     return st
 
 
+@contextmanager
+def _new_hdf5(final: Path, need: int) -> Iterator[h5py.File]:
+    """An HDF5 file built in memory, then written atomically with plain writes: a full disk
+    is then a clean OSError (exit 6), where HDF5's own writer, after ENOSPC half-way, raised
+    RuntimeErrors and could crash the interpreter on closing the file."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        yield f
+    ensure_free_space(final, need)
+    write_bytes_atomically(final, buffer.getbuffer())
+
+
 def _write_index(path: Path, st: _IndexState) -> None:
     meta = st.meta
     dim, dtype = int(meta["embed_dim"]), np.dtype(meta["dtype"])
     n = len(st.paths)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["generation"] = st.generation
-            f.attrs["created"] = st.created
-            f.attrs["updated"] = time.time()
-            f.attrs["meta_json"] = json.dumps(meta, sort_keys=True)
-            for key in ("model", "weights", "embed_dim", "dtype", "data_root", "layout", "featcache_version", "torch_version", "torchvision_version"):
-                if key in meta and meta[key] is not None:
-                    f.attrs[key] = meta[key] if isinstance(meta[key], (int, float)) else str(meta[key])
-            f.attrs["preprocessing_json"] = json.dumps(meta["preprocessing"], sort_keys=True)
-            f.create_dataset("classes", data=np.array(meta["classes"], dtype=object), dtype=STR)
-            if n:
-                layout = h5py.VirtualLayout(shape=(n, dim), dtype=dtype)
-                offset = 0
-                rel_dir = parts_dir_for(path).name
-                for name, rows in zip(st.parts, st.part_rows):
-                    layout[offset : offset + rows] = h5py.VirtualSource(f"{rel_dir}/{name}", "embeddings", shape=(rows, dim))
-                    offset += rows
-                f.create_virtual_dataset("embeddings", layout, fillvalue=np.nan)
-            else:
-                f.create_dataset("embeddings", shape=(0, dim), dtype=dtype)
-            f.create_dataset("valid", data=np.array(st.valid, dtype=bool))
-            f.create_dataset("paths", data=np.array(st.paths, dtype=object), dtype=STR)
-            f.create_dataset("labels", data=np.array(st.labels, dtype=np.int64))
-            f.create_dataset("split", data=np.array(st.split, dtype=object), dtype=STR)
-            g = f.create_group("fingerprints")
-            g.create_dataset("size", data=np.array(st.size, dtype=np.int64))
-            g.create_dataset("mtime_ns", data=np.array(st.mtime_ns, dtype=np.int64))
-            g.create_dataset("sha256", data=np.array(st.sha256, dtype=object), dtype=STR)
-            g = f.create_group("parts")
-            g.create_dataset("names", data=np.array(st.parts, dtype=object), dtype=STR)
-            g.create_dataset("rows", data=np.array(st.part_rows, dtype=np.int64))
-            fails = sorted(st.failures.items())
-            g = f.create_group("failures")
-            g.create_dataset("paths", data=np.array([p for p, _ in fails], dtype=object), dtype=STR)
-            g.create_dataset("reasons", data=np.array([r[0] for _, r in fails], dtype=object), dtype=STR)
-            g.create_dataset("size", data=np.array([r[1] for _, r in fails], dtype=np.int64))
-            g.create_dataset("mtime_ns", data=np.array([r[2] for _, r in fails], dtype=np.int64))
+    with _new_hdf5(path, need=payload_bytes(st.paths) + 64 * n + (64 << 10)) as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["generation"] = st.generation
+        f.attrs["created"] = st.created
+        f.attrs["updated"] = time.time()
+        f.attrs["meta_json"] = json.dumps(meta, sort_keys=True)
+        for key in ("model", "weights", "embed_dim", "dtype", "data_root", "layout", "featcache_version", "torch_version", "torchvision_version"):
+            if key in meta and meta[key] is not None:
+                f.attrs[key] = meta[key] if isinstance(meta[key], (int, float)) else str(meta[key])
+        f.attrs["preprocessing_json"] = json.dumps(meta["preprocessing"], sort_keys=True)
+        f.create_dataset("classes", data=np.array(meta["classes"], dtype=object), dtype=STR)
+        if n:
+            layout = h5py.VirtualLayout(shape=(n, dim), dtype=dtype)
+            offset = 0
+            rel_dir = parts_dir_for(path).name
+            for name, rows in zip(st.parts, st.part_rows):
+                layout[offset : offset + rows] = h5py.VirtualSource(f"{rel_dir}/{name}", "embeddings", shape=(rows, dim))
+                offset += rows
+            f.create_virtual_dataset("embeddings", layout, fillvalue=np.nan)
+        else:
+            f.create_dataset("embeddings", shape=(0, dim), dtype=dtype)
+        f.create_dataset("valid", data=np.array(st.valid, dtype=bool))
+        f.create_dataset("paths", data=np.array(st.paths, dtype=object), dtype=STR)
+        f.create_dataset("labels", data=np.array(st.labels, dtype=np.int64))
+        f.create_dataset("split", data=np.array(st.split, dtype=object), dtype=STR)
+        g = f.create_group("fingerprints")
+        g.create_dataset("size", data=np.array(st.size, dtype=np.int64))
+        g.create_dataset("mtime_ns", data=np.array(st.mtime_ns, dtype=np.int64))
+        g.create_dataset("sha256", data=np.array(st.sha256, dtype=object), dtype=STR)
+        g = f.create_group("parts")
+        g.create_dataset("names", data=np.array(st.parts, dtype=object), dtype=STR)
+        g.create_dataset("rows", data=np.array(st.part_rows, dtype=np.int64))
+        fails = sorted(st.failures.items())
+        g = f.create_group("failures")
+        g.create_dataset("paths", data=np.array([p for p, _ in fails], dtype=object), dtype=STR)
+        g.create_dataset("reasons", data=np.array([r[0] for _, r in fails], dtype=object), dtype=STR)
+        g.create_dataset("size", data=np.array([r[1] for _, r in fails], dtype=np.int64))
+        g.create_dataset("mtime_ns", data=np.array([r[2] for _, r in fails], dtype=np.int64))
 
 
 def _write_part(folder: Path, meta: dict[str, Any], rows: dict[str, Any], emb: np.ndarray, base_generation: int, tag: str = "") -> str:
@@ -150,19 +152,19 @@ def _write_part(folder: Path, meta: dict[str, Any], rows: dict[str, Any], emb: n
     least the index's generation (a writer or rank died after writing it), and deleted when
     older (left over by a compaction that replaced it)."""
     name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{tag}{os.getpid()}-{uuid.uuid4().hex[:8]}.h5"
-    with atomic_path(folder / name) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = PART_FORMAT
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["base_generation"] = base_generation
-            f.attrs["meta_json"] = json.dumps(meta, sort_keys=True)
-            f.create_dataset("embeddings", data=emb)
-            f.create_dataset("paths", data=np.array(rows["paths"], dtype=object), dtype=STR)
-            f.create_dataset("labels", data=np.array(rows["labels"], dtype=np.int64))
-            f.create_dataset("split", data=np.array(rows["split"], dtype=object), dtype=STR)
-            f.create_dataset("size", data=np.array(rows["size"], dtype=np.int64))
-            f.create_dataset("mtime_ns", data=np.array(rows["mtime_ns"], dtype=np.int64))
-            f.create_dataset("sha256", data=np.array(rows["sha256"], dtype=object), dtype=STR)
+    need = emb.nbytes + payload_bytes(rows["paths"]) + 8 * len(rows["labels"]) + (64 << 10)
+    with _new_hdf5(folder / name, need) as f:
+        f.attrs["format"] = PART_FORMAT
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["base_generation"] = base_generation
+        f.attrs["meta_json"] = json.dumps(meta, sort_keys=True)
+        f.create_dataset("embeddings", data=emb)
+        f.create_dataset("paths", data=np.array(rows["paths"], dtype=object), dtype=STR)
+        f.create_dataset("labels", data=np.array(rows["labels"], dtype=np.int64))
+        f.create_dataset("split", data=np.array(rows["split"], dtype=object), dtype=STR)
+        f.create_dataset("size", data=np.array(rows["size"], dtype=np.int64))
+        f.create_dataset("mtime_ns", data=np.array(rows["mtime_ns"], dtype=np.int64))
+        f.create_dataset("sha256", data=np.array(rows["sha256"], dtype=object), dtype=STR)
     return name
 
 
@@ -229,11 +231,12 @@ class CacheWriter:
         self.commits = 0
 
     # -- what is there
-    def known(self) -> dict[str, tuple[int, int]]:
-        """relpath -> (size, mtime_ns) of rows and of recorded failures (both count as done)."""
+    def known(self, retry: Callable[[str], bool] = lambda reason: False) -> dict[str, tuple[int, int]]:
+        """relpath -> (size, mtime_ns) of rows and of recorded failures (both count as done),
+        except failures whose reason ``retry`` says a changed setting may cure."""
         st = self.state
         out = {st.paths[i]: (st.size[i], st.mtime_ns[i]) for i in st.current().values()}
-        out.update({p: (s, m) for p, (_, s, m) in st.failures.items()})
+        out.update({p: (s, m) for p, (reason, s, m) in st.failures.items() if not retry(reason)})
         return out
 
     @property

@@ -1,0 +1,252 @@
+"""Fault injection: random kill -9 of extract, fit-head and finetune, and full disks of random
+sizes, then the next run; one table of what happened.
+
+    python bench/faults.py            # 12 kills per command, 8 full disks
+    python bench/faults.py --quick    # 3 and 3 (CI: proves the promises hold and the script runs)
+
+What is checked after every fault (and counted in the table):
+- committed rows lost: rows the cache held right after the fault that the next (completing)
+  run does not hold with the same embedding — must be 0;
+- crashes: any exit other than the documented codes (0, 3, 6; -9 for our own kill), a
+  cache, head or checkpoint that no longer loads, or a run after the fault that fails — must be 0.
+The backbone is a tiny BatchNorm conv net (a local torch.hub entry) so a trial takes seconds;
+the storage, locking and resume code under test is the same for every backbone. Full disks
+are small tmpfs mounts (root only; skipped, and said so, elsewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HUBCONF = '''
+dependencies = ["torch"]
+import torch
+from torch import nn
+
+
+def _stage(cin, cout, stride):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class TinyBN(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.stem, self.layer1, self.layer2 = _stage(3, 8, 1), _stage(8, 16, 2), _stage(16, 32, 2)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.layer2(self.layer1(self.stem(x)))), 1))
+
+
+def tinybn(pretrained=False):
+    m = TinyBN()
+    m.featcache_preprocessing = {"resize_size": [36], "crop_size": [32]}
+    return m
+'''
+DOCUMENTED = {0, 3, 6, -signal.SIGKILL}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "cli.py"), *args]
+
+
+def run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def kill_after(args: list[str], seconds: float) -> int:
+    """Start ``args``, SIGKILL it after ``seconds`` (if still running); its exit code."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return proc.returncode
+
+
+def cache_rows(path: Path) -> dict[str, bytes] | None:
+    """path -> embedding bytes of every committed row; None when the cache does not load."""
+    from pipeline import load_cache
+    from pipeline.errors import FeatcacheError
+
+    if not path.exists():
+        return {}
+    try:
+        c = load_cache(path)
+    except FeatcacheError:
+        return None
+    return {p: e.tobytes() for p, e in zip(c.paths, c.embeddings)}
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: dict[str, Counter] = {}
+        self.codes: dict[str, Counter] = {}
+
+    def add(self, kind: str, *, killed: bool = False, lost: int = 0, crash: bool = False, codes: tuple[int, ...] = ()) -> None:
+        row = self.rows.setdefault(kind, Counter())
+        row["runs"] += 1
+        row["kills"] += killed
+        row["lost"] += lost
+        row["crashes"] += crash
+        self.codes.setdefault(kind, Counter()).update(codes)
+
+    def print(self) -> None:
+        print(f"{'fault':<22} {'runs':>5} {'kills':>6} {'committed rows lost':>20} {'crashes':>8}  exit codes seen")
+        for kind, row in self.rows.items():
+            codes = ", ".join(f"{c}×{n}" for c, n in sorted(self.codes[kind].items()))
+            print(f"{kind:<22} {row['runs']:>5} {row['kills']:>6} {row['lost']:>20} {row['crashes']:>8}  {codes}")
+
+    @property
+    def bad(self) -> int:
+        return sum(r["lost"] + r["crashes"] for r in self.rows.values())
+
+
+def extract_kills(table: Table, data: Path, hub: str, work: Path, trials: int, rng: random.Random) -> None:
+    args = ["extract", str(data), "-m", hub, "-w", "none", "--batch-size", "8", "--commit-every", "16", "--workers", "0"]
+    t0 = time.perf_counter()
+    reference_run = run(cli(*args, "--out", str(work / "reference.h5")))
+    duration = time.perf_counter() - t0
+    reference = cache_rows(work / "reference.h5")
+    assert reference_run.returncode == 0 and reference, reference_run.stderr
+    for i in range(trials):
+        out = work / f"killed-{i}.h5"
+        code = kill_after(cli(*args, "--out", str(out)), rng.uniform(0.3, 1.0) * duration)
+        committed = cache_rows(out)
+        after = run(cli(*args, "--out", str(out)))
+        final = cache_rows(out)
+        crash = code not in DOCUMENTED or committed is None or final is None or after.returncode != 0 or final != reference
+        lost = sum(1 for p, e in (committed or {}).items() if (final or {}).get(p) != e)
+        table.add("extract kill -9", killed=code == -signal.SIGKILL, lost=lost, crash=crash, codes=(code, after.returncode))
+
+
+def fit_head_kills(table: Table, cache: Path, work: Path, trials: int, rng: random.Random) -> None:
+    from pipeline import load_head
+    from pipeline.errors import FeatcacheError
+
+    head = work / "h.pt"
+    args = ["fit-head", str(cache), "--clf", "mlp", "--epochs", "30", "--out", str(head)]
+    t0 = time.perf_counter()
+    assert run(cli(*args)).returncode == 0
+    duration = time.perf_counter() - t0
+    for _ in range(trials):
+        before = head.read_bytes()
+        code = kill_after(cli(*args, "--seed", str(rng.randrange(1000))), rng.uniform(0.3, 1.1) * duration)
+        try:
+            load_head(head)
+            intact = True
+        except FeatcacheError:
+            intact = False
+        after = run(cli(*args))  # the next writer also sweeps what the killed one left
+        swept = not [p.name for p in work.iterdir() if ".tmp-" in p.name and p.name.startswith(".h.")]
+        crash = code not in DOCUMENTED or not intact or after.returncode != 0 or not swept
+        table.add("fit-head kill -9", killed=code == -signal.SIGKILL, lost=0 if intact or head.read_bytes() == before else 1, crash=crash,
+                  codes=(code, after.returncode))
+
+
+def finetune_kills(table: Table, head: Path, work: Path, trials: int, rng: random.Random) -> None:
+    import torch
+
+    model = work / "m.pt"
+    args = ["finetune", str(head), "--out", str(model), "--epochs", "3", "--batch-size", "8", "--workers", "0"]
+    t0 = time.perf_counter()
+    assert run(cli(*args, "--force")).returncode == 0
+    duration = time.perf_counter() - t0
+    for _ in range(trials):
+        code = kill_after(cli(*args, "--force"), rng.uniform(0.3, 1.0) * duration)
+        ckpt = Path(f"{model}.ckpt")
+        try:
+            epoch = int(torch.load(ckpt, weights_only=True)["epoch"]) if ckpt.exists() else 0
+            readable = True
+        except Exception:  # noqa: BLE001 - any failure to read it is what this counts
+            epoch, readable = -1, False
+        after = run(cli(*args, "--resume"))
+        crash = code not in DOCUMENTED or not readable or after.returncode != 0
+        table.add("finetune kill -9", killed=code == -signal.SIGKILL, lost=0 if epoch >= 0 else 1, crash=crash, codes=(code, after.returncode))
+
+
+def disk_full(table: Table, data: Path, hub: str, work: Path, trials: int, rng: random.Random) -> bool:
+    mount = work / "disk"
+    mount.mkdir()
+    if shutil.which("mount") is None or run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)]).returncode:
+        print("disk full: skipped (mounting a small tmpfs needs root)")
+        return False
+    try:
+        args = ["extract", str(data), "-m", hub, "-w", "none", "--batch-size", "8", "--commit-every", "16", "--workers", "0"]
+        unchecked = "import pipeline.store.atomic as a; a.free_bytes = lambda folder: 1 << 62; "
+        for i in range(trials):
+            filler, out = mount / "filler", mount / f"c{i}.h5"
+            free = rng.randint(2_000, 1_500_000)
+            bypass = i % 2 == 1  # every other trial: the free-space check passes, so HDF5/torch really hit ENOSPC
+            filler.unlink(missing_ok=True)
+            avail = shutil.disk_usage(mount).free
+            if avail > free:
+                subprocess.run(["fallocate", "-l", str(avail - free), str(filler)], check=True)
+            code_text = (unchecked if bypass else "") + f"import sys; sys.argv[0] = 'cli.py'; import cli; cli.main({[*args, '--out', str(out)]!r})"
+            full = run([sys.executable, "-c", code_text])
+            committed = cache_rows(out)
+            filler.unlink(missing_ok=True)
+            after = run(cli(*args, "--out", str(out)))
+            final = cache_rows(out)
+            lost = sum(1 for p, e in (committed or {}).items() if (final or {}).get(p) != e)
+            one_line = full.returncode != 6 or sum(line.startswith("error:") for line in full.stderr.splitlines()) == 1
+            crash = full.returncode not in DOCUMENTED or committed is None or after.returncode != 0 or not one_line or "Traceback" in full.stderr
+            table.add("disk full" + (" (inside HDF5)" if bypass else " (checked)"), lost=lost, crash=crash, codes=(full.returncode,))
+            for p in mount.glob(f"c{i}.h5*"):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    finally:
+        run(["umount", "-l", str(mount)])
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 kills per command and 3 full disks (CI)")
+    parser.add_argument("--kills", type=int, default=None)
+    parser.add_argument("--disks", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    a = parser.parse_args()
+    kills = a.kills or (3 if a.quick else 12)
+    disks = a.disks or (3 if a.quick else 8)
+    rng = random.Random(a.seed)
+
+    from pipeline.demo import write_digits
+    from pipeline.extract import run_extract
+    from pipeline.heads import fit_head
+
+    with tempfile.TemporaryDirectory(prefix="featcache-faults-") as tmp:
+        work = Path(tmp)
+        (work / "hub").mkdir()
+        (work / "hub" / "hubconf.py").write_text(HUBCONF)
+        hub = f"hub:{work / 'hub'}:tinybn"
+        data = write_digits(work / "digits", size=32, per_class=40 if a.quick else 80)
+        cache = work / "base.h5"
+        run_extract(data, hub, "none", cache, workers=0)
+        head = Path(fit_head(cache, "logreg", work / "base.head.pt", plots=False).head_path)
+        table = Table()
+        print(f"faults: {kills} random kills per command, {disks} full disks; {sum(1 for _ in data.rglob('*.png'))} images, seed {a.seed}")
+        extract_kills(table, data, hub, work, kills, rng)
+        fit_head_kills(table, cache, work, kills, rng)
+        finetune_kills(table, head, work, kills, rng)
+        disk_full(table, data, hub, work, disks, rng)
+        table.print()
+        print(json.dumps({"bad": table.bad}))
+        if table.bad:
+            raise SystemExit(f"FAILED: {table.bad} lost rows or crashes")
+
+
+if __name__ == "__main__":
+    main()
