@@ -324,12 +324,25 @@ def test_sigterm_during_training_exits_130_keeping_the_checkpoint(tiny_head, tmp
     assert torch.load(ckpt, weights_only=True)["epoch"] >= 1
 
 
-def test_demo_runs_every_stage(tiny_hub, tmp_path):
-    """The README's demo (with a tiny backbone so it takes seconds): extract -> fit-head -> finetune -> predict."""
+def test_demo_runs_every_stage_and_predicts_only_held_out_images(tiny_hub, tmp_path):
+    """The README's demo (with a tiny backbone so it takes seconds): extract -> fit-head -> finetune -> predict,
+    where the predicted images are from the test split, which no stage trained on, and every file it wrote is listed."""
+    import csv
+
     r = cli_json("demo", "--workdir", str(tmp_path / "demo"), "--model", tiny_hub)
+    digits = tmp_path / "demo" / "digits"
+    n_train = sum(1 for _ in (digits / "train").rglob("*.png"))
     assert r["extract"]["new"] == 1797 and r["fit_head"]["metrics"]["val"]["accuracy"] > 0.5
+    assert r["fit_head"]["metrics"]["test"]["n"] == sum(1 for _ in (digits / "test").rglob("*.png"))
     assert r["finetune"]["epochs_done"] == 1 and Path(r["finetune"]["model_path"]).is_file()
-    assert r["predict"]["n"] == 20 and Path(r["predict"]["csv"]).is_file() and Path(r["predict"]["grid"]).is_file()
+    assert r["finetune"]["n_train"] == n_train and "fine-tuning" in r["finetune_verdict"]
+    assert r["predict"]["n"] == 20 and Path(r["predict"]["grid"]).is_file()
+    with open(r["predict"]["csv"]) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 20 and all(Path(row["path"]).parent.parent == digits / "test" for row in rows)
+    listed = [f["path"] for f in r["files"]]
+    assert {r["predict"]["csv"], r["predict"]["grid"], r["finetune"]["model_path"], r["fit_head"]["head"]} <= set(listed)
+    assert all(Path(p).exists() for p in listed if "{" not in p)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_hub):
