@@ -202,6 +202,8 @@ class _Bars:
                 task["id"] = live.add_task(name, total=total, rate=0.0)
             task["done"] = done
             live.update(task["id"], completed=done, total=total, rate=done / elapsed if elapsed > 0 else 0.0)
+            if done >= total:  # the pass is over: its summary line comes next, below the finished bar
+                self.stop()
 
         return update
 

@@ -105,10 +105,10 @@ class Table:
         self.codes.setdefault(kind, Counter()).update(codes)
 
     def print(self) -> None:
-        print(f"{'fault':<22} {'runs':>5} {'kills':>6} {'committed rows lost':>20} {'crashes':>8}  exit codes seen")
+        print(f"{'fault':<24} {'runs':>5} {'kills':>6} {'committed rows lost':>20} {'crashes':>8}  exit codes seen")
         for kind, row in self.rows.items():
             codes = ", ".join(f"{c}×{n}" for c, n in sorted(self.codes[kind].items()))
-            print(f"{kind:<22} {row['runs']:>5} {row['kills']:>6} {row['lost']:>20} {row['crashes']:>8}  {codes}")
+            print(f"{kind:<24} {row['runs']:>5} {row['kills']:>6} {row['lost']:>20} {row['crashes']:>8}  {codes}")
 
     @property
     def bad(self) -> int:
@@ -189,8 +189,8 @@ def disk_full(table: Table, data: Path, hub: str, work: Path, trials: int, rng: 
         unchecked = "import pipeline.store.atomic as a; a.free_bytes = lambda folder: 1 << 62; "
         for i in range(trials):
             filler, out = mount / "filler", mount / f"c{i}.h5"
-            free = rng.randint(2_000, 1_500_000)
             bypass = i % 2 == 1  # every other trial: the free-space check passes, so HDF5/torch really hit ENOSPC
+            free = rng.randint(2_000, 40_000) if bypass else rng.randint(2_000, 1_500_000)
             filler.unlink(missing_ok=True)
             avail = shutil.disk_usage(mount).free
             if avail > free:

@@ -94,7 +94,7 @@ def run_demo(workdir: Path, model: str = "resnet18", weights: str = "none", fine
     files = _written_files(data, summary.cache, fit, tuned, pred)
     log("files written:")
     for what, path in files:
-        log(f"  {what:<22} {path}")
+        log(f"  {what:<25} {path}")
     return {"extract": summary.to_dict(), "status": info, "fit_head": {"head": fit.head_path, "metrics": fit.metrics, "reports": fit.reports},
             "finetune": tuned.to_dict() if tuned else None, "finetune_verdict": verdict,
             "predict": {"csv": pred.csv, "grid": pred.grid, "correct": right, "n": len(pred.rows), "images": "held-out test split"},
@@ -122,5 +122,7 @@ def _written_files(data: Path, cache: str, fit: Any, tuned: Any, pred: Any) -> l
     if tuned is not None:
         files += [("fine-tuned model", tuned.model_path), ("its checkpoint", tuned.checkpoint)]
         files += [(f"model {name.replace('_', ' ')}", path) for name, path in tuned.reports.items()]
+        history = Path(tuned.model_path).with_name(Path(tuned.model_path).name.removesuffix(".pt") + ".history.json")
+        files += [("model history json", str(history))] if history.is_file() else []
     files += [("predictions csv", pred.csv), ("predictions picture", pred.grid)]
     return [(what, str(path)) for what, path in files if path]

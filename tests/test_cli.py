@@ -95,3 +95,23 @@ def test_status_shows_cache(tmp_path, image_tree):
 def test_help_documents_exit_codes():
     out = run_cli("extract", "--help", check=True).stdout
     assert "Exit codes" in out and "lock held" in out
+
+
+@pytest.mark.parametrize("argv, code, kind", [
+    (["models", "--json"], 1, "InternalError"),  # a bug inside a command
+    (["fit-head", "x.h5", "--clf", "svm", "--json"], 2, "UsageError"),  # refused by the parser
+])
+def test_json_errors_are_one_object_on_stdout(argv, code, kind):
+    """--json promises {"error", "exit_code"} on every error: internal errors and the parser's too."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    boom = "import pipeline.backbones as b; b.available_models = lambda: 1 / 0; "
+    proc = subprocess.run([sys.executable, "-c", boom + f"import sys; sys.argv[0] = 'cli.py'; import cli; cli.main({argv!r})"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == code, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["exit_code"] == code and out["error_type"] == kind and out["error"]
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1 and "Traceback" not in proc.stderr

@@ -33,6 +33,7 @@ from ..distributed import World, rank_device, world
 from ..errors import CacheError, DataError, IncompatibleError, Interrupted, TrainingDivergedError, UsageError
 from ..extract import resolve_device
 from ..heads import LoadedHead, artifact_id, assign_splits, classification_metrics, load_head, save_model_artifact, write_reports
+from ..heads.metrics import clear_reports
 from ..images import ImageFileDataset, default_workers, make_loader, scan_folder
 from ..interrupts import sigterm_as_interrupt
 from ..options import build
@@ -302,6 +303,8 @@ class FineTuneJob:
                     metrics = {s: m for s in ("val", "test") if (m := self.evaluate(s)) is not None}
                     best = {"epoch": 0, "val_accuracy": metrics["val"]["accuracy"] if "val" in metrics else -1.0, "metrics": metrics}
                     self.epoch0 = _epoch0_row(metrics)
+                    if self.team.is_main:
+                        clear_reports(self.out_path)  # the previous run's reports must not sit beside this run's model
                     self.save_model(0, metrics, history)
                     if "val" in metrics:
                         self.log(f"epoch 0 (as assembled): val loss {metrics['val']['loss']:.4f} acc {metrics['val']['accuracy']:.4f}")
