@@ -604,6 +604,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         code = app(args=argv, standalone_mode=False)
     except ClickException as exc:
         message = _parser_message(exc.format_message())
+        if not message:  # no command given: the help was printed, there is nothing else to say
+            raise SystemExit(exc.exit_code) from None
         command_name = next((a for a in argv if not a.startswith("-")), "")
         _fail(f"error: {message} (see `{_program()} {command_name + ' ' if command_name in _command_names() else ''}--help`)")
         if "--json" in argv:

@@ -115,3 +115,9 @@ def test_json_errors_are_one_object_on_stdout(argv, code, kind):
     out = json.loads(proc.stdout)
     assert out["exit_code"] == code and out["error_type"] == kind and out["error"]
     assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1 and "Traceback" not in proc.stderr
+
+
+def test_no_command_prints_the_help_and_no_error_line():
+    proc = run_cli()
+    assert "Usage" in proc.stdout + proc.stderr and "fit-head" in proc.stdout + proc.stderr
+    assert "error:" not in proc.stderr and "Traceback" not in proc.stderr
