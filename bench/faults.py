@@ -30,31 +30,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-HUBCONF = '''
-dependencies = ["torch"]
-import torch
-from torch import nn
-
-
-def _stage(cin, cout, stride):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-
-class TinyBN(nn.Module):
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.stem, self.layer1, self.layer2 = _stage(3, 8, 1), _stage(8, 16, 2), _stage(16, 32, 2)
-        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(32, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.layer2(self.layer1(self.stem(x)))), 1))
-
-
-def tinybn(pretrained=False):
-    m = TinyBN()
-    m.featcache_preprocessing = {"resize_size": [36], "crop_size": [32]}
-    return m
-'''
 DOCUMENTED = {0, 3, 6, -signal.SIGKILL}
 
 
@@ -226,12 +201,11 @@ def main() -> None:
     from pipeline.demo import write_digits
     from pipeline.extract import run_extract
     from pipeline.heads import fit_head
+    from tests.tiny_backbone import write_tiny_hub
 
     with tempfile.TemporaryDirectory(prefix="featcache-faults-") as tmp:
         work = Path(tmp)
-        (work / "hub").mkdir()
-        (work / "hub" / "hubconf.py").write_text(HUBCONF)
-        hub = f"hub:{work / 'hub'}:tinybn"
+        hub = write_tiny_hub(work / "hub")
         data = write_digits(work / "digits", size=32, per_class=40 if a.quick else 80)
         cache = work / "base.h5"
         run_extract(data, hub, "none", cache, workers=0)

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tiny_backbone import write_tiny_hub
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -89,45 +91,12 @@ def digits_cache(tmp_path_factory) -> Path:
     return out
 
 
-TINY_BN_HUBCONF = '''
-import torch
-from torch import nn
-
-dependencies = ["torch"]
-
-
-def _stage(cin, cout, stride):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-
-class TinyBN(nn.Module):
-    """A small conv net with BatchNorm: fine-tuning tests in seconds on CPU."""
-
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.stem = _stage(3, 8, 1)
-        self.layer1 = _stage(8, 16, 2)
-        self.layer2 = _stage(16, 32, 2)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(32, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(self.layer2(self.layer1(self.stem(x)))), 1))
-
-
-def tinybn(pretrained=False):
-    m = TinyBN()
-    m.featcache_preprocessing = {"resize_size": [36], "crop_size": [32]}
-    return m
-'''
 
 
 @pytest.fixture(scope="session")
 def tiny_hub(tmp_path_factory) -> str:
     """``hub:DIR:tinybn``: a local torch.hub entry with BatchNorm and a 32-px input."""
-    folder = tmp_path_factory.mktemp("tinyhub")
-    (folder / "hubconf.py").write_text(TINY_BN_HUBCONF)
-    return f"hub:{folder}:tinybn"
+    return write_tiny_hub(tmp_path_factory.mktemp("tinyhub"))
 
 
 @pytest.fixture(scope="session")
