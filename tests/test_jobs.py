@@ -23,7 +23,7 @@ from conftest import ROOT, make_image, run_cli
 pytestmark = pytest.mark.slow
 
 
-def _write_job(folder: Path, tiny_hub: str, finetune: bool = True, extra: str = "") -> Path:
+def _write_job(folder: Path, tiny_hub: str, finetune: bool = True, extra: str = "", finetune_extra: str = "") -> Path:
     job = folder / "nightly job é.toml"  # spaces and non-ASCII in the path on purpose
     text = f'''
 name = "nightly"
@@ -47,7 +47,7 @@ epochs = 5
 {extra}
 '''
     if finetune:
-        text += '\n[finetune]\nfrom_head = "logreg"\nepochs = 1\nbatch_size = 16\naugment = "light"\n'
+        text += '\n[finetune]\nfrom_head = "logreg"\nepochs = 1\nbatch_size = 16\naugment = "light"\n' + finetune_extra
     job.write_text(text)
     return job
 
@@ -289,3 +289,15 @@ def test_head_and_job_names_must_be_one_path_component(tmp_path, name):
     proc = run_cli("run", str(tmp_path / "job2.toml"))
     assert proc.returncode == 2 and "job.name" in proc.stderr and "cannot be a file name" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "job.toml", "job2.toml"]  # nothing written anywhere
+
+
+def test_a_job_whose_finetune_diverges_records_the_failed_step(job_dir, tiny_hub):
+    job = _write_job(job_dir, tiny_hub, finetune_extra="lr_backbone = 1e12\nlr_head = 1e12\nclip_grad = 0.0\n")
+    proc = run_cli("run", str(job), "--json")
+    assert proc.returncode == 7, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["error_type"] == "TrainingDivergedError"
+    report = json.loads(next((job_dir / "runs").glob("*.run.json")).read_text())
+    assert report["completed"] is False and report["error"]["exit_code"] == 7 and report["error"]["step"] == "finetune"
+    assert [(s["kind"], s["action"]) for s in report["steps"]] == [("extract", "run"), ("fit-head", "run"), ("fit-head", "run"), ("finetune", "failed")]
+    failed = report["steps"][-1]["summary"]
+    assert "training diverged" in failed["error"] and failed["exit_code"] == 7 and failed["planned"] == "run"
