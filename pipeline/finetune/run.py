@@ -14,7 +14,6 @@ step), so a resumed run needs no scheduler object and stays exact.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -32,12 +31,11 @@ from ..backbones import AUX_CLASSIFIERS, Backbone, torch_load_quietly
 from ..distributed import World, rank_device, world
 from ..errors import CacheError, DataError, IncompatibleError, Interrupted, TrainingDivergedError, UsageError
 from ..extract import resolve_device
-from ..heads import LoadedHead, artifact_id, assign_splits, classification_metrics, load_head, save_model_artifact, write_reports
-from ..heads.metrics import clear_reports
+from ..heads import LoadedHead, artifact_id, assign_splits, classification_metrics, clear_reports, load_head, save_blob, save_model_artifact, write_reports
 from ..images import ImageFileDataset, default_workers, make_loader, scan_folder
 from ..interrupts import sigterm_as_interrupt
 from ..options import build
-from ..store import WriterLock, atomic_path, ensure_free_space, payload_bytes, write_bytes_atomically
+from ..store import WriterLock, atomic_path
 from .augment import AugmentedDataset, epoch_order, train_transform
 from .model import FineTuneModel, assemble, head_module_from
 from .options import FinetuneOptions, resolve_options
@@ -387,10 +385,7 @@ def _save_checkpoint(path: Path, model: FineTuneModel, trainer: Trainer, opts: F
         "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else {}, "rng": rng_state(),
         "history": history, "best": best,
     }
-    ensure_free_space(path, payload_bytes(blob))
-    buffer = io.BytesIO()
-    torch.save(blob, buffer)
-    write_bytes_atomically(path, buffer.getbuffer())
+    save_blob(path, blob)
 
 
 def _write_history(model_path: Path, history: list[dict[str, Any]]) -> None:

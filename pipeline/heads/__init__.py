@@ -4,14 +4,14 @@ head and model artifacts with their provenance, checked against a cache on load.
 
 Never reads images: everything here works on cached embeddings.
 """
-from .artifacts import LoadedHead, artifact_id, load_head, save_model_artifact
+from .artifacts import LoadedHead, artifact_id, load_head, save_blob, save_model_artifact
 from .estimators import HEAD_KINDS, LinearHead, LogRegHead, MLPHead, TorchHead, build_head_module
 from .fit import compare_caches, evaluate_head, fit_head, full_proba
 from .knn import KNNHead
-from .metrics import classification_metrics, format_metrics, pyplot, save_figure, write_reports
+from .metrics import classification_metrics, clear_reports, format_metrics, pyplot, save_figure, write_reports
 from .options import FitOptions
 from .splits import assign_splits
 
 __all__ = ["HEAD_KINDS", "FitOptions", "KNNHead", "LinearHead", "LoadedHead", "LogRegHead", "MLPHead", "TorchHead", "artifact_id", "assign_splits", "build_head_module",
-           "classification_metrics", "compare_caches", "evaluate_head", "fit_head", "format_metrics", "full_proba", "load_head", "pyplot",
-           "save_figure", "save_model_artifact", "write_reports"]
+           "classification_metrics", "clear_reports", "compare_caches", "evaluate_head", "fit_head", "format_metrics", "full_proba", "load_head", "pyplot",
+           "save_blob", "save_figure", "save_model_artifact", "write_reports"]

@@ -55,7 +55,7 @@ def _plain_state(state: dict[str, Any]) -> dict[str, Any]:
     return {k: ({n: t.detach().cpu() for n, t in v.items()} if k == "state_dict" else _to_plain(v)) for k, v in state.items()}
 
 
-def _save_blob(path: Path, blob: dict[str, Any]) -> Path:
+def save_blob(path: Path, blob: dict[str, Any]) -> Path:
     ensure_free_space(path, payload_bytes(blob))  # before serialising a large blob at all
     buffer = io.BytesIO()
     torch.save(blob, buffer)
@@ -80,7 +80,7 @@ def save_head(path: str | os.PathLike, head, kind: str, params: dict[str, Any], 
         "metrics": _to_plain(metrics),
         "extra": _to_plain(extra or {}),
     }
-    return _save_blob(path, blob)
+    return save_blob(path, blob)
 
 
 class LoadedHead:
@@ -194,4 +194,4 @@ def save_model_artifact(path: str | os.PathLike, backbone_info: dict[str, Any], 
         "metrics": _to_plain(metrics),
         "extra": _to_plain(extra or {}),
     }
-    return _save_blob(path, blob)
+    return save_blob(path, blob)

@@ -152,7 +152,7 @@ class GridDivergence:
     def start(self, first: dict[tuple[int, ...], torch.Tensor]) -> None:
         """Each member's loss on the first batch (before any update) is its starting loss."""
         for hidden, losses in first.items():
-            for g, (i, loss) in enumerate(zip(self.groups[hidden], losses.tolist())):
+            for i, loss in zip(self.groups[hidden], losses.tolist()):
                 self.guards[i] = DivergenceGuard.starting_at(loss, self.n_classes)
 
     def check(self, sums: dict[tuple[int, ...], torch.Tensor], rows: int, epoch: int, active: dict[tuple[int, ...], torch.Tensor],

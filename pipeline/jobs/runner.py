@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import FeatcacheError
+from ..errors import ExitCode, FeatcacheError
 from ..finetune import FinetuneOptions
 from ..store import WriterLock, atomic_path
 from .spec import BackboneSpec, HeadSpec, JobSpec, load_job
@@ -57,8 +57,6 @@ class JobResult:
 
     def fail(self, exc: BaseException) -> None:
         """Record the error that stopped the job, and the step it stopped as a "failed" step."""
-        from ..errors import ExitCode
-
         interrupted = isinstance(exc, KeyboardInterrupt)
         code = getattr(exc, "exit_code", ExitCode.INTERRUPTED if interrupted else ExitCode.INTERNAL)
         self.error = {"message": str(exc) or ("interrupted" if interrupted else type(exc).__name__), "type": type(exc).__name__, "exit_code": code,

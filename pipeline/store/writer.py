@@ -32,7 +32,7 @@ import numpy as np
 
 from ..choices import DTYPES
 from ..errors import CacheError
-from .atomic import ensure_free_space, payload_bytes, remove_stale_temporaries, write_bytes_atomically
+from .atomic import remove_stale_temporaries, write_bytes_atomically
 from .reader import iter_embeddings
 from .schema import FORMAT, PART_FORMAT, SCHEMA_VERSION, STR, check_compatible, check_parts_present, open_index, parts_dir_for, read_strings, same_backbone_rows
 
@@ -90,22 +90,21 @@ def _load_state(path: Path) -> _IndexState:
 
 
 @contextmanager
-def _new_hdf5(final: Path, need: int) -> Iterator[h5py.File]:
+def _new_hdf5(final: Path) -> Iterator[h5py.File]:
     """An HDF5 file built in memory, then written atomically with plain writes: a full disk
     is then a clean OSError (exit 6), where HDF5's own writer, after ENOSPC half-way, raised
     RuntimeErrors and could crash the interpreter on closing the file."""
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as f:
         yield f
-    ensure_free_space(final, need)
-    write_bytes_atomically(final, buffer.getbuffer())
+    write_bytes_atomically(final, buffer.getbuffer())  # checks free space for exactly these bytes first
 
 
 def _write_index(path: Path, st: _IndexState) -> None:
     meta = st.meta
     dim, dtype = int(meta["embed_dim"]), np.dtype(meta["dtype"])
     n = len(st.paths)
-    with _new_hdf5(path, need=payload_bytes(st.paths) + 64 * n + (64 << 10)) as f:
+    with _new_hdf5(path) as f:
         f.attrs["format"] = FORMAT
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["generation"] = st.generation
@@ -152,8 +151,7 @@ def _write_part(folder: Path, meta: dict[str, Any], rows: dict[str, Any], emb: n
     least the index's generation (a writer or rank died after writing it), and deleted when
     older (left over by a compaction that replaced it)."""
     name = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{tag}{os.getpid()}-{uuid.uuid4().hex[:8]}.h5"
-    need = emb.nbytes + payload_bytes(rows["paths"]) + 8 * len(rows["labels"]) + (64 << 10)
-    with _new_hdf5(folder / name, need) as f:
+    with _new_hdf5(folder / name) as f:
         f.attrs["format"] = PART_FORMAT
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["base_generation"] = base_generation
