@@ -61,6 +61,21 @@ class CacheError(FeatcacheError):
     exit_code = ExitCode.INCOMPATIBLE
 
 
+class DamagedCacheError(CacheError):
+    """A cache file's bytes are not what was written (checksum mismatch, bad header, truncation).
+
+    ``parts``: the damaged part files (empty when the manifest itself is damaged)."""
+
+    def __init__(self, message: str, parts: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.parts = tuple(parts)
+
+
+class SnapshotGoneError(CacheError):
+    """A reader's pinned cache version lost a part (compacted away by a writer that could not
+    see the reader): the read stops rather than return another version's rows."""
+
+
 class IncompatibleError(FeatcacheError):
     """Two artifacts do not belong together (e.g. a resnet50 head on a resnet18 cache)."""
 

@@ -87,3 +87,70 @@ def test_fit_head_onto_a_full_disk_exits_6_and_keeps_the_previous_head(small_dis
     _assert_clean_exit_6(proc)
     assert head.read_bytes() == before  # the previous head is untouched
     assert not [p for p in mount.iterdir() if ".tmp-" in p.name]
+
+
+def _synthetic_cache(path: Path, commits: int = 6, rows: int = 300):
+    import numpy as np
+
+    from pipeline.store import CacheWriter, CompactionPolicy, new_cache_meta
+
+    w = CacheWriter(path, new_cache_meta("synthetic", 64, ["a"]), policy=CompactionPolicy(auto=False))
+    rng = np.random.default_rng(0)
+    for c in range(commits):
+        w.add_columns([f"a/{c}-{i}" for i in range(rows)], rng.standard_normal((rows, 64), dtype=np.float32), labels=[0] * rows)
+        w.commit()
+    return w
+
+
+@pytest.mark.parametrize("unchecked", [False, True], ids=["checked", "enospc-at-the-reservation"])
+def test_a_merge_onto_a_full_disk_keeps_the_cache(small_disk, monkeypatch, unchecked):
+    import numpy as np
+
+    import pipeline.store.atomic as atomic
+    from pipeline import load_cache
+    from pipeline.errors import StorageError
+
+    mount, fill, unfill = small_disk
+    w = _synthetic_cache(mount / "c.h5")
+    ref = load_cache(mount / "c.h5")
+    fill(150_000)  # less than the merged copy needs
+    if unchecked:
+        monkeypatch.setattr(atomic, "free_bytes", lambda folder: 1 << 62)
+    with pytest.raises(StorageError, match="disk is full"):
+        w.compact(full=True)
+    monkeypatch.undo()
+    after = load_cache(mount / "c.h5")
+    assert list(after.paths) == list(ref.paths) and np.array_equal(after.embeddings, ref.embeddings)
+    assert not [p for p in mount.rglob("*") if ".tmp-" in p.name]
+    unfill()
+    assert w.compact(full=True) == 1 and len(w.manifest.parts) == 1  # the same writer carries on once there is room
+    assert np.array_equal(load_cache(mount / "c.h5").embeddings, ref.embeddings)
+
+
+def test_a_migration_onto_a_full_disk_leaves_the_schema_1_cache_as_it_was(small_disk):
+    import h5py
+    import numpy as np
+
+    from pipeline import load_cache
+    from pipeline.errors import StorageError
+    from pipeline.store import CacheWriter, new_cache_meta
+
+    from schema1 import Schema1Writer
+
+    mount, fill, unfill = small_disk
+    meta = new_cache_meta("synthetic", 64, ["a"])
+    v1 = Schema1Writer(mount / "old.h5", meta)
+    v1.add([f"a/{i}" for i in range(2000)], np.random.default_rng(0).standard_normal((2000, 64), dtype=np.float32), labels=[0] * 2000)
+    v1.commit()
+    ref = load_cache(mount / "old.h5")
+    fill(200_000)  # the migration needs room for one copy (~0.6 MB)
+    with pytest.raises(StorageError, match="disk is full"):
+        CacheWriter(mount / "old.h5", meta)
+    with h5py.File(mount / "old.h5") as f:
+        assert f.attrs["schema_version"] == 1
+    assert np.array_equal(load_cache(mount / "old.h5").embeddings, ref.embeddings)
+    unfill()
+    CacheWriter(mount / "old.h5", meta)
+    with h5py.File(mount / "old.h5") as f:
+        assert f.attrs["schema_version"] == 2
+    assert np.array_equal(load_cache(mount / "old.h5").embeddings, ref.embeddings)

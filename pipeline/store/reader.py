@@ -1,5 +1,6 @@
-"""Reading a cache: its provenance, its current rows (paths, labels, split, fingerprints)
-and its embeddings in chunks, without the writer's lock."""
+"""Reading a cache: its provenance, its current rows and its embeddings, without the
+writer's lock. Everything is read from one pinned version (``snapshot.py``), with numpy
+columns rather than a Python object per row."""
 from __future__ import annotations
 
 import hashlib
@@ -11,10 +12,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import CacheError
-from .schema import COMPAT_DEFAULTS, check_parts_present, open_index, parts_dir_for, read_strings
-
-# ----------------------------------------------------------------------------- reading
+from .columns import decode_strings, joined_rows, sha_hex, split_names
+from .schema import COMPAT_DEFAULTS, open_cache_file, parts_dir_for
+from .snapshot import open_snapshot
 
 
 @dataclass
@@ -24,12 +24,12 @@ class CacheData:
     path: Path
     embeddings: np.ndarray  # [N, D]
     labels: np.ndarray  # [N] int64, -1 = unlabeled
-    paths: list[str]  # relative to the data root
+    paths: np.ndarray  # [N] str (numpy StringDType), relative to the data root
     classes: list[str]
-    split: list[str]  # per row: "train", "val", "test" or ""
+    split: np.ndarray  # [N] str: "train", "val", "test" or ""
     failures: list[tuple[str, str]]  # (relative path, reason)
     meta: dict[str, Any]  # provenance
-    fingerprints: dict[str, np.ndarray] = field(default_factory=dict)  # size, mtime_ns, sha256
+    fingerprints: dict[str, np.ndarray] = field(default_factory=dict)  # size, mtime_ns [N] int64; sha256 [N, 32] uint8
 
     @property
     def engine(self) -> str:
@@ -54,112 +54,136 @@ class CacheData:
         return int(self.meta["embed_dim"])
 
 
-def read_cache_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """Provenance of a cache without reading its rows."""
-    with open_index(Path(path)) as f:
-        return json.loads(f.attrs["meta_json"])
-
-
-def read_index_info(path: str | os.PathLike) -> dict[str, Any]:
-    """Failures, last update time and part count of a cache (no rows, no embeddings)."""
-    with open_index(Path(path)) as f:
-        return {
-            "failures": list(zip(read_strings(f["failures/paths"]), read_strings(f["failures/reasons"]))),
-            "updated": float(f.attrs.get("updated", 0)),
-            "created": float(f.attrs.get("created", 0)),
-            "parts": int(f["parts/names"].shape[0]),
-        }
-
-
-@dataclass
 class RowTable:
-    """Per-row metadata of the valid rows, plus their positions in the index (for streaming)."""
+    """Per-row metadata of the current rows (sorted by path) of one pinned cache version, and
+    their row ids in it (``index_rows``) for :func:`iter_embeddings`.
 
-    path: Path
-    index_rows: np.ndarray  # positions in the index's datasets, sorted by path
-    paths: list[str]
-    labels: np.ndarray
-    split: list[str]
-    meta: dict[str, Any]
-    fingerprints: dict[str, np.ndarray]  # size, mtime_ns, sha256 per row
+    The table holds its version open (a reader lease: a compaction meanwhile keeps the parts
+    this table reads); ``close()`` it, use it as a context manager, or let it be collected."""
+
+    def __init__(self, path: Path, snapshot, index_rows: np.ndarray, paths_raw: np.ndarray, labels: np.ndarray, split_codes: np.ndarray,
+                 fingerprints: dict[str, np.ndarray]):
+        self.path, self.snapshot = Path(path), snapshot
+        self.index_rows, self.labels, self.fingerprints = index_rows, labels, fingerprints
+        self.paths_raw = paths_raw  # UTF-8 bytes, for vectorised work
+        self.paths = decode_strings(paths_raw)
+        self.split = split_names(split_codes)
+        self.meta: dict[str, Any] = snapshot.meta
 
     @property
     def classes(self) -> list[str]:
         return list(self.meta["classes"])
 
+    @property
+    def generation(self) -> int:
+        return self.snapshot.generation
+
+    def __len__(self) -> int:
+        return len(self.index_rows)
+
+    def sha256_hex(self, rows: np.ndarray | slice = slice(None)) -> list[str]:
+        return [h.decode() for h in sha_hex(self.fingerprints["sha256"][rows]).tolist()]
+
     def content_digest(self) -> str:
-        """Hash of what a head learns from: every valid row's path, label and file hash, the
-        class names and the backbone identity. Unchanged by compaction or re-commits, so
-        "has this cache changed since the head was fitted?" is one comparison."""
+        """Hash of what a head learns from: every current row's path, label and file hash, the
+        class names and the backbone identity. Unchanged by compaction or re-commits (and the
+        same value schema 1 gave), so "has this cache changed since the head was fitted?" is
+        one comparison."""
         h = hashlib.sha256()
         ident = {k: self.meta.get(k) for k in ("model", "weights", "preprocessing", "embed_dim", "dtype")}
         h.update(json.dumps([self.classes, ident], sort_keys=True).encode())
-        for path, label, sha in zip(self.paths, self.labels.tolist(), self.fingerprints["sha256"]):
-            h.update(f"{path}\0{label}\0{sha}\n".encode())
+        step = 1 << 16
+        for s in range(0, len(self), step):
+            labels = self.labels[s : s + step].astype("S")
+            h.update(joined_rows([self.paths_raw[s : s + step], b"\0", labels, b"\0", sha_hex(self.fingerprints["sha256"][s : s + step]), b"\n"]))
         return h.hexdigest()[:32]
+
+    def close(self) -> None:
+        self.snapshot.close()
+
+    def __enter__(self) -> "RowTable":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_cache_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """Provenance of a cache without reading its rows."""
+    snap = open_snapshot(path)
+    try:
+        return dict(snap.meta)
+    finally:
+        snap.close()
+
+
+def read_index_info(path: str | os.PathLike) -> dict[str, Any]:
+    """Failures, times, schema and part counts of a cache (no rows, no embeddings)."""
+    snap = open_snapshot(path)
+    try:
+        fails = snap.failure_columns().items()
+        f, _ = open_cache_file(Path(path))
+        with f:
+            updated, created = float(f.attrs.get("updated", 0)), float(f.attrs.get("created", 0))
+        return {"failures": sorted((p, r) for p, r, _, _ in fails), "updated": updated, "created": created, "parts": len(snap.parts),
+                "schema_version": snap.schema_version, "generation": snap.generation, "rows": snap.n_rows,
+                "largest_part_rows": max((p.rows for p in snap.parts), default=0),
+                "deleted_rows": sum(p.deleted for p in snap.parts), "garbage_files": len(getattr(getattr(snap, "manifest", None), "garbage", []))}
+    finally:
+        snap.close()
 
 
 def read_rows(path: str | os.PathLike) -> RowTable:
-    """Everything but the embeddings: cheap even for caches larger than memory."""
-    path = Path(path)
-    with open_index(path) as f:
-        meta = json.loads(f.attrs["meta_json"])
-        check_parts_present(path, read_strings(f["parts/names"]))
-        valid = f["valid"][...].astype(bool)
-        all_paths = np.array(read_strings(f["paths"]), dtype=object)
-        all_split = np.array(read_strings(f["split"]), dtype=object)
-        labels = f["labels"][...].astype(np.int64)
-        fingerprints = {
-            "size": f["fingerprints/size"][...],
-            "mtime_ns": f["fingerprints/mtime_ns"][...],
-            "sha256": np.array(read_strings(f["fingerprints/sha256"]), dtype=object),
-        }
-    rows = np.flatnonzero(valid)
-    order = np.argsort(all_paths[rows].astype(str), kind="stable") if len(rows) else rows
-    rows = rows[order]
-    fingerprints = {k: v[rows] if len(v) else v for k, v in fingerprints.items()}
-    return RowTable(path, rows, list(all_paths[rows]), labels[rows], list(all_split[rows]), meta, fingerprints)
+    """Everything but the embeddings, sorted by path: cheap even for caches larger than memory.
 
-
-def iter_embeddings(path: str | os.PathLike, index_rows: np.ndarray, chunk_rows: int = 8192) -> Iterator[tuple[slice, np.ndarray]]:
-    """Yield ``(positions, embeddings)`` for ``index_rows`` (any order) chunk by chunk.
-
-    Reads contiguous spans of the index, so memory stays ~ ``chunk_rows x D``.
+    Raises:
+        UsageError, CacheError, DamagedCacheError: see :func:`load_cache`.
     """
+    snap = open_snapshot(path)
+    try:
+        view = snap.live_columns()
+    except BaseException:
+        snap.close()
+        raise
+    order = np.argsort(view.paths_raw, kind="stable")
+    fingerprints = {"size": view.size[order], "mtime_ns": view.mtime_ns[order], "sha256": view.sha256[order]}
+    return RowTable(Path(path), snap, view.ids[order], view.paths_raw[order], view.labels[order], view.split[order], fingerprints)
+
+
+def iter_embeddings(table: RowTable, index_rows: np.ndarray, chunk_rows: int = 8192) -> Iterator[tuple[slice, np.ndarray]]:
+    """Yield ``(positions, embeddings)`` for ``index_rows`` (ids from ``table.index_rows``, any
+    order) chunk by chunk, from the table's own cache version; memory ~ ``chunk_rows x D``."""
+    source = getattr(table, "snapshot", table)
+    if not hasattr(source, "read"):
+        raise TypeError("iter_embeddings takes the RowTable that read_rows returned (row ids belong to one cache version), "
+                        f"not {type(table).__name__}")
     index_rows = np.asarray(index_rows, dtype=np.int64)
-    with open_index(Path(path)) as f:
-        ds = f["embeddings"]
-        for start in range(0, len(index_rows), chunk_rows):
-            want = index_rows[start : start + chunk_rows]
-            lo, hi = int(want.min()), int(want.max()) + 1
-            if hi - lo <= 4 * len(want):
-                block = ds[lo:hi]
-                out = block[want - lo]
-            else:  # scattered rows: read them in sorted order
-                order = np.argsort(want)
-                out = np.empty((len(want), ds.shape[1]), dtype=ds.dtype)
-                out[order] = ds[want[order]]
-            yield slice(start, start + len(want)), out
+    for start in range(0, len(index_rows), chunk_rows):
+        want = index_rows[start : start + chunk_rows]
+        yield slice(start, start + len(want)), source.read(want)
 
 
 def load_cache(path: str | os.PathLike) -> CacheData:
     """Read the current rows of a cache into memory (sorted by relative path).
 
     Raises:
-        CacheError: missing, truncated, foreign, newer-schema cache, or missing parts.
+        UsageError: the path is missing or a folder.
+        CacheError: not a cache, newer schema, missing parts, or a version gone while reading.
+        DamagedCacheError: a part's or the manifest's checksums fail (exit 5, naming the part).
     """
-    table = read_rows(path)
-    dim = int(table.meta["embed_dim"])
-    emb = np.empty((len(table.index_rows), dim), dtype=np.dtype(table.meta.get("dtype", "float32")))
-    for pos, block in iter_embeddings(path, table.index_rows):
-        emb[pos] = block
-    fail = read_index_info(path)["failures"]
-    if len(emb) and np.isnan(emb).any():
-        raise CacheError(f"cache {str(path)!r} has unreadable embedding rows (a part file is damaged); re-extract into a new --out")
-    return CacheData(Path(path), emb, table.labels, table.paths, table.classes, table.split, sorted(fail), table.meta, table.fingerprints)
+    with read_rows(path) as table:
+        dim = int(table.meta["embed_dim"])
+        emb = np.empty((len(table), dim), dtype=np.dtype(table.meta.get("dtype", "float32")))
+        order = np.argsort(table.index_rows)  # read in storage order (long runs), place in path order
+        for pos, block in iter_embeddings(table, table.index_rows[order], chunk_rows=1 << 16):
+            emb[order[pos]] = block
+        fails = sorted((p, r) for p, r, _, _ in table.snapshot.failure_columns().items())
+        return CacheData(Path(path), emb, table.labels, table.paths, table.classes, table.split, fails, dict(table.meta), table.fingerprints)
 
 
 def cache_disk_bytes(path: Path) -> int:
+    """Bytes of the manifest and every file in its parts folder (retired parts a reader still holds included)."""
+    path = Path(path)
     total = path.stat().st_size if path.exists() else 0
     folder = parts_dir_for(path)
     if folder.is_dir():

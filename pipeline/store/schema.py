@@ -1,17 +1,23 @@
 """The cache's on-disk schema in one place: format names, the schema version, the
-provenance keys rows must share, and opening an index with checks that name the fix."""
+provenance keys rows must share, and opening a cache's top file with checks that name the fix.
+
+Schema 2 (this version): ``X.h5`` is a small *manifest* (the list of parts, their row and
+deletion counts, sizes and SHA-256 digests, the provenance) and ``X.h5.parts/`` holds
+self-describing part files (see ``parts.py``). Schema 1 (an index holding every row's
+metadata) is still read, and migrated to schema 2 by the first write.
+"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import h5py
 
-from ..errors import CacheError, IncompatibleError, UsageError, command_hint
+from ..errors import CacheError, DamagedCacheError, IncompatibleError, UsageError, command_hint
 
 FORMAT = "featcache.cache"
 PART_FORMAT = "featcache.part"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STR = h5py.string_dtype("utf-8")
 # Provenance keys that must be equal for rows to share one cache.
 COMPAT_KEYS = ("model", "weights", "preprocessing", "embed_dim", "dtype", "precision", "decode", "data_root", "layout")
@@ -20,39 +26,45 @@ COMPAT_DEFAULTS = {"precision": "fp32", "decode": "exact"}
 
 
 def parts_dir_for(path: Path) -> Path:
-    return path.with_name(path.name + ".parts")
+    return Path(path).with_name(Path(path).name + ".parts")
 
 
-def open_index(path: Path) -> h5py.File:
+def open_cache_file(path: Path) -> tuple[h5py.File, int]:
+    """Open a cache's top file (schema-2 manifest or schema-1 index) read-only: ``(file, schema version)``.
+
+    Raises:
+        UsageError: missing path, or a folder. CacheError: not HDF5, not ours, newer schema.
+        DamagedCacheError: the file's checksums fail.
+    """
     path = Path(path)
     if not path.exists():
         raise UsageError(f"cache {str(path)!r} does not exist; create it with `{command_hint(f'extract DATA_DIR --model NAME --out {path}')}`")
     if path.is_dir():
-        raise UsageError(f"cache {str(path)!r} is a folder; pass the .h5 index file written by extract")
+        raise UsageError(f"cache {str(path)!r} is a folder; pass the .h5 file written by extract")
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise CacheError(f"{str(path)!r} is not a readable HDF5 file (truncated or corrupt: {str(exc).splitlines()[0][:100]}); re-run extract with a new --out") from exc
-    fmt = f.attrs.get("format")
+        raise CacheError(f"{str(path)!r} is not a readable HDF5 file (truncated or corrupt: {str(exc).splitlines()[0][:100]}); "
+                         "re-run your extract command with --repair to rebuild it from its parts, or use a new --out") from exc
+    try:
+        fmt = f.attrs.get("format")
+        version = int(f.attrs.get("schema_version", 0))
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        f.close()
+        raise manifest_damaged(path, exc) from None
     if fmt != FORMAT:
         f.close()
         raise CacheError(f"{str(path)!r} is an HDF5 file but not a featcache cache (format={fmt!r}); pass a file written by `extract`")
-    version = int(f.attrs.get("schema_version", 0))
     if version > SCHEMA_VERSION:
         f.close()
         raise CacheError(f"{str(path)!r} uses cache schema {version}, newer than this featcache understands ({SCHEMA_VERSION}); upgrade featcache")
-    return f
+    return f, version
 
 
-def read_strings(ds: h5py.Dataset) -> list[str]:
-    return list(ds.asstr()[...]) if ds.shape[0] else []
-
-
-def check_parts_present(path: Path, names: Sequence[str]) -> None:
-    folder = parts_dir_for(path)
-    missing = [n for n in names if not (folder / n).is_file()]
-    if missing:
-        raise CacheError(f"cache {str(path)!r} is missing {len(missing)} part file(s) in {str(folder)!r} (e.g. {missing[0]}); the cache was moved without its .parts folder — move both, or re-extract")
+def manifest_damaged(path: Path, exc: BaseException | str) -> DamagedCacheError:
+    detail = exc if isinstance(exc, str) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+    return DamagedCacheError(f"cache {str(path)!r}: its manifest is damaged ({detail}); re-run your extract command with --repair "
+                             "to rebuild it from the part files")
 
 
 def weights_identity(meta: dict[str, Any]) -> str:

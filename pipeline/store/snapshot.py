@@ -1,0 +1,215 @@
+"""A pinned version of a cache for reading: its parts, their deletions, and reads that stay
+inside that version to the end.
+
+``open_snapshot(path)`` takes a reader lease, reads the manifest once, and from then on
+reads only the parts that manifest named — a compaction running meanwhile cannot change
+what this reader sees (its old parts are kept until the lease is released), and if a part
+disappears anyway the read fails with :class:`SnapshotGoneError` instead of returning
+rows of another version. Row ids (``RowTable.index_rows``) are positions in this version:
+part after part, deleted rows included, so they mean nothing to another snapshot.
+"""
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import CacheError, SnapshotGoneError
+from .columns import FailureColumns
+from .leases import ReaderLease
+from .manifest import Manifest, PartInfo, read_manifest
+from .parts import PartFile
+from .schema import open_cache_file, parts_dir_for
+
+
+class RowColumnsView:
+    """The live rows of one snapshot as numpy columns, in snapshot order (before sorting)."""
+
+    def __init__(self, ids, paths_raw, labels, split, size, mtime_ns, sha256):
+        self.ids, self.paths_raw, self.labels, self.split = ids, paths_raw, labels, split
+        self.size, self.mtime_ns, self.sha256 = size, mtime_ns, sha256
+
+
+class Snapshot:
+    """One schema-2 version of a cache (see the module docstring)."""
+
+    schema_version = 2
+
+    def __init__(self, path: Path, manifest: Manifest, lease: ReaderLease):
+        self.path, self.parts_dir = Path(path), parts_dir_for(path)
+        self.manifest, self.lease = manifest, lease
+        self.parts: list[PartInfo] = list(manifest.parts)
+        self.offsets = np.concatenate([[0], np.cumsum([p.rows for p in self.parts], dtype=np.int64)]).astype(np.int64)
+        self._files: dict[int, PartFile] = {}
+        self._deletions: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+        missing = [p.name for p in self.parts if not (self.parts_dir / p.name).is_file()]
+        if missing:
+            self.close()
+            raise self._gone_or_moved(missing)
+        self._finalizer = weakref.finalize(self, _close_all, self._files, lease)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.manifest.meta
+
+    @property
+    def generation(self) -> int:
+        return self.manifest.generation
+
+    @property
+    def n_rows(self) -> int:
+        """Live rows (without reading any part)."""
+        return self.manifest.live_rows()
+
+    def _gone_or_moved(self, missing: list[str]) -> CacheError:
+        try:
+            now = read_manifest(self.path).generation
+        except CacheError:
+            now = self.generation
+        if now != self.generation:
+            return SnapshotGoneError(
+                f"cache {str(self.path)!r} changed while it was being read: version {self.generation} lost part {missing[0]} "
+                f"(now at version {now}; a writer compacted it without seeing this reader); run the command again")
+        return CacheError(f"cache {str(self.path)!r} is missing {len(missing)} part file(s) in {str(self.parts_dir)!r} "
+                          f"(e.g. {missing[0]}); the cache was moved without its .parts folder — move both — or re-run your extract "
+                          "command with --repair")
+
+    def file(self, i: int) -> PartFile:
+        pf = self._files.get(i)
+        if pf is None:
+            info = self.parts[i]
+            if not (self.parts_dir / info.name).is_file():
+                raise self._gone_or_moved([info.name])
+            pf = self._files[i] = PartFile(self.path, self.parts_dir, info.name, expect_bytes=info.bytes or None)
+        return pf
+
+    def deletions(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """part name -> (deleted row mask, deleted failure mask), from every part's tombstones."""
+        if self._deletions is None:
+            rows = {p.name: np.zeros(p.rows, bool) for p in self.parts}
+            fails = {p.name: np.zeros(p.failures, bool) for p in self.parts}
+            for i, p in enumerate(self.parts):
+                if not p.tombstones:
+                    continue
+                for target, (r, fr) in self.file(i).tombstones().by_target().items():
+                    if target in rows:
+                        rows[target][r[r < len(rows[target])]] = True
+                        fails[target][fr[fr < len(fails[target])]] = True
+            self._deletions = {n: (rows[n], fails[n]) for n in rows}
+        return self._deletions
+
+    def live_columns(self, fields: tuple[str, ...] = ("paths", "labels", "split", "size", "mtime_ns", "sha256")) -> RowColumnsView:
+        """Every live row's metadata (no embeddings), labels mapped to the current classes;
+        only ``fields`` are read (the others come back empty)."""
+        classes = self.manifest.classes
+        dels = self.deletions()
+        empty = {"paths": np.zeros(0, "S1"), "labels": np.zeros(0, np.int64), "split": np.zeros(0, np.uint8), "size": np.zeros(0, np.int64),
+                 "mtime_ns": np.zeros(0, np.int64), "sha256": np.zeros((0, 32), np.uint8)}
+        chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("ids", *empty)}
+        for i, p in enumerate(self.parts):
+            if not p.rows:
+                continue
+            pf = self.file(i)
+            live = np.flatnonzero(~dels[p.name][0])
+            chunks["ids"].append(self.offsets[i] + live)
+            for name in fields:
+                col = pf.column(name)[live]
+                chunks[name].append(_remap_labels(col, pf.classes, classes) if name == "labels" else col)
+        out = {k: (np.concatenate(v) if v else empty.get(k, np.zeros(0, np.int64))) for k, v in chunks.items()}
+        return RowColumnsView(out["ids"], out["paths"], out["labels"], out["split"], out["size"], out["mtime_ns"], out["sha256"])
+
+    def failure_columns(self) -> FailureColumns:
+        dels = self.deletions()
+        found = [self.file(i).failures().take(~dels[p.name][1]) for i, p in enumerate(self.parts) if p.failures]
+        return FailureColumns.concat(found)
+
+    def read(self, ids: np.ndarray) -> np.ndarray:
+        """Embeddings of row ids (unique, any order) of this version."""
+        ids = np.asarray(ids, dtype=np.int64)
+        dim, dtype = int(self.meta["embed_dim"]), np.dtype(self.meta["dtype"])
+        out = np.empty((len(ids), dim), dtype=dtype)
+        if not len(ids):
+            return out
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        which = np.searchsorted(self.offsets, sorted_ids, side="right") - 1
+        if sorted_ids[0] < 0 or sorted_ids[-1] >= self.offsets[-1]:
+            raise IndexError(f"row ids outside this cache version (0..{self.offsets[-1] - 1})")
+        bounds = np.flatnonzero(np.diff(which)) + 1
+        for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(ids)]])):
+            i = int(which[lo])
+            local = sorted_ids[lo:hi] - self.offsets[i]
+            out[order[lo:hi]] = _read_rows(self.file(i), local)
+        return out
+
+    def close(self) -> None:
+        _close_all(self._files, self.lease)
+
+
+def _read_rows(pf: PartFile, local: np.ndarray, gap: int = 256) -> np.ndarray:
+    """Sorted unique local rows of one part, read as runs of nearby rows (a run's gaps of up
+    to ``gap`` rows are read and dropped: far cheaper than HDF5 point selections)."""
+    breaks = np.flatnonzero(np.diff(local) > gap) + 1
+    starts, ends = np.concatenate([[0], breaks]), np.concatenate([breaks, [len(local)]])
+    if len(starts) == 1:
+        a = int(local[0])
+        return pf.embeddings(slice(a, int(local[-1]) + 1))[local - a]
+    blocks = []
+    for s, e in zip(starts, ends):
+        a = int(local[s])
+        blocks.append(pf.embeddings(slice(a, int(local[e - 1]) + 1))[local[s:e] - a])
+    return np.concatenate(blocks)
+
+
+def _remap_labels(labels: np.ndarray, have: list[str], want: list[str]) -> np.ndarray:
+    """Labels indexing ``have`` -> indexing ``want`` (by class name; a class gone becomes -1)."""
+    labels = labels.astype(np.int64)
+    if have == want or not len(labels):
+        return labels
+    pos = {c: i for i, c in enumerate(want)}
+    table = np.array([pos.get(c, -1) for c in have] + [-1], dtype=np.int64)  # index -1 -> the trailing -1
+    return table[labels]
+
+
+def _close_all(files: dict[int, PartFile], lease: ReaderLease) -> None:
+    for pf in files.values():
+        pf.close()
+    files.clear()
+    lease.release()
+
+
+def open_snapshot(path: str | Path):
+    """Pin the current version of the cache at ``path`` (schema 2, or a schema-1 cache read as is).
+
+    Raises:
+        UsageError (missing path), CacheError (not a cache, newer schema, missing parts),
+        DamagedCacheError (the manifest's checksums fail).
+    """
+    from .legacy import LegacySnapshot
+
+    path = Path(path)
+    parts_dir = parts_dir_for(path)
+    f, version = open_cache_file(path)  # clear errors for missing/foreign files before anything is created
+    f.close()
+    lease = ReaderLease(parts_dir)
+    try:
+        f, version = open_cache_file(path)  # again, now that the lease protects what we read
+        if version < 2:
+            return LegacySnapshot(path, f, lease)
+        f.close()
+        manifest = read_manifest(path)
+        lease.pin(manifest.generation)
+        return Snapshot(path, manifest, lease)
+    except BaseException:
+        lease.release()
+        raise
+
+
+def iter_snapshot_embeddings(snapshot, index_rows: np.ndarray, chunk_rows: int = 8192) -> Iterator[tuple[slice, np.ndarray]]:
+    index_rows = np.asarray(index_rows, dtype=np.int64)
+    for start in range(0, len(index_rows), chunk_rows):
+        want = index_rows[start : start + chunk_rows]
+        yield slice(start, start + len(want)), snapshot.read(want)
+
