@@ -242,6 +242,7 @@ def extract(
     engine: Engine = _choice("auto", "--engine", help="auto (the engine measured fastest on this machine, once the job repays measuring; else eager), eager, compile (torch.compile), onnxruntime or openvino (optional extras); every engine is checked against eager."),
     precision: Precision = _choice("fp32", "--precision", help="fp32 (exact), bf16/fp16 (only where the hardware runs it natively, else fp32 with a message), auto (bf16 where native)."),
     decode: Decode = _choice("exact", "--decode", help="exact; draft: JPEGs decoded at a reduced DCT scale still >= the resize target (several times faster on large photos); gpu: JPEGs decoded by nvJPEG on CUDA. Both change pixels slightly, are recorded in the cache and never mixed with exact rows."),
+    repair: bool = typer.Option(False, "--repair", help="Before extracting, make a damaged cache consistent: rebuild a damaged manifest from its parts, drop damaged parts (their images are extracted again) and retry every failed file."),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same cache to finish."),
     as_json: bool = _json_flag("Print one JSON summary on stdout (with several --model: {\"caches\": [...]})."),
     quiet: bool = _quiet_flag(),
@@ -259,6 +260,8 @@ def extract(
         _emit_json({**summaries[0].to_dict(), "exit_code": code} if len(summaries) == 1 else {"caches": [s.to_dict() for s in summaries], "exit_code": code})
         return code
     for summary in summaries:
+        for dropped in summary.repaired.get("dropped_parts", []):
+            _err(f"{summary.cache}: repaired: dropped damaged part {dropped['part']} ({dropped['rows']} rows, {dropped['problem']}); extracted again")
         _err(
             f"{summary.cache}: {summary.new} new, {summary.cached} cached, {summary.failed} failed, {summary.removed} removed; "
             f"{summary.rows} rows x {summary.embed_dim} ({summary.model}, {summary.weights}, {summary.engine} {summary.precision}{'' if summary.decode == 'exact' else ', ' + summary.decode + ' decode'}) in {summary.seconds:.1f}s"
@@ -302,6 +305,7 @@ def engines(
 @command
 def status(
     target: Path = typer.Argument(..., metavar="TARGET", help="A cache (.h5), a head or fine-tuned model (.pt), or a job file (.toml)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="For a cache: check every part against its SHA-256 (reads every byte once; exit 5 when damaged)."),
     as_json: bool = _json_flag(),
     quiet: bool = _quiet_flag(),
 ) -> int:
@@ -326,9 +330,50 @@ def status(
 
     if target.is_dir() and not target.name.endswith(".parts"):
         raise UsageError(f"{str(target)!r} is a folder; pass a cache .h5 file, a head/model .pt file or a job .toml file")
-    info = cache_status(target)
-    typer.echo(json.dumps(info, default=str) if as_json else format_cache_status(info))
+    info = cache_status(target, verify=verify)
+    damaged = not info.get("integrity", {"ok": True})["ok"]
+    typer.echo(json.dumps({**info, "exit_code": 5} if damaged else info, default=str) if as_json else format_cache_status(info))
+    if damaged:
+        names = [d["part"] for d in info["integrity"]["damaged"]]
+        _err(f"error: cache {str(target)!r}: {len(names)} damaged part(s) ({', '.join(names[:3])}{', …' if len(names) > 3 else ''}); re-run your "
+             "extract command with --repair to drop their rows and extract those images again")
+        return 5
     return 0
+
+
+@command
+def verify(
+    cache: Path = typer.Argument(..., metavar="CACHE", help="A cache (.h5) written by extract."),
+    as_json: bool = _json_flag(),
+    quiet: bool = _quiet_flag(),
+) -> int:
+    """Check every byte of a cache like fsck: each part's size and SHA-256 against its manifest, headers, tombstones (exit 5 when damaged)."""
+    from pipeline.errors import ExitCode
+    from pipeline.store import verify_cache
+
+    _begin(as_json, quiet)
+    report = verify_cache(cache, progress=_bar("verify"))
+    code = ExitCode.OK if report.ok else ExitCode.INCOMPATIBLE
+    if as_json:
+        _emit_json({**report.to_dict(), "exit_code": code})
+        return code
+    if report.manifest_damaged:
+        _err(f"error: {report.manifest_damaged}")
+        return code
+    schema = "" if report.schema_version == 2 else f" (schema {report.schema_version}: no checksums; any write migrates it to schema 2)"
+    typer.echo(f"{cache}: {report.rows} rows in {report.parts} part(s), version {report.generation}; {report.bytes_checked / 2**20:.1f} MiB checked "
+               f"in {report.seconds:.1f}s{schema}")
+    for d in report.damaged:
+        typer.echo(f"  DAMAGED {d['part']}: {d['problem']}")
+    if report.unlisted:
+        typer.echo(f"  {len(report.unlisted)} unlisted part file(s) (a writer died before listing them; the next writer adopts or deletes them)")
+    if report.retired:
+        typer.echo(f"  {len(report.retired)} retired part file(s) kept for readers (deleted by the next writer once no reader needs them)")
+    if report.damaged:
+        _err(f"error: {len(report.damaged)} damaged part(s); re-run your extract command with --repair to drop their rows and extract those images again")
+    else:
+        typer.echo("  ok: every part is exactly what was written")
+    return code
 
 
 @command

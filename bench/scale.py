@@ -63,7 +63,7 @@ def main() -> None:
         one = extract(data, Path(tmp) / "one.h5", args.model, args.batch_size, args.device, 1)
         many = extract(data, Path(tmp) / "many.h5", args.model, args.batch_size, args.device, args.nproc)
         a, b = load_cache(Path(tmp) / "one.h5"), load_cache(Path(tmp) / "many.h5")
-        same = a.paths == b.paths and bool(np.allclose(a.embeddings, b.embeddings, rtol=1e-4, atol=1e-5))
+        same = list(a.paths) == list(b.paths) and bool(np.allclose(a.embeddings, b.embeddings, rtol=1e-4, atol=1e-5))
     results["one_process_img_s"] = one["images_per_s"]
     results[f"{args.nproc}_processes_img_s"] = many["images_per_s"]
     results["ratio"] = many["images_per_s"] / one["images_per_s"]

@@ -60,7 +60,7 @@ from .images import (
 )
 from .interrupts import sigterm_as_interrupt
 from .options import HOW, JOB_LEVEL, build, check_device, check_types, choose, require
-from .store import DTYPES, CacheWriter, PendingRow, WriterLock
+from .store import DTYPES, CacheWriter, PendingRow, WriterLock, encode_paths, repair_cache
 
 EMBEDDING_DEFINITION = "input of the model's final classification layer (classifier replaced by Identity)"
 
@@ -129,6 +129,7 @@ class ExtractOptions:
     engine: str = "auto"
     precision: str = "fp32"
     decode: str = "exact"
+    repair: bool = field(default=False, metadata={HOW: True})  # drop damaged parts (re-extracting their images) and retry every failed file
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -162,6 +163,7 @@ class ExtractSummary:
     failed: int = 0  # files currently failing (this run's and earlier ones)
     new_failed: int = 0
     removed: int = 0
+    repaired: dict[str, Any] = field(default_factory=dict)  # --repair: what was rebuilt or dropped
     rows: int = 0  # rows the cache now holds
     classes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -240,24 +242,46 @@ class Target:
     last_commit: float = field(default_factory=time.monotonic)
 
 
-def _open_writer(path: Path, meta: dict[str, Any], create: bool) -> CacheWriter:
-    """The lock holder's writer; with ``create`` the index exists afterwards (staging ranks read it)."""
-    writer = CacheWriter(path, meta)
-    if create and not path.exists():
+def _open_writer(t: Target, create: bool, repair: bool, log: Callable[[str], None]) -> CacheWriter:
+    """The lock holder's writer (after ``--repair`` made the cache consistent); with ``create``
+    the cache exists afterwards (staging ranks read it)."""
+    if repair:
+        report = repair_cache(t.out_path, t.meta, log)
+        t.summary.repaired = {"rebuilt_manifest": report.rebuilt_manifest, "dropped_parts": report.dropped, "superseded": report.superseded}
+    writer = CacheWriter(t.out_path, t.meta)
+    if create and not t.out_path.exists():
         writer.commit()
     return writer
 
 
-def _open_target(t: Target, w: World, records: Sequence[ImageRecord], max_pixels: int | None) -> None:
+@dataclass
+class ScanColumns:
+    """A folder scan as numpy columns, for the diff against each cache."""
+
+    records: Sequence[ImageRecord]
+    paths: np.ndarray  # encoded as the store encodes them
+    sizes: np.ndarray
+    mtimes: np.ndarray
+
+    @classmethod
+    def of(cls, scan: ScanResult) -> "ScanColumns":
+        recs = scan.records
+        return cls(recs, encode_paths([r.relpath for r in recs]), np.fromiter((r.size for r in recs), np.int64, len(recs)),
+                   np.fromiter((r.mtime_ns for r in recs), np.int64, len(recs)))
+
+
+def _open_target(t: Target, w: World, scan: ScanColumns, max_pixels: int | None, repair: bool, log: Callable[[str], None]) -> None:
     """Open the locked cache (rank 0 first: it adopts parts of earlier crashed runs) and work
-    out what this cache lacks; each rank then writes parts of its own."""
-    main_writer = w.run_on_main(lambda: _open_writer(t.out_path, t.meta, create=w.enabled))
+    out what this cache lacks (numpy over the encoded paths: stat-only for a folder of
+    unchanged files); each rank then writes parts of its own."""
+    main_writer = w.run_on_main(lambda: _open_writer(t, create=w.enabled, repair=repair, log=log))
     t.writer = CacheWriter(t.out_path, t.meta, staging=True, tag=f"rank{w.rank}-") if w.enabled else main_writer
-    known = t.writer.known(retry=lambda reason: retry_under(reason, max_pixels))
-    t.todo = {r.relpath for r in records if known.get(r.relpath) != (r.size, r.mtime_ns)}
-    t.removed = sorted(set(known) - {r.relpath for r in records})
+    known = t.writer.known_files(retry=lambda reason: repair or retry_under(reason, max_pixels))
+    unchanged = known.unchanged(scan.paths, scan.sizes, scan.mtimes)
+    t.todo = {scan.records[i].relpath for i in np.flatnonzero(~unchanged).tolist()}
+    t.removed = known.missing_from(scan.paths)
     t.summary.removed = len(t.removed)
-    t.summary.cached = len(records) - len(t.todo)
+    t.summary.cached = len(scan.records) - len(t.todo)
     if not w.enabled:
         t.writer.remove(t.removed)
 
@@ -281,7 +305,8 @@ def _merge_ranks(w: World, t: Target) -> None:
         final.commit()
         if not summary.interrupted:
             final.compact()
-        return sorted(final.failures.items()), sum(final.state.valid)
+        final.close()
+        return sorted(final.failures.items()), final.n_rows
 
     summary.failures, summary.rows = w.broadcast(w.run_on_main(merge))
 
@@ -295,8 +320,9 @@ def _finish_target(t: Target, w: World) -> None:
     else:
         if not t.summary.interrupted:
             t.writer.compact()
+        t.writer.close()
         t.summary.failures = sorted(t.writer.failures.items())
-        t.summary.rows = sum(t.writer.state.valid)
+        t.summary.rows = t.writer.n_rows
     t.summary.failed = len(t.summary.failures)
 
 
@@ -371,11 +397,12 @@ def extract_many(
 
     t0 = time.perf_counter()
     opened: list[Target] = []
+    columns = ScanColumns.of(scan)
     try:
         for t in targets:  # rank 0 holds every cache's lock for the whole run
             w.run_on_main(t.lock.acquire)
             opened.append(t)
-            _open_target(t, w, scan.records, opts.max_pixels)
+            _open_target(t, w, columns, opts.max_pixels, opts.repair, log if w.is_main else (lambda m: None))
         # one pass over every file some cache lacks; each rank takes a deterministic share
         todo_all = [r for r in scan.records if any(r.relpath in t.todo for t in targets)]
         todo = todo_all[w.rank :: w.size]

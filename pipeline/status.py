@@ -1,15 +1,16 @@
 """Plain-text summaries of caches for terminals and JSON for machines (no training here)."""
 from __future__ import annotations
 
-import collections
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import DataError, command_hint
 from .images import scan_folder
-from .store import cache_disk_bytes, read_index_info, read_rows
+from .store import cache_disk_bytes, encode_paths, read_index_info, read_rows, verify_cache
 
 
 def human_bytes(n: float) -> str:
@@ -20,43 +21,53 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def cache_status(path: str | os.PathLike, check_disk: bool = True) -> dict[str, Any]:
-    """What a cache holds: rows, classes with counts, splits, failures, provenance, freshness."""
+def cache_status(path: str | os.PathLike, check_disk: bool = True, verify: bool = True) -> dict[str, Any]:
+    """What a cache holds: rows, classes with counts, splits, failures, provenance, freshness
+    (numpy over the rows: no Python object per row), and with ``verify`` whether every part is
+    exactly what was written (its SHA-256: reads every byte once)."""
     path = Path(path)
-    table = read_rows(path)
-    meta = table.meta
-    classes = list(meta["classes"])
-    label_counts = collections.Counter(int(l) for l in table.labels)
-    per_class = {c: label_counts.get(i, 0) for i, c in enumerate(classes)}
-    unlabeled = label_counts.get(-1, 0)
-    splits = dict(collections.Counter(s or "(none)" for s in table.split))
-    info = read_index_info(path)
-    failures, updated, n_parts = info["failures"], info["updated"], info["parts"]
-    status: dict[str, Any] = {
-        "cache": str(path),
-        "rows": len(table.paths),
-        "embed_dim": meta["embed_dim"],
-        "dtype": meta["dtype"],
-        "classes": per_class,
-        "unlabeled": unlabeled,
-        "splits": splits,
-        "failed": len(failures),
-        "failures": [{"path": p, "reason": r} for p, r in failures],
-        "parts": n_parts,
-        "bytes_on_disk": cache_disk_bytes(path),
-        "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(updated)),
-        "provenance": meta,
-    }
-    if check_disk:
-        try:
-            scan = scan_folder(meta["data_root"], meta["layout"])
-            have = set(table.paths) | {p for p, _ in failures}
-            on_disk = {r.relpath for r in scan.records}
-            status["not_extracted"] = len(on_disk - have)
-            status["gone_from_disk"] = len(have - on_disk)
-        except DataError as exc:
-            status["not_extracted"] = None
-            status["data_root_problem"] = str(exc)
+    with read_rows(path) as table:
+        meta = table.meta
+        classes = list(meta["classes"])
+        counts = np.bincount(table.labels + 1, minlength=len(classes) + 1)  # slot 0: unlabeled (-1)
+        per_class = {c: int(counts[i + 1]) for i, c in enumerate(classes)}
+        names, n = np.unique(table.split, return_counts=True)
+        splits = {(str(k) or "(none)"): int(v) for k, v in zip(names, n)}
+        info = read_index_info(path)
+        failures, updated = info["failures"], info["updated"]
+        status: dict[str, Any] = {
+            "cache": str(path),
+            "rows": len(table),
+            "embed_dim": meta["embed_dim"],
+            "dtype": meta["dtype"],
+            "classes": per_class,
+            "unlabeled": int(counts[0]),
+            "splits": splits,
+            "failed": len(failures),
+            "failures": [{"path": p, "reason": r} for p, r in failures],
+            "parts": info["parts"],
+            "schema_version": info["schema_version"],
+            "generation": info["generation"],
+            "largest_part_rows": info["largest_part_rows"],
+            "deleted_rows": info["deleted_rows"],
+            "retired_files": info["garbage_files"],
+            "bytes_on_disk": cache_disk_bytes(path),
+            "updated": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(updated)),
+            "provenance": meta,
+        }
+        if verify:
+            report = verify_cache(path)
+            status["integrity"] = {"ok": report.ok, "damaged": report.damaged, "seconds": round(report.seconds, 2)}
+        if check_disk:
+            try:
+                scan = scan_folder(meta["data_root"], meta["layout"])
+                on_disk = encode_paths([r.relpath for r in scan.records])
+                have = np.concatenate([table.paths_raw, encode_paths([p for p, _ in failures])])
+                status["not_extracted"] = int((~np.isin(on_disk, have)).sum())
+                status["gone_from_disk"] = int((~np.isin(have, on_disk)).sum())
+            except DataError as exc:
+                status["not_extracted"] = None
+                status["data_root_problem"] = str(exc)
     return status
 
 
@@ -69,7 +80,8 @@ def format_cache_status(s: dict[str, Any]) -> str:
         f"({meta.get('precision', 'fp32')}, engine {meta.get('engine', 'eager')}, decode {meta.get('decode', 'exact')})",
         f"preprocess resize={pre['resize_size']} crop={pre['crop_size']} {pre['interpolation']} mean={pre['mean']} std={pre['std']}",
         f"data root  {meta['data_root']}  (layout {meta['layout']})",
-        f"rows       {s['rows']}  in {s['parts']} part(s), {human_bytes(s['bytes_on_disk'])} on disk, updated {s['updated']}",
+        f"rows       {s['rows']}  in {s['parts']} part(s) (schema {s['schema_version']}, version {s['generation']}), "
+        f"{human_bytes(s['bytes_on_disk'])} on disk, updated {s['updated']}",
         f"splits     {', '.join(f'{k}={v}' for k, v in s['splits'].items()) or '-'}",
         f"classes    {len(s['classes'])}" + (f"  (+{s['unlabeled']} unlabeled)" if s["unlabeled"] else ""),
     ]
@@ -83,6 +95,13 @@ def format_cache_status(s: dict[str, Any]) -> str:
     lines += [f"  {f['path']}: {f['reason']}" for f in s["failures"][:20]]
     if s["failed"] > 20:
         lines.append(f"  ... and {s['failed'] - 20} more (see --json)")
+    integrity = s.get("integrity")
+    if integrity is None:
+        lines.append("integrity  not checked (--no-verify)")
+    elif integrity["ok"]:
+        lines.append(f"integrity  ok: every part is exactly what was written ({integrity['seconds']:.1f}s)")
+    else:
+        lines += [f"integrity  DAMAGED {d['part']}: {d['problem']}" for d in integrity["damaged"]]
     lines.append(f"versions   featcache {meta.get('featcache_version')}, torch {meta.get('torch_version')}, torchvision {meta.get('torchvision_version')}")
     return "\n".join(lines)
 

@@ -71,7 +71,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, many_images):
     ref = tmp_path / "clean.h5"
     assert run_cli("extract", str(many_images), *ARGS, "--out", str(ref)).returncode == 0
     a, b = load_cache(out), load_cache(ref)
-    assert a.paths == b.paths and list(a.labels) == list(b.labels)
+    assert list(a.paths) == list(b.paths) and list(a.labels) == list(b.labels)
     np.testing.assert_allclose(a.embeddings, b.embeddings, rtol=1e-4, atol=1e-5)
     assert not any(".tmp-" in p.name for p in tmp_path.rglob("*"))
 

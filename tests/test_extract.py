@@ -15,7 +15,10 @@ from pipeline import load_cache
 from pipeline.errors import IncompatibleError
 from pipeline.extract import run_extract
 
-from conftest import make_image
+from conftest import ROOT, make_image
+
+# the README's plain-h5py recipe for reading a cache, as printed there
+README_RECIPE = "import json\n" + (ROOT / "README.md").read_text().split("```python\nimport json\n", 1)[1].split("```", 1)[0]
 
 
 @pytest.mark.parametrize("name", ["resnet50", "densenet121"])
@@ -70,7 +73,7 @@ def test_incremental_add_change_delete(tmp_path, image_tree):
     fresh = tmp_path / "fresh.h5"
     run_extract(image_tree, "resnet18", "none", fresh, workers=0)
     ref = load_cache(fresh)
-    assert ref.paths == after.paths
+    assert list(ref.paths) == list(after.paths)
     np.testing.assert_allclose(ref.embeddings, after.embeddings, rtol=1e-4, atol=1e-5)
 
 
@@ -81,20 +84,21 @@ def test_load_cache_contract_and_plain_h5py(tmp_path, image_tree):
     assert c.embeddings.shape == (12, 512) and c.embeddings.dtype == np.float32
     assert c.classes == ["cat", "dog", "eel"]
     assert list(c.labels) == [0] * 4 + [1] * 4 + [2] * 4
-    assert c.split == [""] * 12 and c.failures == []
+    assert list(c.split) == [""] * 12 and c.failures == []
     for key in ("model", "weights", "preprocessing", "embed_dim", "classes", "torch_version", "torchvision_version", "seed"):
         assert key in c.meta
     assert c.meta["model"] == "resnet18" and c.meta["weights"] == "none" and c.meta["seed"] == 0
     assert list(c.fingerprints["size"]) == [(image_tree / p).stat().st_size for p in c.paths]  # aligned with rows
-    # README recipe: plain h5py, no featcache
+    # the README's recipe, exactly: plain h5py, no featcache
+    namespace: dict = {}
+    exec(README_RECIPE, namespace)
+    X, paths, y, classes = namespace["read_featcache"](str(out))
     with h5py.File(out, "r") as f:
-        keep = f["valid"][:]
-        X = f["embeddings"][:][keep]
-        paths = f["paths"].asstr()[:][keep]
-        assert f.attrs["model"] == "resnet18" and f.attrs["schema_version"] == 1
-        assert list(f["classes"].asstr()[:]) == c.classes
+        assert f.attrs["model"] == "resnet18" and f.attrs["schema_version"] == 2
+    assert classes == c.classes
     order = np.argsort(paths)
     np.testing.assert_array_equal(X[order], c.embeddings)
+    assert list(paths[order]) == list(c.paths) and list(y[order]) == list(c.labels)
 
 
 def test_bad_files_recorded_not_fatal(tmp_path, image_tree):

@@ -41,7 +41,7 @@ def test_one_decode_per_file_and_rows_equal_single_runs(tmp_path, image_tree, ti
     assert len(count_decodes) == 24
     for shared, single in [(a, tmp_path / "a1.h5"), (b, tmp_path / "b1.h5")]:
         x, y = load_cache(shared), load_cache(single)
-        assert x.paths == y.paths and x.labels.tolist() == y.labels.tolist()
+        assert list(x.paths) == list(y.paths) and x.labels.tolist() == y.labels.tolist()
         assert x.meta["preprocessing"] == y.meta["preprocessing"]
         np.testing.assert_allclose(x.embeddings, y.embeddings, rtol=1e-5, atol=1e-6)
     assert load_cache(a).meta["preprocessing"] != load_cache(b).meta["preprocessing"]

@@ -14,7 +14,7 @@ import torch
 from .. import __version__, logs
 from ..errors import UsageError
 from ..options import build
-from ..store import WriterLock, ensure_free_space, iter_embeddings, payload_bytes, read_cache_meta, read_rows
+from ..store import SCHEMA_VERSION, RowTable, WriterLock, ensure_free_space, iter_embeddings, payload_bytes, read_cache_meta, read_rows
 from .artifacts import LoadedHead, load_head, save_head
 from .estimators import ArraySource, TorchHead, make_head
 from .knn import KNNHead
@@ -24,11 +24,12 @@ from .splits import assign_splits
 
 
 class CacheSource:
-    """Rows of a cache streamed in chunks (shuffled chunk order, shuffled within chunk)."""
+    """Rows of a cache streamed in chunks (shuffled chunk order, shuffled within chunk), all
+    from the table's own cache version (a compaction meanwhile changes nothing it reads)."""
 
-    def __init__(self, path: Path, index_rows: np.ndarray, labels: np.ndarray, chunk_rows: int = 16384):
+    def __init__(self, table: RowTable, index_rows: np.ndarray, labels: np.ndarray, chunk_rows: int = 16384):
         order = np.argsort(index_rows)
-        self.path, self.rows, self.y = path, np.asarray(index_rows)[order], np.asarray(labels)[order]
+        self.table, self.rows, self.y = table, np.asarray(index_rows)[order], np.asarray(labels)[order]
         self.n_rows, self.chunk_rows = len(self.rows), chunk_rows
 
     def batches(self, batch_size, shuffle, rng) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -37,7 +38,7 @@ class CacheSource:
             starts = rng.permutation(starts)
         for s in starts:
             rows, y = self.rows[s : s + self.chunk_rows], self.y[s : s + self.chunk_rows]
-            (_, X), = iter_embeddings(self.path, rows, chunk_rows=len(rows))
+            (_, X), = iter_embeddings(self.table, rows, chunk_rows=len(rows))
             order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
             for i in range(0, len(rows), batch_size):
                 idx = order[i : i + batch_size]
@@ -45,7 +46,7 @@ class CacheSource:
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
         total = total_sq = None
-        for _, X in iter_embeddings(self.path, self.rows, chunk_rows=self.chunk_rows):
+        for _, X in iter_embeddings(self.table, self.rows, chunk_rows=self.chunk_rows):
             X = X.astype(np.float64)
             total = X.sum(0) if total is None else total + X.sum(0)
             total_sq = (X**2).sum(0) if total_sq is None else total_sq + (X**2).sum(0)
@@ -80,10 +81,12 @@ def _load_split(cache: Path, val_fraction: float, seed: int):
     return table, split, rule
 
 
-def _read(cache: Path, rows: np.ndarray, dim: int) -> np.ndarray:
+def _read(table: RowTable, rows: np.ndarray, dim: int) -> np.ndarray:
+    """Embeddings of ``rows`` (ids of ``table``'s version) as float32, read in storage order."""
     X = np.empty((len(rows), dim), dtype=np.float32)
-    for pos, block in iter_embeddings(cache, rows):
-        X[pos] = block
+    order = np.argsort(rows)
+    for pos, block in iter_embeddings(table, np.asarray(rows)[order], chunk_rows=1 << 16):
+        X[order[pos]] = block
     return X
 
 
@@ -147,17 +150,17 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
         X = {s: None for s in idx}
     elif streaming and kind == "knn":  # the training rows stay in the cache
         tr = idx["train"]
-        Xv = _read(cache, table.index_rows[idx["val"]], dim) if len(idx["val"]) else None
-        head.fit_cache(cache, [table.paths[i] for i in tr], [table.fingerprints["sha256"][i] for i in tr], table.labels[tr], dim,
+        Xv = _read(table, table.index_rows[idx["val"]], dim) if len(idx["val"]) else None
+        head.fit_cache(cache, [str(p) for p in table.paths[tr]], table.sha256_hex(tr), table.labels[tr], dim,
                        Xv, table.labels[idx["val"]] if Xv is not None else None)
         X = {s: None for s in idx}
     elif streaming:
-        src = lambda s: CacheSource(cache, table.index_rows[idx[s]], table.labels[idx[s]])  # noqa: E731
+        src = lambda s: CacheSource(table, table.index_rows[idx[s]], table.labels[idx[s]])  # noqa: E731
         head.fit_source(src("train"), src("val") if len(idx["val"]) else None, classes=np.unique(table.labels[idx["train"]]),
                         n_features=dim, train_labels=table.labels[idx["train"]])
         X = {s: None for s in idx}
     else:
-        X = {s: _read(cache, table.index_rows[idx[s]], dim) for s in idx}
+        X = {s: _read(table, table.index_rows[idx[s]], dim) for s in idx}
         y_train = table.labels[idx["train"]]
         use_val = isinstance(head, (TorchHead, KNNHead)) or opts.select_on == "val"  # early stopping, k, or logreg's C on val
         if opts.select_on == "val" and not len(idx["val"]):
@@ -174,7 +177,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
     metrics: dict[str, Any] = {}
     for s in ("val", "test"):
         if len(idx[s]):
-            Xs = X[s] if X[s] is not None else _read(cache, table.index_rows[idx[s]], dim)
+            Xs = X[s] if X[s] is not None else _read(table, table.index_rows[idx[s]], dim)
             metrics[s] = classification_metrics(table.labels[idx[s]], full_proba(head, Xs, len(classes)), classes)
     metrics["fit_seconds"] = seconds
     if grid_board:
@@ -185,7 +188,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
     provenance = {
         **{k: meta.get(k) for k in ("model", "weights", "weights_spec", "seed", "preprocessing", "embed_dim", "classes", "dtype", "data_root", "layout", "engine", "precision", "decode")},
         "cache": str(cache.resolve()),
-        "cache_schema_version": 1,
+        "cache_schema_version": SCHEMA_VERSION,
         "cache_fingerprint": table.content_digest(),
         "split_rule": rule.to_dict(),
         "n_train": int(len(idx["train"])), "n_val": int(len(idx["val"])), "n_test": int(len(idx["test"])),
@@ -221,9 +224,9 @@ def _fit_grid(cache: Path, table, idx: dict[str, np.ndarray], opts: FitOptions, 
         strat = labels if np.bincount(labels).min() >= 2 else None
         train_rows, val_rows = train_test_split(train_rows, test_size=max(template.val_fraction, 0.1), random_state=opts.seed, stratify=strat)
     if streaming:
-        source = lambda rows: CacheSource(cache, table.index_rows[rows], table.labels[rows])  # noqa: E731
+        source = lambda rows: CacheSource(table, table.index_rows[rows], table.labels[rows])  # noqa: E731
     else:
-        source = lambda rows: ArraySource(_read(cache, table.index_rows[rows], dim), table.labels[rows])  # noqa: E731
+        source = lambda rows: ArraySource(_read(table, table.index_rows[rows], dim), table.labels[rows])  # noqa: E731
     train_labels = table.labels[train_rows]
     return fit_grid(template, members, source(train_rows), source(val_rows), np.unique(train_labels), dim, train_labels)
 
@@ -249,7 +252,7 @@ def evaluate_head(head_path: str | os.PathLike, cache: str | os.PathLike, val_fr
         groups = {"all": np.flatnonzero(labelled)}
     for name, rows in groups.items():
         if len(rows):
-            X = _read(cache, table.index_rows[rows], dim)
+            X = _read(table, table.index_rows[rows], dim)
             result[name] = classification_metrics(table.labels[rows], full_proba(loaded.head, X, len(classes)), classes)
     return result
 

@@ -24,7 +24,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import validate_data
 
 from ..errors import CacheError
-from ..store import iter_embeddings, read_rows
+from ..store import RowTable, encode_paths, iter_embeddings, read_rows, sha_hex
 from .common import check_fitted, head_device
 
 
@@ -109,21 +109,23 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         self.train_, self.cache_ = _normalise(torch.tensor(np.asarray(X), dtype=torch.float32, device=self.device_)), None
         self.train_labels_ = torch.as_tensor(labels, dtype=torch.long, device=self.device_)
 
-    def _cache_rows(self) -> np.ndarray:
-        """Where the training rows sit in the cache now (compaction moves them); refuses a
-        cache that lost or changed any of them."""
+    def _cache_rows(self) -> tuple[RowTable, np.ndarray]:
+        """The cache's current version and where the training rows sit in it (compaction moves
+        them); refuses a cache that lost or changed any of them."""
         cache = Path(self.cache_["path"])
         try:
             table = read_rows(cache)
         except CacheError as exc:
             raise CacheError(f"this kNN head reads its training rows from {str(cache)!r}: {exc}") from None
-        where = {p: i for i, p in enumerate(table.paths)}
-        sha = table.fingerprints["sha256"]
-        missing = [p for p, h in zip(self.cache_["paths"], self.cache_["sha256"]) if p not in where or sha[where[p]] != h]
-        if missing:
-            raise CacheError(f"cache {str(cache)!r} no longer holds {len(missing)} of this kNN head's training rows as fitted "
-                             f"(e.g. {missing[0]!r}); refit the head (fit-head --clf knn)")
-        return table.index_rows[[where[p] for p in self.cache_["paths"]]]
+        want = encode_paths(self.cache_["paths"])
+        pos = np.minimum(np.searchsorted(table.paths_raw, want), max(len(table) - 1, 0))
+        held = table.paths_raw[pos] == want if len(table) else np.zeros(len(want), bool)
+        held &= sha_hex(table.fingerprints["sha256"][pos]) == np.array([h.encode() for h in self.cache_["sha256"]], dtype="S64")
+        if not held.all():
+            missing = self.cache_["paths"][int(np.flatnonzero(~held)[0])]
+            raise CacheError(f"cache {str(cache)!r} no longer holds {int((~held).sum())} of this kNN head's training rows as fitted "
+                             f"(e.g. {missing!r}); refit the head (fit-head --clf knn)")
+        return table, table.index_rows[pos]
 
     def _train_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(offset, normalised rows) of the training set, chunk by chunk."""
@@ -131,8 +133,10 @@ class KNNHead(ClassifierMixin, BaseEstimator):
             for t0 in range(0, len(self.train_), self.chunk_rows):
                 yield t0, self.train_[t0 : t0 + self.chunk_rows]
             return
-        for pos, block in iter_embeddings(self.cache_["path"], self._cache_rows(), chunk_rows=self.chunk_rows):
-            yield pos.start, _normalise(torch.as_tensor(block, dtype=torch.float32, device=self.device_))
+        table, rows = self._cache_rows()
+        with table:
+            for pos, block in iter_embeddings(table, rows, chunk_rows=self.chunk_rows):
+                yield pos.start, _normalise(torch.as_tensor(block, dtype=torch.float32, device=self.device_))
 
     def _votes(self, X: np.ndarray, ks: tuple[int, ...]) -> list[torch.Tensor]:
         """[n, n_classes] normalised votes for each k, from one pass over the training rows."""
