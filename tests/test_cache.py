@@ -38,6 +38,14 @@ def _part_files(path):
     return sorted(p.name for p in parts_dir_for(path).glob("part-*.h5"))
 
 
+def _three_single_row_parts(path: Path) -> CacheWriter:
+    w = CacheWriter(path, META, policy=CompactionPolicy(auto=False))
+    for i in range(3):
+        w.add(_rows([f"a/{i}"]), _emb(1, i))
+        w.commit()
+    return w
+
+
 def _no_temporaries(root: Path) -> bool:
     return not [p for p in root.rglob("*") if ".tmp-" in p.name]
 
@@ -206,10 +214,7 @@ def test_an_unlisted_merge_output_is_deleted_not_adopted(tmp_path, monkeypatch):
     """Killed after a merge wrote its output but before the manifest listed it: the inputs still
     hold those rows, so the next writer deletes the output instead of duplicating rows."""
     path = tmp_path / "c.h5"
-    w = CacheWriter(path, META, policy=CompactionPolicy(auto=False))
-    for i in range(3):
-        w.add(_rows([f"a/{i}"]), _emb(1, i))
-        w.commit()
+    w = _three_single_row_parts(path)
     expected = load_cache(path)
 
     def killed(*a, **k):
@@ -364,10 +369,7 @@ def test_a_reader_keeps_its_version_through_a_compaction(tmp_path):
 
 def test_a_reader_whose_version_vanished_fails_loudly(tmp_path):
     path = tmp_path / "c.h5"
-    w = CacheWriter(path, META, policy=CompactionPolicy(auto=False))
-    for i in range(3):
-        w.add(_rows([f"a/{i}"]), _emb(1, i))
-        w.commit()
+    w = _three_single_row_parts(path)
     table = read_rows(path)
     table.snapshot.close()  # a reader the writer cannot see (another host, a read-only folder), its files not open yet
     w.compact(full=True)

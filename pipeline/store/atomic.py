@@ -119,13 +119,22 @@ def atomic_path(final: Path, need: int = 0) -> Iterator[Path]:
         os.replace(tmp, final)
         fsync_dir(final.parent)
     except BaseException as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        if isinstance(exc, OSError) or _disk_full_failure(exc, final.parent):
-            raise storage_error(exc, final) from exc
-        raise
+        failure = discard_temporary(tmp, exc, final)
+        if failure is exc:
+            raise
+        raise failure from exc
+
+
+def discard_temporary(tmp: Path, exc: BaseException, final: Path) -> BaseException:
+    """Remove a failed write's temporary; what to raise: a one-line StorageError for a failure
+    of the disk (full, read-only), else ``exc`` itself."""
+    try:
+        tmp.unlink()
+    except OSError:
+        pass
+    if isinstance(exc, OSError) or _disk_full_failure(exc, final.parent):
+        return storage_error(exc, final)
+    return exc
 
 
 def _writer_alive(name: str) -> bool:

@@ -25,7 +25,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from .atomic import _disk_full_failure, ensure_free_space, fsync_dir, storage_error, temp_name_for
+from .atomic import discard_temporary, ensure_free_space, fsync_dir, storage_error, temp_name_for
 
 CHUNK_BYTES = 1 << 20  # target chunk size: whole chunks are what HDF5 checksums and reads
 UTF8 = "utf-8"
@@ -169,13 +169,10 @@ def new_hdf5(final: Path, reserve: int, digest: bool = True) -> Iterator[tuple[h
     except BaseException as exc:
         if fd >= 0:
             os.close(fd)
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        if isinstance(exc, OSError) or _disk_full_failure(exc, final.parent):
-            raise storage_error(exc, final) from exc
-        raise
+        failure = discard_temporary(tmp, exc, final)
+        if failure is exc:
+            raise
+        raise failure from exc
 
 
 def chunk_rows(row_bytes: int, n_rows: int, target: int = CHUNK_BYTES) -> int:

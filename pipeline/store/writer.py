@@ -641,9 +641,11 @@ class CacheWriter:
                             keep = np.flatnonzero(~dead[a : a + step])
                             if not len(keep):
                                 continue
-                            cols = pf.columns(slice(a, a + step)).take(keep)
+                            cols, emb = pf.columns(slice(a, a + step)), pf.embeddings(slice(a, a + step))
+                            if len(keep) < len(cols):  # (no copy when nothing in the slice is deleted)
+                                cols, emb = cols.take(keep), emb[keep]
                             cols.labels = _remap_labels(cols.labels, pf.classes, m.classes).astype(np.int32)
-                            sink.append(cols, pf.embeddings(slice(a, a + step))[keep])
+                            sink.append(cols, emb)
                     written = sink.close()
                 except BaseException as exc:
                     sink.abort(exc)
