@@ -55,7 +55,8 @@ def split_codes(splits: Iterable[str]) -> np.ndarray:
 
 
 def split_names(codes: np.ndarray) -> np.ndarray:
-    return np.array(SPLITS, dtype=np.dtypes.StringDType())[np.asarray(codes, dtype=np.intp)]
+    """Codes -> a ``U5`` string array (a gather of fixed-width strings: fast at 10 M rows)."""
+    return np.array(SPLITS, dtype="U5")[np.asarray(codes, dtype=np.intp)]
 
 
 def sha_raw(hexes: Sequence[str]) -> np.ndarray:

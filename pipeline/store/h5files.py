@@ -154,7 +154,7 @@ def new_hdf5(final: Path, reserve: int, digest: bool = True) -> Iterator[tuple[h
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         reserve_space(fd, reserve)
         raw = _ReservedFile(fd)
-        with h5py.File(raw, "w", libver="latest", rdcc_nbytes=8 * CHUNK_BYTES) as f:
+        with h5py.File(raw, "w", libver="latest", rdcc_nbytes=2 * CHUNK_BYTES) as f:  # a partial chunk per dataset fits
             yield f, result
         if raw.error is not None:
             raise raw.error

@@ -93,6 +93,11 @@ class LegacySnapshot:
                 raise CacheError(f"cache {str(self.path)!r} has unreadable embedding rows (a part file is damaged); re-extract into a new --out")
         return out
 
+    def read_into(self, out: np.ndarray, ids: np.ndarray, where: np.ndarray) -> None:
+        """``out[where[k]] = embedding of ids[k]``, chunk by chunk."""
+        for c in range(0, len(ids), 1 << 16):
+            out[where[c : c + (1 << 16)]] = self.read(ids[c : c + (1 << 16)])
+
     def close(self) -> None:
         try:
             self.f.close()

@@ -212,6 +212,11 @@ class PartFile:
         with self.guard():
             return self.f["embeddings"][rows]
 
+    def read_direct(self, out: np.ndarray, start: int, n: int, dest: int) -> None:
+        """Embedding rows ``start:start+n`` decoded straight into ``out[dest:dest+n]``."""
+        with self.guard():
+            self.f["embeddings"].read_direct(out, np.s_[start : start + n], np.s_[dest : dest + n])
+
     def failures(self) -> FailureColumns:
         with self.guard():
             g = self.f["failures"]

@@ -175,8 +175,7 @@ def load_cache(path: str | os.PathLike) -> CacheData:
         dim = int(table.meta["embed_dim"])
         emb = np.empty((len(table), dim), dtype=np.dtype(table.meta.get("dtype", "float32")))
         order = np.argsort(table.index_rows)  # read in storage order (long runs), place in path order
-        for pos, block in iter_embeddings(table, table.index_rows[order], chunk_rows=1 << 16):
-            emb[order[pos]] = block
+        table.snapshot.read_into(emb, table.index_rows[order], order)
         fails = sorted((p, r) for p, r, _, _ in table.snapshot.failure_columns().items())
         return CacheData(Path(path), emb, table.labels, table.paths, table.classes, table.split, fails, dict(table.meta), table.fingerprints)
 

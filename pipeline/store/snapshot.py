@@ -144,6 +144,25 @@ class Snapshot:
             out[order[lo:hi]] = _read_rows(self.file(i), local)
         return out
 
+    def read_into(self, out: np.ndarray, ids: np.ndarray, where: np.ndarray, min_run: int = 256) -> None:
+        """``out[where[k]] = embedding of ids[k]`` for ascending ``ids``: long runs that are
+        contiguous on both sides are decoded straight into ``out`` (no intermediate copy),
+        the rest is gathered chunk by chunk."""
+        ids, where = np.asarray(ids, np.int64), np.asarray(where, np.int64)
+        if not len(ids):
+            return
+        part = np.searchsorted(self.offsets, ids, side="right") - 1
+        brk = np.flatnonzero((np.diff(ids) != 1) | (np.diff(where) != 1) | (np.diff(part) != 0)) + 1
+        starts, ends = np.concatenate([[0], brk]), np.concatenate([brk, [len(ids)]])
+        long = ends - starts >= min_run
+        for s, e in zip(starts[long].tolist(), ends[long].tolist()):
+            i = int(part[s])
+            self.file(i).read_direct(out, int(ids[s] - self.offsets[i]), e - s, int(where[s]))
+        rest = np.flatnonzero(np.repeat(~long, ends - starts))
+        for c in range(0, len(rest), 1 << 16):
+            sel = rest[c : c + (1 << 16)]
+            out[where[sel]] = self.read(ids[sel])
+
     def close(self) -> None:
         _close_all(self._files, self.lease)
 
@@ -151,6 +170,9 @@ class Snapshot:
 def _read_rows(pf: PartFile, local: np.ndarray, gap: int = 256) -> np.ndarray:
     """Sorted unique local rows of one part, read as runs of nearby rows (a run's gaps of up
     to ``gap`` rows are read and dropped: far cheaper than HDF5 point selections)."""
+    a, b = int(local[0]), int(local[-1]) + 1
+    if b - a == len(local):  # a whole span (load_cache, merges): no gather
+        return pf.embeddings(slice(a, b))
     breaks = np.flatnonzero(np.diff(local) > gap) + 1
     starts, ends = np.concatenate([[0], breaks]), np.concatenate([breaks, [len(local)]])
     if len(starts) == 1:

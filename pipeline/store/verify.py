@@ -173,11 +173,10 @@ def repair_cache(path: str | Path, meta: dict[str, Any], log: Callable[[str], No
         if version < SCHEMA_VERSION:
             return report  # schema 1 carries no checksums to repair by; the writer migrates it
         manifest = read_manifest(path)
-    except DamagedCacheError:
-        manifest = None
     except CacheError as exc:
-        if "not a featcache cache" in str(exc) or "newer than" in str(exc):
-            raise
+        foreign = "not a featcache cache" in str(exc) or "newer than" in str(exc)
+        if foreign or not any(parts_dir_for(path).glob("part-*.h5")):
+            raise  # not ours, or nothing to rebuild from: never overwrite it
         manifest = None
     if manifest is None:
         manifest = rebuild_manifest(path, meta)
