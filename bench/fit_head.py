@@ -42,7 +42,7 @@ CHILD_PRELUDE = (
     "    table, split, _ = _load_split(cache, 0.2, 0)\n"
     "    dim = int(table.meta['embed_dim'])\n"
     "    tr, va = np.flatnonzero(split == 'train'), np.flatnonzero(split == 'val')\n"
-    "    return _read(cache, table.index_rows[tr], dim), table.labels[tr], _read(cache, table.index_rows[va], dim), table.labels[va]\n"
+    "    return _read(table, table.index_rows[tr], dim), table.labels[tr], _read(table, table.index_rows[va], dim), table.labels[va]\n"
     "def done(result, t0):\n"
     "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]  # ru_maxrss survives exec: the parent's would leak in\n"
     "    peak = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
@@ -191,7 +191,7 @@ def main() -> None:
     args = ap.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     print(f"{os.cpu_count()} cores; each method in its own process, one after the other")
-    table = []
+    table, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
             t0 = time.perf_counter()
@@ -205,6 +205,7 @@ def main() -> None:
             for m, r in results.items():
                 if "error" in r:
                     print(f"  {m:<30} failed: {r['error']}")
+                    failed.append(f"{case}: {m}")
                     continue
                 notes = f"C={r['C']:g} of {r['searched']} values searched" if r.get("C") else ""
                 print(f"  {m:<30} {r['seconds']:8.1f} {r['peak_rss_mib']:9.0f} {r['accuracy']:8.4f}  {notes}")
@@ -221,6 +222,8 @@ def main() -> None:
                 print(f"  ratio knn / brute-force time = {knn['seconds'] / brute['seconds']:.2f}; accuracy {100 * (knn['accuracy'] - brute['accuracy']):+.2f} points")
     if table:
         print("\nsummary: " + "; ".join(f"{c} {r:.2f}x time, {g:+.1f} pts" for c, r, g in table))
+    if failed:  # a comparison that did not run is a broken bench, not a result (CI runs --quick)
+        raise SystemExit(f"{len(failed)} method(s) failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
