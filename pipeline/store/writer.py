@@ -612,7 +612,8 @@ class CacheWriter:
 
     def _merge(self, names: Sequence[str]) -> None:
         """Rewrite the live rows, failure records and still-useful tombstones of ``names`` into
-        one new part (or none when nothing is live), then retire them."""
+        one new part (or none when nothing is live), then retire them. One input is open at a
+        time (an open HDF5 file keeps caches of its own), so memory does not grow with the merge."""
         t0 = time.perf_counter()
         m = self.manifest
         group = [n for n in m.names() if n in set(names)]
@@ -620,23 +621,28 @@ class CacheWriter:
         infos = {p.name: p for p in m.parts}
         listed = set(m.names())
         dim, dtype = int(m.meta["embed_dim"]), np.dtype(m.meta["dtype"])
-        files = {n: PartFile(self.path, self.parts_dir, n, expect_bytes=infos[n].bytes or None) for n in group}
-        try:
-            masks = {n: self._parts[n].masks(infos[n]) for n in group}
-            carried = Tombstones.from_triples(t for n in group if infos[n].tombstones for t in files[n].tombstones().triples()
-                                              if t[0] in listed and t[0] not in gset)
-            failures = FailureColumns.concat([files[n].failures().take(~masks[n][1]) for n in group if infos[n].failures])
-            n_rows = sum(int((~masks[n][0]).sum()) for n in group)
-            info = None
-            if n_rows or len(failures) or len(carried):
-                name = new_part_name(self.tag + "m")
-                width = max(files[n].path_width for n in group)
-                sink = PartSink(self.parts_dir, name, n_rows=n_rows, dim=dim, dtype=dtype, path_width=width, meta=m.meta,
-                                base_generation=m.generation, kind="merge", failures=failures, tombstones=carried, inputs=group)
-                try:
-                    step = max(256, self.policy.memory_budget // row_bytes(dim, dtype, width))
-                    for n in group:
-                        pf, dead = files[n], masks[n][0]
+        masks = {n: self._parts[n].masks(infos[n]) for n in group}
+        open_part = lambda n: PartFile(self.path, self.parts_dir, n, expect_bytes=infos[n].bytes or None)  # noqa: E731
+        triples, fails, width = [], [], 1
+        for n in group:  # first pass: what the inputs carry besides rows
+            with _closing(open_part(n)) as pf:
+                width = max(width, pf.path_width)
+                if infos[n].tombstones:
+                    triples += [t for t in pf.tombstones().triples() if t[0] in listed and t[0] not in gset]
+                if infos[n].failures:
+                    fails.append(pf.failures().take(~masks[n][1]))
+        carried, failures = Tombstones.from_triples(triples), FailureColumns.concat(fails)
+        n_rows = sum(int((~masks[n][0]).sum()) for n in group)
+        info = None
+        if n_rows or len(failures) or len(carried):
+            name = new_part_name(self.tag + "m")
+            sink = PartSink(self.parts_dir, name, n_rows=n_rows, dim=dim, dtype=dtype, path_width=width, meta=m.meta,
+                            base_generation=m.generation, kind="merge", failures=failures, tombstones=carried, inputs=group)
+            try:
+                step = max(256, self.policy.memory_budget // row_bytes(dim, dtype, width))
+                for n in group:
+                    dead = masks.pop(n)[0]
+                    with _closing(open_part(n)) as pf:
                         for a in range(0, infos[n].rows, step):
                             keep = np.flatnonzero(~dead[a : a + step])
                             if not len(keep):
@@ -646,22 +652,19 @@ class CacheWriter:
                                 cols, emb = cols.take(keep), emb[keep]
                             cols.labels = _remap_labels(cols.labels, pf.classes, m.classes).astype(np.int32)
                             sink.append(cols, emb)
-                    written = sink.close()
-                except BaseException as exc:
-                    sink.abort(exc)
-                    raise
-                info = PartInfo(name, n_rows, failures=len(failures), tombstones=len(carried), bytes=written.bytes, sha256=written.sha256)
-            new = m.copy()
-            at = min(m.names().index(n) for n in group)
-            new.parts = [p for p in new.parts if p.name not in gset]
-            if info is not None:
-                new.parts.insert(at, info)
-            new.generation = m.generation + 1
-            new.garbage = new.garbage + [(n, new.generation) for n in group]
-            write_manifest(self.path, new)
-        finally:
-            for pf in files.values():
-                pf.close()
+                written = sink.close()
+            except BaseException as exc:
+                sink.abort(exc)
+                raise
+            info = PartInfo(name, n_rows, failures=len(failures), tombstones=len(carried), bytes=written.bytes, sha256=written.sha256)
+        new = m.copy()
+        at = min(m.names().index(n) for n in group)
+        new.parts = [p for p in new.parts if p.name not in gset]
+        if info is not None:
+            new.parts.insert(at, info)
+        new.generation = m.generation + 1
+        new.garbage = new.garbage + [(n, new.generation) for n in group]
+        write_manifest(self.path, new)
         self.manifest, self._garbage_dirty = new, False
         old_uids = {self._parts[n].uid for n in group}
         for n in group:
@@ -740,6 +743,14 @@ class CacheWriter:
         self._apply_deletions(tomb)
         self._index, self._failures = None, None  # rebuilt on the next commit
         return len(tomb)
+
+
+@contextmanager
+def _closing(pf: PartFile) -> Iterator[PartFile]:
+    try:
+        yield pf
+    finally:
+        pf.close()
 
 
 def _close_and_version(path: Path) -> tuple[None, int]:
