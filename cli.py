@@ -35,6 +35,7 @@ from pipeline.choices import (
     PRECISIONS,
     SCHEDULES,
     SELECT_ON,
+    TOKEN_POOLS,
     TORCH_SCHEDULES,
 )
 
@@ -51,6 +52,7 @@ Dtype = Literal[DTYPES]
 Engine = Literal[ENGINES]
 Precision = Literal[PRECISIONS]
 Decode = Literal[DECODES]
+TokenPool = Literal[TOKEN_POOLS]
 Clf = Literal[HEAD_KINDS]
 HeadSchedule = Literal[TORCH_SCHEDULES]
 SelectOn = Literal[SELECT_ON]
@@ -226,7 +228,7 @@ class _Bars:
 @command
 def extract(
     data_dir: Path = typer.Argument(..., metavar="DATA_DIR", help="Image folder: class sub-folders (ImageFolder), train/ val/ \\[test/] roots, or a flat unlabeled folder."),
-    models: list[str] = typer.Option(..., "--model", "-m", help="torchvision model name (see `models`; any case) or hub:REPO_OR_DIR:ENTRY; repeat it to extract several backbones in one pass (each file read and decoded once)."),
+    models: list[str] = typer.Option(..., "--model", "-m", help="torchvision model name (see `models`; any case), timm:NAME, pretrainedmodels:NAME or hub:REPO_OR_DIR:ENTRY; repeat it to extract several backbones in one pass (each file read and decoded once)."),
     weights: str = typer.Option("DEFAULT", "--weights", "-w", help="DEFAULT, a weights name (e.g. IMAGENET1K_V2), none (seeded random init), or a state_dict PATH; names in any case."),
     outs: Optional[list[Path]] = typer.Option(None, "--out", "-o", help="Cache file (one per --model, in order); default cache/<model>__<weights>__<root>-<hash>.h5."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per backbone forward."),
@@ -243,8 +245,10 @@ def extract(
     precision: Precision = _choice("fp32", "--precision", help="fp32 (exact), bf16/fp16 (only where the hardware runs it natively, else fp32 with a message), auto (bf16 where native)."),
     decode: Decode = _choice("exact", "--decode", help="exact; draft: JPEGs decoded at a reduced DCT scale still >= the resize target (several times faster on large photos); gpu: JPEGs decoded by nvJPEG on CUDA. Both change pixels slightly, are recorded in the cache and never mixed with exact rows."),
     repair: bool = typer.Option(False, "--repair", help="Before extracting, make a damaged cache consistent: rebuild a damaged manifest from its parts, drop damaged parts (their images are extracted again) and retry every failed file."),
+    layers: Optional[list[str]] = typer.Option(None, "--layer", "--layers", "-l", help="Tap this layer instead of the final embedding (repeat it: one forward, one cache per layer): a module name (see `models --layers MODEL`) or lastK (class tokens of the last K transformer blocks, as DINOv2)."),
+    token_pool: TokenPool = _choice("cls", "--token-pool", help="How a tapped token sequence (ViT) is pooled: cls (class token) or cls+mean (class token and mean patch token). Feature maps are averaged."),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same cache to finish."),
-    as_json: bool = _json_flag("Print one JSON summary on stdout (with several --model: {\"caches\": [...]})."),
+    as_json: bool = _json_flag("Print one JSON summary on stdout (with several --model or --layer: {\"caches\": [...]})."),
     quiet: bool = _quiet_flag(),
 ) -> int:
     """Embed every image not yet in the cache (incremental, crash-safe)."""
@@ -254,7 +258,8 @@ def extract(
     _begin(as_json, quiet)
     if outs and len(outs) != len(models):
         raise UsageError(f"--out was given {len(outs)} times for {len(models)} --model values; give one --out per --model, or none")
-    summaries = extract_many(data_dir, models, outs or None, _options(ExtractOptions, locals()), wait=wait, progress=_bar("extract"), log=_err)
+    summaries = extract_many(data_dir, models, outs or None, _options(ExtractOptions, {**locals(), "layers": tuple(layers or ())}), wait=wait,
+                             progress=_bar("extract"), log=_err)
     code = 3 if any(s.failed for s in summaries) else 0
     if as_json:
         _emit_json({**summaries[0].to_dict(), "exit_code": code} if len(summaries) == 1 else {"caches": [s.to_dict() for s in summaries], "exit_code": code})
@@ -264,7 +269,7 @@ def extract(
             _err(f"{summary.cache}: repaired: dropped damaged part {dropped['part']} ({dropped['rows']} rows, {dropped['problem']}); extracted again")
         _err(
             f"{summary.cache}: {summary.new} new, {summary.cached} cached, {summary.failed} failed, {summary.removed} removed; "
-            f"{summary.rows} rows x {summary.embed_dim} ({summary.model}, {summary.weights}, {summary.engine} {summary.precision}{'' if summary.decode == 'exact' else ', ' + summary.decode + ' decode'}) in {summary.seconds:.1f}s"
+            f"{summary.rows} rows x {summary.embed_dim} ({summary.model}{' ' + summary.layer if summary.layer else ''}, {summary.weights}, {summary.engine} {summary.precision}{'' if summary.decode == 'exact' else ', ' + summary.decode + ' decode'}) in {summary.seconds:.1f}s"
             + (f", {summary.images_per_s:.1f} img/s" if summary.new else "")
         )
         for path, reason in summary.failures[:20]:
@@ -606,15 +611,37 @@ def finetune(
 
 @command
 def models(
-    as_json: bool = _json_flag("Print a JSON list."),
+    source: Optional[str] = typer.Option(None, "--source", help="torchvision, timm or pretrainedmodels (default: every installed source)."),
+    filter_: str = typer.Option("", "--filter", help="Only names containing this text (e.g. convnext)."),
+    details: Optional[bool] = typer.Option(None, "--details/--no-details", help="Embedding width and input size (default: when at most 100 models match)."),
+    layers: Optional[str] = typer.Option(None, "--layers", metavar="MODEL", help="List the layers of MODEL that extract --layer can tap, with output shape and pooled width."),
+    depth: int = typer.Option(2, "--depth", help="With --layers: how many dots deep to list module names."),
+    as_json: bool = _json_flag("Print JSON."),
     quiet: bool = _quiet_flag(),
 ) -> int:
-    """List the torchvision classification models that --model accepts (to stdout, also under --quiet)."""
-    from pipeline.backbones import available_models
+    """List the backbones --model accepts (torchvision names, timm:NAME, pretrainedmodels:NAME), or a model's tappable layers (to stdout)."""
+    from pipeline.backbones.catalog import list_backbones, list_layers
 
     _begin(as_json, quiet)
-    names = available_models()
-    typer.echo(json.dumps(names) if as_json else "\n".join(names))
+    if layers:
+        info = list_layers(layers, depth)
+        if as_json:
+            _emit_json(info)
+            return 0
+        for row in info["layers"]:
+            typer.echo(f"{row['name']:<40} {'x'.join(map(str, row['shape'])):<16} width {row['width']}")
+        if info["last_k"]:
+            typer.echo(f"{'last1 ... last' + str(info['last_k']):<40} class tokens of the last K of {info['last_k']} blocks (DINOv2's linear evaluation)")
+        return 0
+    rows, notes = list_backbones(source.lower() if source else None, filter_, details)
+    if as_json:
+        _emit_json({"models": rows, "notes": notes})
+        return 0
+    for row in rows:
+        extra = f"  {row['embed_dim'] or '?':>5}-d  {row['input_size'] or '?'} px" if "embed_dim" in row else ""
+        typer.echo(f"{row['name']:<48}{extra}".rstrip())
+    for note in notes:
+        _err(note)
     return 0
 
 

@@ -3,6 +3,7 @@
     python bench/extract.py                 # resnet50, 512 generated 500x375 JPEGs
     python bench/extract.py --quick         # tiny run that only proves the bench works (CI)
     python bench/extract.py --json          # one JSON object
+    python bench/extract.py --model timm:convnext_tiny   # a timm model: the reference loop is timm's own
     pip install -e '.[engines]'             # adds ONNX Runtime and OpenVINO (measured when installed)
 
 Measured here, in this order:
@@ -84,12 +85,19 @@ def decode_alone(data: Path, model_name: str, n: int, draft: bool = False) -> fl
 
 
 def naive(data: Path, model_name: str, batch: int, device: torch.device) -> float:
-    """As in the classic transfer-learning tutorials."""
-    weights = torchvision.models.get_model_weights(model_name).DEFAULT
-    ds = torchvision.datasets.ImageFolder(str(data), transform=weights.transforms())
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=0)
+    """As in the classic transfer-learning tutorials; for ``timm:`` models, timm's own inference
+    loop (ImageFolder + the model's data-config transform + the eager model, as its docs show)."""
     torch.manual_seed(0)
-    net = torchvision.models.get_model(model_name, weights=None).eval().to(device)
+    if model_name.startswith("timm:"):
+        import timm
+
+        net = timm.create_model(model_name[len("timm:"):], pretrained=False, num_classes=0).eval().to(device)
+        transform = timm.data.create_transform(**timm.data.resolve_model_data_config(net))
+    else:
+        transform = torchvision.models.get_model_weights(model_name).DEFAULT.transforms()
+        net = torchvision.models.get_model(model_name, weights=None).eval().to(device)
+    ds = torchvision.datasets.ImageFolder(str(data), transform=transform)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=0)
     t0 = time.perf_counter()
     done = 0
     with torch.no_grad():
@@ -108,7 +116,7 @@ def ours(data: Path, model_name: str, batch: int, cache_dir: Path, precision: st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--model", default=None, help="torchvision name or timm:NAME (default resnet50; --quick: resnet18)")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -118,8 +126,9 @@ def main() -> None:
     args = ap.parse_args()
     seconds = 4.0
     if args.quick:
-        args.model, args.images, args.batch_size, seconds = "resnet18", 16, 8, 0.2
+        args.model, args.images, args.batch_size, seconds = args.model or "resnet18", 16, 8, 0.2
         args.data = args.data.with_name(args.data.name + "-quick")
+    args.model = args.model or "resnet50"
     device = resolve_device(args.device)
     data = make_jpegs(args.data, args.images)
     bf16_ok, bf16_why = native_bf16(device)
@@ -167,7 +176,8 @@ def main() -> None:
     print(f"decode + transforms, one core : {fmt(r['decode_transform_one_core'])}")
     d = r["decode_12mp_photo"]
     print(f"  12 MP photos: exact {d['exact']:.2f}, --decode draft {d['draft']:.2f} img/s ({d['draft'] / d['exact']:.1f}x; opt-in, changes pixels)")
-    print(f"naive tutorial loop, end to end: {fmt(r['naive'])}")
+    reference = "timm's own inference loop" if args.model.startswith("timm:") else "naive tutorial loop"
+    print(f"{reference}, end to end: {fmt(r['naive'])}")
     print(f"ours fp32 ({r['ours_fp32_engine']}, {r['ours_workers']} decoder processes), end to end: {fmt(r['ours_fp32'])}")
     print(f"ours bf16, end to end          : {fmt(r['ours_bf16'])}")
     if device.type == "cuda":
@@ -176,7 +186,7 @@ def main() -> None:
     ratio = lambda v: f"{v:.2f}" if v else "n/a"  # noqa: E731
     print(f"ours fp32 / best fp32 engine = {ratio(r['ratio_fp32_vs_best_fp32_engine'])}  (goal >= 0.85)")
     print(f"ours bf16 / best bf16 engine = {ratio(r['ratio_bf16_vs_best_bf16_engine'])}  (goal >= 0.7)")
-    print(f"ours fp32 / naive            = {ratio(r['ratio_vs_naive'])}  (goal >= 2.4 with AVX-512)")
+    print(f"ours fp32 / {'timm loop' if args.model.startswith('timm:') else 'naive    '}        = {ratio(r['ratio_vs_naive'])}  (goal >= 2.4 with AVX-512)")
 
 
 if __name__ == "__main__":

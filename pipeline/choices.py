@@ -18,6 +18,7 @@ DTYPES = ("float32", "float16")
 ENGINES = ("auto", "eager", "compile", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 DECODES = ("exact", "draft", "gpu")
+TOKEN_POOLS = ("cls", "cls+mean")  # how a tapped token sequence (ViT) is pooled
 # stage 2
 HEAD_KINDS = ("logreg", "linear", "mlp", "knn")
 TORCH_SCHEDULES = ("cosine", "step")

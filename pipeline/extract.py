@@ -26,6 +26,7 @@ from . import __version__
 from .backbones import (
     ENGINES,
     PRECISIONS,
+    TOKEN_POOLS,
     Backbone,
     Engine,
     EngineContext,
@@ -130,6 +131,8 @@ class ExtractOptions:
     precision: str = "fp32"
     decode: str = "exact"
     repair: bool = field(default=False, metadata={HOW: True})  # drop damaged parts (re-extracting their images) and retry every failed file
+    layers: tuple[str, ...] = ()  # tap these layers (one cache each) instead of the final embedding
+    token_pool: str = "cls"  # how a tapped token sequence is pooled: cls or cls+mean
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -146,6 +149,11 @@ class ExtractOptions:
         choose(self, "engine", ENGINES)
         choose(self, "precision", PRECISIONS)
         choose(self, "decode", DECODES, "exact is the default; draft: faster JPEG decode of large photos; gpu: nvJPEG on CUDA; both change pixels slightly")
+        choose(self, "token_pool", TOKEN_POOLS)
+        layers = tuple(x.strip() for x in self.layers)
+        require(all(layers), "--layer is empty; give a module name (see `featcache models --layers MODEL`) or lastK")
+        require(len(set(layers)) == len(layers), f"--layer names the same layer twice ({', '.join(layers)})")
+        object.__setattr__(self, "layers", layers)
 
 
 # ----------------------------------------------------------------------------- runner
@@ -175,6 +183,7 @@ class ExtractSummary:
     engine: str = "eager"
     precision: str = "fp32"
     decode: str = "exact"
+    layer: str | None = None  # --layer: the tapped layer this cache holds
     rank: int = 0  # torchrun: this process's rank (only rank 0 reports)
     world_size: int = 1
 
@@ -190,23 +199,40 @@ def default_cache_dir() -> Path:
 
 
 def default_cache_path(model: str, weights: str, data_root: Path, cache_dir: Path | None = None, precision: str = "fp32", decode: str = "exact",
-                       seed: int = 0) -> Path:
-    """``cache/<model>__<weights>[__bf16][__draft]__<root name>-<hash>.h5``: one cache per backbone, weights (a seed
-    other than 0 for ``none``: ``none-seed7``), precision, decode and root."""
+                       seed: int = 0, layer: str | None = None) -> Path:
+    """``cache/<model>__<weights>[__bf16][__draft][__at-<layer>]__<root name>-<hash>.h5``: one cache per backbone,
+    weights (a seed other than 0 for ``none``: ``none-seed7``), precision, decode, tapped layer and root."""
     base = Path(cache_dir or default_cache_dir())
     clean = lambda s: "".join(c if c.isalnum() or c in "-_." else "-" for c in s).strip("-")  # noqa: E731
     w = Path(weights).stem if os.sep in str(weights) else str(weights)
     if w == "none" and seed:
         w = f"none-seed{seed}"
     root_tag = hashlib.sha1(str(Path(data_root).resolve()).encode()).hexdigest()[:8]
-    tag = ("" if precision == "fp32" else f"__{precision}") + ("" if decode == "exact" else f"__{decode}")
+    tag = ("" if precision == "fp32" else f"__{precision}") + ("" if decode == "exact" else f"__{decode}") + (f"__at-{clean(layer)}" if layer else "")
     return base / f"{clean(model)}__{clean(w)}{tag}__{clean(Path(data_root).name) or 'root'}-{root_tag}.h5"
 
 
-def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.device, precision: str = "fp32", decode: str = "exact") -> dict[str, Any]:
+def cache_paths(model: str, opts: "ExtractOptions", data_root: Path, out: str | os.PathLike | Sequence | None, precision: str,
+                cache_dir: Path | None = None) -> list[Path]:
+    """The caches one ``--model`` fills: one, or one per ``--layer`` (an explicit ``--out`` then
+    gains ``__at-<layer>`` before its suffix, unless a list gives one path per layer)."""
+    layers: list[str | None] = list(opts.layers) or [None]
+    if isinstance(out, (list, tuple)):
+        if len(out) != len(layers):
+            raise UsageError(f"{len(out)} cache paths for {len(layers)} layers of {model}")
+        return [Path(o) for o in out]
+    if out is not None:
+        out = Path(out)
+        return [out] if len(layers) == 1 else [out.with_name(f"{out.stem}__at-{layer}{out.suffix}") for layer in layers]
+    return [default_cache_path(model, opts.weights, data_root, cache_dir, precision, opts.decode, opts.seed, layer) for layer in layers]
+
+
+def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.device, precision: str = "fp32", decode: str = "exact",
+               tap: int | None = None) -> dict[str, Any]:
+    prov = backbone.provenance(tap)
     return {
-        **backbone.provenance(),
-        "embedding": EMBEDDING_DEFINITION,
+        **prov,
+        "embedding": EMBEDDING_DEFINITION if "layer" not in prov else f"output of layer {prov['layer']}, pooled: {prov['layer_pool']}",
         "dtype": dtype,
         "data_root": str(scan.root),
         "layout": scan.layout,
@@ -228,18 +254,31 @@ ProgressFn = Callable[[int, int, float], None]
 
 @dataclass
 class Target:
-    """One backbone and the cache it fills in a (possibly shared) pass over the images."""
+    """One cache: a backbone's embedding (or one tapped layer's columns of it)."""
 
     backbone: Backbone
     out_path: Path
     meta: dict[str, Any]
     lock: WriterLock
     summary: ExtractSummary
+    columns: slice | None = None  # this cache's columns of the backbone's output (a tapped layer)
     writer: CacheWriter | None = None
-    engine: Engine | None = None
     todo: set[str] = field(default_factory=set)  # relpaths this cache lacks (all ranks)
     removed: list[str] = field(default_factory=list)
     last_commit: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Pass:
+    """One backbone forward per batch and the caches it fills: one, or one per tapped layer."""
+
+    backbone: Backbone
+    targets: list[Target]
+    engine: Engine | None = None
+
+    @property
+    def todo(self) -> set[str]:
+        return set().union(*(t.todo for t in self.targets))
 
 
 def _open_writer(t: Target, create: bool, repair: bool, log: Callable[[str], None]) -> CacheWriter:
@@ -326,23 +365,32 @@ def _finish_target(t: Target, w: World) -> None:
     t.summary.failed = len(t.summary.failures)
 
 
-def _write_batch(t: Target, batch: DecodedBatch, records: Sequence[ImageRecord], commit_every: int, commit_seconds: float) -> None:
-    """The mapper and writer for one backbone: failures recorded, rows embedded and buffered,
-    a commit when enough rows or time have passed."""
-    for i, reason in batch.failures:
-        r = records[i]
-        t.writer.add_failure(r.relpath, reason, r.size, r.mtime_ns)
-        t.summary.new_failed += 1
+def _write_batch(p: Pass, batch: DecodedBatch, records: Sequence[ImageRecord], commit_every: int, commit_seconds: float) -> None:
+    """The mapper and writer for one backbone: one forward, then for each of its caches the
+    failures recorded, the rows it lacks (its columns) buffered, a commit when enough rows or
+    time have passed."""
+    emb = None
     if batch.images is not None:
         # uint8 pixels travel to the engine's device, then become the model's input there
-        emb = t.engine.embed(t.backbone.preprocessing.normalize(batch.images.to(t.engine.device, non_blocking=True)))
-        rows = [PendingRow(records[i].relpath, records[i].label, records[i].split, records[i].size, records[i].mtime_ns, s)
-                for i, s in zip(batch.positions, batch.sha256)]
-        t.writer.add(rows, emb)
-        t.summary.new += len(rows)
-    if t.writer.pending >= commit_every or time.monotonic() - t.last_commit >= commit_seconds:
-        t.writer.commit()
-        t.last_commit = time.monotonic()
+        emb = p.engine.embed(p.backbone.preprocessing.normalize(batch.images.to(p.engine.device, non_blocking=True)))
+    shared = len(p.targets) == 1
+    for t in p.targets:
+        for i, reason in batch.failures:
+            r = records[i]
+            if shared or r.relpath in t.todo:
+                t.writer.add_failure(r.relpath, reason, r.size, r.mtime_ns)
+                t.summary.new_failed += 1
+        if emb is not None:
+            keep = [k for k, i in enumerate(batch.positions) if shared or records[i].relpath in t.todo]
+            rows = [PendingRow(records[i].relpath, records[i].label, records[i].split, records[i].size, records[i].mtime_ns, batch.sha256[k])
+                    for k, i in ((k, batch.positions[k]) for k in keep)]
+            part = emb if shared and t.columns is None else emb[np.asarray(keep, dtype=np.intp)][:, t.columns or slice(None)]
+            if rows:
+                t.writer.add(rows, np.ascontiguousarray(part))
+                t.summary.new += len(rows)
+        if t.writer.pending >= commit_every or time.monotonic() - t.last_commit >= commit_seconds:
+            t.writer.commit()
+            t.last_commit = time.monotonic()
 
 
 def extract_many(
@@ -372,6 +420,8 @@ def extract_many(
     if len(set(models)) != len(models):
         raise UsageError(f"--model names the same backbone twice ({', '.join(models)})")
     outs = list(outs) if outs is not None else [None] * len(models)
+    if len(outs) != len(models):
+        raise UsageError(f"{len(outs)} --out paths for {len(models)} --model values; give one per model, in order")
     precision = opts.precision
     if opts.amp:  # the older spelling of reduced precision on CUDA
         if dev.type != "cuda":
@@ -384,14 +434,20 @@ def extract_many(
     w = world(dev.type)
     dev = rank_device(dev, w)
     scan = scan_folder(data_dir, opts.layout)
-    targets: list[Target] = []
+    passes: list[Pass] = []
     for model, out in zip(models, outs):
-        backbone = load_backbone(model, weights, seed=opts.seed)
-        out_path = Path(out) if out is not None else default_cache_path(model, weights, scan.root, precision=chosen.name, decode=decode, seed=opts.seed)
-        summary = ExtractSummary(str(out_path), model, backbone.weights_id, backbone.embed_dim, str(dev), classes=list(scan.classes),
-                                 rank=w.rank, world_size=w.size, skipped=list(scan.skipped), precision=chosen.name, decode=decode)
-        targets.append(Target(backbone, out_path, build_meta(backbone, scan, opts.dtype, dev, chosen.name, decode),
-                              WriterLock(out_path, command=f"extract --model {model}", wait=wait), summary))
+        backbone = load_backbone(model, weights, seed=opts.seed, layers=opts.layers, token_pool=opts.token_pool)
+        taps: list[int | None] = list(range(len(backbone.taps))) or [None]
+        p = Pass(backbone, [])
+        for tap, out_path in zip(taps, cache_paths(model, opts, scan.root, out, chosen.name)):
+            layer = None if tap is None else backbone.taps[tap].name
+            meta = build_meta(backbone, scan, opts.dtype, dev, chosen.name, decode, tap)
+            summary = ExtractSummary(str(out_path), model, backbone.weights_id, meta["embed_dim"], str(dev), classes=list(scan.classes), layer=layer,
+                                     rank=w.rank, world_size=w.size, skipped=list(scan.skipped), precision=chosen.name, decode=decode)
+            p.targets.append(Target(backbone, out_path, meta, WriterLock(out_path, command=f"extract --model {model}", wait=wait), summary,
+                                    None if tap is None else backbone.tap_columns(tap)))
+        passes.append(p)
+    targets = [t for p in passes for t in p.targets]
     if len({t.out_path.resolve() for t in targets}) != len(targets):
         raise UsageError("two --model values would write the same cache; give each its own --out")
 
@@ -408,15 +464,18 @@ def extract_many(
         todo = todo_all[w.rank :: w.size]
         for t in targets:
             if w.is_main and (t.removed or t.todo):
-                log(f"{t.backbone.name}: {len(t.todo)} to extract, {t.summary.cached} cached, {len(t.removed)} removed"
-                    + (f" ({w.size} ranks)" if w.enabled else ""))
-            ctx = engine_context(t.backbone, dev, chosen, batch_size, t.out_path.parent)
-            t.engine = build_engine(engine, ctx, len(t.todo), log if w.is_main else (lambda m: None))
-            t.summary.engine = t.engine.name
-            t.writer.set_meta(engine=t.engine.name)
-        needs = [tuple(r.relpath in t.todo for t in targets) for r in todo]
-        draft = max(t.backbone.preprocessing.draft_size for t in targets) if decode == "draft" else None
-        to_pixels = [t.backbone.preprocessing.pixels() for t in targets]
+                log(f"{t.backbone.name}{f' {t.summary.layer}' if t.summary.layer else ''}: {len(t.todo)} to extract, {t.summary.cached} cached, "
+                    f"{len(t.removed)} removed" + (f" ({w.size} ranks)" if w.enabled else ""))
+        for p in passes:
+            ctx = engine_context(p.backbone, dev, chosen, batch_size, p.targets[0].out_path.parent)
+            p.engine = build_engine(engine, ctx, len(p.todo), log if w.is_main else (lambda m: None))
+            for t in p.targets:
+                t.summary.engine = p.engine.name
+                t.writer.set_meta(engine=p.engine.name)
+        pass_todo = [p.todo for p in passes]
+        needs = [tuple(r.relpath in todo_p for todo_p in pass_todo) for r in todo]
+        draft = max(p.backbone.preprocessing.draft_size for p in passes) if decode == "draft" else None
+        to_pixels = [p.backbone.preprocessing.pixels() for p in passes]
         dataset = SharedDecodeDataset(scan.root, todo, to_pixels, needs, opts.max_pixels, draft, gpu_decode=decode == "gpu")
         loader = make_loader(dataset, batch_size, workers if todo else 0, dev.type == "cuda", collate=partial(collate_shared, needs=needs))
         done = 0
@@ -424,8 +483,8 @@ def extract_many(
             with sigterm_as_interrupt():
                 for parts in loader if todo else ():
                     finish_on_gpu(parts, to_pixels, dev)
-                    for t, batch in zip(targets, parts):
-                        _write_batch(t, batch, todo, opts.commit_every, opts.commit_seconds)
+                    for p, batch in zip(passes, parts):
+                        _write_batch(p, batch, todo, opts.commit_every, opts.commit_seconds)
                     done += len({i for b in parts for i in b.positions} | {i for b in parts for i, _ in b.failures})
                     if progress and w.is_main:
                         progress(done, len(todo), time.perf_counter() - t0)

@@ -78,7 +78,9 @@ def format_cache_status(s: dict[str, Any]) -> str:
         f"cache      {s['cache']}",
         f"backbone   {meta['model']}  weights={meta['weights']}  embed_dim={s['embed_dim']} {s['dtype']}  "
         f"({meta.get('precision', 'fp32')}, engine {meta.get('engine', 'eager')}, decode {meta.get('decode', 'exact')})",
-        f"preprocess resize={pre['resize_size']} crop={pre['crop_size']} {pre['interpolation']} mean={pre['mean']} std={pre['std']}",
+        f"preprocess resize={pre['resize_size']} crop={pre['crop_size']} {pre['interpolation']} mean={pre['mean']} std={pre['std']}"
+        + (f" {pre['input_space']}" if pre.get("input_space", "RGB") != "RGB" else "") + (f" range 0-{pre['input_range']:g}" if pre.get("input_range", 1.0) != 1.0 else ""),
+        *([f"layer      {meta['layer']}  (pooled: {meta.get('layer_pool')})"] if meta.get("layer") else []),
         f"data root  {meta['data_root']}  (layout {meta['layout']})",
         f"rows       {s['rows']}  in {s['parts']} part(s) (schema {s['schema_version']}, version {s['generation']}), "
         f"{human_bytes(s['bytes_on_disk'])} on disk, updated {s['updated']}",

@@ -108,7 +108,7 @@ def test_json_errors_are_one_object_on_stdout(argv, code, kind):
 
     from conftest import ROOT
 
-    boom = "import pipeline.backbones as b; b.available_models = lambda: 1 / 0; "
+    boom = "import pipeline.backbones.catalog as b; b.list_backbones = lambda *a, **k: 1 / 0; "
     proc = subprocess.run([sys.executable, "-c", boom + f"import sys; sys.argv[0] = 'cli.py'; import cli; cli.main({argv!r})"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == code, proc.stderr

@@ -7,6 +7,7 @@ Never reads images or writes caches; its only file I/O is loading weights and en
 """
 from .engines import ENGINES, Engine, EngineContext, TorchEngine, build_engine, choice_path, engines_dir, model_identity, tune
 from .hardware import PRECISIONS, PrecisionChoice, choose_precision
+from .preprocessing import ModelTransform, ToPixels
 from .registry import (
                        AUX_CLASSIFIERS,
                        MODEL_ARTIFACT_FORMAT,
@@ -19,7 +20,8 @@ from .registry import (
                        load_backbone,
                        torch_load_quietly,
 )
+from .taps import TOKEN_POOLS, layer_table
 
-__all__ = ["AUX_CLASSIFIERS", "ENGINES", "MODEL_ARTIFACT_FORMAT", "PRECISIONS", "Backbone", "Engine", "EngineContext", "PrecisionChoice",
+__all__ = ["AUX_CLASSIFIERS", "TOKEN_POOLS", "ModelTransform", "ToPixels", "layer_table", "ENGINES", "MODEL_ARTIFACT_FORMAT", "PRECISIONS", "Backbone", "Engine", "EngineContext", "PrecisionChoice",
            "Preprocessing", "TorchEngine", "available_models", "build_engine", "check_model_name", "choice_path", "choose_precision",
            "drop_aux_classifiers", "engines_dir", "file_digest", "load_backbone", "model_identity", "torch_load_quietly", "tune"]

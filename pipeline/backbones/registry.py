@@ -15,86 +15,22 @@ import difflib
 import hashlib
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torchvision
 from torch import nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
-from torchvision.transforms._presets import ImageClassification
 
 from ..errors import BackboneError, WeightsUnavailableError, command_hint
+from . import cadene, timm_models
+from .preprocessing import Preprocessing
+from .taps import tap_model
 
 HUB_PREFIX = "hub:"
 # Used only for torch.hub entries that declare no preprocessing of their own (recorded as such).
 _IMAGENET_FALLBACK = dict(resize_size=[256], crop_size=[224], mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Everything that turns a PIL image into the model's input tensor (recorded in caches)."""
-
-    resize_size: list[int]
-    crop_size: list[int]
-    mean: list[float]
-    std: list[float]
-    interpolation: str = "bilinear"
-    antialias: bool = True
-    source: str = "weights"  # where it came from: "weights" or "fallback"
-
-    @classmethod
-    def from_torchvision(cls, transform: ImageClassification, source: str = "weights") -> "Preprocessing":
-        return cls(
-            resize_size=list(transform.resize_size),
-            crop_size=list(transform.crop_size),
-            mean=[float(m) for m in transform.mean],
-            std=[float(s) for s in transform.std],
-            interpolation=InterpolationMode(transform.interpolation).value,
-            antialias=bool(transform.antialias),
-            source=source,
-        )
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def transform(self) -> ImageClassification:
-        """The exact torchvision preset transform (PIL or tensor in, normalised tensor out)."""
-        return ImageClassification(
-            crop_size=self.crop_size[0],
-            resize_size=self.resize_size[0] if len(self.resize_size) == 1 else tuple(self.resize_size),
-            mean=tuple(self.mean),
-            std=tuple(self.std),
-            interpolation=InterpolationMode(self.interpolation),
-            antialias=self.antialias,
-        )
-
-    def pixels(self) -> "ToPixels":
-        """The geometric half of ``transform()``: resize and centre crop to a uint8 CHW tensor,
-        four times smaller than floats to pass from decoder processes and to a GPU."""
-        t = self.transform()
-        return ToPixels(t.resize_size, t.crop_size, t.interpolation, t.antialias)
-
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The numeric half of ``transform()`` on a uint8 batch, on whatever device it lives:
-        the same operations, so ``normalize(stack(pixels(img)))`` equals ``transform(img)`` bit for bit."""
-        return F.normalize(F.convert_image_dtype(pixels, torch.float), mean=list(self.mean), std=list(self.std))
-
-    @property
-    def input_size(self) -> int:
-        return int(self.crop_size[0])
-
-    @property
-    def draft_size(self) -> int:
-        """The smallest side a draft-decoded JPEG may have: the resize's target, so the
-        resize still only shrinks."""
-        return int(max(self.resize_size))
 
 
 @dataclass
@@ -109,9 +45,12 @@ class Backbone:
     seed: int | None = None
     removed_layer: str = ""  # dotted name of the classification layer replaced by Identity
     weights_spec: str = "DEFAULT"  # what the user passed (a PATH is made absolute), to rebuild it later
+    taps: list[LayerTap] = field(default_factory=list)  # --layer: the model returns every tap's vector side by side
 
-    def provenance(self) -> dict[str, Any]:
-        return {
+    def provenance(self, tap: int | None = None) -> dict[str, Any]:
+        """What a cache records; with ``tap``, of that tapped layer's columns alone (a
+        backbone of one tap records it by default)."""
+        prov = {
             "model": self.name,
             "weights": self.weights_id,
             "seed": self.seed,
@@ -120,21 +59,30 @@ class Backbone:
             "removed_layer": self.removed_layer,
             "weights_spec": self.weights_spec,
         }
+        if tap is None and len(self.taps) == 1:
+            tap = 0
+        elif tap is None and self.taps:
+            prov["layers"] = [t.name for t in self.taps]
+        if tap is not None:
+            t = self.taps[tap]
+            prov.update(embed_dim=t.dim, layer=t.name, layer_pool=t.pool)
+            if t.pool not in ("avg", "flatten"):  # tokens were pooled: how, to rebuild the same backbone
+                prov["token_pool"] = t.token_pool
+        return prov
+
+    def tap_columns(self, tap: int) -> slice:
+        start = sum(t.dim for t in self.taps[:tap])
+        return slice(start, start + self.taps[tap].dim)
 
 
 @dataclass(frozen=True)
-class ToPixels:
-    """resize -> centre crop -> uint8 tensor, exactly as torchvision's preset does them."""
+class LayerTap:
+    """One tapped layer of a backbone: its name, pooled width and how it was pooled."""
 
-    resize_size: list[int]
-    crop_size: list[int]
-    interpolation: InterpolationMode
-    antialias: bool
-
-    def __call__(self, img) -> torch.Tensor:
-        img = F.resize(img, self.resize_size, interpolation=self.interpolation, antialias=self.antialias)
-        img = F.center_crop(img, self.crop_size)
-        return img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)
+    name: str
+    dim: int
+    pool: str
+    token_pool: str = "cls"
 
 
 # ----------------------------------------------------------------------------- registry
@@ -150,13 +98,17 @@ def check_model_name(name: str) -> str:
     lower-case), or a BackboneError with the closest names; hub entries are kept as given."""
     if name.startswith(HUB_PREFIX) or (name.endswith((".pt", ".pth")) and Path(name).expanduser().is_file()):  # hub entry, fine-tuned model
         return name
+    if name.lower().startswith(timm_models.PREFIX):
+        return timm_models.check_name(name)
+    if name.lower().startswith(cadene.PREFIX):
+        return cadene.check_name(name)
     known = available_models()
     canonical = next((m for m in known if m == name.strip().lower()), None)
     if canonical:
         return canonical
     close = difflib.get_close_matches(name, available_models(), n=5, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"see `{command_hint('models')}` for the list"
-    raise BackboneError(f"unknown model {name!r}: {hint} (torch.hub entries: --model hub:REPO_OR_DIR:ENTRY)")
+    raise BackboneError(f"unknown model {name!r}: {hint} (timm models: --model timm:NAME; torch.hub entries: --model hub:REPO_OR_DIR:ENTRY)")
 
 
 def _weights_enum(name: str):
@@ -228,7 +180,7 @@ def _load_state_file(path: Path) -> WeightsFile:
     if not path.is_file():
         raise BackboneError(f"--weights {str(path)!r}: no such file; give DEFAULT, a weights name, none, or a state_dict file")
     try:
-        state = torch_load_quietly(path)
+        state = _read_safetensors(path) if path.suffix == ".safetensors" else torch_load_quietly(path)
     except Exception as exc:
         raise BackboneError(
             f"--weights {str(path)!r} is not a loadable state_dict ({type(exc).__name__}); "
@@ -243,6 +195,14 @@ def _load_state_file(path: Path) -> WeightsFile:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BackboneError(f"--weights {str(path)!r} does not hold a state_dict of tensors")
     return WeightsFile({k.removeprefix("module."): v for k, v in state.items()}, f"file:sha256={file_digest(path)[:16]}")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise BackboneError(f"--weights {str(path)!r} is a .safetensors file: pip install safetensors (timm's extra brings it)") from None
+    return load_file(str(path))
 
 
 def drop_aux_classifiers(model: nn.Module) -> None:
@@ -339,8 +299,10 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], removed: str, s
 # ----------------------------------------------------------------------------- loading
 
 
-def load_backbone(name: str, weights: str = "DEFAULT", seed: int = 0, device: str | torch.device = "cpu") -> Backbone:
-    """Build the headless backbone ``name`` with ``weights`` (DEFAULT, enum name, none, PATH).
+def load_backbone(name: str, weights: str = "DEFAULT", seed: int = 0, device: str | torch.device = "cpu", layers: Sequence[str] = (),
+                  token_pool: str = "cls") -> Backbone:
+    """Build the headless backbone ``name`` with ``weights`` (DEFAULT, enum name, none, PATH);
+    with ``layers``, tapped at those layers (see ``taps``) instead of its final embedding.
 
     Raises:
         BackboneError: unknown model or weights spec, or a state_dict that does not fit.
@@ -352,14 +314,23 @@ def load_backbone(name: str, weights: str = "DEFAULT", seed: int = 0, device: st
             raise BackboneError(f"--model {name!r} is a file but not a featcache fine-tuned model; pass a model name, or the file as --weights")
         name, weights = blob["backbone"]["model"], str(Path(name).expanduser().resolve())
     name = check_model_name(name)
+    tapped = _tapped_artifact(weights)
+    if tapped is not None:
+        return _load_tapped_finetuned(name, Path(weights).expanduser().resolve(), tapped, layers, device)
     if name.startswith(HUB_PREFIX):
         backbone = _load_hub(name, weights, seed)
+    elif name.startswith((timm_models.PREFIX, cadene.PREFIX)):
+        backbone = _load_external(name, weights, seed)
     else:
         backbone = _load_torchvision(name, weights, seed)
     spec = str(weights)
     if Path(spec).expanduser().is_file():
         spec = str(Path(spec).expanduser().resolve())
     backbone.weights_spec = spec
+    if layers:
+        backbone.model, taps = tap_model(backbone.model.eval(), list(layers), token_pool, backbone.preprocessing.input_size, name)
+        backbone.taps = [LayerTap(n, d, p, token_pool) for n, d, p in taps]
+        backbone.embed_dim = sum(t.dim for t in backbone.taps)
     backbone.model.eval().requires_grad_(False).to(device)
     return backbone
 
@@ -392,6 +363,33 @@ def _load_torchvision(name: str, weights: str, seed: int) -> Backbone:
         preprocessing = loaded.preprocessing or preprocessing
     dim = _probe_embed_dim(model.eval(), preprocessing.input_size)
     return Backbone(name, model, dim, preprocessing, weights_id, used_seed, removed)
+
+
+def _tapped_artifact(weights: str) -> dict[str, Any] | None:
+    """A fine-tuned model artifact whose backbone was tapped at a layer (its state has the tapped model's keys)."""
+    path = Path(str(weights)).expanduser()
+    if str(weights).lower() in ("none", "default") or not path.is_file():
+        return None
+    blob = read_model_artifact(path)
+    return blob if blob is not None and blob["backbone"].get("layer") else None
+
+
+def _load_tapped_finetuned(name: str, path: Path, blob: dict[str, Any], layers: Sequence[str], device: str | torch.device) -> Backbone:
+    """Rebuild the tapped architecture, then load the fine-tuned state into it as a whole."""
+    info = blob["backbone"]
+    if info["model"] != name:
+        raise BackboneError(f"--weights {str(path)!r} is a fine-tuned {info['model']}, not {name}; pass --model {info['model']} (or --model {path})")
+    if layers and list(layers) != [info["layer"]]:
+        raise BackboneError(f"{str(path)!r} was fine-tuned on layer {info['layer']!r}; it cannot be tapped at {', '.join(layers)}")
+    backbone = load_backbone(name, "none", layers=[info["layer"]], token_pool=info.get("token_pool") or "cls")
+    result = backbone.model.load_state_dict(blob["backbone_state"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise BackboneError(f"{str(path)!r} does not match {name} tapped at {info['layer']}: {len(result.missing_keys)} missing, "
+                            f"{len(result.unexpected_keys)} unexpected keys")
+    backbone.weights_id, backbone.seed, backbone.weights_spec = info["weights_id"], None, str(path)
+    backbone.preprocessing = Preprocessing.from_dict(info["preprocessing"])
+    backbone.model.eval().requires_grad_(False).to(device)
+    return backbone
 
 
 def _check_artifact_model(loaded: WeightsFile, name: str, path: Path) -> None:
@@ -462,3 +460,20 @@ def _load_hub(name: str, weights: str, seed: int) -> Backbone:
     model.eval()
     dim = _probe_embed_dim(model, preprocessing.input_size)
     return Backbone(name, model, dim, preprocessing, weights_id, seed if spec.lower() == "none" else None, removed)
+
+
+def _load_external(name: str, weights: str, seed: int) -> Backbone:
+    """A ``timm:`` or ``pretrainedmodels:`` backbone: built headless by its source's module,
+    then a state_dict PATH loaded into it (its classification layer's keys dropped)."""
+    source = timm_models if name.startswith(timm_models.PREFIX) else cadene
+    model, preprocessing, weights_id, used_seed, path_spec = source.build(name, weights, seed)
+    removed = timm_models.classifier_name(model) if source is timm_models else "last_linear"
+    if path_spec is not None:
+        path = Path(path_spec).expanduser().resolve()
+        loaded = _load_state_file(path)
+        _check_artifact_model(loaded, name, path)
+        _load_into(model, loaded.state, removed, f"--weights {str(path)!r}")
+        weights_id, used_seed = loaded.weights_id, None
+        preprocessing = loaded.preprocessing or preprocessing
+    dim = _probe_embed_dim(model.eval(), preprocessing.input_size)
+    return Backbone(name, model, dim, preprocessing, weights_id, used_seed, removed)

@@ -30,7 +30,7 @@ def train_transform(pre: Preprocessing, preset: str) -> Callable:
         ops.append(T.RandomRotation(15, interpolation=InterpolationMode.BILINEAR))
     elif preset == "strong":
         ops.append(T.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR))
-    return T.Compose([*ops, T.PILToTensor(), T.ConvertImageDtype(torch.float32), T.Normalize(pre.mean, pre.std)])
+    return T.Compose([*ops, T.PILToTensor(), pre.normalize])  # the model's own range, channel order, mean and std
 
 
 class AugmentedDataset(ImageFileDataset):

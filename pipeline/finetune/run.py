@@ -260,11 +260,12 @@ class FineTuneJob:
         prov, bb = self.prov, self.backbone
         backbone_state = {k: v for k, v in self.model.backbone.state_dict().items() if k.split(".")[0] not in AUX_CLASSIFIERS}
         weights_id = f"finetuned:sha256={state_digest(backbone_state)[:16]}"
+        tapped = {k: prov[k] for k in ("layer", "layer_pool", "token_pool") if prov.get(k)}  # a head on a tapped layer: the model is tapped there too
         info = {"model": prov["model"], "weights_id": weights_id, "base_weights": prov["weights"], "preprocessing": bb.preprocessing.to_dict(),
-                "embed_dim": bb.embed_dim, "removed_layer": bb.removed_layer}
+                "embed_dim": bb.embed_dim, "removed_layer": bb.removed_layer, **tapped}
         provenance = {
             "model": prov["model"], "weights": weights_id, "weights_spec": None, "seed": None, "preprocessing": bb.preprocessing.to_dict(),
-            "embed_dim": bb.embed_dim, "classes": self.classes, "data_root": str(self.scan.root), "layout": self.scan.layout,
+            "embed_dim": bb.embed_dim, "classes": self.classes, "data_root": str(self.scan.root), "layout": self.scan.layout, **tapped,
             "split_rule": self.rule, "base_head": str(self.loaded.path.resolve()), "base_head_sha256": self.identity["head_sha256"],
             "base_weights": prov["weights"], "finetune": self.opts.training(),
             "epoch": epoch, "trainable_blocks": self.thawed, **{f"n_{s}": int(len(v)) for s, v in self.index.items()},

@@ -24,7 +24,7 @@ HEAD_FORMAT = "featcache.head"
 HEAD_SCHEMA = 1
 MODEL_SCHEMA = 1  # fine-tuned model: backbone state + head (format MODEL_ARTIFACT_FORMAT)
 # Provenance that must agree between a head and a cache it is applied to.
-HEAD_COMPAT_KEYS = ("model", "weights", "preprocessing", "embed_dim")
+HEAD_COMPAT_KEYS = ("model", "layer", "layer_pool", "weights", "preprocessing", "embed_dim")
 
 
 def _to_plain(obj: Any) -> Any:
@@ -106,7 +106,9 @@ class LoadedHead:
         """The backbone this head was fitted on, rebuilt from its provenance; weights that no
         longer match (a replaced weights file) are refused."""
         prov = self.provenance
-        backbone = load_backbone(prov["model"], prov.get("weights_spec") or prov["weights"], seed=int(prov.get("seed") or 0))
+        layers = [prov["layer"]] if prov.get("layer") else []
+        backbone = load_backbone(prov["model"], prov.get("weights_spec") or prov["weights"], seed=int(prov.get("seed") or 0), layers=layers,
+                                 token_pool=prov.get("token_pool") or "cls")
         if backbone.weights_id != prov["weights"]:
             raise IncompatibleError(f"head {str(self.path)!r} was fitted on weights {prov['weights']!r} but {prov.get('weights_spec')!r} now gives "
                                     f"{backbone.weights_id!r}; restore those weights or refit the head")

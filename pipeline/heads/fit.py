@@ -186,7 +186,8 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
         metrics["selection"] = {"C": head.C_, "select_on": opts.select_on, "at_edge": head.C_at_edge_ or None, "path": head.path_}
     history = list(getattr(head, "history_", []) or [])
     provenance = {
-        **{k: meta.get(k) for k in ("model", "weights", "weights_spec", "seed", "preprocessing", "embed_dim", "classes", "dtype", "data_root", "layout", "engine", "precision", "decode")},
+        **{k: meta.get(k) for k in ("model", "weights", "weights_spec", "seed", "preprocessing", "embed_dim", "classes", "dtype", "data_root", "layout", "engine", "precision", "decode",
+                                "layer", "layer_pool", "token_pool")},
         "cache": str(cache.resolve()),
         "cache_schema_version": SCHEMA_VERSION,
         "cache_fingerprint": table.content_digest(),
@@ -274,7 +275,7 @@ def compare_caches(caches: list[str | os.PathLike], options: FitOptions | str | 
         for opts in heads:
             r = fit_head(c, opts, out_dir / f"{Path(c).stem}.{opts.clf}.head.pt", plots=False)
             m = r.metrics.get("val") or r.metrics.get("test")
-            name = f"{meta['model']} ({meta['weights']})" + (f" · {opts.clf}" if len(heads) > 1 else "")
+            name = f"{meta['model']}{' ' + meta['layer'] if meta.get('layer') else ''} ({meta['weights']})" + (f" · {opts.clf}" if len(heads) > 1 else "")
             rows.append({"name": name, "clf": opts.clf, "cache": str(c), "accuracy": m["accuracy"] if m else float("nan"),
                          "macro_f1": m["macro_f1"] if m else float("nan"), "fit_seconds": r.seconds, "embed_dim": meta["embed_dim"],
                          "head": r.head_path})

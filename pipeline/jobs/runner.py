@@ -72,12 +72,13 @@ class JobResult:
 # ----------------------------------------------------------------------------- where things go
 
 
-def cache_path_for(job: JobSpec, data_root: Path, backbone: BackboneSpec) -> Path:
+def cache_paths_for(job: JobSpec, data_root: Path, backbone: BackboneSpec) -> list[Path]:
+    """The caches a ``[[backbones]]`` entry fills: one, or one per tapped ``layers`` entry."""
     from ..backbones import choose_precision
-    from ..extract import default_cache_path, resolve_device
+    from ..extract import cache_paths, resolve_device
 
     precision = choose_precision(backbone.options.precision, resolve_device(job.device)).name  # what this machine runs
-    return default_cache_path(backbone.model, backbone.weights, data_root, job.cache_dir, precision, backbone.options.decode, backbone.options.seed)
+    return cache_paths(backbone.model, backbone.options, data_root, None, precision, job.cache_dir)
 
 
 def artifact_dir_for(job: JobSpec, cache: Path, head_name: str) -> Path:
@@ -187,23 +188,23 @@ def _plan(job: JobSpec, result: JobResult, force: bool) -> None:
 
     for root in job.data:
         for bb in job.backbones:
-            cache = cache_path_for(job, root, bb)
-            if cache.exists():
-                st = cache_status(cache)
-                pending = st.get("not_extracted")
-                reason = f"{pending} new file(s), {st.get('gone_from_disk', 0)} gone" if pending is not None else "data folder problem"
-                action = "run" if pending or st.get("gone_from_disk") else "skip"
-            else:
-                action, reason = "run", "no cache yet"
-            result.steps.append(Step("extract", str(cache), action, reason))
-            for h in job.heads:
-                head = head_path_for(job, cache, h)
-                why = "--force" if force else head_staleness(head, cache, h)
-                result.steps.append(Step("fit-head", str(head), "run" if why else "skip", why or "up to date"))
-            if job.finetune is not None:
-                head = head_path_for(job, cache, next(h for h in job.heads if h.name == job.finetune.from_head))
-                action, reason = ("start over", "--force") if force else finetune_plan(model_path_for(job, cache, job.finetune.from_head), head, job.finetune.options)
-                result.steps.append(Step("finetune", str(model_path_for(job, cache, job.finetune.from_head)), action, reason))
+            for cache in cache_paths_for(job, root, bb):
+                if cache.exists():
+                    st = cache_status(cache)
+                    pending = st.get("not_extracted")
+                    reason = f"{pending} new file(s), {st.get('gone_from_disk', 0)} gone" if pending is not None else "data folder problem"
+                    action = "run" if pending or st.get("gone_from_disk") else "skip"
+                else:
+                    action, reason = "run", "no cache yet"
+                result.steps.append(Step("extract", str(cache), action, reason))
+                for h in job.heads:
+                    head = head_path_for(job, cache, h)
+                    why = "--force" if force else head_staleness(head, cache, h)
+                    result.steps.append(Step("fit-head", str(head), "run" if why else "skip", why or "up to date"))
+                if job.finetune is not None:
+                    head = head_path_for(job, cache, next(h for h in job.heads if h.name == job.finetune.from_head))
+                    action, reason = ("start over", "--force") if force else finetune_plan(model_path_for(job, cache, job.finetune.from_head), head, job.finetune.options)
+                    result.steps.append(Step("finetune", str(model_path_for(job, cache, job.finetune.from_head)), action, reason))
     result.did_work = any(s.action != "skip" for s in result.steps)
 
 
@@ -221,13 +222,14 @@ def _execute(job: JobSpec, result: JobResult, force: bool, wait: float, log: Cal
 
     for root in job.data:
         for group in _extract_groups(job):
-            caches = [cache_path_for(job, root, bb) for bb in group]
-            for bb, cache in zip(group, caches):
-                log(f"[{job.name}] extract {root} with {bb.model} ({bb.weights}) -> {cache}")
+            per_model = [cache_paths_for(job, root, bb) for bb in group]
+            caches = [c for paths in per_model for c in paths]
+            for bb, paths in zip(group, per_model):
+                log(f"[{job.name}] extract {root} with {bb.model} ({bb.weights}) -> {', '.join(map(str, paths))}")
             t = time.perf_counter()
             result.begin("extract", ", ".join(map(str, caches)), "run", "incremental extraction")
             opts = group[0].options
-            summaries = extract_many(root, [bb.model for bb in group], caches, opts, device=job.device,
+            summaries = extract_many(root, [bb.model for bb in group], per_model, opts, device=job.device,
                                      workers=opts.workers if opts.workers is not None else job.workers, wait=wait, progress=progress("extract"), log=log)
             seconds = round(time.perf_counter() - t, 3)
             for cache, s in zip(caches, summaries):

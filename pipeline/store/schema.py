@@ -20,7 +20,7 @@ PART_FORMAT = "featcache.part"
 SCHEMA_VERSION = 2
 STR = h5py.string_dtype("utf-8")
 # Provenance keys that must be equal for rows to share one cache.
-COMPAT_KEYS = ("model", "weights", "preprocessing", "embed_dim", "dtype", "precision", "decode", "data_root", "layout")
+COMPAT_KEYS = ("model", "weights", "preprocessing", "embed_dim", "dtype", "precision", "decode", "data_root", "layout", "layer", "layer_pool")
 # What a cache written before a key existed holds.
 COMPAT_DEFAULTS = {"precision": "fp32", "decode": "exact"}
 
