@@ -198,12 +198,16 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FEATCACHE_CACHE_DIR", "cache"))
 
 
+def clean(s: str) -> str:
+    """``s`` as one safe file-name component (letters, digits, ``-_.``)."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in s).strip("-")
+
+
 def default_cache_path(model: str, weights: str, data_root: Path, cache_dir: Path | None = None, precision: str = "fp32", decode: str = "exact",
                        seed: int = 0, layer: str | None = None) -> Path:
     """``cache/<model>__<weights>[__bf16][__draft][__at-<layer>]__<root name>-<hash>.h5``: one cache per backbone,
     weights (a seed other than 0 for ``none``: ``none-seed7``), precision, decode, tapped layer and root."""
     base = Path(cache_dir or default_cache_dir())
-    clean = lambda s: "".join(c if c.isalnum() or c in "-_." else "-" for c in s).strip("-")  # noqa: E731
     w = Path(weights).stem if os.sep in str(weights) else str(weights)
     if w == "none" and seed:
         w = f"none-seed{seed}"
@@ -223,8 +227,18 @@ def cache_paths(model: str, opts: "ExtractOptions", data_root: Path, out: str | 
         return [Path(o) for o in out]
     if out is not None:
         out = Path(out)
-        return [out] if len(layers) == 1 else [out.with_name(f"{out.stem}__at-{layer}{out.suffix}") for layer in layers]
+        return [out] if len(layers) == 1 else [out.with_name(f"{out.stem}__at-{clean(layer)}{out.suffix}") for layer in layers]
     return [default_cache_path(model, opts.weights, data_root, cache_dir, precision, opts.decode, opts.seed, layer) for layer in layers]
+
+
+def source_versions(model: str) -> dict[str, str]:
+    """The version of the library a ``timm:`` or ``pretrainedmodels:`` backbone came from."""
+    for prefix, package in (("timm:", "timm"), ("pretrainedmodels:", "pretrainedmodels")):
+        if model.startswith(prefix):
+            from importlib.metadata import version
+
+            return {f"{package}_version": version(package)}
+    return {}
 
 
 def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.device, precision: str = "fp32", decode: str = "exact",
@@ -244,6 +258,7 @@ def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.d
         "featcache_version": __version__,
         "torch_version": str(torch.__version__),
         "torchvision_version": str(torchvision.__version__),
+        **source_versions(backbone.name),
         "numpy_version": np.__version__,
         "python_version": platform.python_version(),
     }

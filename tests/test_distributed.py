@@ -164,3 +164,18 @@ def test_torchrun_finetune_then_resume_on_one_process(tiny_head, tmp_path):
     again = run_cli("finetune", str(tiny_head), "--out", str(out), "--resume", "--epochs", "2", "--workers", "0", "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["resumed_from"] == 1 and json.loads(again.stdout)["epochs_done"] == 2
+
+
+def test_two_ranks_fill_every_tapped_layer_cache_of_a_timm_model(folder, tmp_path):
+    """torchrun with a timm backbone tapped at two layers: the same two caches as one process."""
+    pytest.importorskip("timm", reason="the timm extra is not installed")
+    args = ("-m", "timm:resnet10t", "-w", "none", "--layer", "layer3", "--layer", "layer4", "--workers", "0", "--batch-size", "4")
+    proc = torchrun("extract", str(folder), *args, "--out", str(tmp_path / "ddp.h5"), "--json")
+    out, err = proc.communicate(timeout=300)
+    summary = json.loads(next(l for l in out.splitlines() if l.startswith("{")))
+    assert [(c["layer"], c["world_size"], c["new"], c["failed"]) for c in summary["caches"]] == [("layer3", 2, 30, 1), ("layer4", 2, 30, 1)], err
+    assert run_cli("extract", str(folder), *args, "--out", str(tmp_path / "one.h5")).returncode == 3
+    for layer in ("layer3", "layer4"):
+        a, b = load_cache(tmp_path / f"ddp__at-{layer}.h5"), load_cache(tmp_path / f"one__at-{layer}.h5")
+        assert list(a.paths) == list(b.paths) and a.meta["layer"] == layer and a.failures == b.failures
+        np.testing.assert_allclose(a.embeddings, b.embeddings, rtol=1e-5, atol=1e-6)
