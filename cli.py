@@ -281,7 +281,7 @@ def extract(
 
 @command
 def engines(
-    model: str = typer.Option(..., "--model", "-m", help="torchvision model name or hub:REPO_OR_DIR:ENTRY."),
+    model: str = typer.Option(..., "--model", "-m", help="torchvision model name, timm:NAME, pretrainedmodels:NAME or hub:REPO_OR_DIR:ENTRY."),
     weights: str = typer.Option("DEFAULT", "--weights", "-w", help="As for extract (the measurement is per model and weights)."),
     precision: Precision = _choice("fp32", "--precision", help="As for extract."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="As for extract (the choice is per batch size)."),

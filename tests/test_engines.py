@@ -159,12 +159,31 @@ def test_auto_uses_the_engine_measured_fastest_here(tmp_path, image_tree, tiny_h
     assert json.loads(Path(result["choice_file"]).read_text())["engine"] == result["engine"]
 
     monkeypatch.setattr(engines, "tune", lambda *a, **k: pytest.fail("measured again"))
+    choice = json.loads(Path(result["choice_file"]).read_text())
+    monkeypatch.setattr(engines, "WARM_START_SHARE", dict.fromkeys(engines.ENGINES, 0.0))  # start-up not counted: the fastest is used
     messages: list[str] = []
     s = run_extract(image_tree, tiny_hub, "none", cache_dir / "a.h5", workers=0, batch_size=4, log=messages.append, device="cpu")
     assert s.engine == result["engine"] and any("measured fastest on this machine" in m for m in messages)
+    # counted, it decides for 12 images exactly as quickest_for computes it
+    monkeypatch.setattr(engines, "WARM_START_SHARE", {"eager": 0.0, "compile": 0.35, "onnxruntime": 0.25, "openvino": 0.25})
+    s = run_extract(image_tree, tiny_hub, "none", cache_dir / "c.h5", workers=0, batch_size=4, device="cpu")
+    assert s.engine == engines.quickest_for(12, choice["images_per_s"], choice["build_seconds"])
     # another batch size is another measurement: small jobs stay eager until one is made
     s = run_extract(image_tree, tiny_hub, "none", cache_dir / "b.h5", workers=0, batch_size=3, log=messages.append, device="cpu")
     assert s.engine == "eager"
+
+
+def test_auto_counts_a_warm_start_against_a_small_job():
+    """A hand computation: compile 63.5 img/s but 18.7 s to build cold (a warm start ~6.5 s),
+    OpenVINO 62.7 img/s and 1.5 s: 512 images go to OpenVINO, a million to compile."""
+    from pipeline.backbones.engines import quickest_for
+
+    rates = {"eager": 40.0, "compile": 63.5, "openvino": 62.7, "onnxruntime": None}
+    built = {"eager": 0.0, "compile": 18.7, "openvino": 1.5}
+    assert quickest_for(512, rates, built) == "openvino"  # 0.375 + 8.17 s beats 6.55 + 8.06 s
+    assert quickest_for(1_000_000, rates, built) == "compile"
+    assert quickest_for(10, rates, built) == "eager"  # 0.25 s beats 0.53 s
+    assert quickest_for(512, rates, {}) is None  # a choice file from before build times were recorded
 
 
 def test_model_identity_follows_the_weights():

@@ -101,6 +101,10 @@ def test_timm_default_weights_come_from_the_local_hugging_face_cache(tmp_path):
                 "--out", str(tmp_path / "p.h5"), "--workers", "0", env=env)
     assert p.returncode == 0, p.stderr
     np.testing.assert_array_equal(load_cache(tmp_path / "d.h5").embeddings, load_cache(tmp_path / "p.h5").embeddings)
+    p = run_cli("extract", str(data), "-m", "timm:convnext_atto", "-w", "D2_in1k", "--out", str(tmp_path / "t.h5"), "--workers", "0", env=env)
+    assert p.returncode == 0, p.stderr  # a tag in any case
+    np.testing.assert_array_equal(load_cache(tmp_path / "d.h5").embeddings, load_cache(tmp_path / "t.h5").embeddings)
+    assert load_cache(tmp_path / "t.h5").meta["weights"] == "timm:convnext_atto.d2_in1k"
     ref = timm.create_model("convnext_atto", pretrained=False, num_classes=0)
     ref.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.fc.")})
     assert not torch.equal(ref.stem[0].weight, load_backbone("timm:convnext_atto", "none").model.stem[0].weight)  # not a random init

@@ -75,7 +75,7 @@ def build(name: str, weights: str, seed: int) -> tuple[nn.Module, Preprocessing,
         model = pm.__dict__[arch](num_classes=settings["num_classes"], pretrained=None)
         weights_id, used_seed = "none", seed
     else:
-        key, settings = _settings(arch, None if spec.upper() == "DEFAULT" else spec)
+        key, settings = _settings(arch, None if spec.upper() == "DEFAULT" else spec.lower())
         filename = os.path.basename(settings["url"])
         expected = Path(torch.hub.get_dir()) / "checkpoints" / filename
         try:

@@ -46,6 +46,11 @@ INSTALL_HINT = {"onnxruntime": "pip install 'featcache[onnx]'", "openvino": "pip
 AUTO_TUNE_MIN_IMAGES = 2000
 # Images from which a remembered choice is rebuilt when its export/compile cache is cold.
 AUTO_REBUILD_MIN_IMAGES = 500
+# What a warm start costs in a new process, as a share of the engine's first (cold) build:
+# measured on timm:convnext_tiny bf16, 2 cores: torch.compile 18.7 s cold, 6.4 s warm (dynamo
+# traces again in every process even with the inductor cache); OpenVINO 1.5 s, 0.3 s. With
+# the rates at 63 vs 62 img/s, compile then made a 512-image extract 1.6x slower.
+WARM_START_SHARE = {"eager": 0.0, "compile": 0.35, "onnxruntime": 0.25, "openvino": 0.25}
 EXACT_RTOL = 1e-4
 REDUCED_RTOL = 2e-2
 Log = Callable[[str], None]
@@ -345,15 +350,18 @@ def tune(ctx: EngineContext, names: Iterable[str] | None = None, log: Log = lamb
     rates: dict[str, float | None] = {}
     reasons: dict[str, str] = {}
     built: dict[str, Engine] = {}
+    build_seconds: dict[str, float] = {}
     for name in names or candidates(ctx.device, ctx.precision):
         try:
+            t0 = time.perf_counter()
             built[name] = build_checked(name, ctx, log)
+            build_seconds[name] = round(time.perf_counter() - t0, 2)
             rates[name] = measure(built[name], batch, min_seconds)
         except EngineUnavailable as exc:
             rates[name], reasons[name] = None, str(exc)
             log(f"engine {name} skipped: {exc}")
     best = max((n for n in rates if rates[n]), key=lambda n: rates[n])
-    choice = {"engine": best, "images_per_s": rates, "skipped": reasons, "precision": ctx.precision.name,
+    choice = {"engine": best, "images_per_s": rates, "build_seconds": build_seconds, "skipped": reasons, "precision": ctx.precision.name,
               "batch_size": ctx.batch_size, "machine": machine_key(ctx.device, ctx.threads), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with atomic_path(choice_path(ctx)) as tmp:
         tmp.write_text(json.dumps(choice, indent=1))
@@ -388,7 +396,11 @@ def build_engine(requested: str, ctx: EngineContext, n_images: int, log: Log = l
         return ctx.eager()
     remembered = _remembered(ctx)
     if remembered is not None:
-        name, rates = remembered
+        best, rates, build_seconds = remembered
+        name = quickest_for(n_images, rates, build_seconds) or best
+        if name != best:
+            log(f"engine auto -> {name}, not {best} (measured fastest): for {n_images} images {best}'s start-up in a new process "
+                f"({WARM_START_SHARE.get(best, 0) * build_seconds.get(best, 0):.1f}s estimated) outweighs its speed")
         if name == "eager" or _is_warm(name, ctx) or n_images >= AUTO_REBUILD_MIN_IMAGES:
             log(f"engine auto -> {name}: measured fastest on this machine ({_format_rates(rates)}; {choice_path(ctx)})")
             return _build_or_eager(name, ctx, log)
@@ -416,12 +428,22 @@ def _build_or_eager(name: str, ctx: EngineContext, log: Log) -> Engine:
     return engine
 
 
-def _remembered(ctx: EngineContext) -> tuple[str, dict] | None:
+def _remembered(ctx: EngineContext) -> tuple[str, dict, dict] | None:
     try:
         choice = json.loads(choice_path(ctx).read_text())
-        return str(choice["engine"]), dict(choice["images_per_s"])
+        return str(choice["engine"]), dict(choice["images_per_s"]), dict(choice.get("build_seconds") or {})
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def quickest_for(n_images: int, rates: dict[str, float | None], build_seconds: dict[str, float]) -> str | None:
+    """The engine that finishes ``n_images`` soonest counting its warm start in a new process
+    (``WARM_START_SHARE`` of its measured cold build); None when the build times are unknown
+    (a choice file from before they were recorded)."""
+    timed = {n: r for n, r in rates.items() if r and (n == "eager" or n in build_seconds)}
+    if not build_seconds or not timed:
+        return None
+    return min(timed, key=lambda n: WARM_START_SHARE.get(n, 0.5) * build_seconds.get(n, 0.0) + n_images / timed[n])
 
 
 def _format_rates(rates: dict) -> str:

@@ -155,8 +155,9 @@ def build(name: str, weights: str, seed: int) -> tuple[nn.Module, Preprocessing,
         torch.manual_seed(seed)
         model = timm.create_model(arch, pretrained=False, num_classes=0)
         return model, preprocessing_of(model), "none", seed, (None if spec.lower() == "none" else spec)
-    tag = name_tag if spec.upper() == "DEFAULT" else spec
-    if name_tag and spec.upper() != "DEFAULT" and spec != name_tag:
+    # timm's tags are lower-case (the options upper-case torchvision-style names); "arch.tag" is accepted too
+    tag = name_tag if spec.upper() == "DEFAULT" else spec.lower().removeprefix(base + ".")
+    if name_tag and spec.upper() != "DEFAULT" and tag != name_tag:
         raise BackboneError(f"--model {name} already names the tag {name_tag!r}; drop it or --weights {spec}")
     model, weights_id = _create_pretrained(f"{base}.{tag}" if tag else base)
     return model, preprocessing_of(model), weights_id, None, None
