@@ -227,7 +227,7 @@ class _Bars:
 
 @command
 def extract(
-    data_dir: Path = typer.Argument(..., metavar="DATA_DIR", help="Image folder: class sub-folders (ImageFolder), train/ val/ \\[test/] roots, or a flat unlabeled folder."),
+    data_dir: Path = typer.Argument(..., metavar="DATA", help="Image folder (class sub-folders as ImageFolder, train/ val/ \\[test/] roots, or a flat unlabeled folder) or a manifest listing images (.csv, .tsv, .jsonl, .parquet: path, optional label and split columns)."),
     models: list[str] = typer.Option(..., "--model", "-m", help="torchvision model name (see `models`; any case), timm:NAME, pretrainedmodels:NAME or hub:REPO_OR_DIR:ENTRY; repeat it to extract several backbones in one pass (each file read and decoded once)."),
     weights: str = typer.Option("DEFAULT", "--weights", "-w", help="DEFAULT, a weights name (e.g. IMAGENET1K_V2), none (seeded random init), or a state_dict PATH; names in any case."),
     outs: Optional[list[Path]] = typer.Option(None, "--out", "-o", help="Cache file (one per --model, in order); default cache/<model>__<weights>__<root>-<hash>.h5."),
@@ -245,6 +245,9 @@ def extract(
     precision: Precision = _choice("fp32", "--precision", help="fp32 (exact), bf16/fp16 (only where the hardware runs it natively, else fp32 with a message), auto (bf16 where native)."),
     decode: Decode = _choice("exact", "--decode", help="exact; draft: JPEGs decoded at a reduced DCT scale still >= the resize target (several times faster on large photos); gpu: JPEGs decoded by nvJPEG on CUDA. Both change pixels slightly, are recorded in the cache and never mixed with exact rows."),
     repair: bool = typer.Option(False, "--repair", help="Before extracting, make a damaged cache consistent: rebuild a damaged manifest from its parts, drop damaged parts (their images are extracted again) and retry every failed file."),
+    path_col: str = typer.Option("path", "--path-col", help="Manifest column holding the image path (relative to the manifest's folder, or absolute)."),
+    label_col: str = typer.Option("label", "--label-col", help="Manifest column holding the class name (optional column; classes are sorted as ImageFolder sorts folders)."),
+    split_col: str = typer.Option("split", "--split-col", help="Manifest column holding train/val/test (optional column)."),
     layers: Optional[list[str]] = typer.Option(None, "--layer", "--layers", "-l", help="Tap this layer instead of the final embedding (repeat it: one forward, one cache per layer): a module name (see `models --layers MODEL`) or lastK (class tokens of the last K transformer blocks, as DINOv2)."),
     token_pool: TokenPool = _choice("cls", "--token-pool", help="How a tapped token sequence (ViT) is pooled: cls (class token) or cls+mean (class token and mean patch token). Feature maps are averaged."),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same cache to finish."),

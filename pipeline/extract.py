@@ -49,6 +49,7 @@ from .images import (
     LAYOUTS,
     DecodedBatch,
     ImageRecord,
+    ManifestColumns,
     ScanResult,
     SharedDecodeDataset,
     check_gpu_decode,
@@ -57,7 +58,7 @@ from .images import (
     finish_on_gpu,
     make_loader,
     retry_under,
-    scan_folder,
+    scan_source,
 )
 from .interrupts import sigterm_as_interrupt
 from .options import HOW, JOB_LEVEL, build, check_device, check_types, choose, require
@@ -131,6 +132,9 @@ class ExtractOptions:
     precision: str = "fp32"
     decode: str = "exact"
     repair: bool = field(default=False, metadata={HOW: True})  # drop damaged parts (re-extracting their images) and retry every failed file
+    path_col: str = "path"  # a manifest's columns (CSV, TSV, JSON lines, Parquet)
+    label_col: str = "label"
+    split_col: str = "split"
     layers: tuple[str, ...] = ()  # tap these layers (one cache each) instead of the final embedding
     token_pool: str = "cls"  # how a tapped token sequence is pooled: cls or cls+mean
 
@@ -150,6 +154,8 @@ class ExtractOptions:
         choose(self, "precision", PRECISIONS)
         choose(self, "decode", DECODES, "exact is the default; draft: faster JPEG decode of large photos; gpu: nvJPEG on CUDA; both change pixels slightly")
         choose(self, "token_pool", TOKEN_POOLS)
+        for name in ("path_col", "label_col", "split_col"):
+            require(bool(getattr(self, name).strip()), f"--{name.replace('_', '-')} is empty; give the manifest column's name")
         layers = tuple(x.strip() for x in self.layers)
         require(all(layers), "--layer is empty; give a module name (see `featcache models --layers MODEL`) or lastK")
         require(len(set(layers)) == len(layers), f"--layer names the same layer twice ({', '.join(layers)})")
@@ -248,8 +254,9 @@ def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.d
         **prov,
         "embedding": EMBEDDING_DEFINITION if "layer" not in prov else f"output of layer {prov['layer']}, pooled: {prov['layer_pool']}",
         "dtype": dtype,
-        "data_root": str(scan.root),
+        "data_root": str(scan.data_root),
         "layout": scan.layout,
+        **({"manifest_columns": scan.columns} if scan.columns else {}),
         "classes": list(scan.classes),
         "engine": "eager",  # updated to the engine that ran (set_meta)
         "precision": precision,
@@ -448,13 +455,13 @@ def extract_many(
         check_gpu_decode(dev)
     w = world(dev.type)
     dev = rank_device(dev, w)
-    scan = scan_folder(data_dir, opts.layout)
+    scan = scan_source(data_dir, opts.layout, ManifestColumns(opts.path_col, opts.label_col, opts.split_col))
     passes: list[Pass] = []
     for model, out in zip(models, outs):
         backbone = load_backbone(model, weights, seed=opts.seed, layers=opts.layers, token_pool=opts.token_pool)
         taps: list[int | None] = list(range(len(backbone.taps))) or [None]
         p = Pass(backbone, [])
-        for tap, out_path in zip(taps, cache_paths(model, opts, scan.root, out, chosen.name)):
+        for tap, out_path in zip(taps, cache_paths(model, opts, scan.data_root, out, chosen.name)):
             layer = None if tap is None else backbone.taps[tap].name
             meta = build_meta(backbone, scan, opts.dtype, dev, chosen.name, decode, tap)
             summary = ExtractSummary(str(out_path), model, backbone.weights_id, meta["embed_dim"], str(dev), classes=list(scan.classes), layer=layer,

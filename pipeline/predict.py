@@ -12,7 +12,7 @@ import numpy as np
 from .errors import DataError
 from .extract import embed_batch, prepare_model, resolve_device
 from .heads import full_proba, load_head
-from .images import ImageFileDataset, ImageRecord, make_loader, scan_folder
+from .images import ImageFileDataset, ImageRecord, is_manifest, make_loader, scan_source
 from .store import atomic_path
 
 
@@ -29,15 +29,15 @@ def _collect(inputs: list[str | os.PathLike], classes: list[str]) -> list[tuple[
     found: list[tuple[Path, str | None]] = []
     for item in inputs:
         p = Path(item).expanduser()
-        if p.is_dir():
-            scan = scan_folder(p)
+        if p.is_dir() or is_manifest(p):
+            scan = scan_source(p)
             for r in scan.records:
                 true = scan.classes[r.label] if r.label >= 0 and scan.classes[r.label] in classes else None
                 found.append(((scan.root / r.relpath), true))
         elif p.is_file():  # a file inside a folder named like a class: that is its true label
             found.append((p.resolve(), p.parent.name if p.parent.name in classes else None))
         else:
-            raise DataError(f"{str(p)!r} does not exist; pass image files or folders")
+            raise DataError(f"{str(p)!r} does not exist; pass image files, folders or a manifest")
     if not found:
         raise DataError("no images to predict; pass image files or a folder with images")
     return found

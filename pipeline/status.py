@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError, command_hint
-from .images import scan_folder
+from .images import scan_source
 from .store import cache_disk_bytes, encode_paths, read_index_info, read_rows, verify_cache
 
 
@@ -60,7 +60,7 @@ def cache_status(path: str | os.PathLike, check_disk: bool = True, verify: bool 
             status["integrity"] = {"ok": report.ok, "damaged": report.damaged, "seconds": round(report.seconds, 2)}
         if check_disk:
             try:
-                scan = scan_folder(meta["data_root"], meta["layout"])
+                scan = scan_source(meta["data_root"], meta["layout"], meta.get("manifest_columns"))
                 on_disk = encode_paths([r.relpath for r in scan.records])
                 have = np.concatenate([table.paths_raw, encode_paths([p for p, _ in failures])])
                 status["not_extracted"] = int((~np.isin(on_disk, have)).sum())

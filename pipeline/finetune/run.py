@@ -32,7 +32,7 @@ from ..distributed import World, rank_device, world
 from ..errors import CacheError, DataError, IncompatibleError, Interrupted, TrainingDivergedError, UsageError
 from ..extract import resolve_device
 from ..heads import LoadedHead, artifact_id, assign_splits, classification_metrics, clear_reports, load_head, save_blob, save_model_artifact, write_reports
-from ..images import ImageFileDataset, default_workers, make_loader, scan_folder
+from ..images import ImageFileDataset, default_workers, make_loader, scan_source
 from ..interrupts import sigterm_as_interrupt
 from ..options import build
 from ..store import WriterLock, atomic_path
@@ -96,9 +96,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def _scan_for_head(prov: dict[str, Any], data_dir: str | os.PathLike | None):
     root = Path(data_dir) if data_dir is not None else Path(str(prov.get("data_root", "")))
-    if data_dir is None and not root.is_dir():
-        raise DataError(f"the head's image folder {str(root)!r} does not exist any more; pass --data DATA_DIR")
-    scan = scan_folder(root, prov.get("layout") or "auto")
+    if data_dir is None and not root.exists():
+        raise DataError(f"the head's image folder or manifest {str(root)!r} does not exist any more; pass --data DATA_DIR")
+    layout = prov.get("layout") or "auto"
+    scan = scan_source(root, layout if data_dir is None else "auto", prov.get("manifest_columns"))
     if list(scan.classes) != list(prov["classes"]):
         raise IncompatibleError(f"{str(scan.root)!r} has classes {scan.classes} but the head knows {prov['classes']}; fine-tune on the data the head was fitted on")
     return scan

@@ -187,7 +187,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
     history = list(getattr(head, "history_", []) or [])
     provenance = {
         **{k: meta.get(k) for k in ("model", "weights", "weights_spec", "seed", "preprocessing", "embed_dim", "classes", "dtype", "data_root", "layout", "engine", "precision", "decode",
-                                "layer", "layer_pool", "token_pool")},
+                                "layer", "layer_pool", "token_pool", "manifest_columns")},
         "cache": str(cache.resolve()),
         "cache_schema_version": SCHEMA_VERSION,
         "cache_fingerprint": table.content_digest(),

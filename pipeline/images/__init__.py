@@ -1,5 +1,6 @@
 """Images in: folders scanned into records (ImageFolder's classes and order, pre-split
-``train/ val/ test/`` roots, flat unlabeled folders), robust decoding (CPU, draft, GPU), and
+``train/ val/ test/`` roots, flat unlabeled folders) and manifests (CSV, TSV, JSON lines,
+Parquet), robust decoding (CPU, draft, GPU), and
 the batch reader that decodes in worker processes and records every file that failed.
 
 Never runs model code and never substitutes one file for another.
@@ -7,7 +8,9 @@ Never runs model code and never substitutes one file for another.
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, load_image, retry_under
 from .folders import LAYOUTS, ImageRecord, ScanResult, scan_folder
 from .gpu_decode import check_gpu_decode
+from .manifests import MANIFEST_SUFFIXES, ManifestColumns, is_manifest, scan_manifest, scan_source
 from .reader import DecodedBatch, ImageFileDataset, SharedDecodeDataset, collate_shared, default_workers, finish_on_gpu, make_loader
 
 __all__ = ["DEFAULT_MAX_PIXELS", "LAYOUTS", "DecodeError", "DecodedBatch", "ImageFileDataset", "ImageRecord", "ScanResult", "SharedDecodeDataset",
-           "check_gpu_decode", "collate_shared", "decode_image", "default_workers", "finish_on_gpu", "load_image", "make_loader", "retry_under", "scan_folder"]
+           "check_gpu_decode", "collate_shared", "decode_image", "default_workers", "finish_on_gpu", "load_image", "make_loader", "retry_under", "scan_folder",
+           "MANIFEST_SUFFIXES", "ManifestColumns", "is_manifest", "scan_manifest", "scan_source"]

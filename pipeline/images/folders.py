@@ -36,11 +36,18 @@ class ImageRecord:
 
 @dataclass
 class ScanResult:
-    root: Path
-    layout: str  # the resolved layout: "imagefolder", "split" or "flat"
+    root: Path  # what record paths are relative to
+    layout: str  # the resolved layout: "imagefolder", "split", "flat" or "manifest"
     classes: list[str]
     records: list[ImageRecord]
     skipped: list[tuple[str, str]]  # (relpath, reason) of things found but not usable
+    source: Path | None = None  # the manifest file, when the images came from one
+    columns: dict[str, str] | None = None  # the manifest's path/label/split column names
+
+    @property
+    def data_root(self) -> Path:
+        """What a cache records as its data: the folder, or the manifest file."""
+        return self.source or self.root
 
 
 def has_image_extension(name: str) -> bool:

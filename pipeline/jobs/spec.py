@@ -39,6 +39,7 @@ from ..errors import UsageError
 from ..extract import ExtractOptions
 from ..finetune import FinetuneOptions
 from ..heads import FitOptions
+from ..images import MANIFEST_SUFFIXES, is_manifest
 from ..options import build, check_device_name, toml_schema, type_problem
 
 if sys.version_info >= (3, 11):
@@ -243,9 +244,9 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
                 continue
             folder = resolve(item)
             if not folder.exists():
-                problems.append(f"job.data[{i}]: folder {str(folder)!r} does not exist")
-            elif not folder.is_dir():
-                problems.append(f"job.data[{i}]: {str(folder)!r} is a file, not a folder")
+                problems.append(f"job.data[{i}]: {'manifest' if is_manifest(folder) else 'folder'} {str(folder)!r} does not exist")
+            elif not folder.is_dir() and not is_manifest(folder):
+                problems.append(f"job.data[{i}]: {str(folder)!r} is a file, not a folder or a manifest ({', '.join(MANIFEST_SUFFIXES)})")
             data.append(folder)
     device = doc.get("device", "auto")
     if isinstance(device, str):

@@ -1,0 +1,133 @@
+"""Manifests as inputs: a CSV, TSV, JSON-lines or Parquet list of images gives the same
+cache rows as the folder it describes, skips bad rows with their row number, and is
+incremental like a folder."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pipeline import load_cache
+from pipeline.errors import DataError
+from pipeline.extract import run_extract
+from pipeline.images import scan_folder, scan_manifest
+
+from conftest import cli_json, make_image, run_cli
+
+
+def _tree(root):
+    """ImageFolder tree: 2 classes x 3 images."""
+    for c, cls in enumerate(["cat", "dog"]):
+        for i in range(3):
+            make_image(root / cls / f"{i}.png", size=(40, 36), seed=10 * c + i)
+    return root
+
+
+def _write(path, rows, fmt):
+    if fmt == "csv":
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_folder_and_manifest_give_the_same_cache(tmp_path, fmt, tiny_hub):
+    root = _tree(tmp_path / "imgs")
+    folder = scan_folder(root)
+    rows = [{"path": r.relpath, "label": folder.classes[r.label]} for r in reversed(folder.records)]  # another order on purpose
+    manifest = _write(root / f"list.{fmt}", rows, fmt)
+    a = run_extract(root, tiny_hub, "none", tmp_path / "folder.h5", workers=0)
+    b = run_extract(manifest, tiny_hub, "none", tmp_path / "manifest.h5", workers=0)
+    assert a.new == b.new == 6 and a.classes == b.classes == ["cat", "dog"]
+    fa, fb = load_cache(tmp_path / "folder.h5"), load_cache(tmp_path / "manifest.h5")
+    ia, ib = np.argsort(fa.paths), np.argsort(fb.paths)
+    assert list(fa.paths[ia]) == list(fb.paths[ib]) and list(fa.labels[ia]) == list(fb.labels[ib])
+    np.testing.assert_array_equal(fa.embeddings[ia], fb.embeddings[ib])
+    assert fb.meta["layout"] == "manifest" and fb.meta["data_root"] == str(manifest.resolve())
+    assert fb.meta["manifest_columns"] == {"path": "path", "label": "label", "split": "split"}
+
+
+def test_manifest_columns_splits_absolute_paths_and_bad_rows(tmp_path, tiny_hub):
+    root = _tree(tmp_path / "imgs")
+    elsewhere = make_image(tmp_path / "other" / "x.png", seed=99)
+    rows = [
+        {"file": "cat/0.png", "cls": "cat", "part": "train"},
+        {"file": "cat/1.png", "cls": "cat", "part": "Validation"},
+        {"file": "dog/0.png", "cls": "dog", "part": "test"},
+        {"file": str(elsewhere), "cls": "dog", "part": "train"},
+        {"file": "dog/missing.png", "cls": "dog", "part": "train"},   # row 6: does not exist
+        {"file": "dog/1.png", "cls": "", "part": "train"},            # row 7: empty label
+        {"file": "dog/2.png", "cls": "dog", "part": "holdout"},       # row 8: unknown split
+        {"file": "cat/0.png", "cls": "cat", "part": "train"},         # row 9: listed again
+    ]
+    manifest = _write(tmp_path / "imgs" / "m.csv", rows, "csv")
+    out = cli_json("extract", str(manifest), "-m", tiny_hub, "-w", "none", "--workers", "0", "--out", str(tmp_path / "c.h5"),
+                   "--path-col", "file", "--label-col", "cls", "--split-col", "part")
+    assert out["new"] == 4 and out["classes"] == ["cat", "dog"]
+    reasons = {s["path"]: s["reason"] for s in out["skipped"]}
+    assert reasons == {"dog/missing.png": "m.csv row 6: no such file or directory", "dog/1.png": "m.csv row 7: empty 'cls'",
+                       "dog/2.png": "m.csv row 8: split 'holdout' is not train, val or test", "cat/0.png": "m.csv row 9: listed again (first listing kept)"}
+    c = load_cache(tmp_path / "c.h5")
+    got = dict(zip(c.paths, zip(c.split, (c.classes[i] for i in c.labels))))
+    assert got == {"cat/0.png": ("train", "cat"), "cat/1.png": ("val", "cat"), "dog/0.png": ("test", "dog"), str(elsewhere): ("train", "dog")}
+
+
+def test_manifest_is_incremental_and_follows_its_rows(tmp_path, tiny_hub):
+    root = _tree(tmp_path / "imgs")
+    manifest = root / "m.jsonl"
+    _write(manifest, [{"path": f"cat/{i}.png", "label": "cat"} for i in range(3)], "jsonl")
+    args = ("extract", str(manifest), "-m", tiny_hub, "-w", "none", "--workers", "0")
+    first = cli_json(*args)
+    assert first["new"] == 3 and first["cache"].endswith(".h5") and "m.jsonl" in os.path.basename(first["cache"])
+    assert cli_json(*args)["new"] == 0
+    _write(manifest, [{"path": f"cat/{i}.png", "label": "cat"} for i in range(2)] + [{"path": "dog/0.png", "label": "dog"}], "jsonl")
+    third = cli_json(*args)
+    assert (third["new"], third["removed"], third["rows"], third["classes"]) == (1, 1, 3, ["cat", "dog"])
+    status = cli_json("status", third["cache"])
+    assert status["not_extracted"] == 0 and status["gone_from_disk"] == 0
+
+
+def test_bad_manifests_are_one_clear_line(tmp_path, tiny_hub):
+    root = _tree(tmp_path / "imgs")
+    no_col = _write(root / "a.csv", [{"file": "cat/0.png"}], "csv")
+    p = run_cli("extract", str(no_col), "-m", tiny_hub, "-w", "none", "--out", str(tmp_path / "c.h5"))
+    assert p.returncode == 2 and "has no column 'path' (columns: file); name it with --path-col" in p.stderr
+    (root / "b.jsonl").write_text('{"path": "cat/0.png"}\nnot json\n')
+    p = run_cli("extract", str(root / "b.jsonl"), "-m", tiny_hub, "-w", "none", "--out", str(tmp_path / "c.h5"))
+    assert p.returncode == 2 and "line 2 is not JSON" in p.stderr
+    (root / "c.parquet").write_bytes(b"PAR1 this is not parquet")
+    p = run_cli("extract", str(root / "c.parquet"), "-m", tiny_hub, "-w", "none", "--out", str(tmp_path / "c.h5"))
+    assert p.returncode == 2 and "not a readable Parquet file" in p.stderr
+    only_missing = _write(root / "d.csv", [{"path": "nope.png"}], "csv")
+    p = run_cli("extract", str(only_missing), "-m", tiny_hub, "-w", "none", "--out", str(tmp_path / "c.h5"))
+    assert p.returncode == 2 and "lists no usable image" in p.stderr and "nope.png" in p.stderr
+    (root / "notes.txt").write_text("hello")
+    p = run_cli("extract", str(root / "notes.txt"), "-m", tiny_hub, "-w", "none", "--out", str(tmp_path / "c.h5"))
+    assert p.returncode == 2 and "is a file but not a manifest" in p.stderr
+    assert not (tmp_path / "c.h5").exists()
+    with pytest.raises(DataError, match="does not exist"):
+        scan_manifest(tmp_path / "none.csv")
+
+
+def test_predict_and_finetune_read_the_manifest(tmp_path, tiny_hub):
+    root = _tree(tmp_path / "imgs")
+    rows = [{"path": f"{c}/{i}.png", "label": c, "split": "train" if i < 2 else "val"} for c in ("cat", "dog") for i in range(3)]
+    manifest = _write(root / "m.csv", rows, "csv")
+    run_extract(manifest, tiny_hub, "none", tmp_path / "c.h5", workers=0)
+    assert run_cli("fit-head", str(tmp_path / "c.h5"), "--out", str(tmp_path / "h.pt"), "-q").returncode == 0
+    pred = cli_json("predict", str(tmp_path / "h.pt"), str(manifest))
+    assert len(pred["predictions"]) == 6 and {r["true"] for r in pred["predictions"]} == {"cat", "dog"}
+    ft = run_cli("finetune", str(tmp_path / "h.pt"), "--out", str(tmp_path / "m.pt"), "--epochs", "1", "--batch-size", "4", "--workers", "0", "-q")
+    assert ft.returncode == 0, ft.stderr
