@@ -455,7 +455,8 @@ def extract_many(
         check_gpu_decode(dev)
     w = world(dev.type)
     dev = rank_device(dev, w)
-    scan = scan_source(data_dir, opts.layout, ManifestColumns(opts.path_col, opts.label_col, opts.split_col))
+    scan = scan_source(data_dir, opts.layout, ManifestColumns(opts.path_col, opts.label_col, opts.split_col),
+                       shard_index=default_cache_dir() / ".shard-index")
     passes: list[Pass] = []
     for model, out in zip(models, outs):
         backbone = load_backbone(model, weights, seed=opts.seed, layers=opts.layers, token_pool=opts.token_pool)

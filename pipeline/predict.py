@@ -12,7 +12,7 @@ import numpy as np
 from .errors import DataError
 from .extract import embed_batch, prepare_model, resolve_device
 from .heads import full_proba, load_head
-from .images import ImageFileDataset, ImageRecord, is_manifest, make_loader, scan_source
+from .images import ImageFileDataset, ImageRecord, is_manifest, is_shards, make_loader, scan_source
 from .store import atomic_path
 
 
@@ -24,18 +24,20 @@ class PredictResult:
     grid: str | None = None
 
 
-def _collect(inputs: list[str | os.PathLike], classes: list[str]) -> list[tuple[Path, str | None]]:
-    """(absolute file, true class name or None) for every image named or under a folder."""
-    found: list[tuple[Path, str | None]] = []
+def _collect(inputs: list[str | os.PathLike], classes: list[str]) -> list[tuple[Path, str | None, ImageRecord]]:
+    """(absolute file, true class name or None, record to read it by) for every image named,
+    under a folder, listed in a manifest or held in tar shards."""
+    found: list[tuple[Path, str | None, ImageRecord]] = []
     for item in inputs:
         p = Path(item).expanduser()
-        if p.is_dir() or is_manifest(p):
+        if p.is_dir() or is_manifest(p) or is_shards(p):
             scan = scan_source(p)
             for r in scan.records:
                 true = scan.classes[r.label] if r.label >= 0 and scan.classes[r.label] in classes else None
-                found.append(((scan.root / r.relpath), true))
+                path = scan.root / r.relpath
+                found.append((path, true, ImageRecord(str(path), -1, "", r.size, 0, str(scan.root / r.container) if r.container else "", r.offset)))
         elif p.is_file():  # a file inside a folder named like a class: that is its true label
-            found.append((p.resolve(), p.parent.name if p.parent.name in classes else None))
+            found.append((p.resolve(), p.parent.name if p.parent.name in classes else None, ImageRecord(str(p.resolve()), -1, "", 0, 0)))
         else:
             raise DataError(f"{str(p)!r} does not exist; pass image files, folders or a manifest")
     if not found:
@@ -53,7 +55,7 @@ def predict_images(head_path: str | os.PathLike, inputs: list[str | os.PathLike]
     backbone = loaded.load_backbone()
     dev = resolve_device(device)
     net = prepare_model(backbone, dev)
-    records = [ImageRecord(str(f), -1, "", 0, 0) for f, _ in files]
+    records = [rec for _, _, rec in files]
     draft = backbone.preprocessing.draft_size if prov.get("decode") == "draft" else None  # decode as the training cache was
     loader = make_loader(ImageFileDataset(Path("/"), records, backbone.preprocessing.transform(), draft_size=draft), batch_size, workers, dev.type == "cuda")
     result = PredictResult()
@@ -77,7 +79,8 @@ def predict_images(head_path: str | os.PathLike, inputs: list[str | os.PathLike]
                 w.writerows({**row, "topk": _topk_cell(row["topk"])} for row in result.rows)
         result.csv = str(out_csv)
     if grid_png is not None and result.rows:
-        result.grid = str(plot_grid(result.rows, Path(grid_png)))
+        members = {r.relpath: (r.container, r.offset, r.size) for r in records if r.container}
+        result.grid = str(plot_grid(result.rows, Path(grid_png), members=members))
     return result
 
 
@@ -86,7 +89,7 @@ def _topk_cell(topk: list[dict[str, Any]]) -> str:
     return ";".join(f"{t['class']}:{t['probability']:.4f}" for t in topk)
 
 
-def plot_grid(rows: list[dict[str, Any]], path: Path, max_images: int = 32) -> Path:
+def plot_grid(rows: list[dict[str, Any]], path: Path, max_images: int = 32, members: dict[str, tuple[str, int, int]] | None = None) -> Path:
     """Images with predicted (and true) labels, green when right, red when wrong."""
     from .heads import pyplot, save_figure
     from .images import load_image
@@ -100,7 +103,7 @@ def plot_grid(rows: list[dict[str, Any]], path: Path, max_images: int = 32) -> P
     for ax in axes.flat:
         ax.axis("off")
     for ax, r in zip(axes.flat, rows):
-        ax.imshow(load_image(r["path"]))
+        ax.imshow(load_image(r["path"], member=(members or {}).get(r["path"])))
         label = f"{r['predicted']} {r['probability']:.2f}" + (f"\n(true {r['true']})" if r["true"] else "")
         color = "black" if not r["true"] else ("green" if r["true"] == r["predicted"] else "red")
         ax.set_title(label, fontsize=8, color=color)

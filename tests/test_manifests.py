@@ -60,7 +60,7 @@ def test_folder_and_manifest_give_the_same_cache(tmp_path, fmt, tiny_hub):
 
 
 def test_manifest_columns_splits_absolute_paths_and_bad_rows(tmp_path, tiny_hub):
-    root = _tree(tmp_path / "imgs")
+    _tree(tmp_path / "imgs")
     elsewhere = make_image(tmp_path / "other" / "x.png", seed=99)
     rows = [
         {"file": "cat/0.png", "cls": "cat", "part": "train"},

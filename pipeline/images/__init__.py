@@ -10,7 +10,9 @@ from .folders import LAYOUTS, ImageRecord, ScanResult, scan_folder
 from .gpu_decode import check_gpu_decode
 from .manifests import MANIFEST_SUFFIXES, ManifestColumns, is_manifest, scan_manifest, scan_source
 from .reader import DecodedBatch, ImageFileDataset, SharedDecodeDataset, collate_shared, default_workers, finish_on_gpu, make_loader
+from .shards import expand_shards, is_shards, scan_shards
 
 __all__ = ["DEFAULT_MAX_PIXELS", "LAYOUTS", "DecodeError", "DecodedBatch", "ImageFileDataset", "ImageRecord", "ScanResult", "SharedDecodeDataset",
            "check_gpu_decode", "collate_shared", "decode_image", "default_workers", "finish_on_gpu", "load_image", "make_loader", "retry_under", "scan_folder",
-           "MANIFEST_SUFFIXES", "ManifestColumns", "is_manifest", "scan_manifest", "scan_source"]
+           "MANIFEST_SUFFIXES", "ManifestColumns", "is_manifest", "scan_manifest", "scan_source",
+           "expand_shards", "is_shards", "scan_shards"]

@@ -22,6 +22,21 @@ class DecodeError(Exception):
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
+def read_member(path: str | os.PathLike, offset: int, size: int) -> bytes:
+    """A tar member's bytes, read in place from its shard."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(size)
+    except FileNotFoundError:
+        raise DecodeError("its shard vanished during the run")
+    except OSError as exc:
+        raise DecodeError(f"cannot read its shard: {exc.strerror or exc}")
+    if len(data) != size:
+        raise DecodeError(f"truncated shard: the member needs {size} bytes, {len(data)} are left")
+    return data
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
     try:
         with open(path, "rb") as fh:
@@ -112,6 +127,6 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft
             Image.MAX_IMAGE_PIXELS = previous
 
 
-def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read and decode one file (see :func:`decode_image`)."""
-    return decode_image(read_bytes(path), max_pixels)
+def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS, member: tuple[str, int, int] | None = None) -> Image.Image:
+    """Read and decode one file, or a tar member given as (shard, offset, size) (see :func:`decode_image`)."""
+    return decode_image(read_member(*member) if member else read_bytes(path), max_pixels)

@@ -32,6 +32,8 @@ class ImageRecord:
     split: str  # "train", "val", "test", or "" when the folder is not pre-split
     size: int  # bytes, for incremental change detection
     mtime_ns: int
+    container: str = ""  # a tar shard (relative to the root) holding the image as a member …
+    offset: int = -1  # … whose bytes start here in it (read in place, never unpacked)
 
 
 @dataclass

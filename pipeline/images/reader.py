@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_bytes
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_bytes, read_member
 from .folders import ImageRecord
 from .gpu_decode import Encoded, decode_on_gpu, pixels_on_gpu, plain_jpeg
 
@@ -73,7 +73,8 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, Any, str]:
         try:
-            data = read_bytes(self.root / self.records[i].relpath)
+            rec = self.records[i]
+            data = read_member(self.root / rec.container, rec.offset, rec.size) if rec.container else read_bytes(self.root / rec.relpath)
             sha = hashlib.sha256(data).hexdigest() if self.hash_files else ""
             return i, self.prepare(i, data), sha
         except DecodeError as exc:

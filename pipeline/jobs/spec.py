@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from ..choices import canonical_device
-from ..errors import UsageError
+from ..errors import DataError, UsageError
 from ..extract import ExtractOptions
 from ..finetune import FinetuneOptions
 from ..heads import FitOptions
-from ..images import MANIFEST_SUFFIXES, is_manifest
+from ..images import MANIFEST_SUFFIXES, expand_shards, is_manifest, is_shards
 from ..options import build, check_device_name, toml_schema, type_problem
 
 if sys.version_info >= (3, 11):
@@ -243,7 +243,12 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
                 problems.append(f"job.data[{i}]: expected a folder path string, got {item!r}")
                 continue
             folder = resolve(item)
-            if not folder.exists():
+            if is_shards(folder):
+                try:
+                    expand_shards(folder)
+                except DataError as exc:
+                    problems.append(f"job.data[{i}]: {exc}")
+            elif not folder.exists():
                 problems.append(f"job.data[{i}]: {'manifest' if is_manifest(folder) else 'folder'} {str(folder)!r} does not exist")
             elif not folder.is_dir() and not is_manifest(folder):
                 problems.append(f"job.data[{i}]: {str(folder)!r} is a file, not a folder or a manifest ({', '.join(MANIFEST_SUFFIXES)})")
