@@ -217,7 +217,12 @@ def default_cache_path(model: str, weights: str, data_root: Path, cache_dir: Pat
     w = Path(weights).stem if os.sep in str(weights) else str(weights)
     if w == "none" and seed:
         w = f"none-seed{seed}"
-    root_tag = hashlib.sha1(str(Path(data_root).resolve()).encode()).hexdigest()[:8]
+    if str(data_root).startswith("torchvision:"):  # a dataset spec: named after the dataset, tagged by the spec
+        _, name, root = str(data_root).split(":", 2)
+        root_tag = hashlib.sha1(str(data_root).encode()).hexdigest()[:8]
+        data_root = Path(f"{name}-{Path(root).name}")
+    else:
+        root_tag = hashlib.sha1(str(Path(data_root).resolve()).encode()).hexdigest()[:8]
     tag = ("" if precision == "fp32" else f"__{precision}") + ("" if decode == "exact" else f"__{decode}") + (f"__at-{clean(layer)}" if layer else "")
     return base / f"{clean(model)}__{clean(w)}{tag}__{clean(Path(data_root).name) or 'root'}-{root_tag}.h5"
 
@@ -254,7 +259,7 @@ def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.d
         **prov,
         "embedding": EMBEDDING_DEFINITION if "layer" not in prov else f"output of layer {prov['layer']}, pooled: {prov['layer_pool']}",
         "dtype": dtype,
-        "data_root": str(scan.data_root),
+        "data_root": scan.data_root,
         "layout": scan.layout,
         **({"manifest_columns": scan.columns} if scan.columns else {}),
         "classes": list(scan.classes),

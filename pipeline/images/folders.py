@@ -45,11 +45,12 @@ class ScanResult:
     skipped: list[tuple[str, str]]  # (relpath, reason) of things found but not usable
     source: Path | None = None  # the manifest file, when the images came from one
     columns: dict[str, str] | None = None  # the manifest's path/label/split column names
+    spec: str | None = None  # a source that is not a path (torchvision:CIFAR10:/data/cifar10)
 
     @property
-    def data_root(self) -> Path:
-        """What a cache records as its data: the folder, or the manifest file."""
-        return self.source or self.root
+    def data_root(self) -> str:
+        """What a cache records as its data: the folder, the manifest file, the shard pattern or the dataset spec."""
+        return self.spec or str(self.source or self.root)
 
 
 def has_image_extension(name: str) -> bool:

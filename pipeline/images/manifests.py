@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from .datasets import is_dataset_spec, scan_dataset
 from .folders import UNLABELED, ImageRecord, ScanResult, scan_folder
 from .shards import is_shards, scan_shards
 
@@ -110,6 +111,8 @@ def scan_source(source: str | os.PathLike, layout: str = "auto", columns: Manife
         return scan_manifest(source, columns)
     if layout == "shards" or is_shards(source):
         return scan_shards(source, shard_index)
+    if layout == "torchvision" or is_dataset_spec(source):
+        return scan_dataset(str(source))
     if Path(source).expanduser().is_file():
         raise DataError(f"{str(source)!r} is a file but not a manifest; pass an image folder, a manifest ({', '.join(MANIFEST_SUFFIXES)}) "
                         "or tar shards ('shards/train-{000000..000127}.tar')")

@@ -45,6 +45,20 @@ class DecodedBatch:
         return self
 
 
+def read_record(root: Path, rec: ImageRecord) -> bytes:
+    """A record's image bytes: a file, a member of a tar shard, or an item of a torchvision dataset."""
+    if not rec.container:
+        return read_bytes(root / rec.relpath)
+    if rec.container.startswith("torchvision:"):
+        from .datasets import read_item
+
+        try:
+            return read_item(rec.container, rec.offset)
+        except Exception as exc:  # noqa: BLE001 - whatever the dataset class raises for one item
+            raise DecodeError(f"cannot read item {rec.offset} of {rec.container.partition('|')[0]}: {type(exc).__name__}: {exc}") from None
+    return read_member(root / rec.container, rec.offset, rec.size)
+
+
 class ImageFileDataset(Dataset):
     """Reads, hashes and decodes one file per item; never substitutes a failed file.
 
@@ -73,8 +87,7 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, Any, str]:
         try:
-            rec = self.records[i]
-            data = read_member(self.root / rec.container, rec.offset, rec.size) if rec.container else read_bytes(self.root / rec.relpath)
+            data = read_record(self.root, self.records[i])
             sha = hashlib.sha256(data).hexdigest() if self.hash_files else ""
             return i, self.prepare(i, data), sha
         except DecodeError as exc:

@@ -40,6 +40,7 @@ from ..extract import ExtractOptions
 from ..finetune import FinetuneOptions
 from ..heads import FitOptions
 from ..images import MANIFEST_SUFFIXES, expand_shards, is_manifest, is_shards
+from ..images.datasets import is_dataset_spec
 from ..options import build, check_device_name, toml_schema, type_problem
 
 if sys.version_info >= (3, 11):
@@ -242,8 +243,10 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
             if not isinstance(item, str):
                 problems.append(f"job.data[{i}]: expected a folder path string, got {item!r}")
                 continue
-            folder = resolve(item)
-            if is_shards(folder):
+            folder = Path(item) if is_dataset_spec(item) else resolve(item)
+            if is_dataset_spec(item):
+                pass  # checked when it is read (torchvision:NAME:ROOT)
+            elif is_shards(folder):
                 try:
                     expand_shards(folder)
                 except DataError as exc:
