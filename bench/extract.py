@@ -4,6 +4,7 @@
     python bench/extract.py --quick         # tiny run that only proves the bench works (CI)
     python bench/extract.py --json          # one JSON object
     python bench/extract.py --model timm:convnext_tiny   # a timm model: the reference loop is timm's own
+    python bench/extract.py --source shards # the same images from a folder and from WebDataset tar shards
     pip install -e '.[engines]'             # adds ONNX Runtime and OpenVINO (measured when installed)
 
 Measured here, in this order:
@@ -114,6 +115,57 @@ def ours(data: Path, model_name: str, batch: int, cache_dir: Path, precision: st
     return {"img_s": s.new / s.seconds, "engine": s.engine, "precision": s.precision}
 
 
+def write_shards(folder: Path, out_dir: Path, per_shard: int = 256) -> str:
+    """The folder's images as WebDataset shards (KEY.jpg + KEY.txt class name); returns the pattern."""
+    import io
+    import tarfile
+
+    from pipeline.images.folders import scan_folder
+
+    scan = scan_folder(folder)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = (len(scan.records) + per_shard - 1) // per_shard
+    for s in range(n):
+        path = out_dir / f"shard-{s:06d}.tar"
+        if path.exists():
+            continue
+        with tarfile.open(path.with_suffix(".tmp"), "w") as tar:
+            for r in scan.records[s * per_shard:(s + 1) * per_shard]:
+                key = r.relpath.rsplit(".", 1)[0].replace("/", "_")
+                tar.add(folder / r.relpath, arcname=f"{key}.jpg")
+                info = tarfile.TarInfo(f"{key}.txt")
+                label = scan.classes[r.label].encode()
+                info.size = len(label)
+                tar.addfile(info, io.BytesIO(label))
+        path.with_suffix(".tmp").rename(path)
+    return str(out_dir / f"shard-{{{0:06d}..{n - 1:06d}}}.tar")
+
+
+def sources(args: argparse.Namespace) -> None:
+    """Folder vs tar shards of the same images, ours end to end, alternating, best of 2 each."""
+    device = resolve_device(args.device)
+    size = (64, 48) if args.small else (500, 375)
+    data = make_jpegs(args.data.with_name(args.data.name + ("-small" if args.small else "")), args.images, size=size)
+    pattern = write_shards(data, data.with_name(data.name + "-shards"))
+    rates: dict[str, list[float]] = {"folder": [], "shards": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for attempt in range(2):
+            for name, source in (("folder", data), ("shards", pattern)):
+                s = run_extract(source, args.model, "none", Path(tmp) / f"{name}-{attempt}.h5", batch_size=args.batch_size, device=args.device,
+                                engine="eager")
+                rates[name].append(s.new / s.seconds)
+    r = {"model": args.model, "images": args.images, "size": list(size), "device": str(device), "workers": default_workers(device.type),
+         "folder_img_s": max(rates["folder"]), "shards_img_s": max(rates["shards"])}
+    r["ratio_shards_vs_folder"] = r["shards_img_s"] / r["folder_img_s"]
+    if args.json:
+        print(json.dumps(r))
+        return
+    print(f"{args.model}, {args.images} JPEGs {size[0]}x{size[1]}, batch {args.batch_size}, {r['device']}, eager, decoders {r['workers']}")
+    print(f"  folder      : {r['folder_img_s']:8.2f} img/s")
+    print(f"  tar shards  : {r['shards_img_s']:8.2f} img/s")
+    print(f"shards / folder = {r['ratio_shards_vs_folder']:.2f}  (goal >= 1)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="torchvision name or timm:NAME (default resnet50; --quick: resnet18)")
@@ -123,7 +175,16 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "featcache-bench-jpegs")
     ap.add_argument("--quick", action="store_true", help="small N, for CI: proves the bench runs, not a measurement")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--source", choices=("folder", "shards"), default="folder", help="shards: folder vs WebDataset tar shards of the same images")
+    ap.add_argument("--small", action="store_true", help="with --source shards: many small (64x48) files instead of 500x375 photos")
     args = ap.parse_args()
+    if args.source == "shards":
+        args.model = args.model or "resnet18"
+        if args.quick:
+            args.images, args.batch_size = 16, 8
+            args.data = args.data.with_name(args.data.name + "-quick")
+        sources(args)
+        return
     seconds = 4.0
     if args.quick:
         args.model, args.images, args.batch_size, seconds = args.model or "resnet18", 16, 8, 0.2
