@@ -217,10 +217,10 @@ def default_cache_path(model: str, weights: str, data_root: Path, cache_dir: Pat
     w = Path(weights).stem if os.sep in str(weights) else str(weights)
     if w == "none" and seed:
         w = f"none-seed{seed}"
-    if str(data_root).startswith("torchvision:"):  # a dataset spec: named after the dataset, tagged by the spec
-        _, name, root = str(data_root).split(":", 2)
+    if str(data_root).startswith(("torchvision:", "hf:")):  # a dataset spec: named after the dataset, tagged by the spec
+        parts = str(data_root).split(":", 2)
         root_tag = hashlib.sha1(str(data_root).encode()).hexdigest()[:8]
-        data_root = Path(f"{name}-{Path(root).name}")
+        data_root = Path(f"{parts[1]}-{Path(parts[2]).name}" if len(parts) == 3 else f"hf-{Path(parts[1]).name}")
     else:
         root_tag = hashlib.sha1(str(Path(data_root).resolve()).encode()).hexdigest()[:8]
     tag = ("" if precision == "fp32" else f"__{precision}") + ("" if decode == "exact" else f"__{decode}") + (f"__at-{clean(layer)}" if layer else "")

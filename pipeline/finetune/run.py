@@ -96,7 +96,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def _scan_for_head(prov: dict[str, Any], data_dir: str | os.PathLike | None):
     root = Path(data_dir) if data_dir is not None else Path(str(prov.get("data_root", "")))
-    if data_dir is None and prov.get("layout") not in ("shards", "torchvision") and not root.exists():
+    if data_dir is None and prov.get("layout") not in ("shards", "torchvision", "hf") and not root.exists():
         raise DataError(f"the head's image folder or manifest {str(root)!r} does not exist any more; pass --data DATA_DIR")
     layout = prov.get("layout") or "auto"
     scan = scan_source(root, layout if data_dir is None else "auto", prov.get("manifest_columns"))

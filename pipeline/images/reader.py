@@ -49,11 +49,11 @@ def read_record(root: Path, rec: ImageRecord) -> bytes:
     """A record's image bytes: a file, a member of a tar shard, or an item of a torchvision dataset."""
     if not rec.container:
         return read_bytes(root / rec.relpath)
-    if rec.container.startswith("torchvision:"):
-        from .datasets import read_item
+    if rec.container.startswith(("torchvision:", "hf:")):
+        from . import datasets, hf
 
         try:
-            return read_item(rec.container, rec.offset)
+            return (hf if rec.container.startswith("hf:") else datasets).read_item(rec.container, rec.offset)
         except Exception as exc:  # noqa: BLE001 - whatever the dataset class raises for one item
             raise DecodeError(f"cannot read item {rec.offset} of {rec.container.partition('|')[0]}: {type(exc).__name__}: {exc}") from None
     return read_member(root / rec.container, rec.offset, rec.size)

@@ -243,8 +243,8 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
             if not isinstance(item, str):
                 problems.append(f"job.data[{i}]: expected a folder path string, got {item!r}")
                 continue
-            folder = Path(item) if is_dataset_spec(item) else resolve(item)
-            if is_dataset_spec(item):
+            folder = Path(item) if is_dataset_spec(item) or item.startswith("hf:") else resolve(item)
+            if is_dataset_spec(item) or item.startswith("hf:"):
                 pass  # checked when it is read (torchvision:NAME:ROOT)
             elif is_shards(folder):
                 try:
