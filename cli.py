@@ -120,9 +120,12 @@ def _torchrun_worker() -> bool:
     return int(os.environ.get("RANK", "0")) != 0
 
 
-def command(fn: Callable[..., int]) -> Callable[..., None]:
+def command(fn: Optional[Callable[..., int]] = None, *, name: Optional[str] = None) -> Any:
     """Register ``fn`` as a command whose return value is the exit code, and map every
-    error to its documented exit code with a one-line message (traceback only with --debug)."""
+    error to its documented exit code with a one-line message (traceback only with --debug).
+    ``@command(name="import")`` names a command whose function cannot bear its name."""
+    if fn is None:
+        return lambda f: command(f, name=name)
     from pipeline.errors import ExitCode, FeatcacheError
     from pipeline.interrupts import sigterm_as_interrupt
 
@@ -151,7 +154,7 @@ def command(fn: Callable[..., int]) -> Callable[..., None]:
                 _emit_json({"error": message, "error_type": kind, "exit_code": code})
         raise typer.Exit(code or 0)
 
-    return app.command(epilog=EXIT_CODES_HELP)(wrapper)
+    return app.command(name, epilog=EXIT_CODES_HELP)(wrapper)
 
 
 def _err(msg: str) -> None:
@@ -664,6 +667,62 @@ def demo(
     result = run_demo(workdir, model, weights, finetune_epochs, progress=_bar, log=_err, show=not (as_json or quiet))
     if as_json:
         _emit_json(result)
+    return 0
+
+
+ExportFormat = Literal["parquet", "npy"]  # pipeline.exchange.EXPORT_FORMATS, spelled out so --help does not import the store
+
+
+@command
+def export(
+    cache: Path = typer.Argument(..., metavar="CACHE", help="A cache (.h5) written by extract or import."),
+    format_: ExportFormat = _choice("parquet", "--format", "-f", help="parquet: DIR/embeddings.parquet (path, label, class, split, embedding); npy: DIR/embeddings.npy + metadata.parquet + provenance.json (clip-retrieval's layout)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write (created; a previous export there is replaced only once the new files are complete)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Only rows of these splits, comma-separated: train, val, test, none (rows without a split)."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Only rows of these classes, comma-separated (labels keep indexing the cache's classes)."),
+    row_group_rows: Optional[int] = typer.Option(None, "--row-group-rows", help="Rows per Parquet row group and per read (default: 4 MiB of embeddings, at most 65,536 rows); memory grows with it."),
+    as_json: bool = _json_flag("Print one JSON summary on stdout."),
+    quiet: bool = _quiet_flag(),
+) -> int:
+    """Write a cache's rows to Parquet (or .npy + Parquet metadata) with its provenance, streamed in bounded memory; pyarrow, pandas and numpy read it as it is."""
+    from pipeline.exchange import export_cache
+
+    _begin(as_json, quiet)
+    r = export_cache(cache, out, format_, split=split, classes=classes, row_group_rows=row_group_rows, progress=_bar("export"), log=_err)
+    if as_json:
+        _emit_json(r.to_dict())
+    else:
+        _err(f"{r.out_dir}: {r.rows:,} rows x {r.embed_dim} {r.dtype} as {r.format} in {r.seconds:.1f}s ({r.mb_per_s:.0f} MB/s of embeddings, "
+             f"{r.row_groups} row group(s))")
+        for f in r.files:
+            _err(f"  {f}")
+    return 0
+
+
+@command(name="import")
+def import_(
+    source: Path = typer.Argument(..., metavar="SOURCE", help="A folder written by export (embeddings.parquet, or embeddings.npy + metadata.parquet), or a .parquet file with path and embedding columns."),
+    out: Path = typer.Option(..., "--out", "-o", help="Cache (.h5) to write: created, or extended when it holds the same backbone (rows keyed by path: importing again replaces rows, never duplicates them)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="What computed the embeddings; required when the file carries no featcache provenance, else replaces the file's."),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Its weights (default: the file's provenance, else 'custom')."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Class names in label order, comma-separated (default: the file's provenance, else its class column's values, sorted)."),
+    data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder the paths are relative to (default: the file's provenance)."),
+    preprocessing: Optional[str] = typer.Option(None, "--preprocessing", help='Preprocessing as JSON, e.g. \'{"resize_size": [224], "crop_size": [224]}\' (default: the file\'s provenance).'),
+    wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same cache."),
+    as_json: bool = _json_flag("Print one JSON summary on stdout."),
+    quiet: bool = _quiet_flag(),
+) -> int:
+    """Write embeddings computed elsewhere (an export's layouts) into a cache, with their provenance recorded: heads, kNN, compare and reports work on it."""
+    from pipeline.exchange import import_cache
+
+    _begin(as_json, quiet)
+    r = import_cache(source, out, model=model, weights=weights, classes=classes, data_root=data_root, preprocessing=preprocessing, wait=wait,
+                     progress=_bar("import"), log=_err)
+    if as_json:
+        _emit_json(r.to_dict())
+    else:
+        _err(f"{r.cache}: imported {r.rows:,} rows x {r.embed_dim} {r.dtype} from {r.source} ({r.format}; provenance from the {r.provenance_from}) "
+             f"in {r.seconds:.1f}s; the cache holds {r.cache_rows:,} rows, {len(r.classes)} classes")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Plain-text summaries of caches for terminals and JSON for machines (no training here)."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -58,7 +59,7 @@ def cache_status(path: str | os.PathLike, check_disk: bool = True, verify: bool 
         if verify:
             report = verify_cache(path)
             status["integrity"] = {"ok": report.ok, "damaged": report.damaged, "seconds": round(report.seconds, 2)}
-        if check_disk:
+        if check_disk and meta.get("data_root"):  # a cache written by other code may have no data folder
             try:
                 scan = scan_source(meta["data_root"], meta["layout"], meta.get("manifest_columns"))
                 on_disk = encode_paths([r.relpath for r in scan.records])
@@ -71,15 +72,23 @@ def cache_status(path: str | os.PathLike, check_disk: bool = True, verify: bool 
     return status
 
 
+def _preprocessing_line(pre: dict[str, Any] | None) -> str:
+    """The preprocessing as one line; a cache written by other code may record none, or other keys."""
+    if not pre or "resize_size" not in pre:
+        return f"preprocess {json.dumps(pre) if pre else '(not recorded)'}"
+    return (f"preprocess resize={pre['resize_size']} crop={pre.get('crop_size')} {pre.get('interpolation', '')} mean={pre.get('mean')} std={pre.get('std')}"
+            + (f" {pre['input_space']}" if pre.get("input_space", "RGB") != "RGB" else "")
+            + (f" range 0-{pre['input_range']:g}" if pre.get("input_range", 1.0) != 1.0 else ""))
+
+
 def format_cache_status(s: dict[str, Any]) -> str:
     meta = s["provenance"]
-    pre = meta["preprocessing"]
+    pre = meta.get("preprocessing")
     lines = [
         f"cache      {s['cache']}",
         f"backbone   {meta['model']}  weights={meta['weights']}  embed_dim={s['embed_dim']} {s['dtype']}  "
         f"({meta.get('precision', 'fp32')}, engine {meta.get('engine', 'eager')}, decode {meta.get('decode', 'exact')})",
-        f"preprocess resize={pre['resize_size']} crop={pre['crop_size']} {pre['interpolation']} mean={pre['mean']} std={pre['std']}"
-        + (f" {pre['input_space']}" if pre.get("input_space", "RGB") != "RGB" else "") + (f" range 0-{pre['input_range']:g}" if pre.get("input_range", 1.0) != 1.0 else ""),
+        _preprocessing_line(pre),
         *([f"layer      {meta['layer']}  (pooled: {meta.get('layer_pool')})"] if meta.get("layer") else []),
         f"data root  {meta['data_root']}  (layout {meta['layout']})",
         f"rows       {s['rows']}  in {s['parts']} part(s) (schema {s['schema_version']}, version {s['generation']}), "

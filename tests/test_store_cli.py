@@ -121,3 +121,16 @@ def test_a_cache_moved_without_its_parts_is_named(tmp_path, cache):
     proc = run_cli("fit-head", str(moved), "--clf", "logreg")
     assert proc.returncode == 5
     _one_error(proc, "missing", ".parts folder")
+
+
+def test_status_of_a_cache_written_by_other_code(tmp_path):
+    """The README's CacheWriter recipe records no preprocessing and no data folder: status says so, and scans nothing."""
+    from pipeline.store import CacheWriter, PendingRow, new_cache_meta
+
+    w = CacheWriter(tmp_path / "own.h5", new_cache_meta("my-model", 4, ["a", "b"]))
+    w.add([PendingRow("x.png", 0, "train", 1, 1, "ab" * 32)], np.ones((1, 4), np.float32))
+    w.commit()
+    w.close()
+    p = run_cli("status", str(tmp_path / "own.h5"))
+    assert p.returncode == 0, p.stderr
+    assert "preprocess (not recorded)" in p.stdout and "pending" not in p.stdout
