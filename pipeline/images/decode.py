@@ -22,12 +22,25 @@ class DecodeError(Exception):
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
-def read_member(path: str | os.PathLike, offset: int, size: int) -> bytes:
-    """A tar member's bytes, read in place from its shard."""
+# open shards of this process, by (path, mtime as scanned): one pread per member instead of an
+# open, seek, read and close per image; a shard rewritten since (another mtime) is opened anew
+_SHARD_FDS: dict[tuple[str, int], int] = {}
+_MAX_SHARD_FDS = 8
+
+
+def _shard_fd(path: str, mtime_ns: int) -> int:
+    fd = _SHARD_FDS.get((path, mtime_ns))
+    if fd is None:
+        if len(_SHARD_FDS) >= _MAX_SHARD_FDS:  # members come shard by shard: the oldest is done
+            os.close(_SHARD_FDS.pop(next(iter(_SHARD_FDS))))
+        fd = _SHARD_FDS[(path, mtime_ns)] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    return fd
+
+
+def read_member(path: str | os.PathLike, offset: int, size: int, mtime_ns: int = 0) -> bytes:
+    """A tar member's bytes, read in place from its shard (kept open between members)."""
     try:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read(size)
+        data = os.pread(_shard_fd(str(path), mtime_ns), size, offset)
     except FileNotFoundError:
         raise DecodeError("its shard vanished during the run")
     except OSError as exc:

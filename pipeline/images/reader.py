@@ -56,7 +56,7 @@ def read_record(root: Path, rec: ImageRecord) -> bytes:
             return (hf if rec.container.startswith("hf:") else datasets).read_item(rec.container, rec.offset)
         except Exception as exc:  # noqa: BLE001 - whatever the dataset class raises for one item
             raise DecodeError(f"cannot read item {rec.offset} of {rec.container.partition('|')[0]}: {type(exc).__name__}: {exc}") from None
-    return read_member(root / rec.container, rec.offset, rec.size)
+    return read_member(root / rec.container, rec.offset, rec.size, rec.mtime_ns)
 
 
 class ImageFileDataset(Dataset):
