@@ -355,10 +355,7 @@ def _load_torchvision(name: str, weights: str, seed: int) -> Backbone:
         weights_id, used_seed = f"torchvision:{type(member).__name__}.{member.name}", None
     removed = make_headless(model, num_classes)
     if is_path:
-        path = Path(spec).expanduser().resolve()
-        loaded = _load_state_file(path)
-        _check_artifact_model(loaded, name, path)
-        _load_into(model, loaded.state, removed, f"--weights {str(path)!r}")
+        loaded = _load_weights_file(model, spec, name, removed)
         weights_id, used_seed = loaded.weights_id, None
         preprocessing = loaded.preprocessing or preprocessing
     dim = _probe_embed_dim(model.eval(), preprocessing.input_size)
@@ -390,6 +387,15 @@ def _load_tapped_finetuned(name: str, path: Path, blob: dict[str, Any], layers: 
     backbone.preprocessing = Preprocessing.from_dict(info["preprocessing"])
     backbone.model.eval().requires_grad_(False).to(device)
     return backbone
+
+
+def _load_weights_file(model: nn.Module, spec: str, name: str, removed: str) -> WeightsFile:
+    """Load the state_dict file ``spec`` into ``model`` (its classifier ``removed``), strictly."""
+    path = Path(spec).expanduser().resolve()
+    loaded = _load_state_file(path)
+    _check_artifact_model(loaded, name, path)
+    _load_into(model, loaded.state, removed, f"--weights {str(path)!r}")
+    return loaded
 
 
 def _check_artifact_model(loaded: WeightsFile, name: str, path: Path) -> None:
@@ -451,10 +457,7 @@ def _load_hub(name: str, weights: str, seed: int) -> Backbone:
         removed = make_headless(model)
     weights_id = f"hub:{entry}:default" if spec.lower() == "default" else f"hub:{entry}:{spec.lower()}"
     if spec.lower() not in ("none", "default"):
-        path = Path(spec).expanduser().resolve()
-        loaded = _load_state_file(path)
-        _check_artifact_model(loaded, name, path)
-        _load_into(model, loaded.state, removed, f"--weights {str(path)!r}")
+        loaded = _load_weights_file(model, spec, name, removed)
         weights_id = loaded.weights_id
         preprocessing = loaded.preprocessing or preprocessing
     model.eval()
@@ -469,10 +472,7 @@ def _load_external(name: str, weights: str, seed: int) -> Backbone:
     model, preprocessing, weights_id, used_seed, path_spec = source.build(name, weights, seed)
     removed = timm_models.classifier_name(model) if source is timm_models else "last_linear"
     if path_spec is not None:
-        path = Path(path_spec).expanduser().resolve()
-        loaded = _load_state_file(path)
-        _check_artifact_model(loaded, name, path)
-        _load_into(model, loaded.state, removed, f"--weights {str(path)!r}")
+        loaded = _load_weights_file(model, path_spec, name, removed)
         weights_id, used_seed = loaded.weights_id, None
         preprocessing = loaded.preprocessing or preprocessing
     dim = _probe_embed_dim(model.eval(), preprocessing.input_size)
