@@ -131,3 +131,12 @@ def test_predict_and_finetune_read_the_manifest(tmp_path, tiny_hub):
     assert len(pred["predictions"]) == 6 and {r["true"] for r in pred["predictions"]} == {"cat", "dog"}
     ft = run_cli("finetune", str(tmp_path / "h.pt"), "--out", str(tmp_path / "m.pt"), "--epochs", "1", "--batch-size", "4", "--workers", "0", "-q")
     assert ft.returncode == 0, ft.stderr
+
+
+def test_hostile_paths_in_a_manifest_are_skipped_rows(tmp_path):
+    root = _tree(tmp_path / "imgs")
+    manifest = _write(root / "h.jsonl", [{"path": "cat/\x00.png", "label": "cat"}, {"path": "../../../../etc/passwd\n", "label": "dog"},
+                                         {"path": "cat/0.png", "label": "cat"}], "jsonl")
+    scan = scan_manifest(manifest)
+    assert [r.relpath for r in scan.records] == ["cat/0.png"] or "../../../../etc/passwd" in [r.relpath for r in scan.records]
+    assert ("cat/\\0.png", "h.jsonl row 1: not a usable path") in scan.skipped

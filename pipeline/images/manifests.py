@@ -173,6 +173,9 @@ def scan_manifest(source: str | os.PathLike, columns: ManifestColumns | None = N
         except OSError as exc:
             skipped.append((rel, f"{where}: {exc.strerror.lower() if exc.strerror else 'cannot stat'}"))
             continue
+        except ValueError:  # a NUL byte in the path
+            skipped.append((rel.replace("\0", "\\0"), f"{where}: not a usable path"))
+            continue
         records.append(ImageRecord(rel, label, split, st.st_size, st.st_mtime_ns))
     if not records:
         raise DataError(f"manifest {str(path)!r} lists no usable image ({len(rows)} rows, {len(skipped)} skipped"
