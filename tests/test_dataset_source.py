@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+import pytest
 import torch
 import torchvision
 
@@ -48,5 +49,8 @@ def test_a_dataset_that_is_not_on_disk_is_one_line_and_never_downloaded(tmp_path
     p = run_cli("extract", f"torchvision:CIFAR10:{tmp_path}", "-m", tiny_hub, "-w", "none", "--out", str(tmp_path / "c.h5"))
     assert p.returncode == 2 and "never downloads" in p.stderr and "CIFAR10" in p.stderr
     assert not any(tmp_path.iterdir()) or not (tmp_path / "cifar-10-batches-py").exists()
-    p = run_cli("extract", "torchvision:NoSuchSet:/tmp", "-m", tiny_hub, "-w", "none", "--out", str(tmp_path / "c.h5"))
-    assert p.returncode == 2 and "torchvision:NAME:ROOT" in p.stderr
+    from pipeline.errors import DataError
+    from pipeline.images import scan_source
+
+    with pytest.raises(DataError, match="torchvision:NAME:ROOT"):
+        scan_source("torchvision:NoSuchSet:/tmp")

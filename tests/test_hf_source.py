@@ -80,10 +80,11 @@ def test_bad_hf_sources_are_one_line(tmp_path, tiny_hub, monkeypatch):
     pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "t.parquet")
     p = run_cli("extract", f"hf:{tmp_path / 't.parquet'}", "-m", tiny_hub, "-w", "none", "--out", str(tmp_path / "c.h5"))
     assert p.returncode == 2 and "has no image column" in p.stderr
-    p = run_cli("extract", f"hf:{tmp_path / 'nope'}", "-m", tiny_hub, "-w", "none", "--out", str(tmp_path / "c.h5"))
-    assert p.returncode == 2 and "does not exist" in p.stderr
-    monkeypatch.setitem(sys.modules, "pyarrow", None)
     from pipeline.images.hf import scan_hf
+
+    with pytest.raises(DataError, match="does not exist"):
+        scan_hf(f"hf:{tmp_path / 'nope'}")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
 
     with pytest.raises(DataError, match=r"pip install -e '\.\[hf\]'"):
         scan_hf(f"hf:{tmp_path / 't.parquet'}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -100,25 +101,22 @@ def test_manifest_is_incremental_and_follows_its_rows(tmp_path, tiny_hub):
 
 
 def test_bad_manifests_are_one_clear_line(tmp_path, tiny_hub):
+    from pipeline.images import scan_source
+
     root = _tree(tmp_path / "imgs")
     no_col = _write(root / "a.csv", [{"file": "cat/0.png"}], "csv")
-    p = run_cli("extract", str(no_col), "-m", tiny_hub, "-w", "none", "--out", str(tmp_path / "c.h5"))
-    assert p.returncode == 2 and "has no column 'path' (columns: file); name it with --path-col" in p.stderr
-    (root / "b.jsonl").write_text('{"path": "cat/0.png"}\nnot json\n')
-    p = run_cli("extract", str(root / "b.jsonl"), "-m", tiny_hub, "-w", "none", "--out", str(tmp_path / "c.h5"))
-    assert p.returncode == 2 and "line 2 is not JSON" in p.stderr
-    (root / "c.parquet").write_bytes(b"PAR1 this is not parquet")
-    p = run_cli("extract", str(root / "c.parquet"), "-m", tiny_hub, "-w", "none", "--out", str(tmp_path / "c.h5"))
-    assert p.returncode == 2 and "not a readable Parquet file" in p.stderr
-    only_missing = _write(root / "d.csv", [{"path": "nope.png"}], "csv")
-    p = run_cli("extract", str(only_missing), "-m", tiny_hub, "-w", "none", "--out", str(tmp_path / "c.h5"))
-    assert p.returncode == 2 and "lists no usable image" in p.stderr and "nope.png" in p.stderr
-    (root / "notes.txt").write_text("hello")
-    p = run_cli("extract", str(root / "notes.txt"), "-m", tiny_hub, "-w", "none", "--out", str(tmp_path / "c.h5"))
-    assert p.returncode == 2 and "is a file but not a manifest" in p.stderr
+    p = run_cli("extract", str(no_col), "-m", tiny_hub, "-w", "none", "--out", str(tmp_path / "c.h5"))  # as users see it: exit 2, one line
+    assert p.returncode == 2 and p.stderr.strip() == (f"error: manifest {str(no_col.resolve())!r} has no column 'path' (columns: file); "
+                                                      "name it with --path-col")
     assert not (tmp_path / "c.h5").exists()
-    with pytest.raises(DataError, match="does not exist"):
-        scan_manifest(tmp_path / "none.csv")
+    (root / "b.jsonl").write_text('{"path": "cat/0.png"}\nnot json\n')
+    (root / "c.parquet").write_bytes(b"PAR1 this is not parquet")
+    _write(root / "d.csv", [{"path": "nope.png"}], "csv")
+    (root / "notes.txt").write_text("hello")
+    for name, needle in [("b.jsonl", "line 2 is not JSON"), ("c.parquet", "not a readable Parquet file"), ("d.csv", "lists no usable image (1 rows, 1 skipped, e.g. nope.png"),
+                         ("notes.txt", "is a file but not a manifest"), ("none.csv", "does not exist")]:
+        with pytest.raises(DataError, match=re.escape(needle)):
+            scan_source(root / name)
 
 
 def test_predict_and_finetune_read_the_manifest(tmp_path, tiny_hub):

@@ -211,18 +211,18 @@ def test_timm_batchnormact_is_frozen_and_layernorm_trains():
 
 
 def test_models_lists_sources_with_width_and_input_size():
-    p = run_cli("models", "--source", "timm", "--filter", "convnext_atto", "--json")
-    assert p.returncode == 0, p.stderr
-    import json
+    from pipeline.backbones.catalog import list_backbones
+    from pipeline.errors import UsageError
 
-    rows = {r["name"]: r for r in json.loads(p.stdout)["models"]}
+    rows = {r["name"]: r for r in list_backbones("timm", "convnext_atto")[0]}
     assert rows["timm:convnext_atto"]["embed_dim"] == 320 and rows["timm:convnext_atto"]["input_size"] == 224
-    p = run_cli("models", "--filter", "resnet18")
-    assert p.returncode == 0 and "resnet18" in p.stdout and "512-d" in p.stdout
-    p = run_cli("models", "--source", "pretrainedmodels", "--filter", "se_resnet50", "--json")
-    assert p.returncode == 0 and json.loads(p.stdout)["models"][0]["embed_dim"] == 2048
-    p = run_cli("models", "--source", "keras")
-    assert p.returncode == 2 and "torchvision, timm, pretrainedmodels" in p.stderr
+    assert list_backbones("pretrainedmodels", "se_resnet50")[0][0]["embed_dim"] == 2048
+    rows, notes = list_backbones(None, "")
+    assert len(rows) > 1000 and "embed_dim" not in rows[0] and "add --filter" in notes[-1]  # too many to build: names only
+    with pytest.raises(UsageError, match="torchvision, timm, pretrainedmodels"):
+        list_backbones("keras")
+    p = run_cli("models", "--filter", "resnet18")  # as users see it
+    assert p.returncode == 0 and "resnet18" in p.stdout and "512-d" in p.stdout and "224 px" in p.stdout
 
 
 def test_hub_cache_dir_env_is_respected_by_pretrainedmodels_message(tmp_path):
