@@ -19,10 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .datasets import is_dataset_spec, scan_dataset
-from .folders import UNLABELED, ImageRecord, ScanResult, scan_folder
-from .hf import is_hf_spec, scan_hf
-from .shards import is_shards, scan_shards
+from .folders import UNLABELED, ImageRecord, ScanResult
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
@@ -100,26 +97,6 @@ def read_manifest(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
 
 def _text(value: Any) -> str:
     return "" if value is None else str(value).strip()
-
-
-def scan_source(source: str | os.PathLike, layout: str = "auto", columns: ManifestColumns | dict[str, str] | None = None,
-                shard_index: Path | None = None) -> ScanResult:
-    """A folder (``scan_folder``), a manifest file (``scan_manifest``) or WebDataset tar shards
-    (``scan_shards``, their member lists remembered in ``shard_index``), by what ``source`` is."""
-    if isinstance(columns, dict):
-        columns = ManifestColumns(**columns)
-    if layout == "torchvision" or is_dataset_spec(source):
-        return scan_dataset(str(source))
-    if layout == "hf" or is_hf_spec(source):
-        return scan_hf(str(source))
-    if layout == "manifest" or is_manifest(source):
-        return scan_manifest(source, columns)
-    if layout == "shards" or is_shards(source):
-        return scan_shards(source, shard_index)
-    if Path(source).expanduser().is_file():
-        raise DataError(f"{str(source)!r} is a file but not a manifest; pass an image folder, a manifest ({', '.join(MANIFEST_SUFFIXES)}) "
-                        "or tar shards ('shards/train-{000000..000127}.tar')")
-    return scan_folder(source, layout)
 
 
 def scan_manifest(source: str | os.PathLike, columns: ManifestColumns | None = None) -> ScanResult:

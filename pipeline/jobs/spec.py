@@ -41,6 +41,7 @@ from ..finetune import FinetuneOptions
 from ..heads import FitOptions
 from ..images import MANIFEST_SUFFIXES, expand_shards, is_manifest, is_shards
 from ..images.datasets import is_dataset_spec
+from ..images.hf import is_hf_spec
 from ..options import build, check_device_name, toml_schema, type_problem
 
 if sys.version_info >= (3, 11):
@@ -243,8 +244,9 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
             if not isinstance(item, str):
                 problems.append(f"job.data[{i}]: expected a folder path string, got {item!r}")
                 continue
-            folder = Path(item) if is_dataset_spec(item) or item.startswith("hf:") else resolve(item)
-            if is_dataset_spec(item) or item.startswith("hf:"):
+            named = is_dataset_spec(item) or is_hf_spec(item)  # torchvision:NAME:ROOT, hf:PATH
+            folder = Path(item) if named else resolve(item)
+            if named:
                 pass  # checked when it is read (torchvision:NAME:ROOT)
             elif is_shards(folder):
                 try:
