@@ -28,6 +28,7 @@ import numpy as np
 from .. import __version__
 from ..errors import StorageError, UsageError
 from ..store import atomic_path, iter_embeddings, read_rows
+from ..store.atomic import TMP_MARK, remove_stale_temporaries
 from .layout import (
     CLASS,
     EMBEDDING,
@@ -42,7 +43,6 @@ from .layout import (
     SPLIT,
     SPLIT_NAMES,
     file_metadata,
-    remove_dead_temporaries,
     require_pyarrow,
 )
 
@@ -230,7 +230,8 @@ def _write(fmt: str, table, sel: np.ndarray, out_dir: Path, kv: dict[bytes, byte
     else:
         schema = pa.schema(fields, metadata=kv)
         names = (METADATA_FILE, NPY_FILE, PROVENANCE_FILE)  # metadata.parquet first: it is renamed into place last
-    remove_dead_temporaries(out_dir, names)
+    for name in names:  # leftovers of exports killed mid-write (a live export's are kept)
+        remove_stale_temporaries(out_dir, name + TMP_MARK)
     classes_arr = pa.array(table.classes, type=pa.string())
     splits_arr = pa.array(["", *SPLIT_NAMES], type=pa.string())  # the split codes 0..3
 

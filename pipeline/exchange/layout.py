@@ -15,7 +15,6 @@ Both carry the cache's provenance as Parquet key-value metadata (``featcache.pro
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -94,24 +93,3 @@ def detect_source(src: Path) -> tuple[str, Path]:
     if src.suffix.lower() == ".parquet":
         return "parquet", src
     raise UsageError(f"import source {str(src)!r} is neither a folder nor a .parquet or .npy file")
-
-
-def remove_dead_temporaries(folder: Path, names: tuple[str, ...]) -> None:
-    """Temporaries (``.NAME.tmp-PID-…``) of exports killed mid-write, whose process is gone."""
-    if not folder.is_dir():
-        return
-    for entry in folder.iterdir():
-        if not any(entry.name.startswith(f".{n}.tmp-") for n in names):
-            continue
-        try:
-            pid = int(entry.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
-            os.kill(pid, 0)
-            continue  # alive (another export right now)
-        except ProcessLookupError:
-            pass
-        except (ValueError, IndexError, PermissionError):
-            continue
-        try:
-            entry.unlink()
-        except OSError:
-            pass
