@@ -288,7 +288,7 @@ class Target:
     meta: dict[str, Any]
     lock: WriterLock
     summary: ExtractSummary
-    columns: slice | None = None  # this cache's columns of the backbone's output (a tapped layer)
+    columns: slice  # this cache's columns of the backbone's output: all of it, or a tapped layer's
     writer: CacheWriter | None = None
     todo: set[str] = field(default_factory=set)  # relpaths this cache lacks (all ranks)
     removed: list[str] = field(default_factory=list)
@@ -411,7 +411,7 @@ def _write_batch(p: Pass, batch: DecodedBatch, records: Sequence[ImageRecord], c
             keep = [k for k, i in enumerate(batch.positions) if shared or records[i].relpath in t.todo]
             rows = [PendingRow(records[i].relpath, records[i].label, records[i].split, records[i].size, records[i].mtime_ns, batch.sha256[k])
                     for k, i in ((k, batch.positions[k]) for k in keep)]
-            part = emb if shared and t.columns is None else emb[np.asarray(keep, dtype=np.intp)][:, t.columns or slice(None)]
+            part = (emb if shared else emb[np.asarray(keep, dtype=np.intp)])[:, t.columns]
             if rows:
                 t.writer.add(rows, np.ascontiguousarray(part))
                 t.summary.new += len(rows)
@@ -473,7 +473,7 @@ def extract_many(
             summary = ExtractSummary(str(out_path), model, backbone.weights_id, meta["embed_dim"], str(dev), classes=list(scan.classes), layer=layer,
                                      rank=w.rank, world_size=w.size, skipped=list(scan.skipped), precision=chosen.name, decode=decode)
             p.targets.append(Target(backbone, out_path, meta, WriterLock(out_path, command=f"extract --model {model}", wait=wait), summary,
-                                    None if tap is None else backbone.tap_columns(tap)))
+                                    slice(None) if tap is None else backbone.tap_columns(tap)))
         passes.append(p)
     targets = [t for p in passes for t in p.targets]
     if len({t.out_path.resolve() for t in targets}) != len(targets):

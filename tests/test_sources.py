@@ -236,7 +236,7 @@ def test_hub_cache_dir_env_is_respected_by_pretrainedmodels_message(tmp_path):
     assert os.listdir(tmp_path) == ["data"] or not (tmp_path / "c.h5").exists()
 
 
-def test_subprocess_free_import_of_registry_does_not_import_timm():
+def test_importing_the_pipeline_does_not_import_timm_or_pretrainedmodels():
     """`featcache` starts without timm/pretrainedmodels: they are imported only for their models."""
     code = "import sys, pipeline.backbones, pipeline.extract; print('timm' in sys.modules, 'pretrainedmodels' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout.strip()

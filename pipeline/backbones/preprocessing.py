@@ -70,8 +70,8 @@ class Preprocessing:
     def pixels(self) -> "ToPixels":
         """The geometric half of ``transform()``: resize and centre crop to a uint8 CHW tensor,
         four times smaller than floats to pass from decoder processes and to a GPU."""
-        resize = self.resize_size[0] if len(self.resize_size) == 1 else list(self.resize_size)
-        return ToPixels([resize] if isinstance(resize, int) else resize, list(self.crop_size), InterpolationMode(self.interpolation), self.antialias)
+        # F.resize reads one size as the shorter side and two as (height, width), as recorded
+        return ToPixels(list(self.resize_size), list(self.crop_size), InterpolationMode(self.interpolation), self.antialias)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """The numeric half of ``transform()`` on uint8 pixels (one image or a batch), on

@@ -16,6 +16,7 @@ patch token of the last block).
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
 
@@ -155,7 +156,7 @@ def tap_model(model: nn.Module, specs: list[str], token_pool: str, input_size: i
             dims.append(shape[-1] * (2 if token_pool == "cls+mean" else 1))
             pools.append(token_pool)
         else:
-            dims.append(int(torch.tensor(shape[1:]).prod()))
+            dims.append(math.prod(shape[1:]))
             pools.append("flatten")
     return wrapped, [(t.name, d, p) for t, d, p in zip(taps, dims, pools)]
 
@@ -169,7 +170,7 @@ def layer_table(model: nn.Module, input_size: int, depth: int = 2) -> list[tuple
         if name and name.count(".") < depth:
             def hook(_m, _i, out, name=name):
                 if isinstance(out, torch.Tensor) and out.ndim >= 2:
-                    width = out.shape[1] if out.ndim == 4 else out.shape[-1] if out.ndim == 3 else int(torch.tensor(out.shape[1:]).prod())
+                    width = out.shape[1] if out.ndim == 4 else out.shape[-1] if out.ndim == 3 else math.prod(out.shape[1:])
                     seen.append((name, tuple(out.shape[1:]), int(width)))
             handles.append(module.register_forward_hook(hook))
     try:
