@@ -15,9 +15,10 @@ from typing import Any, Iterable
 # stage 1
 LAYOUTS: tuple[str, ...] = ("auto", "imagefolder", "split", "flat")
 DTYPES = ("float32", "float16")
-ENGINES = ("auto", "eager", "compile", "onnxruntime", "openvino")
+ENGINES = ("auto", "eager", "compile", "cudagraph", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 DECODES = ("exact", "draft", "gpu")
+GPU_DECODERS = ("auto", "nvimgcodec", "torchvision")  # --decode gpu's decoder library
 TOKEN_POOLS = ("cls", "cls+mean")  # how a tapped token sequence (ViT) is pooled
 # stage 2
 HEAD_KINDS = ("logreg", "linear", "mlp", "knn")

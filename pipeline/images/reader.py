@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_bytes, read_member
 from .folders import ImageRecord
-from .gpu_decode import Encoded, decode_on_gpu, pixels_on_gpu, plain_jpeg
+from .gpu_decode import Encoded, GpuJpegDecoder, pixels_on_gpu, plain_jpeg
 
 
 @dataclass
@@ -26,17 +26,18 @@ class DecodedBatch:
     images: torch.Tensor | None  # [B, 3, H, W] (float32, or uint8 pixels in extraction), or None when none decoded
     sha256: list[str]
     failures: list[tuple[int, str]]  # (record index, reason)
-    # --decode gpu: JPEGs still to decode, as (record index, sha256) and their bytes packed in one
-    # tensor (one shared-memory transfer per batch from a decoder process, not one per file)
+    # --decode gpu: JPEGs still to decode, as (record index, sha256), and where their bytes lie in
+    # ``jpeg_bytes``: one tensor per batch shared by every backbone's part (one shared-memory
+    # transfer per batch from a decoder process, not one per file or per backbone)
     encoded: list[tuple[int, str]] = field(default_factory=list)
     jpeg_bytes: torch.Tensor | None = None
-    jpeg_sizes: list[int] = field(default_factory=list)
+    jpeg_spans: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) per ``encoded`` entry
 
     def jpegs(self) -> dict[int, torch.Tensor]:
         """{record index: that JPEG's bytes} (views into ``jpeg_bytes``)."""
         if self.jpeg_bytes is None:
             return {}
-        return {i: part for (i, _), part in zip(self.encoded, torch.split(self.jpeg_bytes, self.jpeg_sizes))}
+        return {i: self.jpeg_bytes.narrow(0, start, length) for (i, _), (start, length) in zip(self.encoded, self.jpeg_spans)}
 
     def pin_memory(self) -> "DecodedBatch":
         """Called by the DataLoader's pinning thread (CUDA): page-locked images copy asynchronously."""
@@ -96,13 +97,28 @@ class ImageFileDataset(Dataset):
             return i, None, f"!cannot preprocess: {type(exc).__name__}: {exc}"
 
 
-def collate_decoded(items: list[tuple[int, Any, str]]) -> DecodedBatch:
+def pack_jpegs(items: list[tuple[int, Any, str]]) -> tuple[torch.Tensor | None, dict[int, tuple[int, int]]]:
+    """Every undecoded JPEG of a batch in one uint8 tensor, and {record index: (offset, length)}."""
+    spans: dict[int, tuple[int, int]] = {}
+    chunks, offset = [], 0
+    for i, t, _ in items:
+        if isinstance(t, Encoded):
+            spans[i] = (offset, len(t.data))
+            chunks.append(t.data)
+            offset += len(t.data)
+    return (torch.cat(chunks) if chunks else None), spans
+
+
+def collate_decoded(items: list[tuple[int, Any, str]], packed: tuple[torch.Tensor | None, dict[int, tuple[int, int]]] | None = None) -> DecodedBatch:
+    """One backbone's batch; ``packed`` (``pack_jpegs`` of the whole batch) is shared by every
+    backbone's part, else the part packs its own JPEGs."""
     ok = [(i, t, s) for i, t, s in items if t is not None and not isinstance(t, Encoded)]
     failures = [(i, s[1:]) for i, t, s in items if t is None]
     images = torch.stack([t for _, t, _ in ok]) if ok else None
-    jpegs = [(i, t.data, s) for i, t, s in items if isinstance(t, Encoded)]
-    return DecodedBatch([i for i, _, _ in ok], images, [s for _, _, s in ok], failures, [(i, s) for i, _, s in jpegs],
-                        torch.cat([d for _, d, _ in jpegs]) if jpegs else None, [len(d) for _, d, _ in jpegs])
+    jpeg_bytes, spans = packed if packed is not None else pack_jpegs(items)
+    jpegs = [(i, s) for i, t, s in items if isinstance(t, Encoded)]
+    return DecodedBatch([i for i, _, _ in ok], images, [s for _, _, s in ok], failures, jpegs,
+                        jpeg_bytes if jpegs else None, [spans[i] for i, _ in jpegs])
 
 
 class SharedDecodeDataset(ImageFileDataset):
@@ -131,20 +147,22 @@ def collate_shared(items: list[tuple[int, Any, str]], needs: Sequence[Sequence[b
     """One ``DecodedBatch`` per backbone from ``SharedDecodeDataset`` items; a file that failed
     to decode is a failure for every backbone that needed it, an undecoded JPEG goes to each."""
     pick = lambda t, k: t if t is None or isinstance(t, Encoded) else t[k]  # noqa: E731
-    return [collate_decoded([(i, pick(t, k), s) for i, t, s in items if needs[i][k]]) for k in range(len(needs[items[0][0]]))]
+    packed = pack_jpegs(items)
+    return [collate_decoded([(i, pick(t, k), s) for i, t, s in items if needs[i][k]], packed) for k in range(len(needs[items[0][0]]))]
 
 
-def finish_on_gpu(parts: list[DecodedBatch], to_pixels: Sequence[Callable[[torch.Tensor], torch.Tensor]], device: torch.device) -> None:
+def finish_on_gpu(parts: list[DecodedBatch], to_pixels: Sequence[Callable[[torch.Tensor], torch.Tensor]], decoder: GpuJpegDecoder) -> None:
     """--decode gpu: decode each batch's JPEGs once on the GPU, then resize and crop them with
     every backbone's own preprocessing; they join the batch's CPU-decoded pixels."""
     encoded = {i: data for part in parts for i, data in part.jpegs().items()}
     if not encoded:
         return
-    decoded, failed = decode_on_gpu(encoded, device)
+    decoded, failed = decoder.decode(encoded)
+    device = decoder.device
     for part, pixels_of in zip(parts, to_pixels):
         keep = [(i, sha) for i, sha in part.encoded if i in decoded]
         part.failures += [(i, failed[i]) for i, _ in part.encoded if i in failed]
-        part.encoded, part.jpeg_bytes, part.jpeg_sizes = [], None, []
+        part.encoded, part.jpeg_bytes, part.jpeg_spans = [], None, []
         if not keep:
             continue
         pixels = pixels_on_gpu(decoded, [i for i, _ in keep], pixels_of)
@@ -163,21 +181,26 @@ def default_workers(device_type: str = "cpu") -> int:
     """Decoder processes. On a CPU with 2 cores or fewer, none: the engine already uses every
     core, and a decoder process beside it slows the whole run (bench/extract.py, data path:
     resnet50 on ONNX Runtime, 2 cores: 0 workers 44 img/s, 1 worker 40). With more cores a
-    quarter of them decode; on CUDA, where the CPU only decodes, half. The engine keeps all
-    its threads: giving it one core less cost more than the decoders' contention (26 vs 40).
-    Under torchrun the node's cores are shared by its ranks."""
+    quarter of them decode; the engine keeps all its threads: giving it one core less cost
+    more than the decoders' contention (26 vs 40). On CUDA the CPU has nothing else to do:
+    every core but one decodes (the one left runs the main thread, which feeds the GPU and
+    writes the cache). Measured with bench/extract.py --device cuda on an H200 with 16 cores,
+    resnet50 fp32, exact decoding: 8 decoders 1,054 img/s, 12: 1,687, 15: 1,767 (the rate still
+    grew at 15, so no fewer); at most 32, a bound not measured beyond. Under torchrun the node's cores are shared
+    by its ranks."""
     ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     cores = max(1, (os.cpu_count() or 2) // ranks_here)
     if device_type == "cuda":
-        return max(1, min(8, cores // 2))
+        return max(1, min(32, cores - 1))
     if cores <= 2:
         return 0
     return max(1, min(8, cores // 4))
 
 
 def make_loader(dataset: ImageFileDataset, batch_size: int, workers: int, pin_memory: bool, sampler: Sequence[int] | None = None,
-                collate: Callable = collate_decoded) -> DataLoader:
-    """Batches of decoded images; ``sampler`` gives the item order (default: in order)."""
+                collate: Callable = collate_decoded, prefetch: int | None = None) -> DataLoader:
+    """Batches of decoded images; ``sampler`` gives the item order (default: in order);
+    ``prefetch`` whole batches ahead per worker (default 2 when pinning for a GPU, else 4)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -188,5 +211,7 @@ def make_loader(dataset: ImageFileDataset, batch_size: int, workers: int, pin_me
         collate_fn=collate,
         pin_memory=pin_memory,
         worker_init_fn=_worker_init if workers > 0 else None,
-        prefetch_factor=4 if workers > 0 else None,
+        # each worker holds this many whole batches ahead (uint8 pixels in shared memory): on a
+        # 16-core GPU machine 15 workers x 2 x 256 images is already 1.2 GB
+        prefetch_factor=(prefetch or (2 if pin_memory else 4)) if workers > 0 else None,
     )
