@@ -26,6 +26,7 @@ import typer
 from pipeline.choices import (
     AUGMENT_PRESETS,
     DECODES,
+    GPU_DECODERS,
     DTYPES,
     ENGINES,
     HEAD_KINDS,
@@ -52,6 +53,7 @@ Dtype = Literal[DTYPES]
 Engine = Literal[ENGINES]
 Precision = Literal[PRECISIONS]
 Decode = Literal[DECODES]
+GpuDecoder = Literal[GPU_DECODERS]
 TokenPool = Literal[TOKEN_POOLS]
 Clf = Literal[HEAD_KINDS]
 HeadSchedule = Literal[TORCH_SCHEDULES]
@@ -235,7 +237,7 @@ def extract(
     weights: str = typer.Option("DEFAULT", "--weights", "-w", help="DEFAULT, a weights name (e.g. IMAGENET1K_V2), none (seeded random init), or a state_dict PATH; names in any case."),
     outs: Optional[list[Path]] = typer.Option(None, "--out", "-o", help="Cache file (one per --model, in order); default cache/<model>__<weights>__<root>-<hash>.h5."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per backbone forward."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoder processes (default: none on a CPU of <= 2 cores, where decoding in-process measured faster; a quarter of the cores above; half on CUDA)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoder processes (default: none on a CPU of <= 2 cores, where decoding in-process measured faster; a quarter of the cores above; on CUDA every core but one)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     dtype: Dtype = _choice("float32", "--dtype", help="Stored embedding dtype."),
     layout: Layout = _choice("auto", "--layout", help="auto-detect, imagefolder (class folders), split (train/val/test roots) or flat (unlabeled)."),
@@ -247,6 +249,7 @@ def extract(
     engine: Engine = _choice("auto", "--engine", help="auto (the engine measured fastest on this machine, once the job repays measuring; else eager), eager, compile (torch.compile), onnxruntime or openvino (optional extras); every engine is checked against eager."),
     precision: Precision = _choice("fp32", "--precision", help="fp32 (exact), bf16/fp16 (only where the hardware runs it natively, else fp32 with a message), auto (bf16 where native)."),
     decode: Decode = _choice("exact", "--decode", help="exact; draft: JPEGs decoded at a reduced DCT scale still >= the resize target (several times faster on large photos); gpu: JPEGs decoded by nvJPEG on CUDA. Both change pixels slightly, are recorded in the cache and never mixed with exact rows."),
+    gpu_decoder: GpuDecoder = _choice("auto", "--gpu-decoder", help="With --decode gpu: torchvision (its nvJPEG decoder), nvimgcodec (NVIDIA nvImageCodec, with the GPU's hardware JPEG decoder; pip install -e '.[gpu]'), or auto (torchvision's while torchvision has one: measured as fast or faster on an H200). Recorded in the cache."),
     repair: bool = typer.Option(False, "--repair", help="Before extracting, make a damaged cache consistent: rebuild a damaged manifest from its parts, drop damaged parts (their images are extracted again) and retry every failed file."),
     path_col: str = typer.Option("path", "--path-col", help="Manifest column holding the image path (relative to the manifest's folder, or absolute)."),
     label_col: str = typer.Option("label", "--label-col", help="Manifest column holding the class name (optional column; classes are sorted as ImageFolder sorts folders)."),

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -41,13 +41,14 @@ from .backbones import (
     model_identity,
     tune,
 )
-from .choices import DECODES, canonical_weights
+from .choices import DECODES, GPU_DECODERS, canonical_weights
 from .distributed import World, rank_device, world
 from .errors import Interrupted, UsageError
 from .images import (
     DEFAULT_MAX_PIXELS,
     LAYOUTS,
     DecodedBatch,
+    DeviceFeeder,
     ImageRecord,
     ManifestColumns,
     ScanResult,
@@ -55,13 +56,14 @@ from .images import (
     check_gpu_decode,
     collate_shared,
     default_workers,
-    finish_on_gpu,
     make_loader,
+    open_gpu_decoder,
     retry_under,
     scan_source,
 )
 from .interrupts import sigterm_as_interrupt
 from .options import HOW, JOB_LEVEL, build, check_device, check_types, choose, require
+from .overlap import StageClock, WriterThread
 from .store import DTYPES, CacheWriter, PendingRow, WriterLock, encode_paths, repair_cache
 
 EMBEDDING_DEFINITION = "input of the model's final classification layer (classifier replaced by Identity)"
@@ -131,6 +133,7 @@ class ExtractOptions:
     engine: str = "auto"
     precision: str = "fp32"
     decode: str = "exact"
+    gpu_decoder: str = field(default="auto", metadata={HOW: True})  # --decode gpu: torchvision, nvimgcodec or auto (images/gpu_decode.py)
     repair: bool = field(default=False, metadata={HOW: True})  # drop damaged parts (re-extracting their images) and retry every failed file
     path_col: str = "path"  # a manifest's columns (CSV, TSV, JSON lines, Parquet)
     label_col: str = "label"
@@ -154,6 +157,7 @@ class ExtractOptions:
         choose(self, "precision", PRECISIONS)
         choose(self, "decode", DECODES, "exact is the default; draft: faster JPEG decode of large photos; gpu: nvJPEG on CUDA; both change pixels slightly")
         choose(self, "token_pool", TOKEN_POOLS)
+        choose(self, "gpu_decoder", GPU_DECODERS, "auto: torchvision's nvJPEG while torchvision has it, else nvImageCodec (pip install -e '.[gpu]')")
         for name in ("path_col", "label_col", "split_col"):
             require(bool(getattr(self, name).strip()), f"--{name.replace('_', '-')} is empty; give the manifest column's name")
         layers = tuple(x.strip() for x in self.layers)
@@ -192,6 +196,8 @@ class ExtractSummary:
     layer: str | None = None  # --layer: the tapped layer this cache holds
     rank: int = 0  # torchrun: this process's rank (only rank 0 reports)
     world_size: int = 1
+    gpu_decoder: str | None = None  # --decode gpu: the decoder library used
+    timings: dict[str, float] = field(default_factory=dict)  # where the run's time went (StageClock)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -392,14 +398,21 @@ def _finish_target(t: Target, w: World) -> None:
     t.summary.failed = len(t.summary.failures)
 
 
-def _write_batch(p: Pass, batch: DecodedBatch, records: Sequence[ImageRecord], commit_every: int, commit_seconds: float) -> None:
-    """The mapper and writer for one backbone: one forward, then for each of its caches the
-    failures recorded, the rows it lacks (its columns) buffered, a commit when enough rows or
-    time have passed."""
-    emb = None
-    if batch.images is not None:
-        # uint8 pixels travel to the engine's device, then become the model's input there
-        emb = p.engine.embed(p.backbone.preprocessing.normalize(batch.images.to(p.engine.device, non_blocking=True)))
+def _launch(p: Pass, batch: DecodedBatch) -> Callable[[], np.ndarray] | None:
+    """The mapper for one backbone: uint8 pixels to the engine's device, normalised there,
+    the forward started; returns what waits for its rows (None: nothing decoded)."""
+    if batch.images is None:
+        return None
+    pixels = batch.images.to(p.engine.device, non_blocking=True)
+    return p.engine.embed_async(p.backbone.preprocessing.normalize(pixels))
+
+
+def _write_batch(p: Pass, batch: DecodedBatch, rows_of: Callable[[], np.ndarray] | None, records: Sequence[ImageRecord], commit_every: int,
+                 commit_seconds: float, clock: StageClock) -> None:
+    """The writer for one backbone's batch: for each of its caches the failures recorded, the
+    rows it lacks (its columns) buffered, a commit when enough rows or time have passed."""
+    emb = rows_of() if rows_of is not None else None
+    t0 = time.perf_counter()
     shared = len(p.targets) == 1
     for t in p.targets:
         for i, reason in batch.failures:
@@ -416,8 +429,60 @@ def _write_batch(p: Pass, batch: DecodedBatch, records: Sequence[ImageRecord], c
                 t.writer.add(rows, np.ascontiguousarray(part))
                 t.summary.new += len(rows)
         if t.writer.pending >= commit_every or time.monotonic() - t.last_commit >= commit_seconds:
+            c0 = time.perf_counter()
             t.writer.commit()
+            clock.commit += time.perf_counter() - c0
             t.last_commit = time.monotonic()
+    clock.writer += time.perf_counter() - t0
+
+
+def _run_batches(passes: Sequence[Pass], batches: Iterator[list[DecodedBatch]], todo: Sequence[ImageRecord], opts: ExtractOptions,
+                 device: torch.device, clock: StageClock, on_batch: Callable[[int], None]) -> None:
+    """Batch k+1's forward is started before batch k's rows are written, and on CUDA the
+    writing happens on a thread of its own, so the writer's work (and its commits) overlaps
+    the model instead of stalling it. A batch whose forward was started when an interrupt
+    came is still written: it is complete."""
+    pending: list[tuple[Pass, DecodedBatch, Callable[[], np.ndarray] | None]] = []
+
+    def write(launched: list) -> None:
+        for p, batch, rows_of in launched:
+            _write_batch(p, batch, rows_of, todo, opts.commit_every, opts.commit_seconds, clock)
+        on_batch(len({i for _, b, _ in launched for i in b.positions} | {i for _, b, _ in launched for i, _ in b.failures}))
+
+    writer = WriterThread(write) if device.type == "cuda" else None
+    loop_start = time.perf_counter()
+    waited = loop_start
+    try:
+        for k, parts in enumerate(batches):
+            now = time.perf_counter()
+            if k == 0:
+                clock.first_batch = now - loop_start
+            else:
+                clock.wait_data += now - waited
+                clock.images_after_first += len({i for b in parts for i in b.positions})
+            end_span = clock.gpu_span(device)
+            launched = [(p, batch, _launch(p, batch)) for p, batch in zip(passes, parts)]
+            end_span()
+            previous, pending = pending, launched
+            if previous:
+                writer.submit(previous) if writer else write(previous)
+            waited = time.perf_counter()
+        if writer:
+            writer.close()
+            writer = None
+        if pending:
+            write(pending)
+    except KeyboardInterrupt:
+        if writer:
+            writer.close()
+            writer = None
+        if pending:
+            write(pending)
+        raise
+    finally:
+        if writer is not None:  # another error: the queued batches are written before the caches are let go
+            writer.close(raise_error=False)
+        clock.loop = time.perf_counter() - loop_start
 
 
 def extract_many(
@@ -439,6 +504,7 @@ def extract_many(
         DataError, BackboneError, WeightsUnavailableError, CacheError, IncompatibleError,
         LockHeldError, StorageError, Interrupted (after committing finished batches).
     """
+    clock = StageClock()
     opts = build(ExtractOptions, options, **fields)
     weights, batch_size, decode, engine = opts.weights, opts.batch_size, opts.decode, opts.engine
     dev = resolve_device(opts.device)
@@ -494,39 +560,60 @@ def extract_many(
             if w.is_main and (t.removed or t.todo):
                 log(f"{t.backbone.name}{f' {t.summary.layer}' if t.summary.layer else ''}: {len(t.todo)} to extract, {t.summary.cached} cached, "
                     f"{len(t.removed)} removed" + (f" ({w.size} ranks)" if w.enabled else ""))
+        # the decoder processes start reading while the engines are built
+        pass_todo = [p.todo for p in passes]
+        needs = [tuple(r.relpath in todo_p for todo_p in pass_todo) for r in todo]
+        draft = max(p.backbone.preprocessing.draft_size for p in passes) if decode == "draft" else None
+        to_pixels = [p.backbone.preprocessing.pixels() for p in passes]
+        dataset = SharedDecodeDataset(scan.root, todo, to_pixels, needs, opts.max_pixels, draft, gpu_decode=decode == "gpu")
+        # on CUDA the feeder thread pins batches (it starts once the engines are built: a CUDA graph
+        # being captured must not see another thread allocate page-locked memory)
+        loader = make_loader(dataset, batch_size, workers if todo else 0, False, collate=partial(collate_shared, needs=needs),
+                             prefetch=2 if dev.type == "cuda" else None)
+        batches = iter(loader) if todo else iter(())
         for p in passes:
             ctx = engine_context(p.backbone, dev, chosen, batch_size, p.targets[0].out_path.parent)
             p.engine = build_engine(engine, ctx, len(p.todo), log if w.is_main else (lambda m: None))
             for t in p.targets:
                 t.summary.engine = p.engine.name
                 t.writer.set_meta(engine=p.engine.name)
-        pass_todo = [p.todo for p in passes]
-        needs = [tuple(r.relpath in todo_p for todo_p in pass_todo) for r in todo]
-        draft = max(p.backbone.preprocessing.draft_size for p in passes) if decode == "draft" else None
-        to_pixels = [p.backbone.preprocessing.pixels() for p in passes]
-        dataset = SharedDecodeDataset(scan.root, todo, to_pixels, needs, opts.max_pixels, draft, gpu_decode=decode == "gpu")
-        loader = make_loader(dataset, batch_size, workers if todo else 0, dev.type == "cuda", collate=partial(collate_shared, needs=needs))
+        decoder = open_gpu_decoder(opts.gpu_decoder, dev) if decode == "gpu" and todo else None
+        if decoder is not None:
+            for t in targets:
+                t.summary.gpu_decoder = decoder.name
+                t.writer.set_meta(gpu_decoder=decoder.name)
+        feeder = DeviceFeeder(batches, dev, to_pixels, decoder) if dev.type == "cuda" and todo else None
         done = 0
+
+        def on_batch(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress and w.is_main:
+                progress(done, len(todo), time.perf_counter() - t0)
+
+        clock.setup = time.perf_counter() - clock.start
         try:
             with sigterm_as_interrupt():
-                for parts in loader if todo else ():
-                    finish_on_gpu(parts, to_pixels, dev)
-                    for p, batch in zip(passes, parts):
-                        _write_batch(p, batch, todo, opts.commit_every, opts.commit_seconds)
-                    done += len({i for b in parts for i in b.positions} | {i for b in parts for i, _ in b.failures})
-                    if progress and w.is_main:
-                        progress(done, len(todo), time.perf_counter() - t0)
+                _run_batches(passes, iter(feeder) if feeder else batches, todo, opts, dev, clock, on_batch)
         except KeyboardInterrupt:
             for t in targets:
                 t.summary.interrupted = True
+        finally:
+            if feeder is not None:
+                feeder.close()
+                clock.feeder_busy = feeder.busy_seconds
+        f0 = time.perf_counter()
         for t in targets:  # finished batches are complete rows: keep them, interrupted or not
             _finish_target(t, w)
+        clock.finish = time.perf_counter() - f0
     finally:
         if w.is_main:
             for t in opened:
                 t.lock.release()
     seconds = round(time.perf_counter() - t0, 3)
+    timings = clock.report()
     for t in targets:
+        t.summary.timings = timings
         t.summary.seconds = seconds
         t.summary.images_per_s = round(t.summary.new / seconds, 2) if seconds > 0 and t.summary.new else 0.0
     if any(t.summary.interrupted for t in targets):
