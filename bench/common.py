@@ -12,21 +12,39 @@ import numpy as np
 from PIL import Image
 
 
-def make_jpegs(root: Path, n: int, size=(500, 375), classes: int = 4) -> Path:
-    """Photo-like JPEGs (smooth gradients plus mild noise), written once and reused."""
+def make_jpegs(root: Path, n: int, size=(500, 375), classes: int = 4, processes: int = 1, prefix: str = "") -> Path:
+    """Photo-like JPEGs (smooth gradients plus mild noise), written once and reused. With
+    ``processes`` > 1 they are written in parallel, each image seeded by its index."""
+    if processes > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        chunks = [range(k, n, processes) for k in range(processes)]
+        with ProcessPoolExecutor(processes) as pool:
+            list(pool.map(_write_jpegs, [root] * processes, chunks, [size] * processes, [classes] * processes, [prefix] * processes))
+        return root
     rng = np.random.default_rng(0)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     for i in range(n):
-        path = root / f"class_{i % classes}" / f"{i:05d}.jpg"
-        if path.exists():
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        a, b, c = rng.uniform(0.2, 1.0, 3)
-        base = np.stack([a * xx / w, b * yy / h, c * (xx + yy) / (w + h)], axis=-1) * 255
-        img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(path, quality=90)
+        _write_jpeg(root / f"class_{i % classes}" / f"{prefix}{i:05d}.jpg", size, rng)
     return root
+
+
+def _write_jpegs(root: Path, indices: range, size, classes: int, prefix: str) -> None:
+    for i in indices:
+        _write_jpeg(root / f"class_{i % classes}" / f"{prefix}{i:05d}.jpg", size, np.random.default_rng(i))
+
+
+def _write_jpeg(path: Path, size, rng: np.random.Generator) -> None:
+    if path.exists():
+        return
+    w, h = size
+    a, b, c = rng.uniform(0.2, 1.0, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([a * xx / w, b * yy / h, c * (xx + yy) / (w + h)], axis=-1) * 255
+    img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    tmp = path.with_suffix(".tmp")
+    Image.fromarray(img).save(tmp, format="JPEG", quality=90)
+    tmp.rename(path)
 
 
 def run_json(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[dict[str, Any], Any]:

@@ -36,6 +36,8 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import make_jpegs  # noqa: E402
+from extract_gpu import add_arguments as add_gpu_arguments  # noqa: E402
+from extract_gpu import gpu_main  # noqa: E402
 
 from pipeline.backbones.engines import TorchEngine, measure, tune  # noqa: E402
 from pipeline.backbones.hardware import PrecisionChoice, cpu_flags, cpu_summary, native_bf16  # noqa: E402
@@ -194,15 +196,27 @@ def sources(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="torchvision name or timm:NAME (default resnet50; --quick: resnet18)")
-    ap.add_argument("--images", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--images", type=int, default=None, help="default 512 (CPU), 20000 (--device cuda)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default 32 (CPU), 256 (--device cuda)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: the GPU bench (bench/extract_gpu.py)")
+    ap.add_argument("--seconds", type=float, default=4.0, help="how long each engine alone is timed")
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "featcache-bench-jpegs")
     ap.add_argument("--quick", action="store_true", help="small N, for CI: proves the bench runs, not a measurement")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--source", choices=("folder", "shards"), default="folder", help="shards: folder vs WebDataset tar shards of the same images")
     ap.add_argument("--small", action="store_true", help="with --source shards: many small (64x48) files instead of 500x375 photos")
+    add_gpu_arguments(ap)
     args = ap.parse_args()
+    if args.device.startswith("cuda"):
+        args.images, args.batch_size = args.images or 20000, args.batch_size or 256
+        args.model, args.big = args.model or "resnet50", 100 if args.big is None else args.big
+        args.seconds = min(args.seconds, 2.0)
+        if args.quick:
+            args.images, args.big, args.batch_size, args.seconds, args.worker_counts, args.compile = 512, 4, 64, 0.3, [2], False
+        args.data = args.data.with_name(args.data.name + f"-gpu-{args.images}")
+        gpu_main(args)
+        return
+    args.images, args.batch_size = args.images or 512, args.batch_size or 32
     if args.source == "shards":
         args.model = args.model or "mobilenet_v3_small"  # a light model, so the data path shows
         if args.quick:
@@ -210,7 +224,7 @@ def main() -> None:
             args.data = args.data.with_name(args.data.name + "-quick")
         sources(args)
         return
-    seconds = 4.0
+    seconds = args.seconds
     if args.quick:
         args.model, args.images, args.batch_size, seconds = args.model or "resnet18", 16, 8, 0.2
         args.data = args.data.with_name(args.data.name + "-quick")
