@@ -112,16 +112,7 @@ class TorchEngine(Engine):
         if self.device.type != "cuda":
             rows = out.numpy()
             return lambda: rows
-        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-        host.copy_(out, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-
-        def rows() -> np.ndarray:
-            copied.synchronize()
-            return host.numpy()
-
-        return rows
+        return _copy_back(out)
 
 
 @dataclass
@@ -147,16 +138,22 @@ class CudaGraphEngine(Engine):
         n = len(images)
         self.static_in[:n].copy_(images.to(self.device, non_blocking=True))
         self.graph.replay()
-        host = torch.empty((n, self.static_out.shape[1]), dtype=torch.float32, pin_memory=True)
-        host.copy_(self.static_out[:n], non_blocking=True)  # before the next replay overwrites it, in stream order
-        copied = torch.cuda.Event()
-        copied.record()
+        return _copy_back(self.static_out[:n])  # queued before the next replay overwrites it
 
-        def rows() -> np.ndarray:
-            copied.synchronize()
-            return host.numpy()
 
-        return rows
+def _copy_back(out: torch.Tensor) -> Callable[[], np.ndarray]:
+    """Queue the copy of rows on the GPU into page-locked memory; the returned function waits
+    for that copy alone (an event), not for everything queued after it."""
+    host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(out, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def rows() -> np.ndarray:
+        copied.synchronize()
+        return host.numpy()
+
+    return rows
 
 
 def _rows(out) -> torch.Tensor:
