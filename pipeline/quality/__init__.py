@@ -7,9 +7,9 @@ runs them and counts what they found (``audit.py``), and what to do about it (``
 Never reads images (the report does, for thumbnails) and never trains a head it keeps.
 """
 from .advice import advice
-from .audit import Audit, audit_cache, run_audit
+from .audit import Audit, audit_cache, format_audit, run_audit
 from .duplicates import Duplicates, find_duplicates, leak_mask, with_split
-from .embedding_map import EmbeddingMap, embedding_map
+from .embedding_map import EmbeddingMap, check_map_method, embedding_map
 from .label_errors import LabelIssues, find_label_issues
 from .oof import OutOfFold, out_of_fold_proba
 from .options import DEFAULT_DUPLICATE_THRESHOLD, AuditOptions, ReportOptions, parse_fail_on
@@ -17,5 +17,5 @@ from .similarity import pairs_above, top_k, unit_rows
 from .space import EmbeddingSpace, fit_space
 
 __all__ = ["DEFAULT_DUPLICATE_THRESHOLD", "Audit", "AuditOptions", "Duplicates", "EmbeddingMap", "EmbeddingSpace", "LabelIssues", "OutOfFold",
-           "ReportOptions", "advice", "audit_cache", "embedding_map", "find_duplicates", "find_label_issues", "fit_space", "leak_mask",
+           "ReportOptions", "advice", "audit_cache", "check_map_method", "embedding_map", "find_duplicates", "format_audit", "find_label_issues", "fit_space", "leak_mask",
            "out_of_fold_proba", "pairs_above", "parse_fail_on", "run_audit", "top_k", "unit_rows", "with_split"]

@@ -174,3 +174,30 @@ def audit_cache(cache: str | os.PathLike, options: AuditOptions | None = None, *
 
 
 __all__ = ["AUDIT_CHECKS", "Audit", "audit_cache", "run_audit"]
+
+
+def format_audit(audit: Audit, todo: list[str], limit: int = 20) -> str:
+    """The audit for a terminal: counts, the first ``limit`` entries of each check, what to do."""
+    c = audit.counts()
+    lines = [f"cache      {audit.cache}", f"rows       {len(audit.paths):,} ({len(audit.labelled):,} labelled, {len(audit.classes)} classes)"]
+    if audit.oof is not None:
+        lines.append(f"label errors  {c['label-errors']}  ({audit.oof.folds}-fold out-of-fold logreg, accuracy {audit.oof.accuracy:.4f}; "
+                     f"cleanlab {audit.options.label_method})")
+        lines += [f"  {e['path']}: given {e['given']}, suggested {e['suggested']} (p(given) {e['given_probability']:.2f})"
+                  for e in (audit.label_error(r) for r in audit.label_error_rows()[:limit])]
+    dup = audit.duplicates.counts(audit.split) if audit.duplicates is not None else {"pairs": 0, "leaks": 0}
+    lines.append(f"duplicates    {dup['pairs']} pair(s) at cosine >= {audit.options.duplicate_threshold:g}, {dup['leaks']} leak(s) across splits")
+    for p in range(min(limit, len(audit.duplicates) if audit.duplicates is not None else 0)):
+        e = audit.duplicate(p)
+        lines.append(f"  {e['a']} ({e['split_a'] or '-'}) ~ {e['b']} ({e['split_b'] or '-'}): {e['similarity']:.4f}"
+                     + (" exact" if e["exact"] else "") + (" LEAK" if e["leak"] else ""))
+    imb = audit.imbalance()
+    ratio = "-" if imb["ratio"] is None else ("inf" if imb["ratio"] == float("inf") else f"{imb['ratio']:.1f}")
+    lines.append(f"imbalance     largest/smallest class {ratio}; {c['imbalance']} class(es) under 1/{audit.options.imbalance_ratio:g} of the largest"
+                 + (f": {', '.join(imb['minority_classes'][:10])}" if imb["minority_classes"] else ""))
+    lines.append(f"failed files  {c['failed-files']}")
+    lines += [f"  {p}: {r}" for p, r in audit.failures[:limit]]
+    lines += [f"note          {n}" for n in audit.notes]
+    lines.append("what to do")
+    lines += [f"  - {t}" for t in todo]
+    return "\n".join(lines)

@@ -28,6 +28,19 @@ def _sample(n: int, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
+def check_map_method(method: str) -> None:
+    """Refuse up front a map whose package is missing (before minutes of other work).
+
+    Raises:
+        UsageError: ``umap`` without the umap-learn package.
+    """
+    import importlib.util
+
+    if method == "umap" and importlib.util.find_spec("umap") is None:
+        raise UsageError("--map umap needs the umap-learn package: pip install -e '.[umap]' (or use --map pca, or --map tsne with "
+                         "scikit-learn alone)")
+
+
 def embedding_map(space: EmbeddingSpace, X: np.ndarray, method: str = "pca", *, whitened: np.ndarray | None = None, max_points: int = 5000,
                   seed: int = 0) -> EmbeddingMap:
     """2-D coordinates of (a sample of) the rows of ``X`` ([N, D] embeddings; ``whitened``: their
@@ -47,11 +60,9 @@ def embedding_map(space: EmbeddingSpace, X: np.ndarray, method: str = "pca", *, 
     Z = Z[:, :NEIGHBOUR_INPUT_DIMS]
     sampled = f" of {len(rows):,} rows drawn at random from {len(X):,}" if len(rows) < len(X) else f" of all {len(rows):,} rows"
     if method == "umap":
-        try:
-            import umap  # type: ignore[import-not-found]
-        except ImportError:
-            raise UsageError("--map umap needs the umap-learn package: pip install -e '.[umap]' (or use --map pca, or --map tsne with "
-                             "scikit-learn alone)") from None
+        check_map_method(method)
+        import umap  # type: ignore[import-not-found]
+
         xy = umap.UMAP(n_components=2, random_state=seed, n_neighbors=min(15, len(rows) - 1)).fit_transform(Z)
         return EmbeddingMap(np.asarray(xy, dtype=np.float32), rows, "umap", f"UMAP{sampled} (on {Z.shape[1]} whitened principal components)")
     if method == "tsne":

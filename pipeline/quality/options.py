@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..choices import AUDIT_CHECKS, LABEL_METHODS, MAP_METHODS, canonical
+from ..choices import AUDIT_CHECKS, DUPLICATE_THRESHOLD, LABEL_METHODS, MAP_METHODS, canonical
 from ..options import HOW, check_device, check_types, choose, require
 
 # Cosine similarity, in the whitened principal-component space of ``space.py``, above which
@@ -13,7 +13,7 @@ from ..options import HOW, check_device, check_types, choose, require
 # as JPEG q75, enlarged to 100 px as JPEG q85): every copy scored >= 0.987, the closest pair of
 # distinct digits 0.850 (on a 96-row subset: copies >= 0.998, distinct <= 0.923); 0.96 sits
 # between with room on both sides. README: "Report and audit" has the figures.
-DEFAULT_DUPLICATE_THRESHOLD = 0.96
+DEFAULT_DUPLICATE_THRESHOLD = DUPLICATE_THRESHOLD
 
 
 @dataclass(frozen=True)

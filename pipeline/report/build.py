@@ -24,7 +24,7 @@ import numpy as np
 from .. import __version__
 from ..errors import UsageError, command_hint
 from ..heads import LoadedHead, assign_splits, classification_metrics, full_proba, load_head
-from ..quality import Audit, ReportOptions, advice, embedding_map, run_audit, top_k
+from ..quality import Audit, ReportOptions, advice, check_map_method, embedding_map, run_audit, top_k
 from ..store import atomic_path, load_cache, read_rows
 from . import sections
 from .html import page
@@ -109,6 +109,7 @@ def write_report(artifact: str | os.PathLike, cache: str | os.PathLike | None = 
     """
     t0 = time.perf_counter()
     opts = options or ReportOptions()
+    check_map_method(opts.map)
     artifact = Path(artifact)
     loaded = load_head(artifact)
     out_path = Path(out) if out is not None else default_report_path(artifact)
