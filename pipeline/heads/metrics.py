@@ -216,7 +216,7 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path, title: str) -> Path
     return save_figure(leaderboard_figure(rows, title), path)
 
 
-REPORT_SUFFIXES = (".metrics.json", ".confusion_val.png", ".confusion_test.png", ".history.png", ".grid.png")
+REPORT_SUFFIXES = (".metrics.json", ".confusion_val.png", ".confusion_test.png", ".history.png", ".grid.png", ".report.html")
 REPORTS_NEED = 2 << 20  # bytes a set of reports may take (PNGs of a many-class confusion matrix)
 
 
