@@ -639,7 +639,7 @@ def _audit_flags() -> dict[str, Any]:
     return {
         "folds": typer.Option(5, "--folds", help="Label errors: folds of the out-of-fold logistic regression."),
         "label_method": _choice("prune_by_class", "--label-method", help="Label errors: cleanlab's find_label_issues filter_by method (prune_by_class found more of the flipped demo labels)."),
-        "dims": typer.Option(256, "--dims", help="Principal components (whitened) the checks work in; 0 = all."),
+        "dims": typer.Option(128, "--dims", help="Principal components (whitened) the checks work in; 0 = all."),
         "duplicate_threshold": typer.Option(DUPLICATE_THRESHOLD, "--duplicate-threshold", help="Near-duplicates: cosine similarity (whitened space) at or above which two rows are copies."),
         "max_pairs": typer.Option(10_000, "--max-pairs", help="Near-duplicates: keep at most this many pairs (the most similar)."),
         "imbalance_ratio": typer.Option(10.0, "--imbalance-ratio", help="Imbalance: flag classes under largest/RATIO rows."),

@@ -3,8 +3,8 @@ class imbalance, files that failed. ``run_audit`` works on rows in memory (the r
 it with the rows it already read); ``audit_cache`` reads a cache first.
 
 Cost on 2 CPU cores (``bench/report.py``): a few seconds for the demo digits, well under a
-minute for 50,000 x 2,048 (one covariance pass, K logreg fits on 256 components, one blocked
-similarity pass on 256 components).
+minute for 50,000 x 2,048 (one covariance pass, K logreg fits on 128 components, one blocked
+similarity pass on 128 components).
 """
 from __future__ import annotations
 
