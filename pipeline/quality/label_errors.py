@@ -157,5 +157,5 @@ def find_label_issues(labels: np.ndarray, proba: np.ndarray, method: str = "prun
     mask[bumped.argmax(axis=1) == labels] = False  # the given label is (about) the most probable: keep it
     self_conf = proba[np.arange(len(labels)), labels]
     flagged_rows = np.flatnonzero(mask)
-    ranked = flagged_rows[np.argsort(self_conf[flagged_rows], kind="stable")]
+    ranked = flagged_rows[np.argsort(self_conf[flagged_rows])]  # as cleanlab orders them (its argsort, so ties fall alike)
     return LabelIssues(mask, ranked, self_conf, proba.argmax(axis=1), labels, thresholds, joint)
