@@ -632,26 +632,44 @@ def _write_report(artifact: str) -> str:
     return write_report(artifact, log=_err).path
 
 
-def _audit_flags() -> dict[str, Any]:
-    """The flags ``audit`` and ``report`` share (AuditOptions' fields)."""
+def _audit_flags() -> dict[str, tuple[str, Any]]:
+    """The flags ``audit`` and ``report`` share (AuditOptions' fields): name -> (annotation, option)."""
     from pipeline.choices import DUPLICATE_THRESHOLD
 
     return {
-        "folds": typer.Option(5, "--folds", help="Label errors: folds of the out-of-fold logistic regression."),
-        "label_method": _choice("prune_by_class", "--label-method", help="Label errors: cleanlab's find_label_issues filter_by method (prune_by_class found more of the flipped demo labels)."),
-        "dims": typer.Option(128, "--dims", help="Principal components (whitened) the checks work in; 0 = all."),
-        "duplicate_threshold": typer.Option(DUPLICATE_THRESHOLD, "--duplicate-threshold", help="Near-duplicates: cosine similarity (whitened space) at or above which two rows are copies."),
-        "max_pairs": typer.Option(10_000, "--max-pairs", help="Near-duplicates: keep at most this many pairs (the most similar)."),
-        "imbalance_ratio": typer.Option(10.0, "--imbalance-ratio", help="Imbalance: flag classes under largest/RATIO rows."),
-        "seed": typer.Option(0, "--seed", help="Seed for the folds and the map's sample."),
-        "device": typer.Option("auto", "--device", help="Where similarities are computed: auto (the GPU when present), cpu or cuda[:N]."),
+        "folds": ("int", typer.Option(5, "--folds", help="Label errors: folds of the out-of-fold logistic regression.")),
+        "label_method": ("LabelMethod", _choice("prune_by_class", "--label-method", help="Label errors: cleanlab's find_label_issues filter_by method (prune_by_class found more of the flipped demo labels).")),
+        "dims": ("int", typer.Option(128, "--dims", help="Principal components (whitened) the checks work in; 0 = all.")),
+        "duplicate_threshold": ("float", typer.Option(DUPLICATE_THRESHOLD, "--duplicate-threshold", help="Near-duplicates: cosine similarity (whitened space) at or above which two rows are copies.")),
+        "max_pairs": ("int", typer.Option(10_000, "--max-pairs", help="Near-duplicates: keep at most this many pairs (the most similar).")),
+        "imbalance_ratio": ("float", typer.Option(10.0, "--imbalance-ratio", help="Imbalance: flag classes under largest/RATIO rows.")),
+        "seed": ("int", typer.Option(0, "--seed", help="Seed for the folds and the map's sample.")),
+        "device": ("str", typer.Option("auto", "--device", help="Where similarities are computed: auto (the GPU when present), cpu or cuda[:N].")),
     }
 
 
-_AUDIT = _audit_flags()
+def _with_audit_flags(fn: Callable[..., int]) -> Callable[..., int]:
+    """Give a command the flags of ``_audit_flags`` (before ``--json``); it receives them as one
+    dict, ``audit_flags``. One list of flags for both commands, read by typer from the signature."""
+    import inspect
+
+    flags = _audit_flags()
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.name != "audit_flags"]
+    at = next(i for i, p in enumerate(params) if p.name == "as_json")
+    added = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=ann) for name, (ann, option) in flags.items()]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        return fn(*args, audit_flags={name: kwargs.pop(name) for name in flags}, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params[:at] + added + params[at:])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k != "audit_flags"}, **{n: a for n, (a, _) in flags.items()}}
+    return wrapper
 
 
 @command
+@_with_audit_flags
 def report(
     model_path: Path = typer.Argument(..., metavar="HEAD_OR_MODEL", help="Head written by fit-head, or a model written by finetune."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Score on this cache (same backbone, weights and classes; default: the head's own cache)."),
@@ -661,23 +679,16 @@ def report(
     max_images: int = typer.Option(48, "--max-images", help="Images shown per section (mistakes, label errors; half as many duplicate pairs)."),
     neighbours: int = typer.Option(5, "--neighbours", help="Nearest training images shown beside each mistake."),
     thumb_size: int = typer.Option(96, "--thumb-size", help="Thumbnail size in pixels."),
-    folds: int = _AUDIT["folds"],
-    label_method: LabelMethod = _AUDIT["label_method"],
-    dims: int = _AUDIT["dims"],
-    duplicate_threshold: float = _AUDIT["duplicate_threshold"],
-    max_pairs: int = _AUDIT["max_pairs"],
-    imbalance_ratio: float = _AUDIT["imbalance_ratio"],
-    seed: int = _AUDIT["seed"],
-    device: str = _AUDIT["device"],
     as_json: bool = _json_flag("Print one JSON summary on stdout."),
     quiet: bool = _quiet_flag(),
+    audit_flags: Optional[dict[str, Any]] = None,
 ) -> int:
     """One self-contained HTML file: provenance, metrics, confusion, curves, mistakes with their nearest training images, label errors, duplicates and leaks, a 2-D map, what to do."""
     from pipeline.quality import ReportOptions
     from pipeline.report import write_report
 
     _begin(as_json, quiet)
-    r = write_report(model_path, cache, out, _options(ReportOptions, locals(), map=map_), log=_err)
+    r = write_report(model_path, cache, out, _options(ReportOptions, {**locals(), **(audit_flags or {})}, map=map_), log=_err)
     if as_json:
         _emit_json(r.to_dict())
         return 0
@@ -689,21 +700,15 @@ def report(
 
 
 @command
+@_with_audit_flags
 def audit(
     cache: Path = typer.Argument(..., metavar="CACHE", help="A cache (.h5) written by extract or import."),
     fail_on: Optional[str] = typer.Option(None, "--fail-on", help="Exit 8 when any of these checks finds something: label-errors, duplicates, leaks, imbalance, failed-files (comma-separated) or all."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Validation share when the data is not pre-split (fit-head's hash rule: leaks are judged by it)."),
     limit: int = typer.Option(20, "--limit", help="Entries listed per check (--json: 1,000)."),
-    folds: int = _AUDIT["folds"],
-    label_method: LabelMethod = _AUDIT["label_method"],
-    dims: int = _AUDIT["dims"],
-    duplicate_threshold: float = _AUDIT["duplicate_threshold"],
-    max_pairs: int = _AUDIT["max_pairs"],
-    imbalance_ratio: float = _AUDIT["imbalance_ratio"],
-    seed: int = _AUDIT["seed"],
-    device: str = _AUDIT["device"],
     as_json: bool = _json_flag("Print one JSON object on stdout: counts, then the entries of each check."),
     quiet: bool = _quiet_flag(),
+    audit_flags: Optional[dict[str, Any]] = None,
 ) -> int:
     """The data-quality checks alone, for cron: likely label errors, near-duplicates and split leaks, class imbalance, failed files (the report goes to stdout; exit 8 only with --fail-on)."""
     from pipeline.errors import ExitCode
@@ -711,7 +716,7 @@ def audit(
 
     _begin(as_json, quiet)
     checks = parse_fail_on(fail_on)
-    a = audit_cache(cache, _options(AuditOptions, locals()), log=_err)
+    a = audit_cache(cache, _options(AuditOptions, {**locals(), **(audit_flags or {})}), log=_err)
     failing = a.failing(checks)
     code = ExitCode.FINDINGS if failing else ExitCode.OK
     if as_json:

@@ -4,8 +4,8 @@
     python bench/report.py --quick      # 3,000 x 256, 20 classes, 50 images (CI: the bench runs and finds what was planted)
     python bench/report.py --json       # one JSON object
 
-The cache: low-rank, ReLU-like class structure (a linear probe is right about 9 times in
-10), 2 % of the labels moved to another class on purpose, and 100 validation rows that are
+The cache: low-rank, ReLU-like class structure (a linear probe is right about 98 times in
+100), 2 % of the labels moved to another class on purpose, and 100 validation rows that are
 copies of training rows (half exact, half with 1 % noise). Every row's path is a link to one
 of the generated JPEGs, so the report's thumbnails read and decode real files. A logreg head
 (fixed C: fitting is not what is measured) is fitted on it; then, each in its own process:
@@ -27,17 +27,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import PEAK_RSS_SOURCE, hard_features
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 CHILD = (
-    "import json, resource, sys, time; sys.path.insert(0, %r)\n"
+    "import json, sys, time; sys.path.insert(0, %r)\n"
     "t0 = time.perf_counter()\n"
     "%s\n"
-    "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
-    "peak = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-    "print(json.dumps({**result, 'seconds': time.perf_counter() - t0, 'peak_rss_mib': peak}))\n"
+    + PEAK_RSS_SOURCE
+    + "print(json.dumps({**result, 'seconds': time.perf_counter() - t0, 'peak_rss_mib': peak_rss_mib()}))\n"
 )
 STEPS = {
     "audit": ("from pipeline.quality import audit_cache\n"
@@ -51,19 +49,6 @@ STEPS = {
                "result = {'counts': r.counts, 'thumbnails': r.thumbnails, 'missing': r.missing_images, 'mistakes': r.mistakes,\n"
                "          'html_mib': __import__('os').path.getsize(OUT) / 2**20, 'val_accuracy': r.metrics['val']['accuracy']}"),
 }
-
-
-def synthetic(rows: int, dim: int, classes: int, seed: int = 0, rank: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Class centres in a low-rank space, noise, through a ReLU: overlapping but learnable classes."""
-    rng = np.random.default_rng(seed)
-    mix = rng.normal(0, 1, (rank, dim)).astype(np.float32) / np.sqrt(rank)
-    centres = rng.normal(0, 1, (classes, rank)).astype(np.float32)
-    y = rng.integers(0, classes, rows)
-    X = np.empty((rows, dim), dtype=np.float32)
-    for s in range(0, rows, 10_000):
-        z = centres[y[s : s + 10_000]] + rng.normal(0, 0.45, (len(y[s : s + 10_000]), rank)).astype(np.float32)
-        X[s : s + 10_000] = np.maximum(z @ mix + rng.normal(0, 0.3, (len(z), dim)).astype(np.float32), 0)
-    return X, y
 
 
 def images(folder: Path, n: int) -> list[Path]:
@@ -85,10 +70,11 @@ def images(folder: Path, n: int) -> list[Path]:
 
 def make_case(tmp: Path, rows: int, dim: int, classes: int, n_images: int, n_copies: int) -> dict:
     """The cache, its head, and what was planted (flipped rows, copied rows), by path."""
+    sys.path.insert(0, str(ROOT))
     from pipeline.heads import assign_splits, fit_head
     from pipeline.store import CacheWriter, PendingRow, new_cache_meta
 
-    X, y = synthetic(rows, dim, classes)
+    X, y = hard_features(rows, dim, classes, rank=64, separation=1.0, spread=0.45)  # separable: a linear probe is right ~98 % of the time
     names = [f"c{k:03d}" for k in range(classes)]
     paths = [f"{names[label]}/{i:06d}.jpg" for i, label in enumerate(y)]
     split, _ = assign_splits(paths, y, [""] * rows, 0.2, 0)
@@ -97,8 +83,7 @@ def make_case(tmp: Path, rows: int, dim: int, classes: int, n_images: int, n_cop
     src, dst = rng.choice(train, n_copies, replace=False), rng.choice(val, n_copies, replace=False)
     X[dst] = X[src]
     X[dst[n_copies // 2 :]] *= 1 + rng.normal(0, 0.01, (n_copies - n_copies // 2, dim)).astype(np.float32)
-    y[dst] = y[src]
-    paths = [f"{names[label]}/{i:06d}.jpg" for i, label in enumerate(y)]  # the copies take their source's class
+    y[dst] = y[src]  # a copy has its source's class (its path, and so its split, stays: the label is stored with the row)
     keep = np.setdiff1d(np.arange(rows), np.concatenate([src, dst]))
     flipped = rng.choice(keep, int(0.02 * rows), replace=False)
     noisy = y.copy()

@@ -58,7 +58,7 @@ def test_pca_map_equals_scikit_learn(flipped_digits):
     from sklearn.decomposition import PCA
 
     data, _, _, audit = flipped_digits
-    emap = embedding_map(audit.space, data.embeddings, "pca")
+    emap = embedding_map(audit.space, audit.whitened, "pca")
     reference = PCA(2, svd_solver="full").fit_transform(data.embeddings.astype(np.float64))
     signs = np.sign((emap.xy * reference).sum(axis=0))  # a component's sign is arbitrary
     scale = np.abs(reference).max()

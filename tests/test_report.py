@@ -67,7 +67,7 @@ class _Urls(html.parser.HTMLParser):
 
 
 def test_report_is_one_self_contained_file(planted, tmp_path):
-    cache, head, copies, gone = planted
+    _, head, copies, gone = planted
     out = tmp_path / "r.html"
     r = write_report(head, out=out)
     assert [p.name for p in tmp_path.iterdir()] == ["r.html"]  # written through a temporary and renamed: nothing else left

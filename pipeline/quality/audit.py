@@ -18,7 +18,7 @@ import numpy as np
 
 from ..choices import AUDIT_CHECKS
 from ..heads import assign_splits
-from ..store import load_cache
+from ..store import CacheData, iter_embeddings, read_index_info, read_rows
 from .duplicates import Duplicates, find_duplicates, with_split
 from .label_errors import LabelIssues, find_label_issues
 from .oof import OutOfFold, out_of_fold_proba
@@ -48,7 +48,7 @@ class Audit:
     seconds: dict[str, float] = field(default_factory=dict)
     cache: str = ""
 
-    def judged_by(self, split: np.ndarray) -> "Audit":
+    def judged_by(self, split: np.ndarray) -> Audit:
         """The same findings with the split (and so the leaks) of another rule: a head's own."""
         split = np.asarray(split, dtype=object)
         return replace(self, split=split, duplicates=with_split(self.duplicates, split) if self.duplicates is not None else None)
@@ -109,10 +109,32 @@ class Audit:
     def duplicate(self, p: int) -> dict[str, Any]:
         d = self.duplicates
         i, j = int(d.pairs.i[p]), int(d.pairs.j[p])
-        name = lambda r: self.classes[int(self.labels[r])] if self.labels[r] >= 0 else ""  # noqa: E731
+        name = lambda r: self.classes[int(self.labels[r])] if self.labels[r] >= 0 else ""
         return {"a": str(self.paths[i]), "b": str(self.paths[j]), "split_a": str(self.split[i]), "split_b": str(self.split[j]),
                 "class_a": name(i), "class_b": name(j), "similarity": round(float(d.pairs.similarity[p]), 4), "exact": bool(d.exact[p]),
                 "leak": bool(d.leak[p])}
+
+
+@dataclass
+class Projected:
+    """Rows in the audit's space: what every check needs, without the embeddings themselves
+    (callers drop those before the checks run, to keep the peak memory at one copy)."""
+
+    space: EmbeddingSpace | None
+    whitened: np.ndarray | None  # [N, k]
+    seconds: float = 0.0
+
+
+def project_rows(X: np.ndarray, dims: int, log: Callable[[str], None] = lambda m: None) -> Projected:
+    """The whitened principal-component space of ``X`` and the rows in it (None for < 3 rows)."""
+    if len(X) < 3:
+        return Projected(None, None)
+    t = time.perf_counter()
+    space = fit_space(X, dims)
+    whitened = space.project(X)
+    seconds = time.perf_counter() - t
+    log(f"audit: {space.dims} principal components ({100 * space.explained:.1f} % of the variance) in {seconds:.1f}s")
+    return Projected(space, whitened, seconds)
 
 
 def run_audit(X: np.ndarray, labels: np.ndarray, split: np.ndarray, paths: np.ndarray, classes: list[str], options: AuditOptions | None = None, *,
@@ -120,19 +142,23 @@ def run_audit(X: np.ndarray, labels: np.ndarray, split: np.ndarray, paths: np.nd
     """Every check on rows in memory: ``X`` [N, D] embeddings, ``labels`` [N] (-1 unlabeled),
     ``split`` [N] names, ``sha256`` [N, 32] file hashes (exact duplicates), ``failures`` (path, reason)."""
     opts = options or AuditOptions()
+    return audit_projected(project_rows(X, opts.dims, log), labels, split, paths, classes, opts, sha256=sha256, failures=failures, log=log)
+
+
+def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, paths: np.ndarray, classes: list[str], options: AuditOptions | None = None,
+                    *, sha256: np.ndarray | None = None, failures: list[tuple[str, str]] | None = None,
+                    log: Callable[[str], None] = lambda m: None) -> Audit:
+    """``run_audit`` on rows already projected (``project_rows``)."""
+    opts = options or AuditOptions()
     labels = np.asarray(labels, dtype=np.int64)
     split = np.asarray(split, dtype=object)
     labelled = np.flatnonzero(labels >= 0)
     audit = Audit(opts, np.asarray(paths), labels, split, list(classes), None, None, None, None, None, labelled, None, list(failures or []))
-    if len(X) < 3:
-        audit.notes.append(f"{len(X)} row(s): too few for label errors, duplicates or a map")
+    if rows.space is None:
+        audit.notes.append(f"{len(labels)} row(s): too few for label errors, duplicates or a map")
         return audit
-    t = time.perf_counter()
-    audit.space = fit_space(X, opts.dims)
-    audit.whitened = audit.space.project(X)
-    audit.unit = unit_rows(audit.whitened)
-    audit.seconds["space"] = time.perf_counter() - t
-    log(f"audit: {audit.space.dims} principal components ({100 * audit.space.explained:.1f} % of the variance) in {audit.seconds['space']:.1f}s")
+    audit.space, audit.whitened, audit.unit = rows.space, rows.whitened, unit_rows(rows.whitened)
+    audit.seconds["space"] = rows.seconds
 
     t = time.perf_counter()
     audit.duplicates = find_duplicates(audit.unit, opts.duplicate_threshold, split, sha256, max_pairs=opts.max_pairs, device=opts.device)
@@ -154,6 +180,26 @@ def run_audit(X: np.ndarray, labels: np.ndarray, split: np.ndarray, paths: np.nd
     return audit
 
 
+READ_CHUNK_ROWS = 8192  # rows per read: bounds what reading adds to the embeddings themselves (64 MiB at 2,048-d)
+
+
+def load_rows(cache: str | os.PathLike) -> CacheData:
+    """``load_cache``'s result, its embeddings read in chunks of ``READ_CHUNK_ROWS`` in storage
+    order: reading adds ~64 MiB to the embeddings, where gathering rows of a cache whose path order
+    is not its storage order in 65,536-row batches would add up to 512 MiB at 2,048-d.
+
+    Raises:
+        UsageError, CacheError, DamagedCacheError (as ``load_cache``).
+    """
+    with read_rows(cache) as table:
+        X = np.empty((len(table), int(table.meta["embed_dim"])), dtype=np.dtype(table.meta.get("dtype", "float32")))
+        order = np.argsort(table.index_rows)
+        for pos, block in iter_embeddings(table, table.index_rows[order], chunk_rows=READ_CHUNK_ROWS):
+            X[order[pos]] = block
+        failures = read_index_info(cache)["failures"]
+        return CacheData(Path(cache), X, table.labels, table.paths, table.classes, table.split, failures, dict(table.meta), table.fingerprints)
+
+
 def audit_cache(cache: str | os.PathLike, options: AuditOptions | None = None, *, log: Callable[[str], None] = lambda m: None) -> Audit:
     """``run_audit`` on a cache's rows; the split is the cache's own (pre-split data) or
     fit-head's hash rule with the options' ``val_fraction`` and ``seed``.
@@ -163,11 +209,12 @@ def audit_cache(cache: str | os.PathLike, options: AuditOptions | None = None, *
     """
     opts = options or AuditOptions()
     t0 = time.perf_counter()
-    data = load_cache(cache)
+    data = load_rows(cache)
     split, _ = assign_splits(data.paths, data.labels, data.split, opts.val_fraction, opts.seed)
     read_s = time.perf_counter() - t0
-    audit = run_audit(data.embeddings, data.labels, split, data.paths, data.classes, opts, sha256=data.fingerprints.get("sha256"),
-                      failures=data.failures, log=log)
+    rows = project_rows(data.embeddings, opts.dims, log)
+    data.embeddings = None  # the checks need only the projected rows: one copy of the embeddings at the peak, not two
+    audit = audit_projected(rows, data.labels, split, data.paths, data.classes, opts, sha256=data.fingerprints.get("sha256"), failures=data.failures, log=log)
     audit.cache = str(Path(cache))
     audit.seconds = {"read": read_s, **audit.seconds, "total": time.perf_counter() - t0}
     return audit

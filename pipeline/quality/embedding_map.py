@@ -41,24 +41,23 @@ def check_map_method(method: str) -> None:
                          "scikit-learn alone)")
 
 
-def embedding_map(space: EmbeddingSpace, X: np.ndarray, method: str = "pca", *, whitened: np.ndarray | None = None, max_points: int = 5000,
-                  seed: int = 0) -> EmbeddingMap:
-    """2-D coordinates of (a sample of) the rows of ``X`` ([N, D] embeddings; ``whitened``: their
-    coordinates in ``space`` when already computed).
+def embedding_map(space: EmbeddingSpace, whitened: np.ndarray, method: str = "pca", *, max_points: int = 5000, seed: int = 0) -> EmbeddingMap:
+    """2-D coordinates of (a sample of) the rows, from their coordinates in ``space``
+    (``whitened``, [N, k]): PCA is the first two unwhitened, the others start from them.
 
     Raises:
         UsageError: ``umap`` without the umap-learn package.
     """
+    n = len(whitened)
     if method == "pca":
-        rows = _sample(len(X), PCA_MAX_POINTS, seed)
-        xy = space.project(X[rows] if len(rows) < len(X) else X, whiten=False, dims=2)
+        rows = _sample(n, PCA_MAX_POINTS, seed)
+        xy = (whitened[rows, :2] * np.sqrt(space.variances[:2])).astype(np.float32)
         share = float(space.variances[:2].sum() / space.total_variance) if space.total_variance > 0 else 1.0
         return EmbeddingMap(xy, rows, "pca", f"PCA: the first two principal components ({100 * share:.1f} % of the variance)"
-                            + (f", {len(rows):,} of {len(X):,} rows drawn at random" if len(rows) < len(X) else ""))
-    rows = _sample(len(X), max_points, seed)
-    Z = whitened[rows] if whitened is not None else space.project(X[rows])
-    Z = Z[:, :NEIGHBOUR_INPUT_DIMS]
-    sampled = f" of {len(rows):,} rows drawn at random from {len(X):,}" if len(rows) < len(X) else f" of all {len(rows):,} rows"
+                            + (f", {len(rows):,} of {n:,} rows drawn at random" if len(rows) < n else ""))
+    rows = _sample(n, max_points, seed)
+    Z = whitened[rows, :NEIGHBOUR_INPUT_DIMS]
+    sampled = f" of {len(rows):,} rows drawn at random from {n:,}" if len(rows) < n else f" of all {len(rows):,} rows"
     if method == "umap":
         check_map_method(method)
         import umap  # type: ignore[import-not-found]

@@ -24,8 +24,8 @@ import numpy as np
 from .. import __version__
 from ..errors import UsageError, command_hint
 from ..heads import LoadedHead, assign_splits, classification_metrics, full_proba, load_head
-from ..quality import Audit, ReportOptions, advice, check_map_method, embedding_map, run_audit, top_k
-from ..store import atomic_path, load_cache, read_rows
+from ..quality import Audit, ReportOptions, advice, audit_projected, check_map_method, embedding_map, load_rows, project_rows, top_k
+from ..store import atomic_path, read_rows
 from . import sections
 from .html import page
 from .thumbnails import Thumbnails
@@ -53,6 +53,9 @@ def default_report_path(artifact: str | os.PathLike) -> Path:
     """``heads/x.logreg.head.pt`` -> ``heads/x.logreg.head.report.html`` (beside its other reports)."""
     artifact = Path(artifact)
     return artifact.with_name(artifact.name.removesuffix(".pt") + ".report.html")
+
+
+SCORE_ROWS = 8192  # rows scored at a time (the head's standardisation and logits are copies of them)
 
 
 @dataclass
@@ -92,7 +95,8 @@ def _score(loaded: LoadedHead, X: np.ndarray, labels: np.ndarray, split: np.ndar
     else:  # another dataset of the same backbone: every labelled row is new to the head
         groups, train = {"all": np.flatnonzero(labels >= 0)}, np.zeros(0, dtype=np.int64)
     groups = {s: rows for s, rows in groups.items() if len(rows)}
-    proba = {s: full_proba(loaded.head, np.asarray(X[rows], dtype=np.float32), len(classes)) for s, rows in groups.items()}
+    proba = {s: np.concatenate([full_proba(loaded.head, np.asarray(X[rows[c : c + SCORE_ROWS]], dtype=np.float32), len(classes))
+                                for c in range(0, len(rows), SCORE_ROWS)]) for s, rows in groups.items()}
     metrics = {s: classification_metrics(labels[rows], proba[s], classes) for s, rows in groups.items()}
     return _Scored(groups, proba, metrics, train)
 
@@ -122,7 +126,7 @@ def write_report(artifact: str | os.PathLike, cache: str | os.PathLike | None = 
     notes = [note] if note else []
     view: dict[str, Any] = {"loaded": loaded, "options": opts, "notes": notes, "cache": cache_path, "scored": None, "audit": None}
     if cache_path is not None:
-        data = load_cache(cache_path)
+        data = load_rows(cache_path)
         if scored_here:
             loaded.check_cache(data.meta, cache_path)
         classes = list(data.classes)
@@ -131,16 +135,20 @@ def write_report(artifact: str | os.PathLike, cache: str | os.PathLike | None = 
         split, _ = assign_splits(data.paths, data.labels, data.split, rule.get("val_fraction", opts.val_fraction), rule.get("seed", opts.seed))
         if scored_here:
             view["scored"] = _score(loaded, data.embeddings, data.labels, split, same_data, classes)
-            view["stale"] = read_rows(cache_path).content_digest() != prov.get("cache_fingerprint") if same_data else None
+            if same_data:
+                with read_rows(cache_path) as table:
+                    view["stale"] = table.content_digest() != prov.get("cache_fingerprint")
             log(f"report: scored {sum(len(r) for r in view['scored'].groups.values())} rows of {cache_path}")
-        if audit is None or len(audit.paths) != len(data.paths):
-            audit = run_audit(data.embeddings, data.labels, split, data.paths, classes, opts, sha256=data.fingerprints.get("sha256"),
-                              failures=data.failures, log=log)
+        reuse = audit is not None and Path(audit.cache).resolve() == cache_path.resolve() and len(audit.paths) == len(data.paths)
+        rows = None if reuse else project_rows(data.embeddings, opts.dims, log)
+        data.embeddings = None  # scored and projected: the checks need only the projected rows (one copy of the embeddings at the peak)
+        if not reuse:
+            audit = audit_projected(rows, data.labels, split, data.paths, classes, opts, sha256=data.fingerprints.get("sha256"), failures=data.failures,
+                                    log=log)
             audit.cache = str(cache_path)
         view["audit"] = audit.judged_by(split)
         view["data"] = data
-        view["map"] = embedding_map(audit.space, data.embeddings, opts.map, whitened=audit.whitened, max_points=opts.map_points,
-                                    seed=opts.seed) if audit.space is not None else None
+        view["map"] = embedding_map(audit.space, audit.whitened, opts.map, max_points=opts.map_points, seed=opts.seed) if audit.space is not None else None
         view["thumbs"] = Thumbnails(data.meta, opts.thumb_size)
     result = _render(view, out_path)
     result.seconds = round(time.perf_counter() - t0, 3)

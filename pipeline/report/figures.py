@@ -21,8 +21,11 @@ def png_uri(fig, dpi: int = 90) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+CONFUSION_MAX_INCHES = 14.0  # beyond 24 classes the matrix becomes a heatmap without per-cell numbers
+
+
 def confusion_uri(matrix: list[list[int]], classes: Sequence[str], title: str) -> str:
-    return png_uri(confusion_figure(matrix, classes, title))
+    return png_uri(confusion_figure(matrix, classes, title, max_inches=CONFUSION_MAX_INCHES))
 
 
 def history_uri(history: list[dict[str, Any]], title: str) -> str:

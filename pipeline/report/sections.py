@@ -9,7 +9,7 @@ import numpy as np
 from .. import __version__
 from ..heads import LoadedHead
 from .figures import confusion_uri, history_uri, map_uri
-from .html import cards, chart, esc, fmt, key_values, section, table, thumb
+from .html import cards, chart, esc, key_values, section, table, thumb
 
 FIELDS = (("accuracy", "accuracy"), ("top5_accuracy", "top-5"), ("macro_f1", "macro F1"), ("log_loss", "log loss"))
 
@@ -176,7 +176,7 @@ def embedding_map(view: dict[str, Any], mistake_rows: np.ndarray) -> str:
     if emap is None:
         return section("map", "Map of the embeddings", "<p>Too few rows for a map.</p>")
     where = {int(r): n for n, r in enumerate(emap.rows)}
-    marks = lambda rows: np.array([where[int(r)] for r in rows if int(r) in where], dtype=np.int64)  # noqa: E731
+    marks = lambda rows: np.array([where[int(r)] for r in rows if int(r) in where], dtype=np.int64)
     labels = view["data"].labels[emap.rows]
     uri = map_uri(emap.xy, labels, view["data"].classes, marks(mistake_rows), marks(audit.label_error_rows()), emap.note)
     return section("map", "Map of the embeddings", chart(uri, "2-D map of the embeddings"),
