@@ -140,6 +140,17 @@ def test_report_refuses_what_does_not_fit(planted, tiny_head, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_report_of_a_fine_tuned_model(tiny_head, tmp_path):
+    """A fine-tuned model has no cache of its own backbone: metrics from the model file, data sections from its base head's cache."""
+    from pipeline.finetune import run_finetune
+
+    model = run_finetune(tiny_head, tmp_path / "m.pt", epochs=0, workers=0, plots=False).model_path
+    r = write_report(model)
+    text = Path(r.path).read_text(encoding="utf-8")
+    assert r.path == str(tmp_path / "m.report.html") and r.cache is not None and "base head" in text and "fine-tuned model" in text
+    assert r.metrics["val"]["accuracy"] is not None and "per-image predictions need a cache of the fine-tuned backbone" in text
+
+
 def test_cli_fit_head_report_and_audit_fail_on(planted, tmp_path):
     """In-process (typer's runner): fit-head --report writes the report; audit exits 8 only with --fail-on."""
     from typer.testing import CliRunner

@@ -53,7 +53,7 @@ def provenance(loaded: LoadedHead, view: dict[str, Any]) -> str:
     params = {k: v for k, v in loaded.head.get_params().items() if v is not None}
     meta = view["data"].meta if view.get("data") is not None else {}
     stale = view.get("stale")
-    backbone = [("model", prov.get("model") + (f" (layer {prov['layer']}, {prov.get('layer_pool')})" if prov.get("layer") else "")),
+    backbone = [("model", str(prov.get("model")) + (f" (layer {prov['layer']}, {prov.get('layer_pool')})" if prov.get("layer") else "")),
                 ("weights", prov.get("weights")), ("weights given as", prov.get("weights_spec")), ("seed (random init)", prov.get("seed")),
                 ("preprocessing", _preprocessing(prov.get("preprocessing"))), ("embedding", f"{prov.get('embed_dim')}-d {prov.get('dtype') or ''}".strip()),
                 ("engine / precision / decode", " / ".join(str(prov.get(k) or meta.get(k) or "–") for k in ("engine", "precision", "decode")))]
