@@ -156,8 +156,8 @@ def main() -> None:
                 continue
             if step == "audit":
                 notes = (f"{r['counts']['label-errors']} label errors (precision {r['label_errors_precision']:.2f}, recall {r['label_errors_recall']:.2f} "
-                         f"of {len(case['flipped'])} flipped); {r['counts']['duplicates']} pairs, {r['copies_found']}/{r['copies_planted']} planted copies "
-                         f"found; phases {r['phases']}")
+                         f"of {len(case['flipped'])} flipped); {r['counts']['duplicates']} pairs ({r['counts']['leaks']} leaks), {r['copies_found']}/"
+                         f"{r['copies_planted']} planted copies found; phases {r['phases']}")
             else:
                 notes = (f"{r['thumbnails']} thumbnails, {r['mistakes']:,} mistakes (val accuracy {r['val_accuracy']:.3f}), {r['html_mib']:.1f} MiB of HTML")
             print(f"  {step:<8} {r['seconds']:8.1f} {r['peak_rss_mib']:9.0f}  {notes}")
