@@ -4,7 +4,7 @@ Exit codes: 0 ok; 1 internal error (a bug: rerun with --debug); 2 usage error (b
 path, model or config); 3 finished but some inputs failed; 4 another process holds the
 lock; 5 incompatible, corrupt or foreign cache/artifact; 6 resource unavailable
 (pretrained weights offline, disk full, read-only folder); 7 training diverged (lower the
-learning rate); 130 interrupted (finished work was committed).
+learning rate); 8 `audit --fail-on` found what it names; 130 interrupted (finished work was committed).
 
 Every command takes --json (one JSON object on stdout) and --quiet (no progress or summary
 on stderr); name-like values (--clf LogReg, --weights None, --device CPU) are read
@@ -31,7 +31,9 @@ from pipeline.choices import (
     ENGINES,
     HEAD_KINDS,
     HEAD_MODES,
+    LABEL_METHODS,
     LAYOUTS,
+    MAP_METHODS,
     OPTIMIZERS,
     PRECISIONS,
     SCHEDULES,
@@ -44,7 +46,7 @@ EXIT_CODES_HELP = (
     "Exit codes: 0 ok · 1 internal error (rerun with --debug) · 2 usage error · "
     "3 finished but some inputs failed · 4 lock held by another process · "
     "5 incompatible/corrupt/foreign cache or artifact · 6 resource unavailable (weights offline, disk full, read-only) · "
-    "7 training diverged (lower the learning rate) · 130 interrupted (finished work committed)."
+    "7 training diverged (lower the learning rate) · 8 audit --fail-on found what it names · 130 interrupted (finished work committed)."
 )
 
 # Choices, listed by --help and matched case-insensitively (the library applies the same rule).
@@ -62,6 +64,8 @@ HeadMode = Literal[HEAD_MODES]
 Augment = Literal[AUGMENT_PRESETS]
 Optimizer = Literal[OPTIMIZERS]
 Schedule = Literal[SCHEDULES]
+MapMethod = Literal[MAP_METHODS]
+LabelMethod = Literal[LABEL_METHODS]
 ClfName = enum.Enum("ClfName", {k: k for k in HEAD_KINDS}, type=str)  # typer takes lists of enums, not of Literals
 
 
@@ -464,6 +468,7 @@ def fit_head(
     k: Optional[str] = typer.Option(None, "--k", help="knn: neighbours, one count or several (e.g. 10,20,100,200: scored in one pass, the best on val kept; default 20)."),
     select_on: SelectOn = _choice("cv", "--select-on", help="logreg: choose C by cross-validation on the training rows (cv) or on the validation rows (val)."),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same head file."),
+    report: bool = typer.Option(False, "--report", help="Also write the HTML report beside the head (<head>.report.html; see `report`)."),
     as_json: bool = _json_flag("Print one JSON object with the metrics on stdout."),
     quiet: bool = _quiet_flag(),
 ) -> int:
@@ -477,6 +482,8 @@ def fit_head(
     dropout = _floats(dropout, "--dropout")
     k = tuple(int(n) for n in _floats(k, "--k")) if k else None
     r = run_fit(cache, _options(FitOptions, locals()), out, wait=wait)
+    if report:
+        r.reports["report_html"] = _write_report(r.head_path)
     if as_json:
         _emit_json({"head": r.head_path, "clf": r.kind, "cache": r.cache, "n_train": r.n_train, "n_val": r.n_val, "n_test": r.n_test,
                     "fit_seconds": r.seconds, "metrics": r.metrics, "reports": r.reports})
@@ -596,6 +603,7 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue from <out>.ckpt (bit-for-bit); options left out are taken from it."),
     force: bool = typer.Option(False, "--force", help="Start over even though <out>.ckpt exists."),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same model file."),
+    report: bool = typer.Option(False, "--report", help="Also write the HTML report beside the model (<model>.report.html; see `report`)."),
     as_json: bool = _json_flag("Print one JSON summary on stdout."),
     quiet: bool = _quiet_flag(),
 ) -> int:
@@ -605,6 +613,8 @@ def finetune(
     _begin(as_json, quiet)
     options = _options(FinetuneOptions, locals(), head=head_mode)
     r = run_finetune(head, out, data_dir=data, options=options, resume=resume, force=force, wait=wait, progress=_bar("train"), log=_err)
+    if report:
+        r.reports["report_html"] = _write_report(r.model_path)
     code = 3 if r.failures else 0
     if as_json:
         _emit_json({**r.to_dict(), "exit_code": code})
@@ -615,6 +625,111 @@ def finetune(
             _err(f"  {name}: {path}")
         for path, reason in r.failures[:20]:
             _err(f"  failed: {path}: {reason}")
+    return code
+
+
+def _write_report(artifact: str) -> str:
+    """``fit-head --report`` / ``finetune --report``: the report with its default options, beside the artifact."""
+    from pipeline.report import write_report
+
+    return write_report(artifact, log=_err).path
+
+
+def _audit_flags() -> dict[str, tuple[str, Any]]:
+    """The flags ``audit`` and ``report`` share (AuditOptions' fields): name -> (annotation, option)."""
+    from pipeline.choices import DUPLICATE_THRESHOLD
+
+    return {
+        "folds": ("int", typer.Option(5, "--folds", help="Label errors: folds of the out-of-fold logistic regression.")),
+        "label_method": ("LabelMethod", _choice("prune_by_class", "--label-method", help="Label errors: cleanlab's find_label_issues filter_by method (prune_by_class found more of the flipped demo labels).")),
+        "dims": ("int", typer.Option(128, "--dims", help="Principal components (whitened) the checks work in; 0 = all.")),
+        "duplicate_threshold": ("float", typer.Option(DUPLICATE_THRESHOLD, "--duplicate-threshold", help="Near-duplicates: cosine similarity (whitened space) at or above which two rows are copies.")),
+        "max_pairs": ("int", typer.Option(10_000, "--max-pairs", help="Near-duplicates: keep at most this many pairs (the most similar).")),
+        "imbalance_ratio": ("float", typer.Option(10.0, "--imbalance-ratio", help="Imbalance: flag classes under largest/RATIO rows.")),
+        "seed": ("int", typer.Option(0, "--seed", help="Seed for the folds and the map's sample.")),
+        "device": ("str", typer.Option("auto", "--device", help="Where similarities are computed: auto (the GPU when present), cpu or cuda[:N].")),
+    }
+
+
+def _with_audit_flags(fn: Callable[..., int]) -> Callable[..., int]:
+    """Give a command the flags of ``_audit_flags`` (before ``--json``); it receives them as one
+    dict, ``audit_flags``. One list of flags for both commands, read by typer from the signature."""
+    import inspect
+
+    flags = _audit_flags()
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.name != "audit_flags"]
+    at = next(i for i, p in enumerate(params) if p.name == "as_json")
+    added = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option, annotation=ann) for name, (ann, option) in flags.items()]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        return fn(*args, audit_flags={name: kwargs.pop(name) for name in flags}, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params[:at] + added + params[at:])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k != "audit_flags"}, **{n: a for n, (a, _) in flags.items()}}
+    return wrapper
+
+
+@command
+@_with_audit_flags
+def report(
+    model_path: Path = typer.Argument(..., metavar="HEAD_OR_MODEL", help="Head written by fit-head, or a model written by finetune."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Score on this cache (same backbone, weights and classes; default: the head's own cache)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default: <head>.report.html beside the head)."),
+    map_: MapMethod = _choice("pca", "--map", help="2-D map: pca, umap (needs the umap extra) or tsne (on a sample of --map-points rows)."),
+    map_points: int = typer.Option(5000, "--map-points", help="umap/tsne: rows drawn at random for the map."),
+    max_images: int = typer.Option(48, "--max-images", help="Images shown per section (mistakes, label errors; half as many duplicate pairs)."),
+    neighbours: int = typer.Option(5, "--neighbours", help="Nearest training images shown beside each mistake."),
+    thumb_size: int = typer.Option(96, "--thumb-size", help="Thumbnail size in pixels."),
+    as_json: bool = _json_flag("Print one JSON summary on stdout."),
+    quiet: bool = _quiet_flag(),
+    audit_flags: Optional[dict[str, Any]] = None,
+) -> int:
+    """One self-contained HTML file: provenance, metrics, confusion, curves, mistakes with their nearest training images, label errors, duplicates and leaks, a 2-D map, what to do."""
+    from pipeline.quality import ReportOptions
+    from pipeline.report import write_report
+
+    _begin(as_json, quiet)
+    r = write_report(model_path, cache, out, _options(ReportOptions, {**locals(), **(audit_flags or {})}, map=map_), log=_err)
+    if as_json:
+        _emit_json(r.to_dict())
+        return 0
+    _err(f"{r.path}: {r.mistakes} mistakes, {r.counts.get('label-errors', 0)} likely label errors, {r.counts.get('duplicates', 0)} near-duplicate pairs "
+         f"({r.counts.get('leaks', 0)} leaks); {r.thumbnails} thumbnails{f', {r.missing_images} images missing' if r.missing_images else ''} in {r.seconds:.1f}s")
+    for line in r.advice:
+        _err(f"  - {line}")
+    return 0
+
+
+@command
+@_with_audit_flags
+def audit(
+    cache: Path = typer.Argument(..., metavar="CACHE", help="A cache (.h5) written by extract or import."),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", help="Exit 8 when any of these checks finds something: label-errors, duplicates, leaks, imbalance, failed-files (comma-separated) or all."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Validation share when the data is not pre-split (fit-head's hash rule: leaks are judged by it)."),
+    limit: int = typer.Option(20, "--limit", help="Entries listed per check (--json: 1,000)."),
+    as_json: bool = _json_flag("Print one JSON object on stdout: counts, then the entries of each check."),
+    quiet: bool = _quiet_flag(),
+    audit_flags: Optional[dict[str, Any]] = None,
+) -> int:
+    """The data-quality checks alone, for cron: likely label errors, near-duplicates and split leaks, class imbalance, failed files (the report goes to stdout; exit 8 only with --fail-on)."""
+    from pipeline.errors import ExitCode
+    from pipeline.quality import AuditOptions, audit_cache, parse_fail_on
+
+    _begin(as_json, quiet)
+    checks = parse_fail_on(fail_on)
+    a = audit_cache(cache, _options(AuditOptions, {**locals(), **(audit_flags or {})}), log=_err)
+    failing = a.failing(checks)
+    code = ExitCode.FINDINGS if failing else ExitCode.OK
+    if as_json:
+        _emit_json({**a.to_dict(), "fail_on": list(checks), "failing": failing, "exit_code": code})
+    else:
+        from pipeline.quality import advice, format_audit
+
+        typer.echo(format_audit(a, advice(a), limit))
+    if failing:
+        _fail(f"audit --fail-on {','.join(checks)}: found {', '.join(failing)} (exit 8)")
     return code
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common import PEAK_RSS_SOURCE, hard_features  # noqa: E402
 
 CHILD_PRELUDE = (
     "import json, os, resource, sys, time; sys.path.insert(0, %r)\n"
@@ -44,11 +45,9 @@ CHILD_PRELUDE = (
     "    tr, va = np.flatnonzero(split == 'train'), np.flatnonzero(split == 'val')\n"
     "    return _read(table, table.index_rows[tr], dim), table.labels[tr], _read(table, table.index_rows[va], dim), table.labels[va]\n"
     "def done(result, t0):\n"
-    "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]  # ru_maxrss survives exec: the parent's would leak in\n"
-    "    peak = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-    "    result.update(seconds=time.perf_counter() - t0, peak_rss_mib=peak)\n"
+    "    result.update(seconds=time.perf_counter() - t0, peak_rss_mib=peak_rss_mib())\n"
     "    print(json.dumps(result))\n"
-) % str(ROOT)
+) % str(ROOT) + PEAK_RSS_SOURCE
 
 METHODS = {
     "ours logreg": (
@@ -107,19 +106,6 @@ def run_child(method: str, cache: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- cases
-
-
-def hard_features(rows: int, dim: int, classes: int, seed: int = 0, rank: int = 48, separation: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
-    """Overlapping low-rank class structure through a ReLU: a linear probe reaches ~55 %, not 100 %."""
-    rng = np.random.default_rng(seed)
-    mix = rng.normal(0, 1, (rank, dim)).astype(np.float32) / np.sqrt(rank)
-    centres = rng.normal(0, separation, (classes, rank)).astype(np.float32)
-    y = rng.integers(0, classes, rows)
-    X = np.empty((rows, dim), dtype=np.float32)
-    for s in range(0, rows, 10_000):
-        z = centres[y[s : s + 10_000]] + rng.normal(0, 1, (len(y[s : s + 10_000]), rank)).astype(np.float32)
-        X[s : s + 10_000] = np.maximum(z @ mix + rng.normal(0, 0.3, (len(z), dim)).astype(np.float32), 0)
-    return X, y
 
 
 def write_cache(path: Path, X: np.ndarray, y: np.ndarray) -> None:

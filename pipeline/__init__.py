@@ -6,7 +6,8 @@ from typing import Any
 
 # The public API, imported on first use: `import pipeline.choices` (the command line's
 # --help) must not pay for torch.
-_PUBLIC = {"FeatcacheError": ".errors", "load_head": ".heads", "CacheData": ".store", "load_cache": ".store", "read_cache_meta": ".store"}
+_PUBLIC = {"FeatcacheError": ".errors", "load_head": ".heads", "CacheData": ".store", "load_cache": ".store", "read_cache_meta": ".store",
+           "audit_cache": ".quality", "write_report": ".report"}
 
 __all__ = ["__version__", *_PUBLIC]
 

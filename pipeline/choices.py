@@ -30,6 +30,11 @@ HEAD_MODES = ("from", "new")
 AUGMENT_PRESETS = ("none", "light", "basic", "rotate", "strong")
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adamw")
+# report and audit
+MAP_METHODS = ("pca", "umap", "tsne")  # the 2-D map: PCA always; UMAP (the umap extra) and t-SNE (scikit-learn) on a sample
+LABEL_METHODS = ("prune_by_class", "prune_by_noise_rate")  # cleanlab find_label_issues filter_by methods featcache implements
+DUPLICATE_THRESHOLD = 0.96  # the default near-duplicate cosine (whitened space), calibrated in pipeline/quality/options.py; here so --help needs no torch
+AUDIT_CHECKS = ("label-errors", "duplicates", "leaks", "imbalance", "failed-files")  # what `audit --fail-on` can fail on
 
 _WEIGHTS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)?$")
 

@@ -28,6 +28,7 @@ class ExitCode:
     INCOMPATIBLE = 5  # cache/head/checkpoint corrupt, foreign, or built for something else
     UNAVAILABLE = 6  # a resource is missing: pretrained weights offline, disk full, read-only
     DIVERGED = 7  # training loss blew up (NaN/inf or orders of magnitude): lower the learning rate
+    FINDINGS = 8  # `audit --fail-on CHECKS`: finished, and one of those checks found something (for cron alerts)
     INTERRUPTED = 130  # SIGINT/SIGTERM: finished work was committed, then we stopped
 
 

@@ -343,6 +343,7 @@ def test_demo_runs_every_stage_and_predicts_only_held_out_images(tiny_hub, tmp_p
     listed = [f["path"] for f in r["files"]]
     assert {r["predict"]["csv"], r["predict"]["grid"], r["finetune"]["model_path"], r["fit_head"]["head"]} <= set(listed)
     assert all(Path(p).exists() for p in listed if "{" not in p)
+    assert r["report"]["path"] == str(tmp_path / "demo" / "report.html") in listed and r["report"]["thumbnails"] > 0  # the README's report
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_hub):

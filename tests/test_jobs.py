@@ -78,6 +78,9 @@ def test_second_run_of_an_unchanged_job_does_nothing(job_dir, tiny_hub):
     heads = sorted((job_dir / "runs").glob("*/*/head.pt"))
     assert len(heads) == 2 and len({p.parent for p in heads}) == 2  # a folder per head, its reports inside
     assert all((p.parent / "head.metrics.json").is_file() for p in heads)
+    assert all("featcache report" in (p.parent / "head.report.html").read_text() for p in heads)  # each head's HTML report
+    (counts,) = report["audit"].values()  # the cache's audit, once for both heads
+    assert set(counts) == {"label-errors", "duplicates", "leaks", "imbalance", "failed-files"} and counts["failed-files"] == 0
     assert not list((job_dir / "runs").glob("*.lock")) and not list((job_dir / "runs").rglob("[!.]*.lock"))  # locks are hidden
     mtimes = [p.stat().st_mtime_ns for p in heads]
 
@@ -85,6 +88,7 @@ def test_second_run_of_an_unchanged_job_does_nothing(job_dir, tiny_hub):
     assert second.returncode == 0, second.stderr
     assert "nothing to do" in second.stderr and "0 step(s) ran, 4 up to date" in second.stderr
     assert [p.stat().st_mtime_ns for p in heads] == mtimes  # nothing was rewritten
+    assert json.loads(Path(first["report"]).read_text())["audit"] == report["audit"]  # counts kept from the last audit
 
     plan = json.loads(run_cli("status", str(job), "--json").stdout)
     assert not plan["did_work"] and {s["action"] for s in plan["steps"]} == {"skip"}

@@ -206,7 +206,8 @@ def test_cli_choices_are_case_insensitive_and_listed_in_help():
     assert result.exit_code == 2 and "svm" in result.output
 
 
-@pytest.mark.parametrize("command", ["extract", "engines", "status", "run", "fit-head", "evaluate", "predict", "compare", "finetune", "models", "demo"])
+@pytest.mark.parametrize("command", ["extract", "engines", "status", "run", "fit-head", "evaluate", "predict", "compare", "finetune", "models", "demo",
+                                     "report", "audit"])
 def test_every_command_takes_quiet_and_json(command):
     names = {opt for p in typer.main.get_command(app).commands[command].params for opt in getattr(p, "opts", [])}
     assert {"--json", "--quiet", "-q"} <= names

@@ -99,23 +99,32 @@ def _short(name: str, limit: int = TICK_LABEL_CHARS) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
-def confusion_figure(matrix: list[list[int]], class_names: Sequence[str], title: str):
-    """The confusion matrix as a figure sized for its classes and their (shortened) names."""
+def confusion_figure(matrix: list[list[int]], class_names: Sequence[str], title: str, max_inches: float | None = None):
+    """The confusion matrix as a figure sized for its classes and their (shortened) names.
+
+    ``max_inches`` caps the figure (the HTML report: 100 classes would be 52 inches, an 88 MB
+    bitmap); a capped matrix is a heatmap with smaller tick labels and no per-cell numbers."""
     plt = pyplot()
     cm = np.asarray(matrix)
     labels = [_short(str(c)) for c in class_names]
     label_room = 0.09 * max((len(c) for c in labels), default=0)  # inches for the tick labels
-    size = max(4.0, 0.5 * len(labels) + 2)
+    natural = max(4.0, 0.5 * len(labels) + 2)
+    size = min(natural, max_inches) if max_inches else natural
+    capped = size < natural
+    fontsize = max(3.0, min(10.0, 10.0 * size / natural)) if capped else None
+    if capped:
+        label_room *= fontsize / 10.0
     fig, ax = plt.subplots(figsize=(max(size + label_room, 5.0), size + label_room))
     ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=90)
-    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(len(labels)), labels, fontsize=fontsize)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     peak = cm.max() if cm.size else 0
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > peak / 2 else "black", fontsize=8)
+    if not capped:
+        for i in range(cm.shape[0]):
+            for j in range(cm.shape[1]):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > peak / 2 else "black", fontsize=8)
     _finish(fig, ax.set_title(title))
     return fig
 
@@ -216,7 +225,7 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path, title: str) -> Path
     return save_figure(leaderboard_figure(rows, title), path)
 
 
-REPORT_SUFFIXES = (".metrics.json", ".confusion_val.png", ".confusion_test.png", ".history.png", ".grid.png")
+REPORT_SUFFIXES = (".metrics.json", ".confusion_val.png", ".confusion_test.png", ".history.png", ".grid.png", ".report.html")
 REPORTS_NEED = 2 << 20  # bytes a set of reports may take (PNGs of a many-class confusion matrix)
 
 

@@ -41,6 +41,7 @@ class JobResult:
     dry_run: bool = False
     report: str = ""
     error: dict[str, Any] | None = None  # what stopped the job: message, type, exit_code, step
+    audit: dict[str, dict[str, int]] = field(default_factory=dict)  # cache -> the audit's counts (label-errors, duplicates, leaks, ...)
     running: tuple[Step, float] | None = field(default=None, repr=False)  # the step under way and when it began (not reported)
 
     def to_dict(self) -> dict[str, Any]:
@@ -246,9 +247,50 @@ def _execute(job: JobSpec, result: JobResult, force: bool, wait: float, log: Cal
         log(f"[{job.name}] nothing to do: every cache, head and model is up to date")
 
 
+def audit_path_for(job: JobSpec, cache: Path) -> Path:
+    """``<out_dir>/<cache>/audit.json``: the last audit of a cache (its counts go into run.json)."""
+    return job.out_dir / cache.stem / "audit.json"
+
+
+class _CacheAudit:
+    """The audit of one cache, run once for all its heads' reports (and only when one is written);
+    its counts are kept in ``audit.json`` so a run with nothing stale still reports them."""
+
+    def __init__(self, job: JobSpec, cache: Path, log: Callable[[str], None]):
+        self.job, self.cache, self.log, self.audit = job, cache, log, None
+
+    def get(self):
+        from ..quality import audit_cache
+
+        if self.audit is None:
+            self.audit = audit_cache(self.cache, log=self.log)
+            with atomic_path(audit_path_for(self.job, self.cache)) as tmp:
+                tmp.write_text(json.dumps({"cache": str(self.cache), "counts": self.audit.counts(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        return self.audit
+
+    def counts(self) -> dict[str, int] | None:
+        if self.audit is not None:
+            return self.audit.counts()
+        try:
+            return json.loads(audit_path_for(self.job, self.cache).read_text())["counts"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+
 def _fit_and_finetune(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress) -> None:
-    """The heads of one cache, then the fine-tune that starts from one of them: each only when stale."""
-    from ..finetune import run_finetune
+    """The heads of one cache (and their reports), then the fine-tune that starts from one of them: each only when stale."""
+    audit = _CacheAudit(job, cache, log)
+    try:
+        _fit_heads(job, cache, result, force, wait, log, audit)
+    finally:
+        counts = audit.counts() if job.report else None
+        if counts is not None:
+            result.audit[str(cache)] = counts
+    if job.finetune is not None:
+        _finetune(job, cache, result, force, wait, log, progress)
+
+
+def _fit_heads(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, log: Callable[[str], None], audit: _CacheAudit) -> None:
     from ..heads import fit_head
 
     for h in job.heads:
@@ -262,12 +304,19 @@ def _fit_and_finetune(job: JobSpec, cache: Path, result: JobResult, force: bool,
         t = time.perf_counter()
         result.begin("fit-head", str(head), "run", why)
         r = fit_head(cache, h.options, head, wait=wait, title=h.name, extra_provenance={"job_spec": h.digest(), "job": str(job.path)})
+        if job.report:
+            from ..report import write_report
+
+            r.reports["report_html"] = write_report(head, audit=audit.get(), log=log).path
         m = r.metrics.get("val") or r.metrics.get("test") or {}
         result.finish(Step("fit-head", str(head), "run", why, round(time.perf_counter() - t, 3),
                            {"val_accuracy": m.get("accuracy"), "n_train": r.n_train, "reports": r.reports}))
         log(f"[{job.name}]   fitted on {r.n_train} rows" + (f", val accuracy {m['accuracy']:.4f}" if m else ""))
-    if job.finetune is None:
-        return
+
+
+def _finetune(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress) -> None:
+    from ..finetune import run_finetune
+
     ft = job.finetune
     head = head_path_for(job, cache, next(h for h in job.heads if h.name == ft.from_head))
     model = model_path_for(job, cache, ft.from_head)

@@ -6,6 +6,7 @@ data = ["/data/flowers"]          # one or more image folders
 cache_dir = "cache"               # default "cache"
 out_dir = "runs/flowers"          # heads, fine-tuned models, reports (default "runs/<name>")
 device = "auto"
+report = true                     # HTML report beside each head fitted, audit counts in run.json (default true)
 
 [[backbones]]
 model = "resnet50"
@@ -51,7 +52,7 @@ else:  # pragma: no cover - Python 3.10
 
 # Each table takes its stage's options (the same fields as the command's flags, checked by
 # the same code) plus the keys that say what the table is about.
-TOP_KEYS: dict[str, Any] = {"name": str, "data": None, "cache_dir": str, "out_dir": str, "device": str, "workers": int,
+TOP_KEYS: dict[str, Any] = {"name": str, "data": None, "cache_dir": str, "out_dir": str, "device": str, "workers": int, "report": bool,
                             "backbones": list, "heads": list, "finetune": dict}  # None: checked on its own below
 BACKBONE_KEYS: dict[str, Any] = {"model": str, **toml_schema(ExtractOptions)}
 HEAD_KEYS: dict[str, Any] = {"name": str, **toml_schema(FitOptions)}
@@ -102,6 +103,7 @@ class JobSpec:
     out_dir: Path
     device: str = "auto"
     workers: int | None = None
+    report: bool = True  # an HTML report beside every head fitted, and the cache's audit counts in run.json
     backbones: list[BackboneSpec] = field(default_factory=list)
     heads: list[HeadSpec] = field(default_factory=list)
     finetune: FinetuneSpec | None = None
@@ -319,5 +321,5 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise JobFileError(f"job file {str(path)!r} has {len(problems)} problem(s); nothing was run:\n{lines}")
     return JobSpec(path=path.resolve(), name=name, data=data, cache_dir=resolve(doc.get("cache_dir", "cache")),
-                   out_dir=resolve(doc.get("out_dir", f"runs/{name}")), device=device, workers=doc.get("workers"),
+                   out_dir=resolve(doc.get("out_dir", f"runs/{name}")), device=device, workers=doc.get("workers"), report=doc.get("report", True),
                    backbones=backbones, heads=heads, finetune=finetune)

@@ -1,0 +1,22 @@
+"""Data quality on cached embeddings: out-of-fold probabilities (``oof.py``), likely label
+errors by confident learning (``label_errors.py``), near-duplicates and split leaks
+(``duplicates.py`` over the blocked exact search of ``similarity.py``), all in the whitened
+principal-component space of ``space.py``; a 2-D map (``embedding_map.py``); the audit that
+runs them and counts what they found (``audit.py``), and what to do about it (``advice.py``).
+
+Never reads images (the report does, for thumbnails) and never trains a head it keeps.
+"""
+from .advice import advice
+from .audit import Audit, Projected, audit_cache, audit_projected, format_audit, load_rows, project_rows, run_audit
+from .duplicates import Duplicates, find_duplicates, leak_mask, with_split
+from .embedding_map import EmbeddingMap, check_map_method, embedding_map
+from .label_errors import LabelIssues, find_label_issues
+from .oof import OutOfFold, out_of_fold_proba
+from .options import DEFAULT_DUPLICATE_THRESHOLD, AuditOptions, ReportOptions, parse_fail_on
+from .similarity import pairs_above, top_k, unit_rows
+from .space import EmbeddingSpace, fit_space
+
+__all__ = ["Audit", "AuditOptions", "DEFAULT_DUPLICATE_THRESHOLD", "Duplicates", "EmbeddingMap", "EmbeddingSpace", "LabelIssues", "OutOfFold",
+           "Projected", "ReportOptions", "advice", "audit_cache", "audit_projected", "check_map_method", "embedding_map", "find_duplicates",
+           "find_label_issues", "fit_space", "format_audit", "leak_mask", "load_rows", "out_of_fold_proba", "pairs_above", "parse_fail_on",
+           "project_rows", "run_audit", "top_k", "unit_rows", "with_split"]

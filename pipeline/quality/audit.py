@@ -1,0 +1,250 @@
+"""The data-quality audit of a cache: likely label errors, near-duplicates and split leaks,
+class imbalance, files that failed. ``run_audit`` works on rows in memory (the report calls
+it with the rows it already read); ``audit_cache`` reads a cache first.
+
+Cost on 2 CPU cores (``bench/report.py``): a few seconds for the demo digits, well under a
+minute for 50,000 x 2,048 (one covariance pass, K logreg fits on 128 components, one blocked
+similarity pass on 128 components).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..choices import AUDIT_CHECKS
+from ..heads import assign_splits
+from ..store import CacheData, iter_embeddings, read_index_info, read_rows
+from .duplicates import Duplicates, find_duplicates, with_split
+from .label_errors import LabelIssues, find_label_issues
+from .oof import OutOfFold, out_of_fold_proba
+from .options import AuditOptions
+from .similarity import unit_rows
+from .space import EmbeddingSpace, fit_space
+
+
+@dataclass
+class Audit:
+    """Everything the checks found, with the rows they refer to (indices into ``paths``)."""
+
+    options: AuditOptions
+    paths: np.ndarray  # [N] str
+    labels: np.ndarray  # [N] int, -1 unlabeled
+    split: np.ndarray  # [N] "train" / "val" / "test" / ""
+    classes: list[str]
+    space: EmbeddingSpace | None
+    unit: np.ndarray | None  # [N, k] unit rows in the whitened space (similarities)
+    whitened: np.ndarray | None  # [N, k]
+    oof: OutOfFold | None
+    issues: LabelIssues | None  # over ``labelled`` rows
+    labelled: np.ndarray  # [L] row indices of the labelled rows
+    duplicates: Duplicates | None
+    failures: list[tuple[str, str]]
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    cache: str = ""
+
+    def judged_by(self, split: np.ndarray) -> Audit:
+        """The same findings with the split (and so the leaks) of another rule: a head's own."""
+        split = np.asarray(split, dtype=object)
+        return replace(self, split=split, duplicates=with_split(self.duplicates, split) if self.duplicates is not None else None)
+
+    # -- what the checks found, row by row
+    def label_error_rows(self) -> np.ndarray:
+        """Rows (indices into ``paths``) of the likely label errors, lowest self-confidence first."""
+        return self.labelled[self.issues.ranked] if self.issues is not None else np.zeros(0, dtype=np.int64)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.classes))
+        return {c: int(n) for c, n in zip(self.classes, counts)}
+
+    def imbalance(self) -> dict[str, Any]:
+        """Largest / smallest class, and the classes under largest / ``imbalance_ratio`` (empty classes included)."""
+        counts = self.class_counts()
+        if not counts or not any(counts.values()):
+            return {"ratio": None, "largest": None, "smallest": None, "minority_classes": []}
+        largest = max(counts, key=counts.get)
+        smallest = min(counts, key=counts.get)
+        ratio = counts[largest] / counts[smallest] if counts[smallest] else float("inf")
+        limit = counts[largest] / self.options.imbalance_ratio
+        minority = [c for c, n in sorted(counts.items(), key=lambda kv: kv[1]) if n < limit]
+        return {"ratio": ratio, "largest": largest, "smallest": smallest, "minority_classes": minority}
+
+    def counts(self) -> dict[str, int]:
+        """One number per check ``--fail-on`` can name (and what a job's run.json records)."""
+        dup = self.duplicates.counts(self.split) if self.duplicates is not None else {"pairs": 0, "leaks": 0}
+        return {"label-errors": len(self.issues) if self.issues is not None else 0, "duplicates": dup["pairs"], "leaks": dup["leaks"],
+                "imbalance": len(self.imbalance()["minority_classes"]), "failed-files": len(self.failures)}
+
+    def failing(self, fail_on: tuple[str, ...]) -> list[str]:
+        """The checks of ``fail_on`` that found something, as "leaks (4)"."""
+        counts = self.counts()
+        return [f"{name} ({counts[name]})" for name in fail_on if counts.get(name, 0) > 0]
+
+    def to_dict(self, limit: int = 1000) -> dict[str, Any]:
+        """JSON for ``audit --json``: counts, then at most ``limit`` entries per list."""
+        out: dict[str, Any] = {"cache": self.cache, "rows": int(len(self.paths)), "labelled": int(len(self.labelled)), "counts": self.counts(),
+                               "class_counts": self.class_counts(), "imbalance": self.imbalance(), "notes": self.notes,
+                               "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+        if self.space is not None:
+            out["space"] = {"components": self.space.dims, "explained_variance": round(self.space.explained, 4)}
+        if self.oof is not None:
+            out["label_errors_method"] = {"method": f"confident learning, cleanlab find_label_issues(filter_by={self.options.label_method!r})",
+                                          "folds": self.oof.folds, "C": self.oof.C, "out_of_fold_accuracy": round(self.oof.accuracy, 4)}
+        out["label_errors"] = [self.label_error(r) for r in self.label_error_rows()[:limit]]
+        out["duplicates"] = [self.duplicate(p) for p in range(min(limit, len(self.duplicates) if self.duplicates is not None else 0))]
+        out["failed_files"] = [{"path": p, "reason": r} for p, r in self.failures[:limit]]
+        return out
+
+    def label_error(self, row: int) -> dict[str, Any]:
+        pos = int(np.searchsorted(self.labelled, row))
+        return {"row": int(row), "path": str(self.paths[row]), "split": str(self.split[row]), "given": self.classes[int(self.labels[row])],
+                "suggested": self.classes[int(self.issues.suggested[pos])], "given_probability": round(float(self.issues.self_confidence[pos]), 4),
+                "suggested_probability": round(float(self.oof.proba[pos].max()), 4)}
+
+    def duplicate(self, p: int) -> dict[str, Any]:
+        d = self.duplicates
+        i, j = int(d.pairs.i[p]), int(d.pairs.j[p])
+        name = lambda r: self.classes[int(self.labels[r])] if self.labels[r] >= 0 else ""
+        return {"a": str(self.paths[i]), "b": str(self.paths[j]), "split_a": str(self.split[i]), "split_b": str(self.split[j]),
+                "class_a": name(i), "class_b": name(j), "similarity": round(float(d.pairs.similarity[p]), 4), "exact": bool(d.exact[p]),
+                "leak": bool(d.leak[p])}
+
+
+@dataclass
+class Projected:
+    """Rows in the audit's space: what every check needs, without the embeddings themselves
+    (callers drop those before the checks run, to keep the peak memory at one copy)."""
+
+    space: EmbeddingSpace | None
+    whitened: np.ndarray | None  # [N, k]
+    seconds: float = 0.0
+
+
+def project_rows(X: np.ndarray, dims: int, log: Callable[[str], None] = lambda m: None) -> Projected:
+    """The whitened principal-component space of ``X`` and the rows in it (None for < 3 rows)."""
+    if len(X) < 3:
+        return Projected(None, None)
+    t = time.perf_counter()
+    space = fit_space(X, dims)
+    whitened = space.project(X)
+    seconds = time.perf_counter() - t
+    log(f"audit: {space.dims} principal components ({100 * space.explained:.1f} % of the variance) in {seconds:.1f}s")
+    return Projected(space, whitened, seconds)
+
+
+def run_audit(X: np.ndarray, labels: np.ndarray, split: np.ndarray, paths: np.ndarray, classes: list[str], options: AuditOptions | None = None, *,
+              sha256: np.ndarray | None = None, failures: list[tuple[str, str]] | None = None, log: Callable[[str], None] = lambda m: None) -> Audit:
+    """Every check on rows in memory: ``X`` [N, D] embeddings, ``labels`` [N] (-1 unlabeled),
+    ``split`` [N] names, ``sha256`` [N, 32] file hashes (exact duplicates), ``failures`` (path, reason)."""
+    opts = options or AuditOptions()
+    return audit_projected(project_rows(X, opts.dims, log), labels, split, paths, classes, opts, sha256=sha256, failures=failures, log=log)
+
+
+def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, paths: np.ndarray, classes: list[str], options: AuditOptions | None = None,
+                    *, sha256: np.ndarray | None = None, failures: list[tuple[str, str]] | None = None,
+                    log: Callable[[str], None] = lambda m: None) -> Audit:
+    """``run_audit`` on rows already projected (``project_rows``)."""
+    opts = options or AuditOptions()
+    labels = np.asarray(labels, dtype=np.int64)
+    split = np.asarray(split, dtype=object)
+    labelled = np.flatnonzero(labels >= 0)
+    audit = Audit(opts, np.asarray(paths), labels, split, list(classes), None, None, None, None, None, labelled, None, list(failures or []))
+    if rows.space is None:
+        audit.notes.append(f"{len(labels)} row(s): too few for label errors, duplicates or a map")
+        return audit
+    audit.space, audit.whitened, audit.unit = rows.space, rows.whitened, unit_rows(rows.whitened)
+    audit.seconds["space"] = rows.seconds
+
+    t = time.perf_counter()
+    audit.duplicates = find_duplicates(audit.unit, opts.duplicate_threshold, split, sha256, max_pairs=opts.max_pairs, device=opts.device)
+    audit.seconds["duplicates"] = time.perf_counter() - t
+    if audit.duplicates.pairs.truncated:
+        audit.notes.append(f"{audit.duplicates.pairs.found:,} near-duplicate pairs found; the {opts.max_pairs:,} most similar are kept (--max-pairs)")
+    log(f"audit: {len(audit.duplicates)} near-duplicate pair(s) at cosine >= {opts.duplicate_threshold:g} in {audit.seconds['duplicates']:.1f}s")
+
+    t = time.perf_counter()
+    present = np.unique(labels[labelled])
+    if len(present) < 2:
+        audit.notes.append("label errors need labelled rows of at least 2 classes; skipped")
+    else:
+        audit.oof = out_of_fold_proba(audit.whitened[labelled], labels[labelled], len(classes), opts.folds, opts.seed)
+        audit.issues = find_label_issues(labels[labelled], audit.oof.proba, opts.label_method)
+        audit.seconds["label_errors"] = time.perf_counter() - t
+        log(f"audit: {len(audit.issues)} likely label error(s) ({audit.oof.folds}-fold out-of-fold logreg, C={audit.oof.C:g}, "
+            f"accuracy {audit.oof.accuracy:.4f}) in {audit.seconds['label_errors']:.1f}s")
+    return audit
+
+
+READ_CHUNK_ROWS = 8192  # rows per read: bounds what reading adds to the embeddings themselves (64 MiB at 2,048-d)
+
+
+def load_rows(cache: str | os.PathLike) -> CacheData:
+    """``load_cache``'s result, its embeddings read in chunks of ``READ_CHUNK_ROWS`` in storage
+    order: reading adds ~64 MiB to the embeddings, where gathering rows of a cache whose path order
+    is not its storage order in 65,536-row batches would add up to 512 MiB at 2,048-d.
+
+    Raises:
+        UsageError, CacheError, DamagedCacheError (as ``load_cache``).
+    """
+    with read_rows(cache) as table:
+        X = np.empty((len(table), int(table.meta["embed_dim"])), dtype=np.dtype(table.meta.get("dtype", "float32")))
+        order = np.argsort(table.index_rows)
+        for pos, block in iter_embeddings(table, table.index_rows[order], chunk_rows=READ_CHUNK_ROWS):
+            X[order[pos]] = block
+        failures = read_index_info(cache)["failures"]
+        return CacheData(Path(cache), X, table.labels, table.paths, table.classes, table.split, failures, dict(table.meta), table.fingerprints)
+
+
+def audit_cache(cache: str | os.PathLike, options: AuditOptions | None = None, *, log: Callable[[str], None] = lambda m: None) -> Audit:
+    """``run_audit`` on a cache's rows; the split is the cache's own (pre-split data) or
+    fit-head's hash rule with the options' ``val_fraction`` and ``seed``.
+
+    Raises:
+        UsageError, CacheError, DamagedCacheError (as ``load_cache``).
+    """
+    opts = options or AuditOptions()
+    t0 = time.perf_counter()
+    data = load_rows(cache)
+    split, _ = assign_splits(data.paths, data.labels, data.split, opts.val_fraction, opts.seed)
+    read_s = time.perf_counter() - t0
+    rows = project_rows(data.embeddings, opts.dims, log)
+    data.embeddings = None  # the checks need only the projected rows: one copy of the embeddings at the peak, not two
+    audit = audit_projected(rows, data.labels, split, data.paths, data.classes, opts, sha256=data.fingerprints.get("sha256"), failures=data.failures, log=log)
+    audit.cache = str(Path(cache))
+    audit.seconds = {"read": read_s, **audit.seconds, "total": time.perf_counter() - t0}
+    return audit
+
+
+__all__ = ["AUDIT_CHECKS", "Audit", "audit_cache", "run_audit"]
+
+
+def format_audit(audit: Audit, todo: list[str], limit: int = 20) -> str:
+    """The audit for a terminal: counts, the first ``limit`` entries of each check, what to do."""
+    c = audit.counts()
+    lines = [f"cache      {audit.cache}", f"rows       {len(audit.paths):,} ({len(audit.labelled):,} labelled, {len(audit.classes)} classes)"]
+    if audit.oof is not None:
+        lines.append(f"label errors  {c['label-errors']}  ({audit.oof.folds}-fold out-of-fold logreg, accuracy {audit.oof.accuracy:.4f}; "
+                     f"cleanlab {audit.options.label_method})")
+        lines += [f"  {e['path']}: given {e['given']}, suggested {e['suggested']} (p(given) {e['given_probability']:.2f})"
+                  for e in (audit.label_error(r) for r in audit.label_error_rows()[:limit])]
+    dup = audit.duplicates.counts(audit.split) if audit.duplicates is not None else {"pairs": 0, "leaks": 0}
+    lines.append(f"duplicates    {dup['pairs']} pair(s) at cosine >= {audit.options.duplicate_threshold:g}, {dup['leaks']} leak(s) across splits")
+    for p in range(min(limit, len(audit.duplicates) if audit.duplicates is not None else 0)):
+        e = audit.duplicate(p)
+        lines.append(f"  {e['a']} ({e['split_a'] or '-'}) ~ {e['b']} ({e['split_b'] or '-'}): {e['similarity']:.4f}"
+                     + (" exact" if e["exact"] else "") + (" LEAK" if e["leak"] else ""))
+    imb = audit.imbalance()
+    ratio = "-" if imb["ratio"] is None else ("inf" if imb["ratio"] == float("inf") else f"{imb['ratio']:.1f}")
+    lines.append(f"imbalance     largest/smallest class {ratio}; {c['imbalance']} class(es) under 1/{audit.options.imbalance_ratio:g} of the largest"
+                 + (f": {', '.join(imb['minority_classes'][:10])}" if imb["minority_classes"] else ""))
+    lines.append(f"failed files  {c['failed-files']}")
+    lines += [f"  {p}: {r}" for p, r in audit.failures[:limit]]
+    lines += [f"note          {n}" for n in audit.notes]
+    lines.append("what to do")
+    lines += [f"  - {t}" for t in todo]
+    return "\n".join(lines)

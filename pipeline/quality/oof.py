@@ -1,0 +1,63 @@
+"""Out-of-fold predicted probabilities: every labelled row scored by a model that never saw it.
+
+Confident learning needs them (a model scoring its own training rows agrees with their
+labels, errors included). K stratified folds of the fast logreg (``pipeline.heads``: torch
+L-BFGS, scikit-learn's objective): C is chosen once, by the head's own warm-started path on
+the first fold's training rows, then every fold is fitted at that C. The rows come in the
+whitened principal-component space (``space.py``), which bounds the cost on wide embeddings
+(2,048-d -> 128 components) and changes nothing a standardised linear model could use beyond
+the dropped low-variance directions. On the demo digits with 5 % of labels flipped, 128
+components found the flips best (six seeds, prune_by_class: precision >= 0.87, recall >= 0.87;
+with 256 components or all 512 the worst seed's recall fell to 0.77-0.80).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+from ..heads import LogRegHead, full_proba
+
+
+@dataclass
+class OutOfFold:
+    proba: np.ndarray  # [N, K]
+    folds: int
+    C: float
+    accuracy: float  # of the out-of-fold argmax against the given labels
+    seconds: float
+
+
+def fold_count(labels: np.ndarray, wanted: int) -> int:
+    """``wanted`` folds, fewer when even the largest class has fewer rows (StratifiedKFold's limit)."""
+    return max(2, min(wanted, int(np.bincount(labels).max())))
+
+
+def out_of_fold_proba(Z: np.ndarray, labels: np.ndarray, n_classes: int, folds: int = 5, seed: int = 0) -> OutOfFold:
+    """[N, n_classes] probabilities of ``labels`` (0..n_classes-1) from ``folds``-fold
+    cross-fitting on the rows of ``Z``; a class missing from a fold's training rows gets 0.
+
+    Raises:
+        ValueError: fewer than 2 classes or a class-less fold (the caller skips label errors).
+    """
+    t0 = time.perf_counter()
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("out-of-fold probabilities need at least 2 classes")
+    n_folds = fold_count(labels, folds)
+    splitter = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
+    proba = np.zeros((len(labels), n_classes))
+    C = None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        splits = list(splitter.split(np.zeros(len(labels)), labels))
+    for train, test in splits:
+        head = LogRegHead(C=C, random_state=seed, tol=1e-3)
+        head.fit(Z[train], labels[train])
+        C = head.C_
+        proba[test] = full_proba(head, Z[test], n_classes)
+    accuracy = float((proba.argmax(axis=1) == labels).mean())
+    return OutOfFold(proba, n_folds, float(C), accuracy, time.perf_counter() - t0)

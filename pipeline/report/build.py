@@ -1,0 +1,214 @@
+"""``write_report``: one self-contained HTML file about a head (or fine-tuned model) and its data.
+
+What it reads: the artifact (provenance, hyper-parameters, metrics, training history) and a
+cache (the head's own by default; ``--cache`` another of the same backbone, refused when it
+is not: the check ``evaluate`` and ``predict`` use). From the cache's embeddings it scores
+the head again (metrics, confusion, mistakes with their nearest training rows) and runs the
+audit (label errors, near-duplicates and leaks judged by the head's own split, imbalance,
+failed files) and the 2-D map. Images are read only for thumbnails.
+
+A fine-tuned model has no cache of its own backbone unless one was extracted with it
+(``extract DATA --model MODEL.pt``, then ``--cache``): without one, its metrics, confusion
+and curves come from the artifact, and the data sections from its base head's cache.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import __version__
+from ..errors import UsageError, command_hint
+from ..heads import LoadedHead, assign_splits, classification_metrics, full_proba, load_head
+from ..quality import Audit, ReportOptions, advice, audit_projected, check_map_method, embedding_map, load_rows, project_rows, top_k
+from ..store import atomic_path, read_rows
+from . import sections
+from .html import page
+from .thumbnails import Thumbnails
+
+
+@dataclass
+class ReportResult:
+    path: str
+    artifact: str
+    cache: str | None
+    seconds: float
+    counts: dict[str, int]
+    advice: list[str]
+    metrics: dict[str, dict[str, Any]]  # split -> accuracy, top5_accuracy, macro_f1, log_loss
+    mistakes: int
+    thumbnails: int
+    missing_images: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_report_path(artifact: str | os.PathLike) -> Path:
+    """``heads/x.logreg.head.pt`` -> ``heads/x.logreg.head.report.html`` (beside its other reports)."""
+    artifact = Path(artifact)
+    return artifact.with_name(artifact.name.removesuffix(".pt") + ".report.html")
+
+
+SCORE_ROWS = 8192  # rows scored at a time (the head's standardisation and logits are copies of them)
+
+
+@dataclass
+class _Scored:
+    """The head's predictions on the rows it is evaluated on."""
+
+    groups: dict[str, np.ndarray]  # split name -> row indices
+    proba: dict[str, np.ndarray]
+    metrics: dict[str, dict[str, Any]]
+    train: np.ndarray  # rows the head was fitted on (neighbours are searched there)
+
+
+def _cache_for(loaded: LoadedHead, cache: str | os.PathLike | None) -> tuple[Path | None, bool, str]:
+    """(cache to read, whether the artifact is scored on it, a note)."""
+    prov = loaded.provenance
+    if cache is not None:
+        return Path(cache), True, ""
+    if "base_head" in prov:  # a fine-tuned model: its backbone has no cache of its own
+        base = Path(prov["base_head"])
+        if base.is_file():
+            base_cache = load_head(base).provenance.get("cache")
+            if base_cache and Path(base_cache).exists():
+                return Path(base_cache), False, (f"per-image predictions need a cache of the fine-tuned backbone: "
+                                                 f"`{command_hint(f'extract DATA --model {loaded.path}')}`, then `report {loaded.path} --cache THAT`; "
+                                                 f"the data sections use its base head's cache {base_cache}")
+        return None, False, "its base head's cache is gone: the data sections are left out (pass --cache a cache extracted with this model)"
+    own = Path(str(prov.get("cache", "")))
+    if not own.exists():
+        raise UsageError(f"head {str(loaded.path)!r} was fitted on cache {str(own)!r}, which is gone; pass --cache CACHE (a cache of the same backbone and classes)")
+    return own, True, ""
+
+
+def _score(loaded: LoadedHead, X: np.ndarray, labels: np.ndarray, split: np.ndarray, same_data: bool, classes: list[str]) -> _Scored:
+    if same_data:
+        groups = {s: np.flatnonzero(split == s) for s in ("val", "test")}
+        train = np.flatnonzero(split == "train")
+    else:  # another dataset of the same backbone: every labelled row is new to the head
+        groups, train = {"all": np.flatnonzero(labels >= 0)}, np.zeros(0, dtype=np.int64)
+    groups = {s: rows for s, rows in groups.items() if len(rows)}
+    proba = {s: np.concatenate([full_proba(loaded.head, np.asarray(X[rows[c : c + SCORE_ROWS]], dtype=np.float32), len(classes))
+                                for c in range(0, len(rows), SCORE_ROWS)]) for s, rows in groups.items()}
+    metrics = {s: classification_metrics(labels[rows], proba[s], classes) for s, rows in groups.items()}
+    return _Scored(groups, proba, metrics, train)
+
+
+def write_report(artifact: str | os.PathLike, cache: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+                 options: ReportOptions | None = None, *, audit: Audit | None = None, log: Callable[[str], None] = lambda m: None) -> ReportResult:
+    """Write the report of ``artifact`` (a head or fine-tuned model) to ``out`` (default: beside
+    it, ``*.report.html``) atomically. ``audit``: one already run on the same cache (a job
+    reuses it for every head of a cache).
+
+    Raises:
+        UsageError (missing files, bad options), IncompatibleError (a cache of another backbone,
+        weights or classes), CacheError, StorageError.
+    """
+    t0 = time.perf_counter()
+    opts = options or ReportOptions()
+    check_map_method(opts.map)
+    artifact = Path(artifact)
+    loaded = load_head(artifact)
+    out_path = Path(out) if out is not None else default_report_path(artifact)
+    if out_path.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--out {str(out_path)!r}: the report is an HTML file; name it *.html")
+    if out_path.is_dir():
+        raise UsageError(f"--out {str(out_path)!r} is a folder; name the report file, e.g. {out_path / 'report.html'}")
+    prov = loaded.provenance
+    cache_path, scored_here, note = _cache_for(loaded, cache)
+    notes = [note] if note else []
+    view: dict[str, Any] = {"loaded": loaded, "options": opts, "notes": notes, "cache": cache_path, "scored": None, "audit": None}
+    if cache_path is not None:
+        data = load_rows(cache_path)
+        if scored_here:
+            loaded.check_cache(data.meta, cache_path)
+        classes = list(data.classes)
+        same_data = data.meta.get("data_root") == prov.get("data_root")
+        rule = prov.get("split_rule") or {}
+        split, _ = assign_splits(data.paths, data.labels, data.split, rule.get("val_fraction", opts.val_fraction), rule.get("seed", opts.seed))
+        if scored_here:
+            view["scored"] = _score(loaded, data.embeddings, data.labels, split, same_data, classes)
+            if same_data:
+                with read_rows(cache_path) as table:
+                    view["stale"] = table.content_digest() != prov.get("cache_fingerprint")
+            log(f"report: scored {sum(len(r) for r in view['scored'].groups.values())} rows of {cache_path}")
+        reuse = audit is not None and Path(audit.cache).resolve() == cache_path.resolve() and len(audit.paths) == len(data.paths)
+        rows = None if reuse else project_rows(data.embeddings, opts.dims, log)
+        data.embeddings = None  # scored and projected: the checks need only the projected rows (one copy of the embeddings at the peak)
+        if not reuse:
+            audit = audit_projected(rows, data.labels, split, data.paths, classes, opts, sha256=data.fingerprints.get("sha256"), failures=data.failures,
+                                    log=log)
+            audit.cache = str(cache_path)
+        view["audit"] = audit.judged_by(split)
+        view["data"] = data
+        view["map"] = embedding_map(audit.space, audit.whitened, opts.map, max_points=opts.map_points, seed=opts.seed) if audit.space is not None else None
+        view["thumbs"] = Thumbnails(data.meta, opts.thumb_size)
+    result = _render(view, out_path)
+    result.seconds = round(time.perf_counter() - t0, 3)
+    log(f"report: {out_path} ({result.thumbnails} thumbnails, {result.missing_images} missing) in {result.seconds:.1f}s")
+    return result
+
+
+def _mistakes(view: dict[str, Any]) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """(group, rows, their probabilities, predicted) of the misclassified rows, worst first
+    (lowest probability of the true class)."""
+    scored: _Scored | None = view["scored"]
+    if scored is None:
+        return "", np.zeros(0, dtype=np.int64), np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
+    group = next((g for g in ("val", "all", "test") if g in scored.groups), "")
+    if not group:
+        return "", np.zeros(0, dtype=np.int64), np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
+    rows, proba = scored.groups[group], scored.proba[group]
+    labels = view["data"].labels[rows]
+    pred = proba.argmax(axis=1)
+    wrong = np.flatnonzero(pred != labels)
+    order = wrong[np.argsort(proba[wrong, labels[wrong]], kind="stable")]
+    return group, rows[order], proba[order], pred[order]
+
+
+def _render(view: dict[str, Any], out_path: Path) -> ReportResult:
+    loaded: LoadedHead = view["loaded"]
+    opts: ReportOptions = view["options"]
+    audit: Audit | None = view["audit"]
+    scored: _Scored | None = view["scored"]
+    metrics = scored.metrics if scored is not None else {s: loaded.metrics[s] for s in ("val", "test") if s in loaded.metrics}
+    main_metrics = metrics.get("val") or metrics.get("all") or metrics.get("test")
+    todo = advice(audit, main_metrics) if audit is not None else []
+    group, m_rows, m_proba, m_pred = _mistakes(view)
+    neighbours = None
+    if len(m_rows) and opts.neighbours and scored is not None and len(scored.train) and audit is not None and audit.unit is not None:
+        shown = m_rows[: opts.max_images]
+        idx, sims = top_k(audit.unit[shown], audit.unit[scored.train], opts.neighbours, device=opts.device)
+        neighbours = (scored.train[idx], sims)
+    title = f"featcache report: {loaded.path.name}"
+    subtitle = (f"{loaded.kind} {'fine-tuned model' if 'base_head' in loaded.provenance else 'head'} on {loaded.provenance.get('model')} "
+                f"({loaded.provenance.get('weights')}) · generated {time.strftime('%Y-%m-%d %H:%M:%S')} by featcache {__version__}")
+    parts = [
+        ("summary", "Summary", sections.summary(main_metrics, audit, todo, view["notes"])),
+        ("provenance", "Provenance", sections.provenance(loaded, view)),
+        ("metrics", "Metrics", sections.metrics(loaded, metrics, view)),
+    ]
+    if view["cache"] is not None:
+        parts += [
+            ("mistakes", "Mistakes", sections.mistakes(view, group, m_rows, m_proba, m_pred, neighbours)),
+            ("label-errors", "Label errors", sections.label_errors(view)),
+            ("duplicates", "Duplicates & leaks", sections.duplicates(view)),
+            ("map", "Map", sections.embedding_map(view, m_rows)),
+            ("data", "Data", sections.data(view)),
+        ]
+    html_text = page(title, subtitle, parts)
+    data = html_text.encode("utf-8")
+    with atomic_path(out_path, len(data)) as tmp:
+        tmp.write_bytes(data)
+    thumbs: Thumbnails | None = view.get("thumbs")
+    made = sum(u is not None for u in thumbs._uris.values()) if thumbs else 0
+    return ReportResult(str(out_path), str(loaded.path), str(view["cache"]) if view["cache"] else None, 0.0, audit.counts() if audit else {}, todo,
+                        {s: {k: m.get(k) for k in ("n", "accuracy", "top5_accuracy", "macro_f1", "log_loss")} for s, m in metrics.items()},
+                        int(len(m_rows)), made, len(thumbs.missing) if thumbs else 0, view["notes"])
