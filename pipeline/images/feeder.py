@@ -1,11 +1,14 @@
 """CUDA: batches moved to the GPU (and, with ``--decode gpu``, decoded there) on a side stream,
 by a thread that keeps ``depth`` batches ahead of the model.
 
-While the model runs batch k on the main stream, batch k+1's pinned pixels are copied to the
-device and its JPEGs decoded and resized on the side stream; an event orders each batch after
-its own copy and decode, never after the next one's. Tensors made on the side stream are
+While the model runs batch k on the main stream, batch k+1's pixels are pinned and copied to
+the device and its JPEGs decoded and resized on the side stream; an event orders each batch
+after its own copy and decode, never after the next one's. Tensors made on the side stream are
 recorded on the main stream, so the caching allocator cannot hand their memory back to the
-side stream while the model still reads them.
+side stream while the model still reads them. The pinning happens here, not in the
+DataLoader's pin thread: this thread starts once the engines are built, and a CUDA graph being
+captured must not see another thread allocate page-locked memory (seen on an H200: it broke
+the capture).
 """
 from __future__ import annotations
 
