@@ -7,7 +7,7 @@ runs them and counts what they found (``audit.py``), and what to do about it (``
 Never reads images (the report does, for thumbnails) and never trains a head it keeps.
 """
 from .advice import advice
-from .audit import Audit, Projected, audit_cache, audit_projected, format_audit, load_rows, project_rows, run_audit
+from .audit import Audit, Projected, audit_cache, audit_projected, format_audit, project_rows, run_audit
 from .duplicates import Duplicates, find_duplicates, leak_mask, with_split
 from .embedding_map import EmbeddingMap, check_map_method, embedding_map
 from .label_errors import LabelIssues, find_label_issues
@@ -18,5 +18,5 @@ from .space import EmbeddingSpace, fit_space
 
 __all__ = ["Audit", "AuditOptions", "DEFAULT_DUPLICATE_THRESHOLD", "Duplicates", "EmbeddingMap", "EmbeddingSpace", "LabelIssues", "OutOfFold",
            "Projected", "ReportOptions", "advice", "audit_cache", "audit_projected", "check_map_method", "embedding_map", "find_duplicates",
-           "find_label_issues", "fit_space", "format_audit", "leak_mask", "load_rows", "out_of_fold_proba", "pairs_above", "parse_fail_on",
+           "find_label_issues", "fit_space", "format_audit", "leak_mask", "out_of_fold_proba", "pairs_above", "parse_fail_on",
            "project_rows", "run_audit", "top_k", "unit_rows", "with_split"]

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..choices import AUDIT_CHECKS
 from ..heads import assign_splits
-from ..store import CacheData, iter_embeddings, read_index_info, read_rows
+from ..store import load_cache
 from .duplicates import Duplicates, find_duplicates, with_split
 from .label_errors import LabelIssues, find_label_issues
 from .oof import OutOfFold, out_of_fold_proba
@@ -180,36 +180,17 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
     return audit
 
 
-READ_CHUNK_ROWS = 8192  # rows per read: bounds what reading adds to the embeddings themselves (64 MiB at 2,048-d)
-
-
-def load_rows(cache: str | os.PathLike) -> CacheData:
-    """``load_cache``'s result, its embeddings read in chunks of ``READ_CHUNK_ROWS`` in storage
-    order: reading adds ~64 MiB to the embeddings, where gathering rows of a cache whose path order
-    is not its storage order in 65,536-row batches would add up to 512 MiB at 2,048-d.
-
-    Raises:
-        UsageError, CacheError, DamagedCacheError (as ``load_cache``).
-    """
-    with read_rows(cache) as table:
-        X = np.empty((len(table), int(table.meta["embed_dim"])), dtype=np.dtype(table.meta.get("dtype", "float32")))
-        order = np.argsort(table.index_rows)
-        for pos, block in iter_embeddings(table, table.index_rows[order], chunk_rows=READ_CHUNK_ROWS):
-            X[order[pos]] = block
-        failures = read_index_info(cache)["failures"]
-        return CacheData(Path(cache), X, table.labels, table.paths, table.classes, table.split, failures, dict(table.meta), table.fingerprints)
-
-
 def audit_cache(cache: str | os.PathLike, options: AuditOptions | None = None, *, log: Callable[[str], None] = lambda m: None) -> Audit:
-    """``run_audit`` on a cache's rows; the split is the cache's own (pre-split data) or
-    fit-head's hash rule with the options' ``val_fraction`` and ``seed``.
+    """``run_audit`` on a cache's rows (``load_cache``: its gathers bounded to 64 MiB beside the
+    embeddings); the split is the cache's own (pre-split data) or fit-head's hash rule with the
+    options' ``val_fraction`` and ``seed``.
 
     Raises:
         UsageError, CacheError, DamagedCacheError (as ``load_cache``).
     """
     opts = options or AuditOptions()
     t0 = time.perf_counter()
-    data = load_rows(cache)
+    data = load_cache(cache)
     split, _ = assign_splits(data.paths, data.labels, data.split, opts.val_fraction, opts.seed)
     read_s = time.perf_counter() - t0
     rows = project_rows(data.embeddings, opts.dims, log)

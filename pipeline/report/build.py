@@ -24,8 +24,8 @@ import numpy as np
 from .. import __version__
 from ..errors import UsageError, command_hint
 from ..heads import LoadedHead, assign_splits, classification_metrics, full_proba, load_head
-from ..quality import Audit, ReportOptions, advice, audit_projected, check_map_method, embedding_map, load_rows, project_rows, top_k
-from ..store import atomic_path, read_rows
+from ..quality import Audit, ReportOptions, advice, audit_projected, check_map_method, embedding_map, project_rows, top_k
+from ..store import atomic_path, load_cache, read_rows
 from . import sections
 from .html import page
 from .thumbnails import Thumbnails
@@ -126,7 +126,7 @@ def write_report(artifact: str | os.PathLike, cache: str | os.PathLike | None = 
     notes = [note] if note else []
     view: dict[str, Any] = {"loaded": loaded, "options": opts, "notes": notes, "cache": cache_path, "scored": None, "audit": None}
     if cache_path is not None:
-        data = load_rows(cache_path)
+        data = load_cache(cache_path)
         if scored_here:
             loaded.check_cache(data.meta, cache_path)
         classes = list(data.classes)
@@ -208,7 +208,7 @@ def _render(view: dict[str, Any], out_path: Path) -> ReportResult:
     with atomic_path(out_path, len(data)) as tmp:
         tmp.write_bytes(data)
     thumbs: Thumbnails | None = view.get("thumbs")
-    made = sum(u is not None for u in thumbs._uris.values()) if thumbs else 0
+    made = thumbs.made if thumbs else 0
     return ReportResult(str(out_path), str(loaded.path), str(view["cache"]) if view["cache"] else None, 0.0, audit.counts() if audit else {}, todo,
                         {s: {k: m.get(k) for k in ("n", "accuracy", "top5_accuracy", "macro_f1", "log_loss")} for s, m in metrics.items()},
                         int(len(m_rows)), made, len(thumbs.missing) if thumbs else 0, view["notes"])

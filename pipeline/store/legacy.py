@@ -19,7 +19,7 @@ from .columns import FailureColumns, RowColumns, path_keys, sha_raw, split_codes
 from .leases import ReaderLease
 from .manifest import PartInfo
 from .schema import PART_FORMAT, parts_dir_for, same_backbone_rows
-from .snapshot import RowColumnsView
+from .snapshot import RowColumnsView, gather_rows
 
 DAMAGE = (OSError, KeyError, ValueError, TypeError, RuntimeError)
 
@@ -95,8 +95,9 @@ class LegacySnapshot:
 
     def read_into(self, out: np.ndarray, ids: np.ndarray, where: np.ndarray) -> None:
         """``out[where[k]] = embedding of ids[k]``, chunk by chunk."""
-        for c in range(0, len(ids), 1 << 16):
-            out[where[c : c + (1 << 16)]] = self.read(ids[c : c + (1 << 16)])
+        step = gather_rows(out)
+        for c in range(0, len(ids), step):
+            out[where[c : c + step]] = self.read(ids[c : c + step])
 
     def close(self) -> None:
         try:

@@ -159,12 +159,22 @@ class Snapshot:
             i = int(part[s])
             self.file(i).read_direct(out, int(ids[s] - self.offsets[i]), e - s, int(where[s]))
         rest = np.flatnonzero(np.repeat(~long, ends - starts))
-        for c in range(0, len(rest), 1 << 16):
-            sel = rest[c : c + (1 << 16)]
+        step = gather_rows(out)
+        for c in range(0, len(rest), step):
+            sel = rest[c : c + step]
             out[where[sel]] = self.read(ids[sel])
 
     def close(self) -> None:
         _close_all(self._files, self.lease)
+
+
+GATHER_BYTES = 64 << 20  # what one gathered chunk of rows may take beside ``out`` (the audit reads 50,000 x 2,048 caches)
+
+
+def gather_rows(out: np.ndarray) -> int:
+    """Rows per gathered chunk when filling ``out``: at most 65,536, and at most
+    ``GATHER_BYTES`` of them (8,192 rows at 2,048-d float32, where 65,536 would be 512 MiB)."""
+    return max(1, min(1 << 16, GATHER_BYTES // max(1, out.shape[1] * out.itemsize)))
 
 
 def _read_rows(pf: PartFile, local: np.ndarray, gap: int = 256) -> np.ndarray:
