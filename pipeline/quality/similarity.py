@@ -12,15 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..heads.common import head_device
+
 BLOCK_ROWS = 2048
 BLOCK_COLS = 16384
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: the GPU when there is one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def unit_rows(Z: np.ndarray) -> np.ndarray:
@@ -66,7 +61,7 @@ def pairs_above(U: np.ndarray, threshold: float, *, max_pairs: int = 10_000, dev
                 block_cols: int = BLOCK_COLS) -> Pairs:
     """Every pair of rows of ``U`` (unit vectors) whose cosine similarity is >= ``threshold``;
     at most ``max_pairs`` of them, the most similar."""
-    dev = resolve_device(device)
+    dev = head_device(device)
     n = len(U)
     rows = _Rows(np.ascontiguousarray(U, dtype=np.float32), dev)
     kept_i, kept_j, kept_s, held, found = [], [], [], 0, 0
@@ -108,7 +103,7 @@ def top_k(queries: np.ndarray, base: np.ndarray, k: int, *, device: str = "auto"
     """For each query (unit rows), its ``k`` most similar rows of ``base`` (unit rows):
     ([Q, k] indices into ``base``, [Q, k] similarities), most similar first. ``exclude[q]``
     is a row of ``base`` the query must not return (itself), or -1."""
-    dev = resolve_device(device)
+    dev = head_device(device)
     k = min(k, len(base))
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(dev)
     best_s = torch.full((len(q), k), -np.inf, device=dev)
