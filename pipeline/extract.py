@@ -450,6 +450,16 @@ def _run_batches(passes: Sequence[Pass], batches: Iterator[list[DecodedBatch]], 
         on_batch(len({i for _, b, _ in launched for i in b.positions} | {i for _, b, _ in launched for i, _ in b.failures}))
 
     writer = WriterThread(write) if device.type == "cuda" else None
+
+    def drain() -> None:
+        """The batches queued for the writer, then the one in flight: all complete."""
+        nonlocal writer
+        if writer:
+            closing, writer = writer, None
+            closing.close()
+        if pending:
+            write(pending)
+
     loop_start = time.perf_counter()
     waited = loop_start
     try:
@@ -467,17 +477,9 @@ def _run_batches(passes: Sequence[Pass], batches: Iterator[list[DecodedBatch]], 
             if previous:
                 writer.submit(previous) if writer else write(previous)
             waited = time.perf_counter()
-        if writer:
-            writer.close()
-            writer = None
-        if pending:
-            write(pending)
+        drain()
     except KeyboardInterrupt:
-        if writer:
-            writer.close()
-            writer = None
-        if pending:
-            write(pending)
+        drain()
         raise
     finally:
         if writer is not None:  # another error: the queued batches are written before the caches are let go
@@ -568,8 +570,10 @@ def extract_many(
         dataset = SharedDecodeDataset(scan.root, todo, to_pixels, needs, opts.max_pixels, draft, gpu_decode=decode == "gpu")
         # on CUDA the feeder thread pins batches (it starts once the engines are built: a CUDA graph
         # being captured must not see another thread allocate page-locked memory)
+        # and on CUDA each worker holds 2 whole batches ahead, not 4: 15 workers x 2 x 256 uint8 images
+        # is already 1.2 GB of shared memory
         loader = make_loader(dataset, batch_size, workers if todo else 0, False, collate=partial(collate_shared, needs=needs),
-                             prefetch=2 if dev.type == "cuda" else None)
+                             prefetch=2 if dev.type == "cuda" else 4)
         batches = iter(loader) if todo else iter(())
         for p in passes:
             ctx = engine_context(p.backbone, dev, chosen, batch_size, p.targets[0].out_path.parent)

@@ -54,7 +54,6 @@ class WriterThread:
             self._check()
 
 
-
 @dataclass
 class StageClock:
     """Where a run's time goes (seconds), reported in ``ExtractSummary.timings``: setting up

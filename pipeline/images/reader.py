@@ -186,8 +186,8 @@ def default_workers(device_type: str = "cpu") -> int:
     every core but one decodes (the one left runs the main thread, which feeds the GPU and
     writes the cache). Measured with bench/extract.py --device cuda on an H200 with 16 cores,
     resnet50 fp32, exact decoding: 8 decoders 1,054 img/s, 12: 1,687, 15: 1,767 (the rate still
-    grew at 15, so no fewer); at most 32, a bound not measured beyond. Under torchrun the node's cores are shared
-    by its ranks."""
+    grew at 15, so no fewer); at most 32, a bound not measured beyond. Under torchrun the
+    node's cores are shared by its ranks."""
     ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     cores = max(1, (os.cpu_count() or 2) // ranks_here)
     if device_type == "cuda":
@@ -198,9 +198,9 @@ def default_workers(device_type: str = "cpu") -> int:
 
 
 def make_loader(dataset: ImageFileDataset, batch_size: int, workers: int, pin_memory: bool, sampler: Sequence[int] | None = None,
-                collate: Callable = collate_decoded, prefetch: int | None = None) -> DataLoader:
+                collate: Callable = collate_decoded, prefetch: int = 4) -> DataLoader:
     """Batches of decoded images; ``sampler`` gives the item order (default: in order);
-    ``prefetch`` whole batches ahead per worker (default 2 when pinning for a GPU, else 4)."""
+    each worker decodes ``prefetch`` whole batches ahead."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -211,7 +211,5 @@ def make_loader(dataset: ImageFileDataset, batch_size: int, workers: int, pin_me
         collate_fn=collate,
         pin_memory=pin_memory,
         worker_init_fn=_worker_init if workers > 0 else None,
-        # each worker holds this many whole batches ahead (uint8 pixels in shared memory): on a
-        # 16-core GPU machine 15 workers x 2 x 256 images is already 1.2 GB
-        prefetch_factor=(prefetch or (2 if pin_memory else 4)) if workers > 0 else None,
+        prefetch_factor=prefetch if workers > 0 else None,
     )

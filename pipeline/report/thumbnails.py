@@ -33,6 +33,11 @@ class Thumbnails:
         self._scan_problem: str | None = None
         self.missing: dict[str, str] = {}  # relpath -> why there is no thumbnail
 
+    @property
+    def made(self) -> int:
+        """Thumbnails encoded so far."""
+        return sum(u is not None for u in self._uris.values())
+
     def uri(self, relpath: str) -> str | None:
         relpath = str(relpath)
         if relpath not in self._uris:
