@@ -29,6 +29,23 @@ class JsonLinesFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not when the handler was made:
+    a caller that swaps stderr (pytest, click's CliRunner, a notebook) and later closes its stream
+    must not leave the logger writing to a closed file."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 _console: logging.Handler | None = None
 
 
@@ -43,7 +60,7 @@ def configure(log_file: Path | None = None, json_lines: bool = False) -> None:
     for handler in list(LOGGER.handlers):
         LOGGER.removeHandler(handler)
         handler.close()
-    _console = logging.StreamHandler(sys.stderr)
+    _console = _CurrentStderrHandler()
     _console.setLevel(logging.INFO)
     _console.setFormatter(JsonLinesFormatter() if json_lines and log_file is None else logging.Formatter("%(message)s"))
     LOGGER.addHandler(_console)

@@ -203,6 +203,24 @@ def test_log_file_and_json_lines(job_dir, tiny_hub):
     assert bad.returncode == 2 and "--log-file" in bad.stderr
 
 
+def test_the_console_log_follows_sys_stderr(monkeypatch):
+    """A caller that swaps stderr and closes its stream afterwards (pytest, CliRunner, notebooks)
+    must not leave the logger writing to a closed file: later records reach the current stderr."""
+    import io
+
+    from pipeline import logs
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    logs.configure()
+    logs.info("one")
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    logs.warning("two")  # before the fix: "--- Logging error --- ValueError: I/O operation on closed file"
+    assert second.getvalue() == "two\n"
+    logs.configure()
+
+
 def test_failed_inputs_give_exit_3_and_sigterm_130(job_dir, tiny_hub):
     (job_dir / "digits" / "digit_0" / "broken.png").write_bytes(b"not a png")
     job = _write_job(job_dir, tiny_hub, finetune=False)

@@ -58,9 +58,14 @@ def _start_writer(path: Path, first: int, last: int, per: int = 300) -> subproce
 def _check_cache(path: Path, reported: int, per: int = 300) -> int:
     """Every row of commits 0..k present exactly once with its own numbers, k the last durable
     commit: at least the last one the writer reported (it may have got further before the kill
-    than the pipe showed); returns k."""
+    than the pipe showed); returns k, or -1 when the kill came before the first commit (then
+    there must be no cache at all: nothing half-made that a reader could open)."""
     with WriterLock(path):
         CacheWriter(path, META)  # the next writer: adopts or deletes what the killed one left
+    if not path.exists():
+        assert reported == -1, f"commit {reported} was reported durable but there is no cache"
+        assert not [p for p in path.parent.rglob("*") if ".tmp-" in p.name]
+        return -1
     c = load_cache(path)
     assert len(set(c.paths.tolist())) == len(c), "a path is listed twice"
     hot = int(c.embeddings[list(c.paths).index("a/hot"), 1]) if "a/hot" in c.paths else -1
@@ -75,12 +80,15 @@ def _check_cache(path: Path, reported: int, per: int = 300) -> int:
     return hot
 
 
-@pytest.mark.parametrize("moment", ["part", "merge", pytest.param("merge", id="merge-again"), "random"])
+@pytest.mark.parametrize("moment", ["part", "merge", pytest.param("merge", id="merge-again"), "random", "first-part"])
 def test_a_writer_killed_mid_commit_or_mid_merge_loses_nothing_committed(tmp_path, moment):
+    """``first-part``: killed while writing the very first part, before any manifest exists."""
     path = tmp_path / "c.h5"
     rng = random.Random(hash(moment) % 1000 + len(str(tmp_path)))
     proc = _start_writer(path, 0, 400)
     reported, seen, target = -1, 0, rng.randint(3, 12)
+    if moment == "first-part":
+        moment, target = "part", 1
     deadline = time.monotonic() + 120
     start = time.monotonic()
     delay = rng.uniform(0.3, 2.5)
@@ -89,7 +97,7 @@ def test_a_writer_killed_mid_commit_or_mid_merge_loses_nothing_committed(tmp_pat
         if line.startswith("commit"):
             reported = int(line.split()[1])
         if (moment != "random" and line == moment and (seen := seen + 1) >= target) or (moment == "random" and time.monotonic() - start > delay):
-            time.sleep(rng.uniform(0, 0.02))
+            time.sleep(0 if target == 1 else rng.uniform(0, 0.02))
             proc.send_signal(signal.SIGKILL)
             break
         assert time.monotonic() < deadline

@@ -141,8 +141,8 @@ class CacheWriter:
         self._failures: dict[tuple[int, int], tuple[int, int, str, str, int, int]] | None = None  # key -> (uid, row, path, reason, size, mtime)
         self._garbage_dirty = False
         self._clear_buffer()
-        if not staging and self.path.exists():
-            self._housekeeping()
+        if not staging and (self.path.exists() or self.parts_dir.is_dir()):
+            self._housekeeping()  # also when a writer died before its first manifest: its temporaries and parts
 
     @classmethod
     @contextmanager
