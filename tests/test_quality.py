@@ -91,3 +91,33 @@ def test_fail_on_names_checks_and_refuses_others():
         parse_fail_on("leak")
     with pytest.raises(UsageError, match="--folds must be at least 2"):
         AuditOptions(folds=1)
+
+
+def test_label_errors_are_not_guessed_when_the_model_is_at_chance():
+    """Random embeddings with random labels: confident learning on chance-level probabilities
+    flags a large share of the rows; the audit says it cannot judge instead (and the digits above,
+    out-of-fold accuracy far above chance, are judged)."""
+    from pipeline.quality.audit import format_audit
+    from pipeline.quality.advice import advice
+
+    rng = np.random.default_rng(1)
+    X, labels = rng.normal(size=(300, 16)).astype(np.float32), rng.integers(0, 3, 300)
+    paths = np.array([f"c{y}/{i}.png" for i, y in enumerate(labels)])
+    audit = run_audit(X, labels, np.array(["train"] * 300, dtype=object), paths, ["a", "b", "c"])
+    assert not audit.oof.informative and audit.oof.chance == np.bincount(labels).max() / 300
+    assert len(find_label_issues(labels, audit.oof.proba)) > 30  # what would have been reported
+    assert audit.issues is None and audit.counts()["label-errors"] == 0 and audit.failing(("label-errors",)) == []
+    assert audit.to_dict()["label_errors_assessed"] is False
+    assert "not assessed" in format_audit(audit, advice(audit)) and any("not assessed" in a for a in advice(audit))
+
+
+def test_audit_text_keeps_one_line_per_path():
+    from pipeline.quality.audit import format_audit
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(6, 8)).astype(np.float32)
+    X[1] = X[0]
+    paths = np.array(["a/new\nline.png", "b/copy.png", "a/2.png", "b/3.png", "a/4.png", "b/5.png"])
+    audit = run_audit(X, np.array([0, 1, 0, 1, 0, 1]), np.array(["val", "train"] * 3, dtype=object), paths, ["a", "b"])
+    text = format_audit(audit, [])
+    assert "a/new\\nline.png (val) ~ b/copy.png (train)" in text

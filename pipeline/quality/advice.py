@@ -39,6 +39,9 @@ def advice(audit: Any, metrics: dict[str, Any] | None = None) -> list[str]:
         if len(by_class) > 3:
             rest = sum(n for _, n in by_class.most_common()[3:])
             items.append(f"{_plural(rest, 'more suspected label error')} in {len(by_class) - 3} other class{'es' if len(by_class) > 4 else ''}")
+    if audit.oof is not None and audit.issues is None:
+        items.append(f"the embeddings barely separate the classes (out-of-fold accuracy {audit.oof.accuracy:.2f}, largest class alone "
+                     f"{audit.oof.chance:.2f}): label errors were not assessed; try a pretrained or stronger backbone")
     if dup and dup["pairs"] - dup["leaks"] > 0:
         within = dup["pairs"] - dup["leaks"]
         exact = int((audit.duplicates.exact & ~audit.duplicates.leak).sum())

@@ -47,6 +47,7 @@ class Audit:
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     cache: str = ""
+    label_errors_skipped: str = ""  # why there is no label-error list, when there is none
 
     def judged_by(self, split: np.ndarray) -> Audit:
         """The same findings with the split (and so the leaks) of another rule: a head's own."""
@@ -94,7 +95,11 @@ class Audit:
             out["space"] = {"components": self.space.dims, "explained_variance": round(self.space.explained, 4)}
         if self.oof is not None:
             out["label_errors_method"] = {"method": f"confident learning, cleanlab find_label_issues(filter_by={self.options.label_method!r})",
-                                          "folds": self.oof.folds, "C": self.oof.C, "out_of_fold_accuracy": round(self.oof.accuracy, 4)}
+                                          "folds": self.oof.folds, "C": self.oof.C, "out_of_fold_accuracy": round(self.oof.accuracy, 4),
+                                          "chance_accuracy": round(self.oof.chance, 4), "p_value_vs_chance": float(f"{self.oof.p_value:.3g}")}
+        out["label_errors_assessed"] = self.issues is not None
+        if self.label_errors_skipped:
+            out["label_errors_skipped"] = self.label_errors_skipped
         out["label_errors"] = [self.label_error(r) for r in self.label_error_rows()[:limit]]
         out["duplicates"] = [self.duplicate(p) for p in range(min(limit, len(self.duplicates) if self.duplicates is not None else 0))]
         out["failed_files"] = [{"path": p, "reason": r} for p, r in self.failures[:limit]]
@@ -170,13 +175,22 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
     t = time.perf_counter()
     present = np.unique(labels[labelled])
     if len(present) < 2:
-        audit.notes.append("label errors need labelled rows of at least 2 classes; skipped")
+        audit.label_errors_skipped = "label errors need labelled rows of at least 2 classes; not assessed"
     else:
         audit.oof = out_of_fold_proba(audit.whitened[labelled], labels[labelled], len(classes), opts.folds, opts.seed)
-        audit.issues = find_label_issues(labels[labelled], audit.oof.proba, opts.label_method)
         audit.seconds["label_errors"] = time.perf_counter() - t
-        log(f"audit: {len(audit.issues)} likely label error(s) ({audit.oof.folds}-fold out-of-fold logreg, C={audit.oof.C:g}, "
-            f"accuracy {audit.oof.accuracy:.4f}) in {audit.seconds['label_errors']:.1f}s")
+        if audit.oof.informative:
+            audit.issues = find_label_issues(labels[labelled], audit.oof.proba, opts.label_method)
+            log(f"audit: {len(audit.issues)} likely label error(s) ({audit.oof.folds}-fold out-of-fold logreg, C={audit.oof.C:g}, "
+                f"accuracy {audit.oof.accuracy:.4f}) in {audit.seconds['label_errors']:.1f}s")
+        else:
+            audit.label_errors_skipped = (
+                f"label errors not assessed: the out-of-fold logreg's accuracy {audit.oof.accuracy:.3f} is no better than always answering "
+                f"the largest class ({audit.oof.chance:.3f}; binomial p = {audit.oof.p_value:.2g}), so the embeddings do not separate these "
+                "classes and any suspects would be noise; a pretrained or stronger backbone (--model, --weights) gives the check something to go on")
+    if audit.label_errors_skipped:
+        audit.notes.append(audit.label_errors_skipped)
+        log(f"audit: {audit.label_errors_skipped}")
     return audit
 
 
@@ -204,28 +218,35 @@ def audit_cache(cache: str | os.PathLike, options: AuditOptions | None = None, *
 __all__ = ["AUDIT_CHECKS", "Audit", "audit_cache", "run_audit"]
 
 
+def _printable(text: str) -> str:
+    """A path as one terminal line: control characters (a newline in a file name) escaped."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def format_audit(audit: Audit, todo: list[str], limit: int = 20) -> str:
     """The audit for a terminal: counts, the first ``limit`` entries of each check, what to do."""
     c = audit.counts()
     lines = [f"cache      {audit.cache}", f"rows       {len(audit.paths):,} ({len(audit.labelled):,} labelled, {len(audit.classes)} classes)"]
-    if audit.oof is not None:
+    if audit.issues is None:
+        lines.append(f"label errors  {audit.label_errors_skipped.removeprefix('label errors ') or 'not assessed'}")
+    else:
         lines.append(f"label errors  {c['label-errors']}  ({audit.oof.folds}-fold out-of-fold logreg, accuracy {audit.oof.accuracy:.4f}; "
                      f"cleanlab {audit.options.label_method})")
-        lines += [f"  {e['path']}: given {e['given']}, suggested {e['suggested']} (p(given) {e['given_probability']:.2f})"
+        lines += [f"  {_printable(e['path'])}: given {e['given']}, suggested {e['suggested']} (p(given) {e['given_probability']:.2f})"
                   for e in (audit.label_error(r) for r in audit.label_error_rows()[:limit])]
     dup = audit.duplicates.counts(audit.split) if audit.duplicates is not None else {"pairs": 0, "leaks": 0}
     lines.append(f"duplicates    {dup['pairs']} pair(s) at cosine >= {audit.options.duplicate_threshold:g}, {dup['leaks']} leak(s) across splits")
     for p in range(min(limit, len(audit.duplicates) if audit.duplicates is not None else 0)):
         e = audit.duplicate(p)
-        lines.append(f"  {e['a']} ({e['split_a'] or '-'}) ~ {e['b']} ({e['split_b'] or '-'}): {e['similarity']:.4f}"
+        lines.append(f"  {_printable(e['a'])} ({e['split_a'] or '-'}) ~ {_printable(e['b'])} ({e['split_b'] or '-'}): {e['similarity']:.4f}"
                      + (" exact" if e["exact"] else "") + (" LEAK" if e["leak"] else ""))
     imb = audit.imbalance()
     ratio = "-" if imb["ratio"] is None else ("inf" if imb["ratio"] == float("inf") else f"{imb['ratio']:.1f}")
     lines.append(f"imbalance     largest/smallest class {ratio}; {c['imbalance']} class(es) under 1/{audit.options.imbalance_ratio:g} of the largest"
                  + (f": {', '.join(imb['minority_classes'][:10])}" if imb["minority_classes"] else ""))
     lines.append(f"failed files  {c['failed-files']}")
-    lines += [f"  {p}: {r}" for p, r in audit.failures[:limit]]
-    lines += [f"note          {n}" for n in audit.notes]
+    lines += [f"  {_printable(p)}: {_printable(r)}" for p, r in audit.failures[:limit]]
+    lines += [f"note          {n}" for n in audit.notes if n != audit.label_errors_skipped]
     lines.append("what to do")
     lines += [f"  - {t}" for t in todo]
     return "\n".join(lines)

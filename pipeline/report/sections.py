@@ -127,7 +127,7 @@ def mistakes(view: dict[str, Any], group: str, rows: np.ndarray, proba: np.ndarr
 def label_errors(view: dict[str, Any]) -> str:
     audit = view["audit"]
     if audit.issues is None:
-        return section("label-errors", "Likely label errors", f"<p>{esc('; '.join(audit.notes) or 'not computed')}</p>")
+        return section("label-errors", "Likely label errors", f"<p>{esc(audit.label_errors_skipped or 'not assessed')}</p>")
     rows = audit.label_error_rows()
     opts = view["options"]
     method = (f"Confident learning on {audit.oof.folds}-fold out-of-fold probabilities of the logistic regression (C={audit.oof.C:g}, out-of-fold accuracy "
