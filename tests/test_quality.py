@@ -121,3 +121,19 @@ def test_audit_text_keeps_one_line_per_path():
     audit = run_audit(X, np.array([0, 1, 0, 1, 0, 1]), np.array(["val", "train"] * 3, dtype=object), paths, ["a", "b"])
     text = format_audit(audit, [])
     assert "a/new\\nline.png (val) ~ b/copy.png (train)" in text
+
+
+def test_the_duplicate_threshold_rises_in_small_spaces():
+    """``chance_threshold`` against closed forms: on the 2-sphere the cosine of two random
+    directions is uniform on [-1, 1] (Archimedes), on the circle the angle is uniform; and a
+    9-row collection (2 components) of unrelated rows reports no pairs, where 0.96 found some."""
+    from pipeline.quality.duplicates import chance_threshold
+
+    assert chance_threshold(3, 2, alpha=0.01) == pytest.approx(0.98, abs=1e-9)  # (1 - t) / 2 = 0.01
+    assert chance_threshold(2, 2, alpha=0.1) == pytest.approx(np.cos(0.1 * np.pi), abs=1e-9)  # acos(t) / pi = 0.1
+    assert chance_threshold(128, 50_000) < 0.96  # large collections keep the user's threshold
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(9, 32)).astype(np.float32)
+    audit = run_audit(X, np.full(9, -1), np.array([""] * 9, dtype=object), np.array([f"{i}.png" for i in range(9)]), [])
+    assert audit.space.dims == 2 and audit.duplicate_threshold > 0.96 and len(audit.duplicates) == 0
+    assert len(pairs_above(audit.unit, 0.96)) > 0  # what the fixed threshold would have reported

@@ -72,5 +72,8 @@ def advice(audit: Any, metrics: dict[str, Any] | None = None) -> list[str]:
                 if names:
                     items.append(f"the most frequent confusion: {names[t]} predicted as {names[p]} ({off[t, p]} time{'s' if off[t, p] != 1 else ''})")
     if not items:
-        items.append("nothing stands out: no likely label errors, near-duplicates, leaks, imbalance or failed files")
+        if audit.issues is None:
+            items.append("nothing stands out among the checks that ran: no near-duplicates, leaks, imbalance or failed files (label errors not assessed)")
+        else:
+            items.append("nothing stands out: no likely label errors, near-duplicates, leaks, imbalance or failed files")
     return items[:MAX_ITEMS]

@@ -19,7 +19,7 @@ import numpy as np
 from ..choices import AUDIT_CHECKS
 from ..heads import assign_splits
 from ..store import load_cache
-from .duplicates import Duplicates, find_duplicates, with_split
+from .duplicates import Duplicates, chance_threshold, find_duplicates, with_split
 from .label_errors import LabelIssues, find_label_issues
 from .oof import OutOfFold, out_of_fold_proba
 from .options import AuditOptions
@@ -48,6 +48,7 @@ class Audit:
     seconds: dict[str, float] = field(default_factory=dict)
     cache: str = ""
     label_errors_skipped: str = ""  # why there is no label-error list, when there is none
+    duplicate_threshold: float = 0.0  # the one used: the option's, or higher when the space is small
 
     def judged_by(self, split: np.ndarray) -> Audit:
         """The same findings with the split (and so the leaks) of another rule: a head's own."""
@@ -93,6 +94,7 @@ class Audit:
                                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
         if self.space is not None:
             out["space"] = {"components": self.space.dims, "explained_variance": round(self.space.explained, 4)}
+            out["duplicate_threshold"] = round(self.duplicate_threshold, 6)
         if self.oof is not None:
             out["label_errors_method"] = {"method": f"confident learning, cleanlab find_label_issues(filter_by={self.options.label_method!r})",
                                           "folds": self.oof.folds, "C": self.oof.C, "out_of_fold_accuracy": round(self.oof.accuracy, 4),
@@ -166,11 +168,15 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
     audit.seconds["space"] = rows.seconds
 
     t = time.perf_counter()
-    audit.duplicates = find_duplicates(audit.unit, opts.duplicate_threshold, split, sha256, max_pairs=opts.max_pairs, device=opts.device)
+    audit.duplicate_threshold = threshold = max(opts.duplicate_threshold, chance_threshold(audit.space.dims, len(labels)))
+    if threshold > opts.duplicate_threshold:
+        audit.notes.append(f"near-duplicate threshold raised from {opts.duplicate_threshold:g} to {threshold:.4g}: {len(labels):,} rows give only "
+                           f"{audit.space.dims} components, and in so few dimensions unrelated images often reach {opts.duplicate_threshold:g}")
+    audit.duplicates = find_duplicates(audit.unit, threshold, split, sha256, max_pairs=opts.max_pairs, device=opts.device)
     audit.seconds["duplicates"] = time.perf_counter() - t
     if audit.duplicates.pairs.truncated:
         audit.notes.append(f"{audit.duplicates.pairs.found:,} near-duplicate pairs found; the {opts.max_pairs:,} most similar are kept (--max-pairs)")
-    log(f"audit: {len(audit.duplicates)} near-duplicate pair(s) at cosine >= {opts.duplicate_threshold:g} in {audit.seconds['duplicates']:.1f}s")
+    log(f"audit: {len(audit.duplicates)} near-duplicate pair(s) at cosine >= {threshold:.4g} in {audit.seconds['duplicates']:.1f}s")
 
     t = time.perf_counter()
     present = np.unique(labels[labelled])
@@ -235,7 +241,7 @@ def format_audit(audit: Audit, todo: list[str], limit: int = 20) -> str:
         lines += [f"  {_printable(e['path'])}: given {e['given']}, suggested {e['suggested']} (p(given) {e['given_probability']:.2f})"
                   for e in (audit.label_error(r) for r in audit.label_error_rows()[:limit])]
     dup = audit.duplicates.counts(audit.split) if audit.duplicates is not None else {"pairs": 0, "leaks": 0}
-    lines.append(f"duplicates    {dup['pairs']} pair(s) at cosine >= {audit.options.duplicate_threshold:g}, {dup['leaks']} leak(s) across splits")
+    lines.append(f"duplicates    {dup['pairs']} pair(s) at cosine >= {audit.duplicate_threshold or audit.options.duplicate_threshold:.4g}, {dup['leaks']} leak(s) across splits")
     for p in range(min(limit, len(audit.duplicates) if audit.duplicates is not None else 0)):
         e = audit.duplicate(p)
         lines.append(f"  {_printable(e['a'])} ({e['split_a'] or '-'}) ~ {_printable(e['b'])} ({e['split_b'] or '-'}): {e['similarity']:.4f}"

@@ -2,7 +2,10 @@
 
 Two rows are near-duplicates when their cosine similarity in the whitened space
 (``space.py``) reaches the threshold (exact search in blocks: ``similarity.pairs_above``);
-a pair is *exact* when the cache recorded the same SHA-256 for both files. A pair is a
+a pair is *exact* when the cache recorded the same SHA-256 for both files. With few rows the
+space has few components, and in few dimensions unrelated images are often close (in 2-D a
+sixth of random directions lie within 0.96 of each other): ``chance_threshold`` raises the
+threshold until unrelated rows, as random directions, pass with probability under 1 %. A pair is a
 *leak* when its rows sit in different splits (train / val / test): a validation or test
 image that is a copy of a training image scores what the model memorised, not what it learnt.
 """
@@ -15,6 +18,22 @@ import numpy as np
 from .similarity import Pairs, pairs_above
 
 SPLITS = ("train", "val", "test")
+CHANCE_PAIRS = 0.01  # expected near-duplicate pairs among unrelated rows that the threshold allows
+CEILING = 0.9999  # never above: copies' float32 similarity is 1 within rounding
+
+
+def chance_threshold(dims: int, rows: int, alpha: float = CHANCE_PAIRS) -> float:
+    """The cosine that any of the ``rows * (rows - 1) / 2`` pairs of independent uniform
+    directions in ``dims`` dimensions reaches with probability ``alpha`` (Bonferroni): for
+    one pair, P(cos >= t) = I_{1 - t^2}((dims - 1) / 2, 1 / 2) / 2. Whitened rows of distinct
+    images are close to such directions. Capped at ``CEILING``."""
+    from scipy.special import betaincinv
+
+    pairs = rows * (rows - 1) / 2
+    if dims < 2 or pairs <= 0:
+        return CEILING
+    x = float(betaincinv((dims - 1) / 2, 0.5, min(1.0, 2 * alpha / pairs)))
+    return min(CEILING, float(np.sqrt(max(0.0, 1.0 - x))))
 
 
 @dataclass

@@ -151,7 +151,7 @@ def duplicates(view: dict[str, Any]) -> str:
     audit = view["audit"]
     opts = view["options"]
     d = audit.duplicates
-    method = (f"Pairs of rows at cosine similarity >= {opts.duplicate_threshold:g} in the whitened principal-component space (exact search over every "
+    method = (f"Pairs of rows at cosine similarity >= {audit.duplicate_threshold or opts.duplicate_threshold:.4g} in the whitened principal-component space (exact search over every "
               "pair, in blocks); exact = the same file bytes (SHA-256); leak = the two rows are in different splits. Leaks first.")
     if d is None or not len(d):
         return section("duplicates", "Near-duplicates and split leaks", "<p class=good>None found.</p>", note=method)
