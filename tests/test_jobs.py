@@ -79,6 +79,8 @@ def test_second_run_of_an_unchanged_job_does_nothing(job_dir, tiny_hub):
     assert len(heads) == 2 and len({p.parent for p in heads}) == 2  # a folder per head, its reports inside
     assert all((p.parent / "head.metrics.json").is_file() for p in heads)
     assert all("featcache report" in (p.parent / "head.report.html").read_text() for p in heads)  # each head's HTML report
+    tuned = Path(first["steps"][3]["summary"]["reports"]["report_html"])
+    assert tuned.name == "finetuned.report.html" and "featcache report" in tuned.read_text()  # and the fine-tune's
     (counts,) = report["audit"].values()  # the cache's audit, once for both heads
     assert set(counts) == {"label-errors", "duplicates", "leaks", "imbalance", "failed-files"} and counts["failed-files"] == 0
     assert not list((job_dir / "runs").glob("*.lock")) and not list((job_dir / "runs").rglob("[!.]*.lock"))  # locks are hidden

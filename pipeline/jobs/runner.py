@@ -287,7 +287,7 @@ def _fit_and_finetune(job: JobSpec, cache: Path, result: JobResult, force: bool,
         if counts is not None:
             result.audit[str(cache)] = counts
     if job.finetune is not None:
-        _finetune(job, cache, result, force, wait, log, progress)
+        _finetune(job, cache, result, force, wait, log, progress, audit)
 
 
 def _fit_heads(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, log: Callable[[str], None], audit: _CacheAudit) -> None:
@@ -314,7 +314,8 @@ def _fit_heads(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: 
         log(f"[{job.name}]   fitted on {r.n_train} rows" + (f", val accuracy {m['accuracy']:.4f}" if m else ""))
 
 
-def _finetune(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress) -> None:
+def _finetune(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress, audit: _CacheAudit) -> None:
+    """The fine-tune (when stale), and its report when the job writes reports (the cache's audit reused)."""
     from ..finetune import run_finetune
 
     ft = job.finetune
@@ -332,9 +333,13 @@ def _finetune(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: f
                      workers=ft.options.workers if ft.options.workers is not None else job.workers, device=job.device, wait=wait,
                      progress=progress("train"), log=log)
     result.failed_inputs += len(r.failures)
+    if job.report:
+        from ..report import write_report
+
+        r.reports["report_html"] = write_report(model, audit=audit.get(), log=log).path
     val = r.metrics.get("val", {})
     result.finish(Step("finetune", str(model), action, reason, round(time.perf_counter() - t, 3),
-                       {"best_epoch": r.best_epoch, "epochs_done": r.epochs_done, "val_accuracy": val.get("accuracy")}))
+                       {"best_epoch": r.best_epoch, "epochs_done": r.epochs_done, "val_accuracy": val.get("accuracy"), "reports": r.reports}))
 
 
 def _write_report(job: JobSpec, result: JobResult, failed: bool = False) -> Path:
