@@ -81,7 +81,8 @@ def test_report_is_one_self_contained_file(planted, tmp_path):
         elif attr == "href":
             assert value.startswith("#"), value
     assert "http:" not in text and "https:" not in text and "url(" not in text and "@import" not in text
-    assert doc.charts == 3 and doc.thumbs >= r.thumbnails > 10  # the val and test confusion matrices and the map; thumbnails
+    assert doc.charts == 3  # the val and test confusion matrices and the map
+    assert doc.thumbs >= r.thumbnails >= 2 * len(copies) - 1  # at least both sides of every planted pair, but the deleted file
     assert r.counts["leaks"] >= len(copies) and "duplicate a training image" in " ".join(r.advice)
     assert r.missing_images >= 1 and gone in text  # the deleted file: a placeholder and a note, not a crash
     assert "resnet18" in text and "logreg" in text and "Confusion matrix (val)" in text
