@@ -56,14 +56,10 @@ STEPS = {
     # its defaults), and what FiftyOne's sklearn similarity backend does for near-duplicates (brute
     # radius search at cosine distance on the raw embeddings; here at the same 0.96 similarity).
     "cleanlab": ("from pipeline import load_cache\n"
-                 "from sklearn.linear_model import LogisticRegression\n"
-                 "from sklearn.model_selection import cross_val_predict\n"
-                 "from cleanlab.filter import find_label_issues\n"
-                 "import warnings; warnings.filterwarnings('ignore')\n"
+                 "sys.path.insert(0, %r); from report import cleanlab_recipe\n"
                  "d = load_cache(CACHE)\n"
-                 "proba = cross_val_predict(LogisticRegression(), d.embeddings, d.labels, cv=5, method='predict_proba')\n"
-                 "issues = find_label_issues(d.labels, proba, return_indices_ranked_by='self_confidence')\n"
-                 "result = {'counts': {'label-errors': len(issues)}, 'label_errors': [str(p) for p in d.paths[issues]]}"),
+                 "issues = cleanlab_recipe(d.embeddings, d.labels)\n"
+                 "result = {'counts': {'label-errors': len(issues)}, 'label_errors': [str(p) for p in d.paths[issues]]}") % str(Path(__file__).parent),
     "neighbors": ("from pipeline import load_cache\n"
                   "from sklearn.neighbors import NearestNeighbors\n"
                   "d = load_cache(CACHE)\n"
@@ -137,6 +133,28 @@ PEERS = {"cleanlab": "audit", "neighbors": "audit"}  # peer step -> our step doi
 PEER_TIMEOUT = 900
 
 
+def cleanlab_recipe(X: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The rows cleanlab's tutorials flag: scikit-learn ``LogisticRegression()`` with its
+    defaults, out of fold by 5-fold ``cross_val_predict``, then ``find_label_issues`` with its
+    defaults, ranked by self-confidence. Raises ImportError without cleanlab."""
+    import warnings
+
+    from cleanlab.filter import find_label_issues
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tutorials' max_iter=100 does not converge here: as users run it
+        proba = cross_val_predict(LogisticRegression(), X, labels, cv=5, method="predict_proba")
+    return find_label_issues(labels, proba, return_indices_ranked_by="self_confidence")
+
+
+def hit_rates(found, truth) -> tuple[float, float]:
+    """(precision, recall) of the ``found`` set against the ``truth`` set."""
+    hits = len(set(found) & set(truth))
+    return hits / max(1, len(found)), hits / len(truth)
+
+
 def run_child(step: str, case: dict) -> dict:
     code = CHILD % (str(ROOT), f"CACHE, HEAD, OUT = {case['cache']!r}, {case['head']!r}, {case['out']!r}\n" + STEPS[step])
     try:
@@ -153,22 +171,16 @@ def run_child(step: str, case: dict) -> dict:
 def digits_side_by_side(seeds: int, tmp: Path, per_class: int | None = None) -> list[dict]:
     """Label errors on real embeddings: the 1,797 demo digits (32 px) through a seeded
     random-init resnet18, 5 % of the labels moved to another class per seed; featcache's
-    out-of-fold logreg + confident learning against cleanlab's recipe (scikit-learn
-    ``LogisticRegression()``, 5-fold ``cross_val_predict`` on the raw 512-d embeddings, then
-    ``find_label_issues`` with its defaults), timed side by side in this process."""
-    import warnings
-
+    out-of-fold logreg + confident learning against ``cleanlab_recipe`` on the raw 512-d
+    embeddings, timed side by side in this process."""
     sys.path.insert(0, str(ROOT))
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import cross_val_predict
-
     from pipeline import load_cache
     from pipeline.demo import write_digits
     from pipeline.extract import run_extract
     from pipeline.quality import AuditOptions, run_audit
 
     try:
-        from cleanlab.filter import find_label_issues
+        import cleanlab  # noqa: F401
     except ImportError:
         return []
     cache = tmp / "digits.h5"
@@ -184,15 +196,12 @@ def digits_side_by_side(seeds: int, tmp: Path, per_class: int | None = None) -> 
         audit = run_audit(d.embeddings, noisy, np.array(["train"] * len(noisy), dtype=object), d.paths, d.classes, AuditOptions())
         ours_s = time.perf_counter() - t
         t = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            proba = cross_val_predict(LogisticRegression(), d.embeddings, noisy, cv=5, method="predict_proba")
-        peer = find_label_issues(noisy, proba, return_indices_ranked_by="self_confidence")
+        peer = cleanlab_recipe(d.embeddings, noisy)
         peer_s = time.perf_counter() - t
         row = {"seed": seed, "rows": len(noisy), "flipped": len(flipped)}
         for name, found, seconds in (("featcache", audit.label_error_rows(), ours_s), ("cleanlab", peer, peer_s)):
-            hits = len(set(found.tolist()) & set(flipped.tolist()))
-            row[name] = {"flagged": len(found), "precision": hits / max(1, len(found)), "recall": hits / len(flipped), "seconds": seconds}
+            precision, recall = hit_rates(found.tolist(), flipped.tolist())
+            row[name] = {"flagged": len(found), "precision": precision, "recall": recall, "seconds": seconds}
         out.append(row)
     return out
 
@@ -225,10 +234,7 @@ def main() -> None:
     failed = [s for s, r in results.items() if "error" in r and s not in PEERS]  # a peer that fails or times out is a finding, not a broken bench
     for r in results.values():
         if "label_errors" in r:
-            found = set(r.pop("label_errors"))
-            hits = len(found & case["flipped"])
-            r["label_errors_precision"] = hits / max(1, len(found))
-            r["label_errors_recall"] = hits / len(case["flipped"])
+            r["label_errors_precision"], r["label_errors_recall"] = hit_rates(r.pop("label_errors"), case["flipped"])
         if "pairs" in r:
             pairs = {frozenset(p) for p in r.pop("pairs")}
             r["copies_found"] = len(pairs & case["copies"])

@@ -47,8 +47,15 @@ class Audit:
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     cache: str = ""
-    label_errors_skipped: str = ""  # why there is no label-error list, when there is none
-    duplicate_threshold: float = 0.0  # the one used: the option's, or higher when the space is small
+    label_errors_skipped: str = ""  # why there is no label-error list (``issues`` is None)
+
+    @property
+    def duplicate_threshold(self) -> float:
+        """The near-duplicate threshold used: the option's, raised when the space has so few
+        components that unrelated rows would often pass it (``chance_threshold``)."""
+        if self.space is None:
+            return self.options.duplicate_threshold
+        return max(self.options.duplicate_threshold, chance_threshold(self.space.dims, len(self.paths)))
 
     def judged_by(self, split: np.ndarray) -> Audit:
         """The same findings with the split (and so the leaks) of another rule: a head's own."""
@@ -163,12 +170,13 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
     audit = Audit(opts, np.asarray(paths), labels, split, list(classes), None, None, None, None, None, labelled, None, list(failures or []))
     if rows.space is None:
         audit.notes.append(f"{len(labels)} row(s): too few for label errors, duplicates or a map")
+        audit.label_errors_skipped = f"label errors need at least 3 rows (there are {len(labels)}); not assessed"
         return audit
     audit.space, audit.whitened, audit.unit = rows.space, rows.whitened, unit_rows(rows.whitened)
     audit.seconds["space"] = rows.seconds
 
     t = time.perf_counter()
-    audit.duplicate_threshold = threshold = max(opts.duplicate_threshold, chance_threshold(audit.space.dims, len(labels)))
+    threshold = audit.duplicate_threshold
     if threshold > opts.duplicate_threshold:
         audit.notes.append(f"near-duplicate threshold raised from {opts.duplicate_threshold:g} to {threshold:.4g}: {len(labels):,} rows give only "
                            f"{audit.space.dims} components, and in so few dimensions unrelated images often reach {opts.duplicate_threshold:g}")
@@ -195,7 +203,6 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
                 f"the largest class ({audit.oof.chance:.3f}; binomial p = {audit.oof.p_value:.2g}), so the embeddings do not separate these "
                 "classes and any suspects would be noise; a pretrained or stronger backbone (--model, --weights) gives the check something to go on")
     if audit.label_errors_skipped:
-        audit.notes.append(audit.label_errors_skipped)
         log(f"audit: {audit.label_errors_skipped}")
     return audit
 
@@ -234,14 +241,14 @@ def format_audit(audit: Audit, todo: list[str], limit: int = 20) -> str:
     c = audit.counts()
     lines = [f"cache      {audit.cache}", f"rows       {len(audit.paths):,} ({len(audit.labelled):,} labelled, {len(audit.classes)} classes)"]
     if audit.issues is None:
-        lines.append(f"label errors  {audit.label_errors_skipped.removeprefix('label errors ') or 'not assessed'}")
+        lines.append(f"label errors  {audit.label_errors_skipped.removeprefix('label errors ')}")
     else:
         lines.append(f"label errors  {c['label-errors']}  ({audit.oof.folds}-fold out-of-fold logreg, accuracy {audit.oof.accuracy:.4f}; "
                      f"cleanlab {audit.options.label_method})")
         lines += [f"  {_printable(e['path'])}: given {e['given']}, suggested {e['suggested']} (p(given) {e['given_probability']:.2f})"
                   for e in (audit.label_error(r) for r in audit.label_error_rows()[:limit])]
     dup = audit.duplicates.counts(audit.split) if audit.duplicates is not None else {"pairs": 0, "leaks": 0}
-    lines.append(f"duplicates    {dup['pairs']} pair(s) at cosine >= {audit.duplicate_threshold or audit.options.duplicate_threshold:.4g}, {dup['leaks']} leak(s) across splits")
+    lines.append(f"duplicates    {dup['pairs']} pair(s) at cosine >= {audit.duplicate_threshold:.4g}, {dup['leaks']} leak(s) across splits")
     for p in range(min(limit, len(audit.duplicates) if audit.duplicates is not None else 0)):
         e = audit.duplicate(p)
         lines.append(f"  {_printable(e['a'])} ({e['split_a'] or '-'}) ~ {_printable(e['b'])} ({e['split_b'] or '-'}): {e['similarity']:.4f}"
@@ -252,7 +259,7 @@ def format_audit(audit: Audit, todo: list[str], limit: int = 20) -> str:
                  + (f": {', '.join(imb['minority_classes'][:10])}" if imb["minority_classes"] else ""))
     lines.append(f"failed files  {c['failed-files']}")
     lines += [f"  {_printable(p)}: {_printable(r)}" for p, r in audit.failures[:limit]]
-    lines += [f"note          {n}" for n in audit.notes if n != audit.label_errors_skipped]
+    lines += [f"note          {n}" for n in audit.notes]
     lines.append("what to do")
     lines += [f"  - {t}" for t in todo]
     return "\n".join(lines)

@@ -24,14 +24,13 @@ from ..heads import LogRegHead, full_proba
 CHANCE_ALPHA = 0.01
 
 
-def chance_test(labels: np.ndarray, accuracy: float) -> tuple[float, float]:
+def chance_test(labels: np.ndarray, correct: int) -> tuple[float, float]:
     """``(chance, p)``: the largest class's share of ``labels``, and the one-sided binomial
-    p-value of scoring ``accuracy`` on ``len(labels)`` rows if the model were no better."""
+    p-value of ``correct`` right answers on ``len(labels)`` rows if the model were no better."""
     from scipy.stats import binomtest
 
     n = len(labels)
     chance = float(np.bincount(labels).max() / n)
-    correct = int(round(accuracy * n))
     return chance, float(binomtest(correct, n, chance, alternative="greater").pvalue)
 
 
@@ -42,8 +41,8 @@ class OutOfFold:
     C: float
     accuracy: float  # of the out-of-fold argmax against the given labels
     seconds: float
-    chance: float = 0.0  # accuracy of always answering the largest class
-    p_value: float = 0.0  # one-sided binomial test of ``accuracy`` > ``chance``
+    chance: float  # accuracy of always answering the largest class
+    p_value: float  # one-sided binomial test of ``accuracy`` > ``chance``
 
     @property
     def informative(self) -> bool:
@@ -81,6 +80,7 @@ def out_of_fold_proba(Z: np.ndarray, labels: np.ndarray, n_classes: int, folds: 
         head.fit(Z[train], labels[train])
         C = head.C_
         proba[test] = full_proba(head, Z[test], n_classes)
-    accuracy = float((proba.argmax(axis=1) == labels).mean())
-    chance, p_value = chance_test(labels, accuracy)
+    correct = int((proba.argmax(axis=1) == labels).sum())
+    accuracy = correct / len(labels)
+    chance, p_value = chance_test(labels, correct)
     return OutOfFold(proba, n_folds, float(C), accuracy, time.perf_counter() - t0, chance, p_value)

@@ -127,7 +127,7 @@ def mistakes(view: dict[str, Any], group: str, rows: np.ndarray, proba: np.ndarr
 def label_errors(view: dict[str, Any]) -> str:
     audit = view["audit"]
     if audit.issues is None:
-        return section("label-errors", "Likely label errors", f"<p>{esc(audit.label_errors_skipped or 'not assessed')}</p>")
+        return section("label-errors", "Likely label errors", f"<p>{esc(audit.label_errors_skipped)}</p>")
     rows = audit.label_error_rows()
     opts = view["options"]
     method = (f"Confident learning on {audit.oof.folds}-fold out-of-fold probabilities of the logistic regression (C={audit.oof.C:g}, out-of-fold accuracy "
@@ -151,7 +151,7 @@ def duplicates(view: dict[str, Any]) -> str:
     audit = view["audit"]
     opts = view["options"]
     d = audit.duplicates
-    method = (f"Pairs of rows at cosine similarity >= {audit.duplicate_threshold or opts.duplicate_threshold:.4g} in the whitened principal-component space (exact search over every "
+    method = (f"Pairs of rows at cosine similarity >= {audit.duplicate_threshold:.4g} in the whitened principal-component space (exact search over every "
               "pair, in blocks); exact = the same file bytes (SHA-256); leak = the two rows are in different splits. Leaks first.")
     if d is None or not len(d):
         return section("duplicates", "Near-duplicates and split leaks", "<p class=good>None found.</p>", note=method)
