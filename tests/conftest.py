@@ -14,7 +14,8 @@ from PIL import Image
 from tiny_backbone import write_tiny_hub
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# one intra-op thread per pytest-xdist worker (two workers on two cores), two when run alone
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 
 @pytest.fixture(scope="session", autouse=True)
