@@ -18,6 +18,24 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core this process may use (affinity and a cgroup quota, not the
+    host's count), at most one per 3 GiB of memory (a worker and its CLI subprocesses import torch)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        cores = min(cores, max(1, memory // (3 << 30)))
+    except (OSError, ValueError, AttributeError):
+        pass
+    return max(1, cores)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _outputs_outside_the_repo(tmp_path_factory):
     """Default cache/head folders point into a temp dir, so tests never write into the checkout
