@@ -229,7 +229,8 @@ def main() -> None:
         out["setup_seconds"] = round(time.perf_counter() - t0, 1)
         steps = [s for s in STEPS if args.peers or s not in PEERS]
         results = {step: run_child(step, case) for step in steps}
-        digits = (digits_side_by_side(1, Path(tmp), per_class=40) if args.quick else digits_side_by_side(3, Path(tmp))) if args.peers else []
+        seeds, per_class = (1, 40) if args.quick else (3, None)  # --quick: 400 digits
+        digits = digits_side_by_side(seeds, Path(tmp), per_class=per_class) if args.peers else []
     out["digits"] = digits
     failed = [s for s, r in results.items() if "error" in r and s not in PEERS]  # a peer that fails or times out is a finding, not a broken bench
     for r in results.values():

@@ -24,7 +24,7 @@ from .label_errors import LabelIssues, find_label_issues
 from .oof import OutOfFold, out_of_fold_proba
 from .options import AuditOptions
 from .similarity import unit_rows
-from .space import EmbeddingSpace, fit_space
+from .space import MIN_ROWS, EmbeddingSpace, fit_space
 
 
 @dataclass
@@ -140,8 +140,8 @@ class Projected:
 
 
 def project_rows(X: np.ndarray, dims: int, log: Callable[[str], None] = lambda m: None) -> Projected:
-    """The whitened principal-component space of ``X`` and the rows in it (None for < 3 rows)."""
-    if len(X) < 3:
+    """The whitened principal-component space of ``X`` and the rows in it (None below ``MIN_ROWS``)."""
+    if len(X) < MIN_ROWS:
         return Projected(None, None)
     t = time.perf_counter()
     space = fit_space(X, dims)
@@ -170,7 +170,7 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
     audit = Audit(opts, np.asarray(paths), labels, split, list(classes), None, None, None, None, None, labelled, None, list(failures or []))
     if rows.space is None:
         audit.notes.append(f"{len(labels)} row(s): too few for label errors, duplicates or a map")
-        audit.label_errors_skipped = f"label errors need at least 3 rows (there are {len(labels)}); not assessed"
+        audit.label_errors_skipped = f"label errors need at least {MIN_ROWS} rows (there are {len(labels)}); not assessed"
         return audit
     audit.space, audit.whitened, audit.unit = rows.space, rows.whitened, unit_rows(rows.whitened)
     audit.seconds["space"] = rows.seconds

@@ -24,6 +24,7 @@ import scipy.linalg
 import torch
 
 CHUNK_ROWS = 8192
+MIN_ROWS = 3  # fewer rows have no components to speak of
 
 
 @dataclass
@@ -66,11 +67,11 @@ def fit_space(X: np.ndarray, dims: int = 256) -> EmbeddingSpace:
     """Principal components of the rows of ``X`` ([N, D], any float dtype), see the module doc.
 
     Raises:
-        ValueError: fewer than 3 rows (no components to speak of).
+        ValueError: fewer than ``MIN_ROWS`` rows (no components to speak of).
     """
     n, d = X.shape
-    if n < 3:
-        raise ValueError(f"a space needs at least 3 rows (got {n})")
+    if n < MIN_ROWS:
+        raise ValueError(f"a space needs at least {MIN_ROWS} rows (got {n})")
     total = np.zeros(d, dtype=np.float64)
     for s in range(0, n, CHUNK_ROWS):
         total += np.asarray(X[s : s + CHUNK_ROWS], dtype=np.float64).sum(axis=0)
