@@ -21,6 +21,7 @@ from pipeline.store.keyindex import KeyIndex
 from pipeline.store.manifest import read_manifest
 
 from schema1 import Schema1Writer
+from sealing import rewrite_sealed
 
 META = {"model": "m", "weights": "none", "preprocessing": {}, "embed_dim": 4, "dtype": "float32",
         "data_root": "/data", "layout": "imagefolder", "classes": ["a", "b"]}
@@ -102,8 +103,8 @@ def test_class_folders_added_later_keep_labels_by_name(tmp_path):
 
 
 @pytest.mark.parametrize("damage,needle", [
-    (lambda p: p.write_bytes(p.read_bytes()[:200]), "not a readable HDF5"),
-    (lambda p: p.write_text("hello"), "not a readable HDF5"),
+    (lambda p: p.write_bytes(p.read_bytes()[:200]), "manifest is damaged.*--repair"),
+    (lambda p: p.write_text("hello"), "manifest is damaged.*--repair"),
     (lambda p: h5py.File(p, "w").close(), "not a featcache cache"),
 ])
 def test_corrupt_or_foreign_manifest(tmp_path, damage, needle):
@@ -120,8 +121,7 @@ def test_newer_schema_refused(tmp_path):
     path = tmp_path / "c.h5"
     w = CacheWriter(path, META)
     w.commit()
-    with h5py.File(path, "a") as f:
-        f.attrs["schema_version"] = 99
+    rewrite_sealed(path, lambda f: f.attrs.__setitem__("schema_version", 99))
     with pytest.raises(CacheError, match="schema 99.*upgrade"):
         load_cache(path)
 

@@ -7,8 +7,9 @@ Every file the store writes (parts, manifests) is built by :func:`new_hdf5`:
   (exit 6) up front, never HDF5 failing mid-write (which raised odd RuntimeErrors and
   could crash the interpreter on close);
 * **checksums**: every dataset is chunked with HDF5's Fletcher-32 filter (verified on every
-  read) and the file uses the latest format, whose metadata carries checksums too; the
-  SHA-256 of the finished file is returned for the manifest (``featcache verify``);
+  read), and the file is *sealed* (``seal.py``): the SHA-256 of everything HDF5 parses is
+  checked before h5py opens it, and the SHA-256 of every byte is returned for the manifest
+  (``featcache verify``);
 * **atomic**: temporary name, fsync, rename, fsync of the folder.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import h5py
 import numpy as np
 
 from .atomic import discard_temporary, ensure_free_space, fsync_dir, storage_error, temp_name_for
+from .seal import SEAL_BYTES, merge_ranges, write_seal
 
 CHUNK_BYTES = 1 << 20  # target chunk size: whole chunks are what HDF5 checksums and reads
 UTF8 = "utf-8"
@@ -100,7 +102,8 @@ class WrittenFile:
 
     path: Path
     bytes: int = 0
-    sha256: str = ""
+    sha256: str = ""  # of every byte after the seal
+    frame: str = ""  # of what HDF5 parses (see seal.py)
 
 
 def reserve_space(fd: int, nbytes: int) -> None:
@@ -131,10 +134,31 @@ def file_sha256(path: Path | int, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+def chunk_ranges(path: Path) -> np.ndarray:
+    """``[k, 2]`` (offset, length) of the Fletcher-32-checked data chunks of the HDF5 file at
+    ``path`` (the bytes a seal leaves to those checks), touching chunks joined."""
+    found: list[tuple[int, int]] = []
+
+    def visit(_name: str, obj) -> None:
+        if not isinstance(obj, h5py.Dataset) or obj.chunks is None or not obj.fletcher32:
+            return
+        dsid = obj.id
+        if hasattr(dsid, "chunk_iter"):
+            dsid.chunk_iter(lambda info: found.append((info.byte_offset, info.size)))
+        else:
+            found.extend((info.byte_offset, info.size) for info in map(dsid.get_chunk_info, range(dsid.get_num_chunks())))
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return merge_ranges(found)
+
+
 @contextmanager
-def new_hdf5(final: Path, reserve: int, digest: bool = True) -> Iterator[tuple[h5py.File, WrittenFile]]:
-    """Yield ``(h5py file, result)`` to fill; on success the file replaces ``final`` atomically
-    and ``result`` holds its size and SHA-256. ``reserve`` is an upper bound of the file's size.
+def new_hdf5(final: Path, reserve: int, chunks_outside_frame: bool = True) -> Iterator[tuple[h5py.File, WrittenFile]]:
+    """Yield ``(h5py file, result)`` to fill; on success the file is sealed and replaces
+    ``final`` atomically, and ``result`` holds its size and digests. ``reserve`` is an upper
+    bound of the file's size. ``chunks_outside_frame=False`` seals every byte into the frame
+    (a small file read whole, such as the manifest).
 
     Raises:
         StorageError: no room for ``reserve`` bytes (checked, then reserved), or another
@@ -154,13 +178,13 @@ def new_hdf5(final: Path, reserve: int, digest: bool = True) -> Iterator[tuple[h
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         reserve_space(fd, reserve)
         raw = _ReservedFile(fd)
-        with h5py.File(raw, "w", libver="latest", rdcc_nbytes=2 * CHUNK_BYTES) as f:  # a partial chunk per dataset fits
+        with h5py.File(raw, "w", libver="latest", userblock_size=SEAL_BYTES, rdcc_nbytes=2 * CHUNK_BYTES) as f:  # a partial chunk per dataset fits
             yield f, result
         if raw.error is not None:
             raise raw.error
         os.ftruncate(fd, raw.end)
-        result.bytes = raw.end
-        result.sha256 = file_sha256(fd) if digest else ""
+        seal = write_seal(fd, raw.end, chunk_ranges(tmp) if chunks_outside_frame else np.zeros((0, 2), np.int64))
+        result.bytes, result.sha256, result.frame = seal.chunks_at + seal.chunks_len, seal.content, seal.frame
         os.fsync(fd)
         os.close(fd)
         fd = -1

@@ -1,12 +1,17 @@
 """The manifest ``X.h5``: which parts make up the cache now. Its size depends on the number
 of parts, never on the number of rows, so a commit costs the same at 10 k rows and at 10 M.
 
+The manifest is sealed as a whole (``seal.py``) and parsed from the bytes that were checked,
+so one flipped bit anywhere in it (a class name, the seed, a part's digest) is a damaged
+manifest, never a different provenance.
+
 Layout (schema 2)::
 
     attrs: format, schema_version, generation, created, updated, meta_json (full provenance),
            and for plain-h5py readers: model, weights, embed_dim, dtype, data_root, layout, versions
     classes [C] utf-8
-    parts/{name, rows, deleted, failures, failures_deleted, tombstones, bytes, sha256}   one row per part
+    parts/{name, rows, deleted, failures, failures_deleted, tombstones, bytes, sha256, frame}   one row per part
+        (sha256: every byte after the part's seal; frame: what HDF5 parses, checked on every open)
     garbage/{name, since}   retired files, deleted once no reader of an older generation needs them
 """
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .h5files import new_hdf5, put
+from .h5files import WrittenFile, new_hdf5, put
 from .schema import FORMAT, SCHEMA_VERSION, manifest_damaged, open_cache_file
 
 PLAIN_ATTRS = ("model", "weights", "embed_dim", "dtype", "data_root", "layout", "featcache_version", "torch_version", "torchvision_version")
@@ -37,7 +42,13 @@ class PartInfo:
     failures_deleted: int = 0
     tombstones: int = 0
     bytes: int = 0
-    sha256: str = ""
+    sha256: str = ""  # sealed parts: of every byte after the seal; older parts: of the whole file
+    frame: str = ""  # sealed parts: of what HDF5 parses (empty for parts written before seals)
+
+    @classmethod
+    def of(cls, written: WrittenFile, rows: int = 0, failures: int = 0, tombstones: int = 0) -> "PartInfo":
+        """The entry of a part just written."""
+        return cls(written.path.name, rows, failures=failures, tombstones=tombstones, bytes=written.bytes, sha256=written.sha256, frame=written.frame)
 
     @property
     def live_rows(self) -> int:
@@ -85,7 +96,8 @@ def read_manifest(path: Path) -> Manifest:
             names = [n.decode() for n in g["name"][...].tolist()]
             cols = {k: g[k][...].astype(np.int64).tolist() for k in _INT_FIELDS}
             digests = [d.decode() for d in g["sha256"][...].tolist()]
-            parts = [PartInfo(n, **{k: int(cols[k][i]) for k in _INT_FIELDS}, sha256=digests[i]) for i, n in enumerate(names)]
+            frames = [d.decode() for d in g["frame"][...].tolist()] if "frame" in g else [""] * len(names)
+            parts = [PartInfo(n, **{k: int(cols[k][i]) for k in _INT_FIELDS}, sha256=digests[i], frame=frames[i]) for i, n in enumerate(names)]
             gg = f["garbage"]
             garbage = list(zip([n.decode() for n in gg["name"][...].tolist()], [int(s) for s in gg["since"][...].tolist()]))
             m = Manifest(meta, int(f.attrs["generation"]), float(f.attrs.get("created", 0.0)), parts, garbage)
@@ -99,7 +111,7 @@ def write_manifest(path: Path, m: Manifest) -> None:
     """Replace ``path`` with ``m`` atomically: the moment a commit becomes visible."""
     n = len(m.parts)
     reserve = 96 * 1024 + 512 * (n + len(m.garbage)) + len(json.dumps(m.meta)) * 2
-    with new_hdf5(path, reserve, digest=False) as (f, _):
+    with new_hdf5(path, reserve, chunks_outside_frame=False) as (f, _):
         f.attrs.update({"format": FORMAT, "schema_version": SCHEMA_VERSION, "generation": int(m.generation), "created": m.created,
                         "updated": time.time(), "meta_json": json.dumps(m.meta, sort_keys=True)})
         f.attrs["preprocessing_json"] = json.dumps(m.meta.get("preprocessing"), sort_keys=True)
@@ -113,6 +125,7 @@ def write_manifest(path: Path, m: Manifest) -> None:
         for key in _INT_FIELDS:
             put(g, key, np.array([getattr(p, key) for p in m.parts], dtype=np.int64))
         put(g, "sha256", _bytes([p.sha256.encode() for p in m.parts]))
+        put(g, "frame", _bytes([p.frame.encode() for p in m.parts]))
         g = f.create_group("garbage")
         put(g, "name", _bytes([name.encode() for name, _ in m.garbage]))
         put(g, "since", np.array([since for _, since in m.garbage], dtype=np.int64))

@@ -68,7 +68,7 @@ def migrate_v1(path: Path, meta: dict[str, Any], memory_budget: int = Compaction
         generation = snap.generation + 1
         retired = inputs + [p.name for p in stale]
         manifest = Manifest(dict(snap.meta), generation, float(snap.f.attrs.get("created", 0.0)),
-                            [PartInfo(name, n_rows, failures=len(fails), bytes=written.bytes, sha256=written.sha256)],
+                            [PartInfo.of(written, n_rows, failures=len(fails))],
                             [(n, generation) for n in retired])
     finally:
         snap.close()

@@ -30,8 +30,10 @@ import numpy as np
 
 from ..errors import CacheError, DamagedCacheError, command_hint
 from .columns import SPLITS, FailureColumns, RowColumns, Tombstones
-from .h5files import WrittenFile, create, hdf5_overhead, new_hdf5, put, utf8_dtype
+from .h5files import WrittenFile, create, file_sha256, hdf5_overhead, new_hdf5, put, utf8_dtype
+from .manifest import PartInfo
 from .schema import PART_FORMAT, SCHEMA_VERSION
+from .seal import SealError, check_file
 
 ROW_COLUMNS = {"paths": "paths", "labels": "labels", "split": "split", "size": "size", "mtime_ns": "mtime_ns", "sha256": "sha256", "keys": "key"}
 FAILURE_COLUMNS = {"paths": "paths", "reasons": "reasons", "size": "size", "mtime_ns": "mtime_ns", "keys": "key"}
@@ -151,17 +153,22 @@ def write_part(folder: Path, name: str, rows: RowColumns, embeddings: np.ndarray
 
 
 class PartFile:
-    """A part opened for reading. Every read is checked (Fletcher-32, HDF5's metadata
-    checksums); damage is a :class:`DamagedCacheError` naming the part, never wrong numbers."""
+    """A part opened for reading: its seal is checked before h5py sees a byte (against what
+    the manifest recorded, when ``listed`` is its entry there), and every chunk read is
+    checked by Fletcher-32; damage is a :class:`DamagedCacheError` naming the part, never
+    wrong numbers or labels."""
 
-    def __init__(self, cache: Path, folder: Path, name: str, expect_bytes: int | None = None):
+    def __init__(self, cache: Path, folder: Path, name: str, listed: PartInfo | None = None):
         self.cache, self.name = Path(cache), name
         self.path = Path(folder) / name
         with self.guard():
-            if expect_bytes is not None:
-                size = self.path.stat().st_size
-                if size != expect_bytes:
-                    raise damaged(self.cache, name, f"{size:,} bytes on disk, {expect_bytes:,} written")
+            try:
+                if listed is not None:
+                    check_file(self.path, size=listed.bytes or None, sha256=listed.sha256, frame=listed.frame)
+                else:
+                    check_file(self.path)
+            except SealError as exc:
+                raise damaged(self.cache, name, str(exc)) from None
             self.f = h5py.File(self.path, "r")
             attrs = self.f.attrs
             if attrs.get("format") != PART_FORMAT or int(attrs.get("schema_version", 0)) != SCHEMA_VERSION:
@@ -248,9 +255,20 @@ class PartFile:
             pass
 
 
+def entry_for(path: Path, rows: int, failures: int, tombstones: int) -> PartInfo:
+    """The manifest entry of a complete part found on disk (checked by :func:`peek_part`)."""
+    seal = check_file(path, full=True)
+    digest = seal.content if seal is not None else file_sha256(path)
+    return PartInfo(path.name, rows, failures=failures, tombstones=tombstones, bytes=path.stat().st_size, sha256=digest,
+                    frame=seal.frame if seal is not None else "")
+
+
 def peek_part(path: Path) -> dict[str, Any] | None:
-    """The header of a part file found on disk (for adoption), or None when it is not one."""
+    """The header of a part file no manifest lists (for adoption, or a rebuilt manifest), or
+    None when it is not one, or any of its bytes differs from what was sealed: a damaged part
+    is never listed again."""
     try:
+        check_file(path, full=True)
         with h5py.File(path, "r") as f:
             a = f.attrs
             if a.get("format") != PART_FORMAT:
@@ -258,5 +276,5 @@ def peek_part(path: Path) -> dict[str, Any] | None:
             return {"schema_version": int(a.get("schema_version", 0)), "kind": str(a.get("kind", "")), "name": str(a.get("name", "")),
                     "base_generation": int(a.get("base_generation", -1)), "created": float(a.get("created", 0.0)),
                     "meta": json.loads(a["meta_json"]), "inputs": json.loads(a.get("inputs_json", "[]"))}
-    except (*DAMAGE, OSError):
+    except (*DAMAGE, OSError, SealError):
         return None

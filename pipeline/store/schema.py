@@ -8,12 +8,15 @@ metadata) is still read, and migrated to schema 2 by the first write.
 """
 from __future__ import annotations
 
+import io
+import os
 from pathlib import Path
 from typing import Any
 
 import h5py
 
 from ..errors import CacheError, DamagedCacheError, IncompatibleError, UsageError, command_hint
+from .seal import HDF5_SIGNATURE, SEAL_BYTES, SealError, check_sealed_bytes, is_sealed
 
 FORMAT = "featcache.cache"
 PART_FORMAT = "featcache.part"
@@ -29,12 +32,19 @@ def parts_dir_for(path: Path) -> Path:
     return Path(path).with_name(Path(path).name + ".parts")
 
 
+MAX_SEALED_MANIFEST = 1 << 30  # a manifest lists parts, never rows: anything larger is not one
+
+
 def open_cache_file(path: Path) -> tuple[h5py.File, int]:
     """Open a cache's top file (schema-2 manifest or schema-1 index) read-only: ``(file, schema version)``.
 
+    A sealed manifest is read whole, checked, and parsed from those very bytes (a writer
+    replacing it meanwhile cannot slip another file in between); a top file written before
+    seals is opened as before.
+
     Raises:
         UsageError: missing path, or a folder. CacheError: not HDF5, not ours, newer schema.
-        DamagedCacheError: the file's checksums fail.
+        DamagedCacheError: the seal or the file's checksums fail.
     """
     path = Path(path)
     if not path.exists():
@@ -42,10 +52,14 @@ def open_cache_file(path: Path) -> tuple[h5py.File, int]:
     if path.is_dir():
         raise UsageError(f"cache {str(path)!r} is a folder; pass the .h5 file written by extract")
     try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise CacheError(f"{str(path)!r} is not a readable HDF5 file (truncated or corrupt: {str(exc).splitlines()[0][:100]}); "
-                         "re-run your extract command with --repair to rebuild it from its parts, or use a new --out") from exc
+        source = _checked_manifest_bytes(path)
+        f = h5py.File(io.BytesIO(source) if source is not None else path, "r")
+    except (SealError, OSError) as exc:
+        detail = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        if parts_dir_for(path).is_dir():  # the parts are there: this was our manifest
+            raise manifest_damaged(path, detail) from None
+        raise CacheError(f"{str(path)!r} is not a readable HDF5 file (truncated or corrupt: {detail}); "
+                         "use a new --out, or delete it") from None
     try:
         fmt = f.attrs.get("format")
         version = int(f.attrs.get("schema_version", 0))
@@ -59,6 +73,27 @@ def open_cache_file(path: Path) -> tuple[h5py.File, int]:
         f.close()
         raise CacheError(f"{str(path)!r} uses cache schema {version}, newer than this featcache understands ({SCHEMA_VERSION}); upgrade featcache")
     return f, version
+
+
+def _checked_manifest_bytes(path: Path) -> bytes | None:
+    """A sealed top file's bytes, checked; None for a plain HDF5 file (written before seals).
+
+    Raises:
+        SealError: a damaged seal or content, or a file that is neither sealed nor HDF5.
+        OSError: unreadable.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(SEAL_BYTES)
+        if head.startswith(HDF5_SIGNATURE):
+            return None
+        size = os.fstat(fh.fileno()).st_size
+        if not is_sealed(head) and not parts_dir_for(path).is_dir():
+            raise SealError("neither a featcache manifest nor HDF5")
+        if size > MAX_SEALED_MANIFEST:
+            raise SealError(f"{size:,} bytes: too large for a manifest")
+        data = head + fh.read()
+    check_sealed_bytes(data)
+    return data
 
 
 def manifest_damaged(path: Path, exc: BaseException | str) -> DamagedCacheError:

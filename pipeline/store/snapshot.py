@@ -82,7 +82,7 @@ class Snapshot:
             info = self.parts[i]
             if not (self.parts_dir / info.name).is_file():
                 raise self._gone_or_moved([info.name])
-            pf = self._files[i] = PartFile(self.path, self.parts_dir, info.name, expect_bytes=info.bytes or None)
+            pf = self._files[i] = PartFile(self.path, self.parts_dir, info.name, info)
         return pf
 
     def deletions(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import CacheError, DamagedCacheError
-from .h5files import file_sha256
 from .manifest import Manifest, PartInfo, read_manifest, write_manifest
-from .parts import DAMAGE, PartFile, peek_part
-from .schema import SCHEMA_VERSION, open_cache_file, parts_dir_for
+from .parts import DAMAGE, PartFile, entry_for, peek_part
+from .schema import SCHEMA_VERSION, check_compatible, open_cache_file, parts_dir_for
+from .seal import SealError, check_file
 
 
 @dataclass
@@ -48,16 +48,13 @@ class VerifyReport:
 
 def check_part(cache: Path, info: PartInfo) -> str:
     """'' when ``info``'s file is exactly what was written, else what is wrong with it."""
-    path = parts_dir_for(cache) / info.name
+    folder = parts_dir_for(cache)
+    path = folder / info.name
     if not path.is_file():
         return "missing"
-    size = path.stat().st_size
-    if info.bytes and size != info.bytes:
-        return f"{size:,} bytes on disk, {info.bytes:,} written (truncated or appended to)"
-    if info.sha256 and file_sha256(path) != info.sha256:
-        return "content differs from what was written (SHA-256 mismatch: flipped or overwritten bytes)"
     try:
-        pf = PartFile(cache, parts_dir_for(cache), info.name)
+        check_file(path, size=info.bytes or None, sha256=info.sha256, frame=info.frame, full=True)
+        pf = PartFile(cache, folder, info.name, info)
         try:
             if pf.n_rows != info.rows or pf.n_failures != info.failures:
                 return "row counts differ from the manifest's"
@@ -66,6 +63,8 @@ def check_part(cache: Path, info: PartInfo) -> str:
                 pf.read_all()
         finally:
             pf.close()
+    except SealError as exc:
+        return str(exc)
     except CacheError as exc:
         return str(exc).split("(", 1)[-1].split(")", 1)[0] if "(" in str(exc) else str(exc)
     return ""
@@ -80,8 +79,13 @@ def verify_cache(path: str | Path, progress: Callable[[int, int, float], None] |
     t0 = time.perf_counter()
     path = Path(path)
     report = VerifyReport(str(path))
-    f, version = open_cache_file(path)
-    f.close()
+    try:
+        f, version = open_cache_file(path)
+        f.close()
+    except DamagedCacheError as exc:
+        report.manifest_damaged = str(exc)
+        report.seconds = time.perf_counter() - t0
+        return report
     if version < SCHEMA_VERSION:  # no checksums in schema 1: read every embedding through HDF5 at least
         snap = open_snapshot(path)
         try:
@@ -126,33 +130,46 @@ def verify_cache(path: str | Path, progress: Callable[[int, int, float], None] |
 @dataclass
 class RepairReport:
     rebuilt_manifest: bool = False
-    dropped: list[dict[str, Any]] = field(default_factory=list)  # {"part", "rows", "problem"}
+    dropped: list[dict[str, Any]] = field(default_factory=list)  # {"part", "rows" (None: unknown), "problem"}
     superseded: int = 0  # paths listed twice after a rebuild, older copies tombstoned
 
 
-def rebuild_manifest(path: Path, meta: dict[str, Any]) -> Manifest:
+def rebuild_manifest(path: Path, meta: dict[str, Any], damaged: list[dict[str, Any]]) -> Manifest:
     """A manifest listing every intact schema-2 part in the parts folder, oldest first, except
-    parts another present part replaced (merge/migration inputs)."""
+    parts another present part replaced (merge/migration inputs); damaged part files are
+    appended to ``damaged``. Its provenance comes from the parts' own (sealed) records, never
+    from the damaged manifest, and must agree among them and with this run's ``meta``.
+
+    Raises:
+        IncompatibleError: the parts hold rows of another backbone than this run's (or of
+            several: no rebuild can tell which is right).
+    """
     folder = parts_dir_for(path)
     heads = []
     for entry in sorted(folder.glob("part-*.h5")) if folder.is_dir() else []:
+        try:
+            check_file(entry, full=True)
+        except (SealError, OSError) as exc:
+            damaged.append({"part": entry.name, "rows": None, "problem": str(exc)})
+            continue
         head = peek_part(entry)
         if head is not None and head["schema_version"] == SCHEMA_VERSION and head["name"] == entry.name:
             heads.append(head)
     replaced = {n for h in heads for n in h["inputs"]}
     heads = sorted((h for h in heads if h["name"] not in replaced), key=lambda h: (h["base_generation"], h["created"], h["name"]))
+    for h in heads:  # every part against the newest: one backbone, one preprocessing, one data root
+        check_compatible(folder / h["name"], h["meta"], heads[-1]["meta"])
     newest_meta = dict(heads[-1]["meta"]) if heads else dict(meta)
+    check_compatible(path, newest_meta, meta)
     parts = []
     for h in heads:
         try:
             pf = PartFile(path, folder, h["name"])
             try:
-                n_tomb = len(pf.tombstones())
-                parts.append(PartInfo(h["name"], pf.n_rows, failures=pf.n_failures, tombstones=n_tomb, bytes=(folder / h["name"]).stat().st_size,
-                                      sha256=file_sha256(folder / h["name"])))
+                parts.append(entry_for(folder / h["name"], pf.n_rows, pf.n_failures, len(pf.tombstones())))
             finally:
                 pf.close()
-        except (CacheError, *DAMAGE):
+        except (CacheError, SealError, *DAMAGE):
             continue  # damaged beyond its header: its rows are extracted again
     generation = max((h["base_generation"] for h in heads), default=0) + 1
     return Manifest(newest_meta, generation, min((h["created"] for h in heads), default=time.time()), parts, [])
@@ -173,13 +190,12 @@ def repair_cache(path: str | Path, meta: dict[str, Any], log: Callable[[str], No
         if version < SCHEMA_VERSION:
             return report  # schema 1 carries no checksums to repair by; the writer migrates it
         manifest = read_manifest(path)
-    except CacheError as exc:
-        foreign = "not a featcache cache" in str(exc) or "newer than" in str(exc)
-        if foreign or not any(parts_dir_for(path).glob("part-*.h5")):
-            raise  # not ours, or nothing to rebuild from: never overwrite it
+    except DamagedCacheError:
+        if not any(parts_dir_for(path).glob("part-*.h5")):
+            raise  # nothing to rebuild from: never overwrite it
         manifest = None
     if manifest is None:
-        manifest = rebuild_manifest(path, meta)
+        manifest = rebuild_manifest(path, meta, report.dropped)
         report.rebuilt_manifest = True
         log(f"rebuilt the manifest of {str(path)!r} from {len(manifest.parts)} part file(s)")
     keep = []

@@ -31,13 +31,12 @@ from ..errors import CacheError
 from .atomic import remove_stale_temporaries
 from .columns import FailureColumns, RowColumns, Tombstones, encode_paths, path_keys
 from .compaction import CompactionPolicy, plan_merges
-from .h5files import file_sha256
 from .keyindex import KeyIndex
 from .known import KnownFiles, known_files
 from .leases import live_pins, needed_by_readers
 from .locks import WriterLock
 from .manifest import Manifest, PartInfo, read_manifest, write_manifest
-from .parts import ADOPTABLE, PartFile, PartSink, new_part_name, peek_part, row_bytes, write_part
+from .parts import ADOPTABLE, PartFile, PartSink, entry_for, new_part_name, peek_part, row_bytes, write_part
 from .schema import SCHEMA_VERSION, check_compatible, open_cache_file, parts_dir_for, same_backbone_rows
 from .snapshot import _remap_labels, open_snapshot
 
@@ -180,7 +179,7 @@ class CacheWriter:
         for p in self.manifest.parts:
             if not p.tombstones:
                 continue
-            pf = PartFile(self.path, self.parts_dir, p.name, expect_bytes=p.bytes or None)
+            pf = PartFile(self.path, self.parts_dir, p.name, p)
             try:
                 for target, (rows, fails) in pf.tombstones().by_target().items():
                     if target in listed:
@@ -205,7 +204,7 @@ class CacheWriter:
             st = self._parts[p.name]
             if not (p.rows or p.failures):
                 continue
-            pf = PartFile(self.path, self.parts_dir, p.name, expect_bytes=p.bytes or None)
+            pf = PartFile(self.path, self.parts_dir, p.name, p)
             try:
                 rmask, fmask = st.masks(p)
                 if p.rows:
@@ -415,7 +414,7 @@ class CacheWriter:
             name = new_part_name(self.tag)
             written = write_part(self.parts_dir, name, rows, emb, meta=meta, base_generation=self.manifest.generation, kind="commit",
                                  failures=fails, tombstones=tomb)
-            info = PartInfo(name, len(rows), failures=len(fails), tombstones=len(tomb), bytes=written.bytes, sha256=written.sha256)
+            info = PartInfo.of(written, len(rows), failures=len(fails), tombstones=len(tomb))
             new.parts.append(info)
         self._count_deletions(new, tomb)
         write_manifest(self.path, new)  # the commit point
@@ -536,15 +535,14 @@ class CacheWriter:
                 self._index.insert(cols_keys, st.uid, np.arange(rows))
                 for j, (p, r, s, m) in enumerate(fails.items()):
                     self._failures[(int(fails.keys[j, 0]), int(fails.keys[j, 1]))] = (st.uid, j, p, r, s, m)
-                path = self.parts_dir / name
-                new.parts.append(PartInfo(name, rows, failures=len(fails), tombstones=n_own, bytes=path.stat().st_size, sha256=file_sha256(path)))
+                new.parts.append(entry_for(self.parts_dir / name, rows, len(fails), n_own))
                 adopted_rows += rows
             tomb = Tombstones.from_triples(triples)
             if len(tomb):
                 name = new_part_name(self.tag)
                 written = write_part(self.parts_dir, name, RowColumns.empty(), np.zeros((0, int(new.meta["embed_dim"])), new.meta["dtype"]),
                                      meta=new.meta, base_generation=new.generation, kind="commit", tombstones=tomb)
-                new.parts.append(PartInfo(name, 0, tombstones=len(tomb), bytes=written.bytes, sha256=written.sha256))
+                new.parts.append(PartInfo.of(written, tombstones=len(tomb)))
                 self._parts[name] = _Part(self._new_uid())
             self._recount(new)
             new.generation += 1
@@ -565,7 +563,7 @@ class CacheWriter:
         for target, (rows, fails) in tomb.by_target().items():
             if target not in infos:
                 continue
-            pf = PartFile(self.path, self.parts_dir, target, expect_bytes=infos[target].bytes or None)
+            pf = PartFile(self.path, self.parts_dir, target, infos[target])
             try:
                 if len(rows):
                     keys = pf.column("keys")[np.unique(rows)]
@@ -622,7 +620,7 @@ class CacheWriter:
         listed = set(m.names())
         dim, dtype = int(m.meta["embed_dim"]), np.dtype(m.meta["dtype"])
         masks = {n: self._parts[n].masks(infos[n]) for n in group}
-        open_part = lambda n: PartFile(self.path, self.parts_dir, n, expect_bytes=infos[n].bytes or None)  # noqa: E731
+        open_part = lambda n: PartFile(self.path, self.parts_dir, n, infos[n])  # noqa: E731
         triples, fails, width = [], [], 1
         for n in group:  # first pass: what the inputs carry besides rows
             with _closing(open_part(n)) as pf:
@@ -656,7 +654,7 @@ class CacheWriter:
             except BaseException as exc:
                 sink.abort(exc)
                 raise
-            info = PartInfo(name, n_rows, failures=len(failures), tombstones=len(carried), bytes=written.bytes, sha256=written.sha256)
+            info = PartInfo.of(written, n_rows, failures=len(failures), tombstones=len(carried))
         new = m.copy()
         at = min(m.names().index(n) for n in group)
         new.parts = [p for p in new.parts if p.name not in gset]
@@ -684,7 +682,7 @@ class CacheWriter:
 
     def _repoint(self, info: PartInfo, uid: int, failures: FailureColumns) -> None:
         """After a merge: the index's entries for the merged rows point into the new part."""
-        pf = PartFile(self.path, self.parts_dir, info.name, expect_bytes=info.bytes)
+        pf = PartFile(self.path, self.parts_dir, info.name, info)
         try:
             step = 1 << 20
             for a in range(0, info.rows, step):
@@ -706,7 +704,7 @@ class CacheWriter:
             if not (p.rows or p.failures):
                 continue
             rmask, fmask = self._parts[p.name].masks(p)
-            pf = PartFile(self.path, self.parts_dir, p.name, expect_bytes=p.bytes or None)
+            pf = PartFile(self.path, self.parts_dir, p.name, p)
             try:
                 if p.rows:
                     live = np.flatnonzero(~rmask)
@@ -734,7 +732,7 @@ class CacheWriter:
         name = new_part_name(self.tag)
         written = write_part(self.parts_dir, name, RowColumns.empty(), np.zeros((0, int(new.meta["embed_dim"])), new.meta["dtype"]),
                              meta=new.meta, base_generation=new.generation, kind="commit", tombstones=tomb)
-        new.parts.append(PartInfo(name, 0, tombstones=len(tomb), bytes=written.bytes, sha256=written.sha256))
+        new.parts.append(PartInfo.of(written, tombstones=len(tomb)))
         self._count_deletions(new, tomb)
         new.generation += 1
         write_manifest(self.path, new)
