@@ -50,7 +50,8 @@ def write_digits(root: str | Path, size: int = 64, per_class: int | None = None,
 def run_demo(workdir: Path, model: str = "resnet18", weights: str = "none", finetune_epochs: int = 1, *,
              progress: ProgressFactory = lambda label: None, log: Callable[[str], None] = print, show: bool = True) -> dict[str, Any]:
     """extract -> status -> fit-head -> finetune -> predict -> report, saying what each stage
-    did, and ending with every file it wrote. Returns the JSON summary."""
+    did, and ending with every file it wrote. Returns the JSON summary. ``model`` is the user's
+    choice, so its ``hub:`` source is trusted for the head and model the demo itself writes."""
     from .extract import run_extract
     from .finetune import run_finetune
     from .heads import fit_head, format_metrics
@@ -80,7 +81,8 @@ def run_demo(workdir: Path, model: str = "resnet18", weights: str = "none", fine
     if finetune_epochs > 0:
         model_path = workdir / "models" / f"{name}.finetuned.pt"
         log(f"[4/6] finetune {finetune_epochs} epoch(s) end to end (BatchNorm frozen) from the logreg head -> {model_path}")
-        tuned = run_finetune(head, model_path, options=DEMO_FINETUNE | {"epochs": finetune_epochs}, force=True, progress=progress("train"), log=log)
+        tuned = run_finetune(head, model_path, options=DEMO_FINETUNE | {"epochs": finetune_epochs}, force=True, progress=progress("train"), log=log,
+                             trust_hub=[model])
         verdict = _finetune_verdict(fit.metrics["val"]["accuracy"], tuned)
         log(f"      {verdict}")
         predictor = Path(tuned.model_path)
@@ -89,7 +91,7 @@ def run_demo(workdir: Path, model: str = "resnet18", weights: str = "none", fine
     picks = [p for c in sorted((data / "test").iterdir()) for p in sorted(c.iterdir())[:2]]
     csv, grid = workdir / "predictions.csv", workdir / "predictions.png"
     log(f"[5/6] predict {len(picks)} held-out images from {data / 'test'} (no stage trained on them or chose anything with them) with {predictor.name}")
-    pred = predict_images(predictor, picks, csv, grid)
+    pred = predict_images(predictor, picks, csv, grid, trust_hub=[model])
     right = sum(r["true"] == r["predicted"] for r in pred.rows)
     log(f"      {right}/{len(pred.rows)} correct on held-out test images")
     report_path = workdir / "report.html"

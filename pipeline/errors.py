@@ -83,6 +83,11 @@ class IncompatibleError(FeatcacheError):
     exit_code = ExitCode.INCOMPATIBLE
 
 
+class UntrustedCodeError(IncompatibleError):
+    """A head, model or checkpoint names a backbone whose loading would run code from outside
+    the installed packages (a torch.hub repo's hubconf.py); refused until the user consents."""
+
+
 class LockHeldError(FeatcacheError):
     """Another live process holds the lock on what we want to write."""
 

@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from .backbones import HubTrust
 from .errors import DataError
 from .extract import embed_batch, prepare_model, resolve_device
-from .heads import full_proba, load_head
+from .heads import full_proba, literal_text, load_head
 from .images import ImageFileDataset, ImageRecord, is_manifest, is_shards, make_loader, scan_source
 from .store import atomic_path
 
@@ -47,12 +48,19 @@ def _collect(inputs: list[str | os.PathLike], classes: list[str]) -> list[tuple[
 
 def predict_images(head_path: str | os.PathLike, inputs: list[str | os.PathLike], out_csv: str | os.PathLike | None = None,
                    grid_png: str | os.PathLike | None = None, topk: int = 5, batch_size: int = 32, workers: int = 0,
-                   device: str = "auto") -> PredictResult:
+                   device: str = "auto", trust_hub: HubTrust = False) -> PredictResult:
+    """Classify ``inputs`` with the head or fine-tuned model at ``head_path`` and its backbone.
+    ``trust_hub``: consent to run the code of a ``hub:`` backbone the file names (``--trust-hub``);
+    without it such a file is refused before any of that code runs.
+
+    Raises:
+        CacheError, UsageError, DataError, UntrustedCodeError, BackboneError, WeightsUnavailableError.
+    """
     loaded = load_head(head_path)
     prov = loaded.provenance
     classes = list(prov["classes"])
     files = _collect(inputs, classes)
-    backbone = loaded.load_backbone()
+    backbone = loaded.load_backbone(trust_hub)
     dev = resolve_device(device)
     net = prepare_model(backbone, dev)
     records = [rec for _, _, rec in files]
@@ -89,6 +97,7 @@ def _topk_cell(topk: list[dict[str, Any]]) -> str:
     return ";".join(f"{t['class']}:{t['probability']:.4f}" for t in topk)
 
 
+@literal_text
 def plot_grid(rows: list[dict[str, Any]], path: Path, max_images: int = 32, members: dict[str, tuple[str, int, int]] | None = None) -> Path:
     """Images with predicted (and true) labels, green when right, red when wrong."""
     from .heads import pyplot, save_figure

@@ -54,7 +54,7 @@ def test_compiled_engine_on_cuda_matches_eager(tmp_path, image_tree):
 def test_finetune_with_amp_on_cuda(tiny_head, tmp_path):
     from pipeline.finetune.run import run_finetune
 
-    r = run_finetune(tiny_head, tmp_path / "m.pt", options={"epochs": 1, "amp": True}, device="cuda", workers=2)
+    r = run_finetune(tiny_head, tmp_path / "m.pt", options={"epochs": 1, "amp": True}, device="cuda", workers=2, trust_hub=True)
     assert r.epochs_done == 1 and np.isfinite(r.history[-1]["train_loss"])
 
 

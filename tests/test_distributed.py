@@ -154,14 +154,14 @@ def load_start(hub: str) -> dict:
 
 def test_torchrun_finetune_then_resume_on_one_process(tiny_head, tmp_path):
     out = tmp_path / "m.pt"
-    proc = torchrun("finetune", str(tiny_head), "--out", str(out), "--epochs", "1", "--batch-size", "8", "--workers", "0", "--json")
+    proc = torchrun("finetune", str(tiny_head), "--out", str(out), "--epochs", "1", "--batch-size", "8", "--workers", "0", "--json", "--trust-hub")
     stdout, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     lines = [l for l in stdout.splitlines() if l.startswith("{")]
     assert len(lines) == 1 and json.loads(lines[0])["epochs_done"] == 1  # rank 0 alone reports and writes
     state = torch.load(out.with_name("m.ckpt"), weights_only=True)
     assert state["epoch"] == 1 and not any(k.startswith("module.") for k in state["model"])  # unwrapped: any world size can resume
-    again = run_cli("finetune", str(tiny_head), "--out", str(out), "--resume", "--epochs", "2", "--workers", "0", "--json")
+    again = run_cli("finetune", str(tiny_head), "--out", str(out), "--resume", "--epochs", "2", "--workers", "0", "--json", "--trust-hub")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["resumed_from"] == 1 and json.loads(again.stdout)["epochs_done"] == 2
 

@@ -109,7 +109,7 @@ def test_cli_fit_head_with_an_absurd_lr_exits_7(tiny_head, tmp_path):
 def test_finetune_with_absurd_lrs_exits_7_and_saves_nothing_diverged(tiny_head, tmp_path):
     out = tmp_path / "d.pt"
     with pytest.raises(TrainingDivergedError, match=r"lower --lr-backbone/--lr-head \(now 1e\+12/1e\+12; job file") as err:
-        run_finetune(tiny_head, out, options={**FAST, "epochs": 1, "lr_head": 1e12, "lr_backbone": 1e12}, workers=0, plots=False)
+        run_finetune(tiny_head, out, options={**FAST, "epochs": 1, "lr_head": 1e12, "lr_backbone": 1e12}, workers=0, plots=False, trust_hub=True)
     assert err.value.exit_code == 7 and "\n" not in str(err.value)
     assert not checkpoint_path_for(out).exists()  # no epoch finished: no checkpoint
     if out.exists():  # only the model as assembled (epoch 0), never diverged weights
@@ -132,7 +132,7 @@ def test_divergence_in_a_later_epoch_keeps_the_last_good_checkpoint(tiny_head, t
     monkeypatch.setattr(ft.Trainer, "train_epoch", jump_in_epoch_2)
     out = tmp_path / "late.pt"
     with pytest.raises(TrainingDivergedError, match="start over with --force; nothing of the diverged epoch was saved: the checkpoint of epoch 1 is intact"):
-        run_finetune(tiny_head, out, options={**FAST, "clip_grad": 1.0, "epochs": 2}, workers=0, plots=False)  # clipped, epoch 1 trains; 1e12 still diverges
+        run_finetune(tiny_head, out, options={**FAST, "clip_grad": 1.0, "epochs": 2}, workers=0, plots=False, trust_hub=True)  # clipped, epoch 1 trains; 1e12 still diverges
     ckpt = load_checkpoint(checkpoint_path_for(out))
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     model = torch.load(out, weights_only=False)

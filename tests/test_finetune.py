@@ -180,7 +180,7 @@ def test_epochs_zero_equals_the_heads_accuracy(digits_small, tmp_path):
 
 def test_resume_after_sigkill_is_bit_for_bit(tiny_head, tmp_path):
     """Train 3 epochs; separately train, SIGKILL during epoch 2, resume: the same weights, exactly."""
-    common = ("--epochs", "3", "--batch-size", "8", "--augment", "basic", "--workers", "0", "-q")
+    common = ("--epochs", "3", "--batch-size", "8", "--augment", "basic", "--workers", "0", "-q", "--trust-hub")  # tiny_head names a hub: backbone
     ref = tmp_path / "ref.pt"
     assert run_cli("finetune", str(tiny_head), "--out", str(ref), *common).returncode == 0
 
@@ -197,7 +197,7 @@ def test_resume_after_sigkill_is_bit_for_bit(tiny_head, tmp_path):
     state = torch.load(ckpt, weights_only=True)
     assert state["epoch"] == 1  # the kill came during epoch 2; epoch 1's checkpoint is intact
 
-    resumed = run_cli("finetune", str(tiny_head), "--out", str(out), "--resume", "--workers", "0", "--json")
+    resumed = run_cli("finetune", str(tiny_head), "--out", str(out), "--resume", "--workers", "0", "--json", "--trust-hub")
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["resumed_from"] == 1 and summary["epochs_done"] == 3
@@ -210,19 +210,19 @@ def test_resume_after_sigkill_is_bit_for_bit(tiny_head, tmp_path):
 
 def test_resume_with_two_workers_equals_in_process(tiny_head, tmp_path):
     """Augmentation is seeded per image, so decoder processes do not change the result."""
-    a = run_finetune(tiny_head, tmp_path / "a.pt", options={**FAST, "epochs": 1}, workers=0, plots=False)
-    b = run_finetune(tiny_head, tmp_path / "b.pt", options={**FAST, "epochs": 1}, workers=2, plots=False)
+    a = run_finetune(tiny_head, tmp_path / "a.pt", options={**FAST, "epochs": 1}, workers=0, plots=False, trust_hub=True)
+    b = run_finetune(tiny_head, tmp_path / "b.pt", options={**FAST, "epochs": 1}, workers=2, plots=False, trust_hub=True)
     assert a.history[0]["train_loss"] == b.history[0]["train_loss"]
 
 
 def test_checkpoint_guards_and_option_conflicts(tiny_head, tmp_path):
     out = tmp_path / "m.pt"
-    run_finetune(tiny_head, out, options={**FAST, "epochs": 1}, workers=0, plots=False)
+    run_finetune(tiny_head, out, options={**FAST, "epochs": 1}, workers=0, plots=False, trust_hub=True)
     again = run_cli("finetune", str(tiny_head), "--out", str(out), "--epochs", "1")
     assert again.returncode == 2 and "--resume" in again.stderr and "--force" in again.stderr
     conflict = run_cli("finetune", str(tiny_head), "--out", str(out), "--resume", "--lr-head", "0.5")
     assert conflict.returncode == 2 and "--lr-head" in conflict.stderr and "differs" in conflict.stderr
-    more = run_finetune(tiny_head, out, options={"epochs": 2}, resume=True, workers=0, plots=False)  # more epochs may be asked for
+    more = run_finetune(tiny_head, out, options={"epochs": 2}, resume=True, workers=0, plots=False, trust_hub=True)  # more epochs may be asked for
     assert more.epochs_done == 2 and more.options["batch_size"] == 8  # the rest comes from the checkpoint
     with pytest.raises(UsageError, match="no checkpoint"):
         run_finetune(tiny_head, tmp_path / "other.pt", resume=True)
@@ -230,12 +230,13 @@ def test_checkpoint_guards_and_option_conflicts(tiny_head, tmp_path):
 
 def test_divergence_is_a_clear_error(tiny_head, tmp_path):
     with pytest.raises(TrainingDiverged, match="lower --lr-backbone"):
-        run_finetune(tiny_head, tmp_path / "d.pt", options={**FAST, "epochs": 1, "lr_head": 1e12, "lr_backbone": 1e12, "clip_grad": 0.0}, workers=0, plots=False)
+        run_finetune(tiny_head, tmp_path / "d.pt", options={**FAST, "epochs": 1, "lr_head": 1e12, "lr_backbone": 1e12, "clip_grad": 0.0}, workers=0, plots=False,
+                     trust_hub=True)
 
 
 def test_finetuned_model_works_with_predict_extract_and_evaluate(tiny_head, tiny_hub, tmp_path):
     out = tmp_path / "ft.pt"
-    r = cli_json("finetune", str(tiny_head), "--out", str(out), "--epochs", "2", "--batch-size", "8", "--workers", "0")
+    r = cli_json("finetune", str(tiny_head), "--out", str(out), "--epochs", "2", "--batch-size", "8", "--workers", "0", "--trust-hub")
     assert r["exit_code"] == 0 and Path(r["model_path"]) == out and r["n_val"] > 0
     assert [h["epoch"] for h in r["history"]] == [1, 2] and {"train_loss", "val_accuracy", "lr_head", "seconds"} <= set(r["history"][0])
     for name in ("metrics_json", "history_png", "confusion_val_png"):
@@ -244,7 +245,7 @@ def test_finetuned_model_works_with_predict_extract_and_evaluate(tiny_head, tiny
 
     data = Path(load_head(tiny_head).provenance["data_root"])
     cache = tmp_path / "ft.h5"
-    ex = cli_json("extract", str(data), "--model", str(out), "--out", str(cache), "--workers", "0")
+    ex = cli_json("extract", str(data), "--model", str(out), "--out", str(cache), "--workers", "0", "--trust-hub")
     assert ex["new"] > 0 and ex["weights"].startswith("finetuned:sha256=")
     # the cache rows are the fine-tuned backbone's own outputs
     from pipeline.images.decode import load_image
@@ -262,7 +263,7 @@ def test_finetuned_model_works_with_predict_extract_and_evaluate(tiny_head, tiny
     wrong = run_cli("evaluate", str(out), "--cache", str(Path(tiny_head).with_name("tiny.h5")))
     assert wrong.returncode == 5 and "weights" in wrong.stderr
 
-    pred = cli_json("predict", str(out), str(data / "digit_1"), "--out", str(tmp_path / "p.csv"))
+    pred = cli_json("predict", str(out), str(data / "digit_1"), "--out", str(tmp_path / "p.csv"), "--trust-hub")
     assert len(pred["predictions"]) == 10 and Path(pred["csv"]).is_file()
 
 
@@ -278,7 +279,7 @@ def test_head_backbone_mismatch_is_refused(tiny_hub, tmp_path):
     run_extract(data, tiny_hub, str(weights), tmp_path / "c.h5", workers=0)
     head = fit_head(tmp_path / "c.h5", "logreg", tmp_path / "h.head.pt", plots=False).head_path
     torch.save(load_backbone(tiny_hub, "none", seed=2).model.state_dict(), weights)  # someone replaced the file
-    proc = run_cli("finetune", head, "--epochs", "1")
+    proc = run_cli("finetune", head, "--epochs", "1", "--trust-hub")
     assert proc.returncode == 5 and "weights" in proc.stderr and "Traceback" not in proc.stderr
     with pytest.raises(IncompatibleError, match="classes"):
         other = tmp_path / "other"
@@ -313,7 +314,7 @@ def test_sigterm_during_training_exits_130_keeping_the_checkpoint(tiny_head, tmp
     out = tmp_path / "t.pt"
     ckpt = checkpoint_path_for(out)
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "finetune", str(tiny_head), "--out", str(out), "--epochs", "50",
-                             "--batch-size", "8", "--workers", "0", "-q"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             "--batch-size", "8", "--workers", "0", "-q", "--trust-hub"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -369,7 +370,7 @@ def test_never_trains_on_the_heads_validation_images(tiny_head, tmp_path):
     from pipeline.heads.fit import _load_split
 
     loaded = load_head(tiny_head)
-    job = FineTuneJob(loaded, tmp_path / "m.pt", None, {"epochs": 1}, False, False, 0, torch.device("cpu"), lambda m: None)
+    job = FineTuneJob(loaded, tmp_path / "m.pt", None, {"epochs": 1}, False, False, 0, torch.device("cpu"), lambda m: None, trust_hub=True)
     table, split, _ = _load_split(Path(loaded.provenance["cache"]), 0.2, 0)
     head_val = {p for p, s in zip(table.paths, split) if s == "val"}
     train = {r.relpath for r in job.train_set.records}
@@ -389,4 +390,4 @@ def test_non_finite_outputs_are_a_clear_error_not_a_crash(tiny_head, tmp_path, m
 
     monkeypatch.setattr(ft.Trainer, "predict", poisoned)
     with pytest.raises(TrainingDiverged, match=r"NaN/inf for 1 of \d+ val images"):
-        run_finetune(tiny_head, tmp_path / "n.pt", options={"epochs": 0}, workers=0, plots=False)
+        run_finetune(tiny_head, tmp_path / "n.pt", options={"epochs": 0}, workers=0, plots=False, trust_hub=True)

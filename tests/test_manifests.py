@@ -125,9 +125,10 @@ def test_predict_and_finetune_read_the_manifest(tmp_path, tiny_hub):
     manifest = _write(root / "m.csv", rows, "csv")
     run_extract(manifest, tiny_hub, "none", tmp_path / "c.h5", workers=0)
     assert run_cli("fit-head", str(tmp_path / "c.h5"), "--out", str(tmp_path / "h.pt"), "-q").returncode == 0
-    pred = cli_json("predict", str(tmp_path / "h.pt"), str(manifest))
+    pred = cli_json("predict", str(tmp_path / "h.pt"), str(manifest), "--trust-hub")
     assert len(pred["predictions"]) == 6 and {r["true"] for r in pred["predictions"]} == {"cat", "dog"}
-    ft = run_cli("finetune", str(tmp_path / "h.pt"), "--out", str(tmp_path / "m.pt"), "--epochs", "1", "--batch-size", "4", "--workers", "0", "-q")
+    ft = run_cli("finetune", str(tmp_path / "h.pt"), "--out", str(tmp_path / "m.pt"), "--epochs", "1", "--batch-size", "4", "--workers", "0", "-q",
+                 "--trust-hub")
     assert ft.returncode == 0, ft.stderr
 
 
@@ -137,4 +138,34 @@ def test_hostile_paths_in_a_manifest_are_skipped_rows(tmp_path):
                                          {"path": "cat/0.png", "label": "cat"}], "jsonl")
     scan = scan_manifest(manifest)
     assert "cat/0.png" in [r.relpath for r in scan.records]  # a path outside the folder is read (or skipped) like any other
-    assert ("cat/\\0.png", "h.jsonl row 1: not a usable path") in scan.skipped
+    assert ("cat/\\x00.png", "h.jsonl row 1: 'path' holds a NUL byte (no file name can)") in scan.skipped
+
+
+def test_one_file_spelled_several_ways_is_one_row_kept_at_its_first_listing(tmp_path):
+    """``cat/0.png``, ``./cat//0.png``, ``dog/../cat/0.png`` and its absolute path are one file:
+    one row, under the key a folder scan gives it, with the first listing's label; a file
+    outside the manifest's folder is one row under its absolute path, however it is reached."""
+    root = _tree(tmp_path / "imgs")
+    outside = make_image(tmp_path / "other" / "x.png", seed=7)
+    rows = [{"path": "./cat//0.png", "label": "cat"}, {"path": str(root / "cat" / "0.png"), "label": "dog"},
+            {"path": "dog/../cat/0.png", "label": "dog"}, {"path": "../other/x.png", "label": "dog"},
+            {"path": str(outside), "label": "cat"}, {"path": "../imgs/dog/1.png", "label": "dog"}]
+    scan = scan_manifest(_write(root / "m.csv", rows, "csv"))
+    got = {r.relpath: scan.classes[r.label] for r in scan.records}
+    assert got == {"cat/0.png": "cat", str(outside): "dog", "dog/1.png": "dog"}
+    assert got.keys() <= {r.relpath for r in scan_folder(root).records} | {str(outside)}
+    again = "listed again (first listing kept)"
+    assert scan.skipped == [("cat/0.png", f"m.csv row 3: {again}"), ("cat/0.png", f"m.csv row 4: {again}"), (str(outside), f"m.csv row 6: {again}")]
+
+
+def test_paths_no_row_may_have_are_skipped_with_their_row(tmp_path):
+    root = _tree(tmp_path / "imgs")
+    rows = [{"path": "cat/" + "x" * 5000 + ".png", "label": "cat"}, {"path": "cat/" + "é" * 200 + ".png", "label": "cat"},
+            {"path": "https://example.com/cat.png", "label": "cat"}, {"path": "cat/1.png", "label": "cat"}]
+    scan = scan_manifest(_write(root / "m.jsonl", rows, "jsonl"))
+    assert [r.relpath for r in scan.records] == ["cat/1.png"]
+    reasons = [reason for _, reason in scan.skipped]
+    assert reasons[0].startswith("m.jsonl row 1: 'path' is ") and "a path may have at most 4,096" in reasons[0]
+    assert "m.jsonl row 2: 'path' has a component of 404 bytes" in reasons[1]
+    assert reasons[2] == "m.jsonl row 3: 'path' is a URL; rows are keyed by the file's path relative to the data root"
+    assert all(len(p) <= 201 for p, _ in scan.skipped)  # a 5 kB path is not repeated whole in every report

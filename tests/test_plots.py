@@ -169,7 +169,7 @@ def test_a_named_heads_reports_carry_its_name_and_kept_epoch(tiny_cache, tmp_pat
 def test_a_one_epoch_finetunes_reports_show_epoch_0_and_the_kept_epoch(tiny_head, tmp_path):
     from pipeline.finetune.run import run_finetune
 
-    r = run_finetune(tiny_head, tmp_path / "ft.pt", options={"batch_size": 8, "augment": "light", "epochs": 1}, workers=0)
+    r = run_finetune(tiny_head, tmp_path / "ft.pt", options={"batch_size": 8, "augment": "light", "epochs": 1}, workers=0, trust_hub=True)
     assert [h["epoch"] for h in r.history] == [1]  # the result's history is the trained epochs only
     blob = json.loads(Path(r.reports["metrics_json"]).read_text())
     assert [h["epoch"] for h in blob["history"]] == [0, 1] and blob["best_epoch"] == r.best_epoch

@@ -145,7 +145,7 @@ def test_report_of_a_fine_tuned_model(tiny_head, tmp_path):
     """A fine-tuned model has no cache of its own backbone: metrics from the model file, data sections from its base head's cache."""
     from pipeline.finetune import run_finetune
 
-    model = run_finetune(tiny_head, tmp_path / "m.pt", epochs=0, workers=0, plots=False).model_path
+    model = run_finetune(tiny_head, tmp_path / "m.pt", epochs=0, workers=0, plots=False, trust_hub=True).model_path
     r = write_report(model)
     text = Path(r.path).read_text(encoding="utf-8")
     assert r.path == str(tmp_path / "m.report.html") and r.cache is not None and "base head" in text and "fine-tuned model" in text

@@ -12,9 +12,12 @@ from .registry import (
                        AUX_CLASSIFIERS,
                        MODEL_ARTIFACT_FORMAT,
                        Backbone,
+                       HubTrust,
                        Preprocessing,
                        available_models,
+                       check_artifact_backbone,
                        check_model_name,
+                       code_source,
                        drop_aux_classifiers,
                        file_digest,
                        load_backbone,
@@ -22,6 +25,7 @@ from .registry import (
 )
 from .taps import TOKEN_POOLS, layer_table
 
-__all__ = ["AUX_CLASSIFIERS", "TOKEN_POOLS", "ModelTransform", "ToPixels", "layer_table", "ENGINES", "MODEL_ARTIFACT_FORMAT", "PRECISIONS", "Backbone", "Engine", "EngineContext", "PrecisionChoice",
-           "Preprocessing", "TorchEngine", "available_models", "build_engine", "check_model_name", "choice_path", "choose_precision",
-           "drop_aux_classifiers", "engines_dir", "file_digest", "load_backbone", "model_identity", "torch_load_quietly", "tune"]
+__all__ = ["AUX_CLASSIFIERS", "TOKEN_POOLS", "ModelTransform", "ToPixels", "layer_table", "ENGINES", "MODEL_ARTIFACT_FORMAT", "PRECISIONS",
+           "Backbone", "Engine", "HubTrust", "EngineContext", "PrecisionChoice", "Preprocessing", "TorchEngine", "available_models", "build_engine",
+           "check_artifact_backbone", "check_model_name", "choice_path", "choose_precision", "code_source", "drop_aux_classifiers", "engines_dir",
+           "file_digest", "load_backbone", "model_identity", "torch_load_quietly", "tune"]

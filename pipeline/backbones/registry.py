@@ -17,18 +17,21 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence, Union
 
 import torch
 import torchvision
 from torch import nn
 
-from ..errors import BackboneError, WeightsUnavailableError, command_hint
+from ..errors import BackboneError, UntrustedCodeError, WeightsUnavailableError, command_hint
 from . import cadene, timm_models
 from .preprocessing import Preprocessing
 from .taps import tap_model
 
 HUB_PREFIX = "hub:"
+# Consent to run a backbone's outside code when a file names it: True (--trust-hub), or the
+# model names the user typed (--model, a job file's backbones), whose sources are then trusted.
+HubTrust = Union[bool, Collection[str]]
 # Used only for torch.hub entries that declare no preprocessing of their own (recorded as such).
 _IMAGENET_FALLBACK = dict(resize_size=[256], crop_size=[224], mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 
@@ -296,23 +299,83 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], removed: str, s
         raise BackboneError(f"{source} does not match the architecture: {'; '.join(problems)}")
 
 
+# ----------------------------------------------------------------------------- trust
+
+
+def code_source(name: str) -> str | None:
+    """Where building ``name`` takes Python code or a model definition from outside the installed
+    packages, else None. ``hub:REPO_OR_DIR:ENTRY``: the repo (a local folder made absolute), whose
+    hubconf.py runs on every load. ``timm:`` with a source prefix (``hf-hub:``, ``local-dir:``, any
+    ``scheme:`` or path timm resolves): that source. Registry names (torchvision, ``timm:ARCH``,
+    ``pretrainedmodels:ARCH``) only select code already installed, like a torchvision name: None."""
+    if name.startswith(HUB_PREFIX):
+        body = name[len(HUB_PREFIX):]
+        repo = body.rpartition(":")[0] or body
+        local = Path(repo).expanduser()
+        return str(local.resolve()) if local.is_dir() else repo
+    if name.lower().startswith(timm_models.PREFIX):
+        arch = name[len(timm_models.PREFIX):].strip()
+        return arch if (":" in arch or "/" in arch) else None
+    return None
+
+
+def check_artifact_backbone(name: str, artifact: str | os.PathLike, trust_hub: HubTrust = False) -> None:
+    """Refuse the backbone ``name`` read from the file ``artifact`` (a head, model, checkpoint or
+    cache) when building it would run outside code, unless the user consented; called before
+    anything of it is imported.
+
+    Why: an artifact is data that may come from anyone, and loading it must not run code named
+    inside it. A ``hub:`` name always runs its repo's hubconf.py (torch.hub has no data-only
+    load; from GitHub it is downloaded first), so it runs only when the user names that source
+    themselves (``trust_hub`` holds the names typed: ``--model hub:…``, a job file's backbones)
+    or passes ``--trust-hub`` (``trust_hub=True``). Registry names select installed code only;
+    weights files are read with ``torch.load(weights_only=True)`` or safetensors.
+
+    Raises:
+        UntrustedCodeError: exit 5; names the file, the backbone and the fix.
+    """
+    source = code_source(name)
+    if source is None or trust_hub is True:
+        return
+    typed = [trust_hub] if isinstance(trust_hub, str) else list(trust_hub or ())
+    if source in {code_source(n) for n in typed}:
+        return
+    raise UntrustedCodeError(f"{str(artifact)!r} names the backbone {name!r}, and loading it {_what_loading_does(name, source)}; "
+                             "featcache runs no code a file names without your consent: if you trust that source, rerun with --trust-hub "
+                             "(trust_hub=True in Python)")
+
+
+def _what_loading_does(name: str, source: str) -> str:
+    if not name.startswith(HUB_PREFIX):
+        return f"fetches a model from {source!r}, outside timm's installed registry"
+    if Path(source).is_dir():
+        return f"runs the Python code in {source!r} (its hubconf.py)"
+    return f"downloads the GitHub repo {source!r} and runs its hubconf.py"
+
+
 # ----------------------------------------------------------------------------- loading
 
 
 def load_backbone(name: str, weights: str = "DEFAULT", seed: int = 0, device: str | torch.device = "cpu", layers: Sequence[str] = (),
-                  token_pool: str = "cls") -> Backbone:
+                  token_pool: str = "cls", *, trust_hub: HubTrust = False) -> Backbone:
     """Build the headless backbone ``name`` with ``weights`` (DEFAULT, enum name, none, PATH);
     with ``layers``, tapped at those layers (see ``taps``) instead of its final embedding.
+    ``name`` is what the user chose, so a ``hub:`` name here runs; a fine-tuned model file
+    given as ``name`` names its backbone itself, which needs ``trust_hub`` (see
+    ``check_artifact_backbone``).
 
     Raises:
         BackboneError: unknown model or weights spec, or a state_dict that does not fit.
         WeightsUnavailableError: pretrained weights asked for but not obtainable.
+        UntrustedCodeError: a model file naming a ``hub:`` backbone, without consent.
     """
     if name.endswith((".pt", ".pth")) and Path(name).expanduser().is_file():  # --model FINETUNED.pt
-        blob = read_model_artifact(Path(name).expanduser())
+        path = Path(name).expanduser().resolve()
+        blob = read_model_artifact(path)
         if blob is None:
             raise BackboneError(f"--model {name!r} is a file but not a featcache fine-tuned model; pass a model name, or the file as --weights")
-        name, weights = blob["backbone"]["model"], str(Path(name).expanduser().resolve())
+        name, weights = blob["backbone"]["model"], str(path)
+        check_artifact_backbone(name, path, trust_hub)
     name = check_model_name(name)
     tapped = _tapped_artifact(weights)
     if tapped is not None:

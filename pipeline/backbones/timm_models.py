@@ -40,8 +40,11 @@ def import_timm():
 
 def check_name(name: str) -> str:
     """``timm:ARCH`` or ``timm:ARCH.TAG`` as timm spells it, or a BackboneError with close names."""
-    timm = import_timm()
     arch = name[len(PREFIX):].strip()
+    if ":" in arch or "/" in arch:  # timm would fetch it (hf-hub:, local-dir:): a config and weights from outside its registry
+        raise BackboneError(f"--model {name!r} names a model outside timm's installed registry; featcache builds registry names only: "
+                            "use timm:ARCH (see `featcache models --source timm`) with --weights PATH for a downloaded state_dict")
+    timm = import_timm()
     base, _, tag = arch.partition(".")
     if not timm.is_model(base.lower()):
         import difflib

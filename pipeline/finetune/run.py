@@ -27,7 +27,7 @@ import torch
 import torchvision
 
 from .. import __version__
-from ..backbones import AUX_CLASSIFIERS, Backbone, torch_load_quietly
+from ..backbones import AUX_CLASSIFIERS, Backbone, HubTrust, torch_load_quietly
 from ..distributed import World, rank_device, world
 from ..errors import CacheError, DataError, IncompatibleError, Interrupted, TrainingDivergedError, UsageError
 from ..extract import resolve_device
@@ -126,14 +126,16 @@ def run_finetune(
     plots: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
     log: Callable[[str], None] = lambda msg: None,
+    trust_hub: HubTrust = False,
     **fields: Any,
 ) -> FineTuneResult:
     """Fine-tune the head's backbone + head on the head's image folder; see the module doc.
     ``options`` left out are the defaults (or the checkpoint's, on ``resume``); ``fields``
-    replace single values (``epochs=1``, ``workers=0``).
+    replace single values (``epochs=1``, ``workers=0``). ``trust_hub``: consent to run the code
+    of a ``hub:`` backbone the head names (``--trust-hub``; a job passes its own backbones' names).
 
     Raises:
-        UsageError, DataError, IncompatibleError, CacheError, LockHeldError, StorageError,
+        UsageError, DataError, IncompatibleError (UntrustedCodeError: a ``hub:`` backbone without consent), CacheError, LockHeldError, StorageError,
         WeightsUnavailableError, TrainingDivergedError, Interrupted (the last epoch's checkpoint is intact).
     """
     given = build(FinetuneOptions, options, **fields)
@@ -149,7 +151,7 @@ def run_finetune(
     team.run_on_main(lock.acquire)
     try:
         workers = default_workers(dev.type) if given.workers is None else given.workers
-        job = FineTuneJob(loaded, out_path, data_dir, given, resume, force, workers, dev, log, team)
+        job = FineTuneJob(loaded, out_path, data_dir, given, resume, force, workers, dev, log, team, trust_hub=trust_hub)
         result = job.run(progress)
     finally:
         if team.is_main:
@@ -166,8 +168,10 @@ class FineTuneJob:
     ``run`` trains epoch by epoch, checkpointing after each and keeping the best."""
 
     def __init__(self, loaded: LoadedHead, out_path: Path, data_dir: str | os.PathLike | None, given: FinetuneOptions, resume: bool,
-                 force: bool, workers: int, device: torch.device, log: Callable[[str], None], team: World | None = None):
+                 force: bool, workers: int, device: torch.device, log: Callable[[str], None], team: World | None = None, *,
+                 trust_hub: HubTrust = False):
         self.loaded, self.prov, self.out_path, self.workers, self.device, self.log = loaded, loaded.provenance, out_path, workers, device, log
+        self.trust_hub = trust_hub
         self.team = team or World()
         self.ckpt_path = checkpoint_path_for(out_path)
         self.previous = self._previous_checkpoint(resume, force)
@@ -209,7 +213,7 @@ class FineTuneJob:
 
     def _prepare_model(self) -> None:
         prov, opts = self.prov, self.opts
-        self.backbone = self.loaded.load_backbone()
+        self.backbone = self.loaded.load_backbone(self.trust_hub)
         _check_backbone(self.backbone, self.loaded)
         self.head_kind, self.head_params, head = head_module_from(self.loaded, len(self.classes), opts.head == "new", opts.seed)
         self.model, self.thawed, aux = assemble(self.backbone, head, opts.unfreeze, len(self.classes), opts.seed)

@@ -3,7 +3,8 @@
 A head artifact is one file written atomically with ``torch.save`` and read with
 ``torch.load(weights_only=True)``: plain dicts, strings, numbers and tensors only. The
 scikit-learn head is stored as its arrays (scaler mean/scale, coefficients), not pickled,
-so loading an artifact can never execute code.
+so loading an artifact can never execute code; nor can rebuilding the backbone it names
+without the user's consent (``LoadedHead.load_backbone``: ``hub:`` entries run code).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..backbones import MODEL_ARTIFACT_FORMAT, Backbone, file_digest, load_backbone, torch_load_quietly
+from ..backbones import MODEL_ARTIFACT_FORMAT, Backbone, HubTrust, check_artifact_backbone, file_digest, load_backbone, torch_load_quietly
 from ..errors import CacheError, IncompatibleError, UsageError, command_hint
 from ..store import ensure_free_space, payload_bytes, weights_identity, write_bytes_atomically
 from .estimators import make_head
@@ -102,13 +103,16 @@ class LoadedHead:
     def predict(self, embeddings: np.ndarray) -> np.ndarray:
         return self.classes_[self.predict_proba(embeddings).argmax(axis=1)]
 
-    def load_backbone(self) -> Backbone:
+    def load_backbone(self, trust_hub: HubTrust = False) -> Backbone:
         """The backbone this head was fitted on, rebuilt from its provenance; weights that no
-        longer match (a replaced weights file) are refused."""
+        longer match (a replaced weights file) are refused, and so is a ``hub:`` backbone
+        unless ``trust_hub`` consents (the file names it, not the user: see
+        ``backbones.check_artifact_backbone``), before any of its code is imported."""
         prov = self.provenance
+        check_artifact_backbone(prov["model"], self.path, trust_hub)
         layers = [prov["layer"]] if prov.get("layer") else []
         backbone = load_backbone(prov["model"], prov.get("weights_spec") or prov["weights"], seed=int(prov.get("seed") or 0), layers=layers,
-                                 token_pool=prov.get("token_pool") or "cls")
+                                 token_pool=prov.get("token_pool") or "cls", trust_hub=trust_hub)
         if backbone.weights_id != prov["weights"]:
             raise IncompatibleError(f"head {str(self.path)!r} was fitted on weights {prov['weights']!r} but {prov.get('weights_spec')!r} now gives "
                                     f"{backbone.weights_id!r}; restore those weights or refit the head")

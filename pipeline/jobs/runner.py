@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..backbones import HubTrust
 from ..errors import ExitCode, FeatcacheError
 from ..finetune import FinetuneOptions
 from ..store import WriterLock, atomic_path
@@ -151,11 +152,13 @@ def finetune_plan(model_path: Path, head_path: Path, options: FinetuneOptions) -
 
 def run_job(path: str | Path, overrides: list[str] | None = None, *, force: bool = False, dry_run: bool = False, wait: float = 0.0,
             device: str | None = None, workers: int | None = None, log: Callable[[str], None] = lambda m: None,
-            progress: Callable[[str], Callable[[int, int, float], None] | None] = lambda label: None) -> JobResult:
+            progress: Callable[[str], Callable[[int, int, float], None] | None] = lambda label: None, trust_hub: bool = False) -> JobResult:
     """Validate the job file, then run its stale steps in order (or only plan them: ``dry_run``).
 
     A failing step stops the job (work already committed stays); the error propagates, and
     ``<name>.run.json`` records it as a "failed" step (plus ``error``), with ``completed`` false.
+    ``trust_hub`` (``run --trust-hub``) is needed only where a file names a ``hub:`` backbone the
+    job file does not (see ``hub_consent``).
     """
     job = load_job(path, overrides)
     if device is not None:
@@ -169,7 +172,7 @@ def run_job(path: str | Path, overrides: list[str] | None = None, *, force: bool
     else:
         with WriterLock(job.path, command=f"run {job.path.name}", wait=wait):
             try:
-                _execute(job, result, force, wait, log, progress)
+                _execute(job, result, force, wait, log, progress, hub_consent(job, trust_hub))
             except BaseException as exc:
                 result.seconds = round(time.perf_counter() - t0, 3)
                 result.fail(exc)
@@ -218,7 +221,14 @@ def _extract_groups(job: JobSpec) -> list[list[BackboneSpec]]:
     return list(groups.values())
 
 
-def _execute(job: JobSpec, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress) -> None:
+def hub_consent(job: JobSpec, trust_hub: bool) -> HubTrust:
+    """What the job's stages may run: a job file is the user's own instruction, like a command
+    line, so the ``hub:`` sources its backbones name are consent for its own stages (the fine-tune
+    of its heads); a file naming another source needs ``run --trust-hub``."""
+    return True if trust_hub else tuple(bb.model for bb in job.backbones)
+
+
+def _execute(job: JobSpec, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress, consent: HubTrust) -> None:
     from ..extract import extract_many
 
     for root in job.data:
@@ -231,7 +241,8 @@ def _execute(job: JobSpec, result: JobResult, force: bool, wait: float, log: Cal
             result.begin("extract", ", ".join(map(str, caches)), "run", "incremental extraction")
             opts = group[0].options
             summaries = extract_many(root, [bb.model for bb in group], per_model, opts, device=job.device,
-                                     workers=opts.workers if opts.workers is not None else job.workers, wait=wait, progress=progress("extract"), log=log)
+                                     workers=opts.workers if opts.workers is not None else job.workers, wait=wait, progress=progress("extract"), log=log,
+                                     trust_hub=consent)
             seconds = round(time.perf_counter() - t, 3)
             for cache, s in zip(caches, summaries):
                 changed = bool(s.new or s.removed or s.new_failed)
@@ -241,7 +252,7 @@ def _execute(job: JobSpec, result: JobResult, force: bool, wait: float, log: Cal
                 result.failed_inputs += s.failed
                 log(f"[{job.name}]   {s.model}: {s.new} new, {s.cached} cached, {s.failed} failed, {s.removed} removed")
             for cache in caches:
-                _fit_and_finetune(job, cache, result, force, wait, log, progress)
+                _fit_and_finetune(job, cache, result, force, wait, log, progress, consent)
     result.did_work = any(s.action != "skip" for s in result.steps)
     if not result.did_work:
         log(f"[{job.name}] nothing to do: every cache, head and model is up to date")
@@ -277,7 +288,8 @@ class _CacheAudit:
             return None
 
 
-def _fit_and_finetune(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress) -> None:
+def _fit_and_finetune(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress,
+                      consent: HubTrust) -> None:
     """The heads of one cache (and their reports), then the fine-tune that starts from one of them: each only when stale."""
     audit = _CacheAudit(job, cache, log)
     try:
@@ -287,7 +299,7 @@ def _fit_and_finetune(job: JobSpec, cache: Path, result: JobResult, force: bool,
         if counts is not None:
             result.audit[str(cache)] = counts
     if job.finetune is not None:
-        _finetune(job, cache, result, force, wait, log, progress, audit)
+        _finetune(job, cache, result, force, wait, log, progress, audit, consent)
 
 
 def _fit_heads(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, log: Callable[[str], None], audit: _CacheAudit) -> None:
@@ -314,7 +326,8 @@ def _fit_heads(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: 
         log(f"[{job.name}]   fitted on {r.n_train} rows" + (f", val accuracy {m['accuracy']:.4f}" if m else ""))
 
 
-def _finetune(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress, audit: _CacheAudit) -> None:
+def _finetune(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress, audit: _CacheAudit,
+              consent: HubTrust) -> None:
     """The fine-tune (when stale), and its report when the job writes reports (the cache's audit reused)."""
     from ..finetune import run_finetune
 
@@ -331,7 +344,7 @@ def _finetune(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: f
     result.begin("finetune", str(model), action, reason)
     r = run_finetune(head, model, options=ft.options, resume=action == "resume", force=action != "resume",
                      workers=ft.options.workers if ft.options.workers is not None else job.workers, device=job.device, wait=wait,
-                     progress=progress("train"), log=log)
+                     progress=progress("train"), log=log, trust_hub=consent)
     result.failed_inputs += len(r.failures)
     if job.report:
         from ..report import write_report
