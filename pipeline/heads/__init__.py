@@ -8,11 +8,22 @@ from .artifacts import LoadedHead, artifact_id, load_head, save_blob, save_model
 from .estimators import HEAD_KINDS, LinearHead, LogRegHead, MLPHead, TorchHead, build_head_module
 from .fit import compare_caches, evaluate_head, fit_head, full_proba
 from .knn import KNNHead
-from .metrics import classification_metrics, clear_reports, confusion_figure, format_metrics, history_figure, kept_epoch, pyplot, save_figure, write_reports
+from .metrics import (
+                      classification_metrics,
+                      clear_reports,
+                      confusion_figure,
+                      format_metrics,
+                      history_figure,
+                      kept_epoch,
+                      literal_text,
+                      pyplot,
+                      save_figure,
+                      write_reports,
+)
 from .options import FitOptions
 from .splits import assign_splits
 
 __all__ = ["HEAD_KINDS", "FitOptions", "KNNHead", "LinearHead", "LoadedHead", "LogRegHead", "MLPHead", "TorchHead", "artifact_id", "assign_splits", "build_head_module",
            "classification_metrics", "clear_reports", "compare_caches", "confusion_figure", "evaluate_head", "fit_head", "format_metrics", "full_proba",
-           "history_figure", "kept_epoch", "load_head", "pyplot",
+           "history_figure", "kept_epoch", "literal_text", "load_head", "pyplot",
            "save_blob", "save_figure", "save_model_artifact", "write_reports"]

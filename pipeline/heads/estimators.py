@@ -170,7 +170,10 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             self.fit_source(ArraySource(X, y), None, classes=classes, n_features=X.shape[1], epochs=best_epoch)
             self.history_ = holdout_history
             return self
-        val = ArraySource(np.asarray(X_val, dtype=np.float32), np.asarray(y_val)) if X_val is not None else None
+        val = None
+        if X_val is not None:
+            known = np.isin(y_val, classes)  # a class without training rows has no output to score (as LogRegHead and KNNHead)
+            val = ArraySource(np.asarray(X_val, dtype=np.float32)[known], np.asarray(y_val)[known])
         return self.fit_source(ArraySource(X, y), val, classes=classes, n_features=X.shape[1])
 
     def fit_source(self, train: BatchSource, val: BatchSource | None, classes: np.ndarray, n_features: int,

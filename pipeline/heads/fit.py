@@ -20,7 +20,7 @@ from .estimators import ArraySource, TorchHead, make_head
 from .knn import KNNHead
 from .metrics import REPORTS_NEED, classification_metrics, clear_reports, kept_epoch, plot_leaderboard, write_reports
 from .options import FitOptions
-from .splits import assign_splits
+from .splits import SplitRule, assign_splits
 
 
 class CacheSource:
@@ -68,6 +68,30 @@ class FitResult:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+def _check_training_classes(cache: Path, table: RowTable, split: np.ndarray, rule: SplitRule) -> None:
+    """Refuse a split whose training rows hold one class; warn about classes that only val/test
+    rows hold (no head can predict them: their rows score as mistakes).
+
+    Raises:
+        UsageError: the training rows hold one class (e.g. one image per class, and the split
+        sent a class's only image to val): nothing can be fitted.
+    """
+    labels, classes = table.labels, table.classes
+    seen = np.unique(labels[split == "train"])
+    if not len(seen):
+        return  # no training rows at all: the fit says so
+    unseen = [classes[int(c)] for c in np.setdiff1d(np.unique(labels[labels >= 0]), seen)]
+    if len(seen) < 2:
+        only, others = repr(classes[int(seen[0])]), ", ".join(map(repr, unseen[:5])) + (" …" if len(unseen) > 5 else "")
+        fix = (f"put images of {others} in train/" if rule.kind == "folders" else
+               f"the split (--val-fraction {rule.val_fraction:g}) sent every row of {others} to val: add images to those classes, or "
+               "fit on every row with --val-fraction 0")
+        raise UsageError(f"cache {str(cache)!r}: the training rows hold only class {only}; a head needs training rows of at least 2 classes: {fix}")
+    if unseen:
+        logs.warning(f"fit-head: class(es) {', '.join(map(repr, unseen[:10]))} have no training rows under this split: the head cannot predict "
+                     "them, and their val/test rows count as mistakes")
+
+
 def _load_split(cache: Path, val_fraction: float, seed: int):
     table = read_rows(cache)
     classes = table.classes
@@ -78,6 +102,7 @@ def _load_split(cache: Path, val_fraction: float, seed: int):
     if len(present) < 2:
         raise UsageError(f"cache {str(cache)!r} has only one class ({classes[int(present[0])]!r}); a classifier needs at least 2 class folders")
     split, rule = assign_splits(table.paths, table.labels, table.split, val_fraction, seed)
+    _check_training_classes(cache, table, split, rule)
     return table, split, rule
 
 
@@ -137,6 +162,8 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
     idx = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
     if not len(idx["train"]):
         raise UsageError(f"cache {str(cache)!r} has no training rows; add images or lower --val-fraction")
+    known = np.isin(table.labels[idx["val"]], table.labels[idx["train"]])
+    fit_idx = {**idx, "val": idx["val"][known]}  # the val rows a head can be scored on while it fits (early stopping, k, C)
     n_bytes = len(table.index_rows) * dim * 4
     streaming = opts.stream or n_bytes > opts.memory_budget_bytes
     head = make_head(kind, **opts.estimator_params())
@@ -146,17 +173,17 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
                          "logreg needs them all in RAM: use --clf linear or knn (both stream the cache), or raise --memory-budget")
     grid_board: list[dict[str, Any]] = []
     if opts.is_grid():
-        head, grid_board = _fit_grid(cache, table, idx, opts, head, streaming, dim)
+        head, grid_board = _fit_grid(cache, table, fit_idx, opts, head, streaming, dim)
         X = {s: None for s in idx}
     elif streaming and kind == "knn":  # the training rows stay in the cache
         tr = idx["train"]
-        Xv = _read(table, table.index_rows[idx["val"]], dim) if len(idx["val"]) else None
+        Xv = _read(table, table.index_rows[fit_idx["val"]], dim) if len(fit_idx["val"]) else None
         head.fit_cache(cache, [str(p) for p in table.paths[tr]], table.sha256_hex(tr), table.labels[tr], dim,
-                       Xv, table.labels[idx["val"]] if Xv is not None else None)
+                       Xv, table.labels[fit_idx["val"]] if Xv is not None else None)
         X = {s: None for s in idx}
     elif streaming:
-        src = lambda s: CacheSource(table, table.index_rows[idx[s]], table.labels[idx[s]])  # noqa: E731
-        head.fit_source(src("train"), src("val") if len(idx["val"]) else None, classes=np.unique(table.labels[idx["train"]]),
+        src = lambda s: CacheSource(table, table.index_rows[fit_idx[s]], table.labels[fit_idx[s]])  # noqa: E731
+        head.fit_source(src("train"), src("val") if len(fit_idx["val"]) else None, classes=np.unique(table.labels[idx["train"]]),
                         n_features=dim, train_labels=table.labels[idx["train"]])
         X = {s: None for s in idx}
     else:
@@ -165,8 +192,8 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
         use_val = isinstance(head, (TorchHead, KNNHead)) or opts.select_on == "val"  # early stopping, k, or logreg's C on val
         if opts.select_on == "val" and not len(idx["val"]):
             raise UsageError(f"--select-on val: cache {str(cache)!r} has no validation rows under this split; use --select-on cv or a --val-fraction above 0")
-        if use_val and len(idx["val"]):
-            head.fit(X["train"], y_train, X["val"], table.labels[idx["val"]])
+        if use_val and known.any():
+            head.fit(X["train"], y_train, X["val"][known], table.labels[fit_idx["val"]])
         else:
             head.fit(X["train"], y_train)
         if getattr(head, "C_at_edge_", "") == "largest":  # (the smallest edge is a model of class frequencies: recorded, nothing beyond it)

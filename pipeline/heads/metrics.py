@@ -1,15 +1,17 @@
 """Classification metrics and their pictures (no training here)."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import textwrap
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support, top_k_accuracy_score
 
+from ..names import printable
 from ..store import atomic_path
 
 
@@ -39,9 +41,10 @@ def format_metrics(name: str, m: dict[str, Any]) -> str:
     head = f"{name}: n={m['n']}  accuracy={m['accuracy']:.4f}  macro_f1={m['macro_f1']:.4f}  log_loss={m['log_loss']:.4f}"
     if "top5_accuracy" in m:
         head += f"  top5={m['top5_accuracy']:.4f}"
-    width = max(len(c) for c in m["per_class"])
+    per_class = {printable(c): v for c, v in m["per_class"].items()}  # a newline in a class name must not start a row
+    width = max(len(c) for c in per_class)
     rows = [f"  {'class':<{width}}  precision  recall     f1  support"]
-    rows += [f"  {c:<{width}}  {v['precision']:9.3f}  {v['recall']:6.3f}  {v['f1']:5.3f}  {v['support']:7d}" for c, v in m["per_class"].items()]
+    rows += [f"  {c:<{width}}  {v['precision']:9.3f}  {v['recall']:6.3f}  {v['f1']:5.3f}  {v['support']:7d}" for c, v in per_class.items()]
     return "\n".join([head, *rows])
 
 
@@ -60,6 +63,26 @@ def pyplot():
     return plt
 
 
+Drawn = TypeVar("Drawn")
+
+
+def literal_text(draw: Callable[..., Drawn]) -> Callable[..., Drawn]:
+    """Run ``draw`` with matplotlib's math text off. Class names, paths and titles are the
+    user's text, drawn as written: a ``$`` in one (a folder named ``$\\frac{a$``) would
+    otherwise be parsed as TeX and fail the whole figure. Every function of ours that creates
+    or renders a figure carries it (text made outside it would still be parsed at render)."""
+
+    @functools.wraps(draw)
+    def plain(*args: Any, **kwargs: Any) -> Drawn:
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return plain
+
+
+@literal_text
 def save_figure(fig, path: Path, dpi: int = 100) -> Path:
     """Lay out, write atomically as PNG, and free the figure."""
     plt = pyplot()
@@ -99,6 +122,7 @@ def _short(name: str, limit: int = TICK_LABEL_CHARS) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
+@literal_text
 def confusion_figure(matrix: list[list[int]], class_names: Sequence[str], title: str, max_inches: float | None = None):
     """The confusion matrix as a figure sized for its classes and their (shortened) names.
 
@@ -187,6 +211,7 @@ def _integer_locator():
     return MaxNLocator(integer=True, min_n_ticks=1)
 
 
+@literal_text
 def history_figure(history: list[dict[str, Any]], title: str, best_epoch: int | None = None):
     """Loss and accuracy per epoch, train and val in the same colours in both panels."""
     plt = pyplot()
@@ -202,6 +227,7 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str, best_epo
     return save_figure(history_figure(history, title, best_epoch), path)
 
 
+@literal_text
 def leaderboard_figure(rows: list[dict[str, Any]], title: str):
     """Validation accuracy per row (best first, at the top), each bar labelled with its value."""
     plt = pyplot()

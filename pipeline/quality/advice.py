@@ -45,7 +45,8 @@ def advice(audit: Any, metrics: dict[str, Any] | None = None) -> list[str]:
     if dup and dup["pairs"] - dup["leaks"] > 0:
         within = dup["pairs"] - dup["leaks"]
         exact = int((audit.duplicates.exact & ~audit.duplicates.leak).sum())
-        items.append(f"{_plural(within, 'near-duplicate pair')} within a split ({exact} byte-identical): drop the copies, they weigh those images twice")
+        items.append(f"{_plural(within, 'near-duplicate pair')} within a split ({exact} exact copies: same file or same embedding): drop the copies, "
+                     "they weigh those images twice")
     imb = audit.imbalance()
     if imb["minority_classes"]:
         counts = audit.class_counts()

@@ -18,8 +18,9 @@ import numpy as np
 
 from ..choices import AUDIT_CHECKS
 from ..heads import assign_splits
+from ..names import printable as _printable
 from ..store import load_cache
-from .duplicates import Duplicates, chance_threshold, find_duplicates, with_split
+from .duplicates import Duplicates, chance_threshold, find_duplicates, identical_rows, with_split
 from .label_errors import LabelIssues, find_label_issues
 from .oof import OutOfFold, out_of_fold_proba
 from .options import AuditOptions
@@ -60,7 +61,7 @@ class Audit:
     def judged_by(self, split: np.ndarray) -> Audit:
         """The same findings with the split (and so the leaks) of another rule: a head's own."""
         split = np.asarray(split, dtype=object)
-        return replace(self, split=split, duplicates=with_split(self.duplicates, split) if self.duplicates is not None else None)
+        return replace(self, split=split, duplicates=with_split(self.duplicates, split, self.unit) if self.duplicates is not None else None)
 
     # -- what the checks found, row by row
     def label_error_rows(self) -> np.ndarray:
@@ -107,6 +108,7 @@ class Audit:
                                           "folds": self.oof.folds, "C": self.oof.C, "out_of_fold_accuracy": round(self.oof.accuracy, 4),
                                           "chance_accuracy": round(self.oof.chance, 4), "p_value_vs_chance": float(f"{self.oof.p_value:.3g}")}
         out["label_errors_assessed"] = self.issues is not None
+        out["near_duplicates_assessed"] = self.space is not None  # exact copies are listed either way
         if self.label_errors_skipped:
             out["label_errors_skipped"] = self.label_errors_skipped
         out["label_errors"] = [self.label_error(r) for r in self.label_error_rows()[:limit]]
@@ -137,18 +139,26 @@ class Projected:
     space: EmbeddingSpace | None
     whitened: np.ndarray | None  # [N, k]
     seconds: float = 0.0
+    identical: np.ndarray | None = None  # [N] first row of each row's byte-identical embedding, -1 (``identical_rows``)
+    no_space: str = ""  # why ``space`` is None
 
 
 def project_rows(X: np.ndarray, dims: int, log: Callable[[str], None] = lambda m: None) -> Projected:
-    """The whitened principal-component space of ``X`` and the rows in it (None below ``MIN_ROWS``)."""
-    if len(X) < MIN_ROWS:
-        return Projected(None, None)
+    """The whitened principal-component space of ``X`` and the rows in it (None below
+    ``MIN_ROWS`` or when the rows do not vary), and which rows are byte-identical."""
     t = time.perf_counter()
+    identical = identical_rows(X)
+    if len(X) < MIN_ROWS:
+        return Projected(None, None, identical=identical, no_space=f"{len(X)} row(s): too few for label errors, near-duplicates or a map")
     space = fit_space(X, dims)
+    if space.dims == 0:
+        return Projected(None, None, time.perf_counter() - t, identical,
+                         f"every one of the {len(X):,} embeddings is the same vector (no variance): label errors, near-duplicates "
+                         "beyond exact copies and the map cannot be assessed")
     whitened = space.project(X)
     seconds = time.perf_counter() - t
     log(f"audit: {space.dims} principal components ({100 * space.explained:.1f} % of the variance) in {seconds:.1f}s")
-    return Projected(space, whitened, seconds)
+    return Projected(space, whitened, seconds, identical)
 
 
 def run_audit(X: np.ndarray, labels: np.ndarray, split: np.ndarray, paths: np.ndarray, classes: list[str], options: AuditOptions | None = None, *,
@@ -169,8 +179,10 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
     labelled = np.flatnonzero(labels >= 0)
     audit = Audit(opts, np.asarray(paths), labels, split, list(classes), None, None, None, None, None, labelled, None, list(failures or []))
     if rows.space is None:
-        audit.notes.append(f"{len(labels)} row(s): too few for label errors, duplicates or a map")
-        audit.label_errors_skipped = f"label errors need at least {MIN_ROWS} rows (there are {len(labels)}); not assessed"
+        audit.duplicates = find_duplicates(None, opts.duplicate_threshold, split, sha256, identical=rows.identical, max_pairs=opts.max_pairs)
+        audit.notes.append(f"{rows.no_space or f'{len(labels)} row(s): no space'}; exact copies (same file or same embedding) are still listed")
+        audit.label_errors_skipped = (f"label errors need at least {MIN_ROWS} rows (there are {len(labels)}); not assessed" if len(labels) < MIN_ROWS
+                                      else "label errors not assessed: the embeddings do not vary, so nothing in them tells the classes apart")
         return audit
     audit.space, audit.whitened, audit.unit = rows.space, rows.whitened, unit_rows(rows.whitened)
     audit.seconds["space"] = rows.seconds
@@ -180,16 +192,20 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
     if threshold > opts.duplicate_threshold:
         audit.notes.append(f"near-duplicate threshold raised from {opts.duplicate_threshold:g} to {threshold:.4g}: {len(labels):,} rows give only "
                            f"{audit.space.dims} components, and in so few dimensions unrelated images often reach {opts.duplicate_threshold:g}")
-    audit.duplicates = find_duplicates(audit.unit, threshold, split, sha256, max_pairs=opts.max_pairs, device=opts.device)
+    audit.duplicates = find_duplicates(audit.unit, threshold, split, sha256, identical=rows.identical, max_pairs=opts.max_pairs, device=opts.device)
     audit.seconds["duplicates"] = time.perf_counter() - t
     if audit.duplicates.pairs.truncated:
-        audit.notes.append(f"{audit.duplicates.pairs.found:,} near-duplicate pairs found; the {opts.max_pairs:,} most similar are kept (--max-pairs)")
-    log(f"audit: {len(audit.duplicates)} near-duplicate pair(s) at cosine >= {threshold:.4g} in {audit.seconds['duplicates']:.1f}s")
+        audit.notes.append(f"{audit.duplicates.pairs.found:,} near-duplicate pairs found; the {opts.max_pairs:,} kept are the exact copies, then the "
+                           "most similar (--max-pairs)")
+    log(f"audit: {len(audit.duplicates)} near-duplicate pair(s) ({int(audit.duplicates.exact.sum())} exact) at cosine >= {threshold:.4g} "
+        f"in {audit.seconds['duplicates']:.1f}s")
 
     t = time.perf_counter()
     present = np.unique(labels[labelled])
     if len(present) < 2:
         audit.label_errors_skipped = "label errors need labelled rows of at least 2 classes; not assessed"
+    elif np.bincount(labels[labelled]).max() < 2:
+        audit.label_errors_skipped = "label errors need a class with at least 2 labelled rows (out-of-fold probabilities need folds); not assessed"
     else:
         audit.oof = out_of_fold_proba(audit.whitened[labelled], labels[labelled], len(classes), opts.folds, opts.seed)
         audit.seconds["label_errors"] = time.perf_counter() - t
@@ -231,11 +247,6 @@ def audit_cache(cache: str | os.PathLike, options: AuditOptions | None = None, *
 __all__ = ["AUDIT_CHECKS", "Audit", "audit_cache", "run_audit"]
 
 
-def _printable(text: str) -> str:
-    """A path as one terminal line: control characters (a newline in a file name) escaped."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def format_audit(audit: Audit, todo: list[str], limit: int = 20) -> str:
     """The audit for a terminal: counts, the first ``limit`` entries of each check, what to do."""
     c = audit.counts()
@@ -245,10 +256,11 @@ def format_audit(audit: Audit, todo: list[str], limit: int = 20) -> str:
     else:
         lines.append(f"label errors  {c['label-errors']}  ({audit.oof.folds}-fold out-of-fold logreg, accuracy {audit.oof.accuracy:.4f}; "
                      f"cleanlab {audit.options.label_method})")
-        lines += [f"  {_printable(e['path'])}: given {e['given']}, suggested {e['suggested']} (p(given) {e['given_probability']:.2f})"
+        lines += [f"  {_printable(e['path'])}: given {_printable(e['given'])}, suggested {_printable(e['suggested'])} (p(given) {e['given_probability']:.2f})"
                   for e in (audit.label_error(r) for r in audit.label_error_rows()[:limit])]
     dup = audit.duplicates.counts(audit.split) if audit.duplicates is not None else {"pairs": 0, "leaks": 0}
-    lines.append(f"duplicates    {dup['pairs']} pair(s) at cosine >= {audit.duplicate_threshold:.4g}, {dup['leaks']} leak(s) across splits")
+    found = f"at cosine >= {audit.duplicate_threshold:.4g} or exact" if audit.space is not None else "of exact copies (no near-duplicate search: see the note)"
+    lines.append(f"duplicates    {dup['pairs']} pair(s) {found}, {dup['leaks']} leak(s) across splits")
     for p in range(min(limit, len(audit.duplicates) if audit.duplicates is not None else 0)):
         e = audit.duplicate(p)
         lines.append(f"  {_printable(e['a'])} ({e['split_a'] or '-'}) ~ {_printable(e['b'])} ({e['split_b'] or '-'}): {e['similarity']:.4f}"
@@ -256,10 +268,10 @@ def format_audit(audit: Audit, todo: list[str], limit: int = 20) -> str:
     imb = audit.imbalance()
     ratio = "-" if imb["ratio"] is None else ("inf" if imb["ratio"] == float("inf") else f"{imb['ratio']:.1f}")
     lines.append(f"imbalance     largest/smallest class {ratio}; {c['imbalance']} class(es) under 1/{audit.options.imbalance_ratio:g} of the largest"
-                 + (f": {', '.join(imb['minority_classes'][:10])}" if imb["minority_classes"] else ""))
+                 + (f": {', '.join(_printable(m) for m in imb['minority_classes'][:10])}" if imb["minority_classes"] else ""))
     lines.append(f"failed files  {c['failed-files']}")
     lines += [f"  {_printable(p)}: {_printable(r)}" for p, r in audit.failures[:limit]]
-    lines += [f"note          {n}" for n in audit.notes]
+    lines += [f"note          {_printable(n)}" for n in audit.notes]
     lines.append("what to do")
-    lines += [f"  - {t}" for t in todo]
+    lines += [f"  - {_printable(t)}" for t in todo]  # advice quotes class names
     return "\n".join(lines)

@@ -53,7 +53,10 @@ def embedding_map(space: EmbeddingSpace, whitened: np.ndarray, method: str = "pc
         rows = _sample(n, PCA_MAX_POINTS, seed)
         xy = (whitened[rows, :2] * np.sqrt(space.variances[:2])).astype(np.float32)
         share = float(space.variances[:2].sum() / space.total_variance) if space.total_variance > 0 else 1.0
+        flat = xy.shape[1] < 2  # the rows span one direction (e.g. two distinct embeddings, each repeated)
+        xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
         return EmbeddingMap(xy, rows, "pca", f"PCA: the first two principal components ({100 * share:.1f} % of the variance)"
+                            + (" (the rows span only one direction: the vertical axis is 0)" if flat else "")
                             + (f", {len(rows):,} of {n:,} rows drawn at random" if len(rows) < n else ""))
     rows = _sample(n, max_points, seed)
     Z = whitened[rows, :NEIGHBOUR_INPUT_DIMS]

@@ -53,8 +53,15 @@ class OutOfFold:
 
 
 def fold_count(labels: np.ndarray, wanted: int) -> int:
-    """``wanted`` folds, fewer when even the largest class has fewer rows (StratifiedKFold's limit)."""
-    return max(2, min(wanted, int(np.bincount(labels).max())))
+    """``wanted`` folds, fewer when even the largest class has fewer rows (StratifiedKFold's limit).
+
+    Raises:
+        ValueError: no class has 2 rows (no two folds can be made).
+    """
+    largest = int(np.bincount(labels).max())
+    if largest < 2:
+        raise ValueError("out-of-fold probabilities need a class with at least 2 rows")
+    return max(2, min(wanted, largest))
 
 
 def out_of_fold_proba(Z: np.ndarray, labels: np.ndarray, n_classes: int, folds: int = 5, seed: int = 0) -> OutOfFold:
@@ -62,7 +69,7 @@ def out_of_fold_proba(Z: np.ndarray, labels: np.ndarray, n_classes: int, folds: 
     cross-fitting on the rows of ``Z``; a class missing from a fold's training rows gets 0.
 
     Raises:
-        ValueError: fewer than 2 classes or a class-less fold (the caller skips label errors).
+        ValueError: fewer than 2 classes, or no class with 2 rows (the caller skips label errors).
     """
     t0 = time.perf_counter()
     labels = np.asarray(labels, dtype=np.int64)
@@ -76,6 +83,10 @@ def out_of_fold_proba(Z: np.ndarray, labels: np.ndarray, n_classes: int, folds: 
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         splits = list(splitter.split(np.zeros(len(labels)), labels))
     for train, test in splits:
+        seen = np.unique(labels[train])
+        if len(seen) < 2:  # the fold's other classes are all in its test rows: a model of one class says that class
+            proba[test, seen[0]] = 1.0
+            continue
         head = LogRegHead(C=C, random_state=seed, tol=1e-3)
         head.fit(Z[train], labels[train])
         C = head.C_

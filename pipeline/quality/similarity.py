@@ -58,12 +58,14 @@ class Pairs:
 
 
 def pairs_above(U: np.ndarray, threshold: float, *, max_pairs: int = 10_000, device: str = "auto", block_rows: int = BLOCK_ROWS,
-                block_cols: int = BLOCK_COLS) -> Pairs:
+                block_cols: int = BLOCK_COLS, exclude_groups: np.ndarray | None = None) -> Pairs:
     """Every pair of rows of ``U`` (unit vectors) whose cosine similarity is >= ``threshold``;
-    at most ``max_pairs`` of them, the most similar."""
+    at most ``max_pairs`` of them, the most similar. Rows with the same ``exclude_groups``
+    label ([N] int) are never paired (copies the caller reports on its own)."""
     dev = head_device(device)
     n = len(U)
     rows = _Rows(np.ascontiguousarray(U, dtype=np.float32), dev)
+    group = torch.from_numpy(np.asarray(exclude_groups, dtype=np.int64)).to(dev) if exclude_groups is not None else None
     kept_i, kept_j, kept_s, held, found = [], [], [], 0, 0
     for r0 in range(0, n, block_rows):
         r1 = min(n, r0 + block_rows)
@@ -74,6 +76,8 @@ def pairs_above(U: np.ndarray, threshold: float, *, max_pairs: int = 10_000, dev
             hit = S >= threshold
             if c0 < r1:  # the block holds the diagonal: only j > i
                 hit &= torch.arange(c0, c1, device=dev)[None, :] > torch.arange(r0, r1, device=dev)[:, None]
+            if group is not None:
+                hit &= group[r0:r1, None] != group[None, c0:c1]
             a, b = torch.nonzero(hit, as_tuple=True)
             if not len(a):
                 continue

@@ -8,9 +8,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..heads import confusion_figure, history_figure, kept_epoch, pyplot
+from ..heads import confusion_figure, history_figure, kept_epoch, literal_text, pyplot
 
 
+@literal_text
 def png_uri(fig, dpi: int = 90) -> str:
     """Lay out, encode as PNG, free the figure."""
     plt = pyplot()
@@ -32,6 +33,7 @@ def history_uri(history: list[dict[str, Any]], title: str) -> str:
     return png_uri(history_figure(history, title, kept_epoch(history)))
 
 
+@literal_text
 def map_uri(xy: np.ndarray, labels: np.ndarray, classes: Sequence[str], mistakes: np.ndarray, suspects: np.ndarray, title: str) -> str:
     """Points coloured by class (grey: unlabeled), mistakes as black crosses, likely label
     errors as red rings; ``mistakes`` / ``suspects`` index the points."""

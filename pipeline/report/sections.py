@@ -151,8 +151,11 @@ def duplicates(view: dict[str, Any]) -> str:
     audit = view["audit"]
     opts = view["options"]
     d = audit.duplicates
-    method = (f"Pairs of rows at cosine similarity >= {audit.duplicate_threshold:.4g} in the whitened principal-component space (exact search over every "
-              "pair, in blocks); exact = the same file bytes (SHA-256); leak = the two rows are in different splits. Leaks first.")
+    search = ("Exact copies only (no space to search for near-duplicates: see the notes)" if audit.space is None else
+              f"Pairs of rows at cosine similarity >= {audit.duplicate_threshold:.4g} in the whitened principal-component space (exact search over "
+              "every pair, in blocks), and every exact copy")
+    method = (f"{search}; exact = the same file bytes (SHA-256) or byte-identical embeddings, listed whatever the threshold, each copy against its "
+              "group's first training row; leak = the two rows are in different splits. Leaks first.")
     if d is None or not len(d):
         return section("duplicates", "Near-duplicates and split leaks", "<p class=good>None found.</p>", note=method)
     order = np.lexsort((-d.pairs.similarity, ~d.leak))
@@ -165,7 +168,8 @@ def duplicates(view: dict[str, Any]) -> str:
         items.append(f'<div class="item"><div class="row">{pair}</div><div class="note">sim {e["similarity"]:.4f}{tags}</div></div>')
     counts = d.counts(audit.split)
     summary = key_values([("pairs", counts["pairs"]), ("leaks (across splits)", counts["leaks"]), ("val images copying a train image", counts["val_copies_of_train"]),
-                          ("test images copying a train image", counts["test_copies_of_train"]), ("byte-identical pairs", counts["exact_pairs"])])
+                          ("test images copying a train image", counts["test_copies_of_train"]),
+                          ("exact pairs (same file or embedding)", counts["exact_pairs"])])
     return section("duplicates", f"Near-duplicates and split leaks: {counts['pairs']:,} pairs, {counts['leaks']:,} leaks",
                    summary + f'<div class="grid">{"".join(items)}</div>', note=method + " " + _more(shown, len(order), "pairs"))
 
