@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -30,6 +31,7 @@ from .backbones import (
     Backbone,
     Engine,
     EngineContext,
+    HubTrust,
     PrecisionChoice,
     TorchEngine,
     build_engine,
@@ -41,9 +43,10 @@ from .backbones import (
     model_identity,
     tune,
 )
+from .changes import SCAN_STARTED, check_content, racy
 from .choices import DECODES, GPU_DECODERS, canonical_weights
 from .distributed import World, rank_device, world
-from .errors import Interrupted, UsageError
+from .errors import FeatcacheError, Interrupted, UsageError
 from .images import (
     DEFAULT_MAX_PIXELS,
     LAYOUTS,
@@ -51,6 +54,7 @@ from .images import (
     DeviceFeeder,
     ImageRecord,
     ManifestColumns,
+    ScanFailure,
     ScanResult,
     SharedDecodeDataset,
     check_gpu_decode,
@@ -64,7 +68,8 @@ from .images import (
 from .interrupts import sigterm_as_interrupt
 from .options import HOW, JOB_LEVEL, build, check_device, check_types, choose, require
 from .overlap import StageClock, WriterThread
-from .store import DTYPES, CacheWriter, PendingRow, WriterLock, encode_paths, repair_cache
+from .store import DTYPES, CacheWriter, KnownFiles, PendingRow, WriterLock, encode_paths, read_cache_meta, repair_cache
+from .store.schema import check_compatible
 
 EMBEDDING_DEFINITION = "input of the model's final classification layer (classifier replaced by Identity)"
 
@@ -135,6 +140,9 @@ class ExtractOptions:
     decode: str = "exact"
     gpu_decoder: str = field(default="auto", metadata={HOW: True})  # --decode gpu: torchvision, nvimgcodec or auto (images/gpu_decode.py)
     repair: bool = field(default=False, metadata={HOW: True})  # drop damaged parts (re-extracting their images) and retry every failed file
+    # hash every file the size+mtime check calls unchanged and extract again those whose bytes differ
+    # from their row's SHA-256 (mtimes restored by touch -r, cp -p, rsync -t); retry every failed file
+    verify_content: bool = field(default=False, metadata={HOW: True})
     path_col: str = "path"  # a manifest's columns (CSV, TSV, JSON lines, Parquet)
     label_col: str = "label"
     split_col: str = "split"
@@ -181,6 +189,8 @@ class ExtractSummary:
     failed: int = 0  # files currently failing (this run's and earlier ones)
     new_failed: int = 0
     removed: int = 0
+    hashed: int = 0  # files the size+mtime check passed that were read and hashed (--verify-content: all; else recently modified ones)
+    content_changed: int = 0  # of those, files whose bytes differed from their row's SHA-256 (extracted again: counted in new)
     repaired: dict[str, Any] = field(default_factory=dict)  # --repair: what was rebuilt or dropped
     rows: int = 0  # rows the cache now holds
     classes: list[str] = field(default_factory=list)
@@ -264,6 +274,13 @@ def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.d
     return {
         **prov,
         "embedding": EMBEDDING_DEFINITION if "layer" not in prov else f"output of layer {prov['layer']}, pooled: {prov['layer_pool']}",
+        **run_meta(backbone.name, scan, dtype, device, precision, decode),
+    }
+
+
+def run_meta(model: str, scan: ScanResult, dtype: str, device: torch.device, precision: str, decode: str) -> dict[str, Any]:
+    """What a cache records besides the backbone's own provenance: the data, the run's choices, the versions."""
+    return {
         "dtype": dtype,
         "data_root": scan.data_root,
         "layout": scan.layout,
@@ -276,7 +293,7 @@ def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.d
         "featcache_version": __version__,
         "torch_version": str(torch.__version__),
         "torchvision_version": str(torchvision.__version__),
-        **source_versions(backbone.name),
+        **source_versions(model),
         "numpy_version": np.__version__,
         "python_version": platform.python_version(),
     }
@@ -289,7 +306,7 @@ ProgressFn = Callable[[int, int, float], None]
 class Target:
     """One cache: a backbone's embedding (or one tapped layer's columns of it)."""
 
-    backbone: Backbone
+    backbone: Backbone | None  # None until loaded: a run with nothing to extract never loads it (_deferred_pass)
     out_path: Path
     meta: dict[str, Any]
     lock: WriterLock
@@ -305,7 +322,7 @@ class Target:
 class Pass:
     """One backbone forward per batch and the caches it fills: one, or one per tapped layer."""
 
-    backbone: Backbone
+    backbone: Backbone | None  # None until loaded (see Target)
     targets: list[Target]
     engine: Engine | None = None
 
@@ -328,34 +345,121 @@ def _open_writer(t: Target, create: bool, repair: bool, log: Callable[[str], Non
 
 @dataclass
 class ScanColumns:
-    """A folder scan as numpy columns, for the diff against each cache."""
+    """A scan as numpy columns, for the diff against each cache: its records, then what it
+    found but cannot use (``failed``: recorded as failures, with fingerprints)."""
 
     records: Sequence[ImageRecord]
-    paths: np.ndarray  # encoded as the store encodes them
+    failed: Sequence[ScanFailure]
+    paths: np.ndarray  # encoded as the store encodes them: records, then failed
     sizes: np.ndarray
     mtimes: np.ndarray
+    root: Path
+    started: float  # time.time() before the scan: a lower bound of when this run hashes any file
+    digests: dict[str, bytes | None] = field(default_factory=dict)  # files hashed by this run's content checks (shared by its caches)
 
     @classmethod
-    def of(cls, scan: ScanResult) -> "ScanColumns":
-        recs = scan.records
-        return cls(recs, encode_paths([r.relpath for r in recs]), np.fromiter((r.size for r in recs), np.int64, len(recs)),
-                   np.fromiter((r.mtime_ns for r in recs), np.int64, len(recs)))
+    def of(cls, scan: ScanResult, started: float) -> "ScanColumns":
+        keys = [*scan.records, *scan.failed]
+        return cls(scan.records, scan.failed, encode_paths([r.relpath for r in keys]), np.fromiter((r.size for r in keys), np.int64, len(keys)),
+                   np.fromiter((r.mtime_ns for r in keys), np.int64, len(keys)), scan.root, started)
 
 
-def _open_target(t: Target, w: World, scan: ScanColumns, max_pixels: int | None, repair: bool, log: Callable[[str], None]) -> None:
+def _open_target(t: Target, w: World, scan: ScanColumns, opts: ExtractOptions, log: Callable[[str], None]) -> None:
     """Open the locked cache (rank 0 first: it adopts parts of earlier crashed runs) and work
     out what this cache lacks (numpy over the encoded paths: stat-only for a folder of
-    unchanged files); each rank then writes parts of its own."""
-    main_writer = w.run_on_main(lambda: _open_writer(t, create=w.enabled, repair=repair, log=log))
-    t.writer = CacheWriter(t.out_path, t.meta, staging=True, tag=f"rank{w.rank}-") if w.enabled else main_writer
-    known = t.writer.known_files(retry=lambda reason: repair or retry_under(reason, max_pixels))
-    unchanged = known.unchanged(scan.paths, scan.sizes, scan.mtimes)
-    t.todo = {scan.records[i].relpath for i in np.flatnonzero(~unchanged).tolist()}
+    unchanged files, but for the few files the content check reads); each rank then writes
+    parts of its own. What the scan found unusable is recorded as failed, once."""
+    retry = lambda reason: opts.repair or opts.verify_content or retry_under(reason, opts.max_pixels)  # noqa: E731
+    main = w.run_on_main(lambda: _open_and_check(t, scan, opts, retry, w.enabled, log))
+    if w.enabled:  # after rank 0 removed the rows whose bytes changed: they are missing here too
+        t.writer = CacheWriter(t.out_path, t.meta, staging=True, tag=f"rank{w.rank}-")
+        known = t.writer.known_files(retry=retry)
+        unchanged = known.unchanged(scan.paths, scan.sizes, scan.mtimes)
+    else:
+        t.writer, known, unchanged = main
+    n = len(scan.records)
+    t.todo = {scan.records[i].relpath for i in np.flatnonzero(~unchanged[:n]).tolist()}
     t.removed = known.missing_from(scan.paths)
     t.summary.removed = len(t.removed)
-    t.summary.cached = len(scan.records) - len(t.todo)
+    t.summary.cached = n - len(t.todo)
     if not w.enabled:
         t.writer.remove(t.removed)
+    if w.is_main:
+        for f in (scan.failed[i] for i in np.flatnonzero(~unchanged[n:]).tolist()):
+            t.writer.add_failure(f.relpath, f.reason, f.size, f.mtime_ns)
+            t.summary.new_failed += 1
+
+
+def _open_and_check(t: Target, scan: ScanColumns, opts: ExtractOptions, retry: Callable[[str], bool], ranks: bool,
+                    log: Callable[[str], None]) -> tuple[CacheWriter, KnownFiles, np.ndarray]:
+    """Rank 0: the writer, the cache's known files and which scanned files they hold unchanged
+    (size and mtime), less the rows whose bytes changed all the same: every such file with
+    ``--verify-content``, else the racy ones (``pipeline/changes.py``) are hashed. Those rows are
+    removed at once, so a run interrupted before extracting them again leaves no stale row."""
+    writer = _open_writer(t, create=ranks, repair=opts.repair, log=log)
+    known = writer.known_files(retry=retry)
+    unchanged = known.unchanged(scan.paths, scan.sizes, scan.mtimes)
+    n = len(scan.records)
+    suspects = unchanged[:n] & (True if opts.verify_content else racy(scan.mtimes[:n], writer.manifest.meta.get(SCAN_STARTED)))
+    check = check_content(t.out_path, scan.root, scan.records, scan.paths, np.flatnonzero(suspects), scan.digests) if suspects.any() else None
+    t.meta[SCAN_STARTED] = scan.started  # recorded by this run's commits (read above first: the previous run's)
+    writer.set_meta(**{SCAN_STARTED: scan.started})
+    if check is None:
+        return writer, known, unchanged
+    t.summary.hashed, t.summary.content_changed = check.hashed, len(check.changed)
+    if len(check.changed):
+        changed = [scan.records[i].relpath for i in check.changed.tolist()]
+        log(f"{t.summary.model}: {len(changed)} of {check.hashed} file(s) hashed changed content with the same size and mtime "
+            f"(e.g. {changed[0]}); extracting them again")
+        unchanged[check.changed] = False
+        writer.remove(changed)
+        if ranks:  # committed before the ranks open their writers
+            writer.commit()
+    return writer, known, unchanged
+
+
+def _symbolic_weights(spec: str) -> bool:
+    """DEFAULT, none or a weights name: what they load is fixed by the library versions a cache
+    records (a weights file's content is not, nor a hub folder's code)."""
+    return re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?", spec) is not None and not Path(spec).expanduser().exists()
+
+
+def _deferred_pass(model: str, out_paths: list[Path], opts: ExtractOptions, scan: ScanResult, dev: torch.device, precision: str, w: World,
+                   wait: float) -> Pass | None:
+    """A pass whose backbone is loaded only once its cache turns out to lack files: when the
+    cache exists and records this very request (model, symbolic weights and seed, the data and
+    its classes, dtype, precision, decode, library versions), a run with nothing to extract or
+    only files to drop never builds the model. None (load it up front) otherwise: a new cache,
+    a weights file, a hub or fine-tuned model, --layer, --repair."""
+    path = out_paths[0]
+    if (opts.layers or opts.repair or model.startswith("hub:") or model.endswith((".pt", ".pth")) or not _symbolic_weights(opts.weights)
+            or len(out_paths) != 1 or not path.is_file()):
+        return None
+    try:
+        stored = read_cache_meta(path)
+    except FeatcacheError:
+        return None  # loading the backbone as usual reports it
+    run = run_meta(model, scan, opts.dtype, dev, precision, opts.decode)
+    same = (stored.get("model") == model and stored.get("weights_spec") == opts.weights and stored.get("embedding") == EMBEDDING_DEFINITION
+            and stored.get("seed") == (opts.seed if opts.weights == "none" else None) and not ({"layer", "layers"} & set(stored))
+            and all(stored.get(k) == v for k, v in run.items() if k not in ("device", "engine")))
+    if not same:
+        return None
+    meta = {**stored, **run, "engine": stored.get("engine", "eager")}
+    summary = ExtractSummary(str(path), model, stored["weights"], int(stored["embed_dim"]), str(dev), classes=list(scan.classes), rank=w.rank,
+                             world_size=w.size, skipped=list(scan.skipped), precision=precision, decode=opts.decode, engine=meta["engine"])
+    return Pass(None, [Target(None, path, meta, WriterLock(path, command=f"extract --model {model}", wait=wait), summary, slice(None))])
+
+
+def _load_deferred(p: Pass, backbone: Backbone, scan: ScanResult, dtype: str, dev: torch.device, precision: str, decode: str) -> None:
+    """A deferred pass's cache lacks files: its backbone, checked to be the one the cache's rows came from."""
+    t = p.targets[0]
+    meta = build_meta(backbone, scan, dtype, dev, precision, decode)
+    check_compatible(t.out_path, t.meta, meta)
+    t.meta.update(meta)
+    t.writer.set_meta(**meta)
+    p.backbone = t.backbone = backbone
+    t.summary.weights, t.summary.embed_dim = backbone.weights_id, int(meta["embed_dim"])
 
 
 def _merge_ranks(w: World, t: Target) -> None:
@@ -496,11 +600,13 @@ def extract_many(
     wait: float = 0.0,
     progress: ProgressFn | None = None,
     log: Callable[[str], None] = lambda msg: None,
+    trust_hub: HubTrust = False,
     **fields: Any,
 ) -> list[ExtractSummary]:
     """Extract every image under ``data_dir`` not yet in each backbone's cache, reading and
     decoding each file once for all of them (each backbone applies its own preprocessing).
-    ``fields`` replace single values of ``options`` (e.g. ``workers=0``).
+    ``fields`` replace single values of ``options`` (e.g. ``workers=0``). ``trust_hub``: consent
+    to run a ``hub:`` backbone that a fine-tuned model file given as a model names (``--trust-hub``).
 
     Raises:
         DataError, BackboneError, WeightsUnavailableError, CacheError, IncompatibleError,
@@ -528,11 +634,17 @@ def extract_many(
         check_gpu_decode(dev)
     w = world(dev.type)
     dev = rank_device(dev, w)
+    started = time.time()  # every row this run writes is hashed after this (the racy rule, pipeline/changes.py)
     scan = scan_source(data_dir, opts.layout, ManifestColumns(opts.path_col, opts.label_col, opts.split_col),
                        shard_index=default_cache_dir() / ".shard-index")
+    load = partial(load_backbone, weights=weights, seed=opts.seed, layers=opts.layers, token_pool=opts.token_pool, trust_hub=trust_hub)
     passes: list[Pass] = []
     for model, out in zip(models, outs):
-        backbone = load_backbone(model, weights, seed=opts.seed, layers=opts.layers, token_pool=opts.token_pool)
+        deferred = _deferred_pass(model, cache_paths(model, opts, scan.data_root, out, chosen.name), opts, scan, dev, chosen.name, w, wait)
+        if deferred is not None:
+            passes.append(deferred)
+            continue
+        backbone = load(model)
         taps: list[int | None] = list(range(len(backbone.taps))) or [None]
         p = Pass(backbone, [])
         for tap, out_path in zip(taps, cache_paths(model, opts, scan.data_root, out, chosen.name)):
@@ -549,32 +661,37 @@ def extract_many(
 
     t0 = time.perf_counter()
     opened: list[Target] = []
-    columns = ScanColumns.of(scan)
+    columns = ScanColumns.of(scan, started)
     try:
         for t in targets:  # rank 0 holds every cache's lock for the whole run
             w.run_on_main(t.lock.acquire)
             opened.append(t)
-            _open_target(t, w, columns, opts.max_pixels, opts.repair, log if w.is_main else (lambda m: None))
+            _open_target(t, w, columns, opts, log if w.is_main else (lambda m: None))
+        for p in passes:  # a cache whose backbone was not loaded lacks files after all
+            if p.backbone is None and p.todo:
+                _load_deferred(p, load(p.targets[0].summary.model), scan, opts.dtype, dev, chosen.name, decode)
+        passes = [p for p in passes if p.backbone is not None]
         # one pass over every file some cache lacks; each rank takes a deterministic share
         todo_all = [r for r in scan.records if any(r.relpath in t.todo for t in targets)]
         todo = todo_all[w.rank :: w.size]
         for t in targets:
             if w.is_main and (t.removed or t.todo):
-                log(f"{t.backbone.name}{f' {t.summary.layer}' if t.summary.layer else ''}: {len(t.todo)} to extract, {t.summary.cached} cached, "
+                log(f"{t.summary.model}{f' {t.summary.layer}' if t.summary.layer else ''}: {len(t.todo)} to extract, {t.summary.cached} cached, "
                     f"{len(t.removed)} removed" + (f" ({w.size} ranks)" if w.enabled else ""))
         # the decoder processes start reading while the engines are built
         pass_todo = [p.todo for p in passes]
         needs = [tuple(r.relpath in todo_p for todo_p in pass_todo) for r in todo]
-        draft = max(p.backbone.preprocessing.draft_size for p in passes) if decode == "draft" else None
+        draft = max((p.backbone.preprocessing.draft_size for p in passes), default=None) if decode == "draft" else None
         to_pixels = [p.backbone.preprocessing.pixels() for p in passes]
-        dataset = SharedDecodeDataset(scan.root, todo, to_pixels, needs, opts.max_pixels, draft, gpu_decode=decode == "gpu")
-        # on CUDA the feeder thread pins batches (it starts once the engines are built: a CUDA graph
-        # being captured must not see another thread allocate page-locked memory)
-        # and on CUDA each worker holds 2 whole batches ahead, not 4: 15 workers x 2 x 256 uint8 images
-        # is already 1.2 GB of shared memory
-        loader = make_loader(dataset, batch_size, workers if todo else 0, False, collate=partial(collate_shared, needs=needs),
-                             prefetch=2 if dev.type == "cuda" else 4)
-        batches = iter(loader) if todo else iter(())
+        batches: Iterator[list[DecodedBatch]] = iter(())
+        if todo:
+            dataset = SharedDecodeDataset(scan.root, todo, to_pixels, needs, opts.max_pixels, draft, gpu_decode=decode == "gpu")
+            # on CUDA the feeder thread pins batches (it starts once the engines are built: a CUDA graph
+            # being captured must not see another thread allocate page-locked memory)
+            # and on CUDA each worker holds 2 whole batches ahead, not 4: 15 workers x 2 x 256 uint8 images
+            # is already 1.2 GB of shared memory
+            batches = iter(make_loader(dataset, batch_size, workers, False, collate=partial(collate_shared, needs=needs),
+                                       prefetch=2 if dev.type == "cuda" else 4))
         for p in passes:
             ctx = engine_context(p.backbone, dev, chosen, batch_size, p.targets[0].out_path.parent)
             p.engine = build_engine(engine, ctx, len(p.todo), log if w.is_main else (lambda m: None))
@@ -633,13 +750,14 @@ def run_extract(data_dir: str | os.PathLike, model: str, weights: str = "DEFAULT
 
 
 def measure_engines(model: str, weights: str = "DEFAULT", *, precision: str = "fp32", batch_size: int = 32, device: str = "auto", seed: int = 0,
-                    cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
+                    cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] = lambda msg: None,
+                    trust_hub: HubTrust = False) -> dict[str, Any]:
     """Measure every engine available here on ``model`` (random tensors) and remember the fastest
-    where ``extract --engine auto`` into ``cache_dir`` looks for it."""
+    where ``extract --engine auto`` into ``cache_dir`` looks for it (``trust_hub`` as for ``extract_many``)."""
     require(batch_size >= 1, f"--batch-size must be at least 1 (got {batch_size})")
     dev = resolve_device(device)
     chosen = resolve_precision(precision, dev, log)
-    backbone = load_backbone(model, weights, seed=seed)
+    backbone = load_backbone(model, weights, seed=seed, trust_hub=trust_hub)
     ctx = engine_context(backbone, dev, chosen, batch_size, Path(cache_dir) if cache_dir is not None else default_cache_dir())
     tuning = tune(ctx, log=log)
     return {"model": model, "weights": backbone.weights_id, "precision": chosen.name, "batch_size": batch_size, "device": str(dev),

@@ -28,7 +28,7 @@ STAGES = [
 SAMPLES = {
     ExtractOptions: {"weights": "none", "batch_size": 7, "workers": 1, "dtype": "float16", "layout": "imagefolder", "seed": 3,
                      "commit_every": 11, "commit_seconds": 5.5, "max_pixels": 1000, "amp": True, "engine": "eager", "precision": "bf16",
-                     "decode": "draft", "gpu_decoder": "torchvision", "repair": True, "layers": ["layer3", "last4"], "token_pool": "cls+mean",
+                     "decode": "draft", "gpu_decoder": "torchvision", "repair": True, "verify_content": True, "layers": ["layer3", "last4"], "token_pool": "cls+mean",
                      "path_col": "file", "label_col": "cls", "split_col": "part"},
     FitOptions: {"clf": "mlp", "C": 0.5, "workers": 2, "epochs": 3, "lr": 0.01, "weight_decay": 0.001, "batch_size": 16, "hidden": [8, 4],
                  "dropout": [0.1, 0.2], "label_smoothing": 0.1, "schedule": "step", "patience": 2, "class_weight": "balanced",

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from pipeline import load_cache
 from pipeline.extract import run_extract
 from pipeline.images import scan_folder
 from pipeline.images.shards import expand_braces, scan_shards
+from pipeline.status import cache_status
 
 from conftest import cli_json, make_image, run_cli
 from test_crash import _generation, _start, _wait_for
@@ -107,15 +110,86 @@ def test_damaged_members_and_shards_fail_alone(tree, tmp_path, tiny_hub):
     out = cli_json("extract", str(tmp_path / "shards" / "train-*.tar"), "-m", tiny_hub, "-w", "none", "--workers", "0",
                    "--out", str(tmp_path / "c.h5"), expect=3)
     failures = {f["path"]: f["reason"] for f in out["failures"]}
-    assert set(failures) == {"train-000001.tar/bad.jpg"}
-    skipped = {s["path"]: s["reason"] for s in out["skipped"]}
-    assert "not a tar file" in skipped["train-000003.tar"]
-    assert any(p.startswith("train-000002.tar") and "truncated" in r for p, r in skipped.items())
+    assert set(failures) == {"train-000001.tar/bad.jpg", "train-000002.tar", "train-000003.tar"} and out["skipped"] == []
+    assert "not a tar file" in failures["train-000003.tar"]
+    assert failures["train-000002.tar"].startswith("truncated shard") and members[2].name in failures["train-000002.tar"]
     c = load_cache(tmp_path / "c.h5")
     assert {p for p in c.paths if p.startswith("train-000000.tar")} == {f"train-000000.tar/{n}" for n in
                                                                         ("cat_0.png", "cat_1.jpg", "cat_2.png", "cat_3.jpg")}
     assert "train-000001.tar/ok.png" in set(c.paths)
     assert {p for p in c.paths if p.startswith("train-000002.tar")} == {"train-000002.tar/" + members[0].name}  # the member before the cut
+
+
+def _link(tar: tarfile.TarFile, name: str, target: str, hard: bool = False) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = (tarfile.LNKTYPE if hard else tarfile.SYMTYPE), target
+    tar.addfile(info)
+
+
+def test_missing_members_are_failures_in_status_and_retried_once_the_shard_is_repaired(tree, tmp_path, tiny_hub):
+    """A shard cut where a header begins (tarfile stops there without a word) and link members
+    used to vanish with no record: exit 0, status 'failed 0, pending 0'. Missing is failed."""
+    whole, links = _shards(tree, tmp_path / "shards", per_shard=6)
+    full = whole.read_bytes()
+    with tarfile.open(whole) as tar:
+        members = tar.getmembers()
+    whole.write_bytes(full[: members[6].offset])  # 6 of its 12 members gone
+    with tarfile.open(links, "a") as tar:
+        _link(tar, "cat_link.png", "dog_1.png")
+        _link(tar, "dog_hard.jpg", "dog_2.jpg", hard=True)
+        _add(tar, "dog_9.png", (tree / "dog" / "0.png").read_bytes())
+        _link(tar, "dog_9.txt", "dog_1.txt")
+    pattern, out = str(tmp_path / "shards" / "train-*.tar"), tmp_path / "c.h5"
+
+    first = run_extract(pattern, tiny_hub, "none", out, workers=0)
+    failures = dict(first.failures)
+    assert set(failures) == {"train-000000.tar", "train-000001.tar/cat_link.png", "train-000001.tar/dog_hard.jpg", "train-000001.tar/dog_9.png"}
+    assert (first.new, first.failed, first.skipped) == (7, 4, [])  # the CLI exits 3 on failed > 0
+    cut = failures["train-000000.tar"]
+    assert cut.startswith("truncated shard") and members[5].name in cut and "copy the shard again" in cut
+    assert "symbolic link to 'dog_1.png'" in failures["train-000001.tar/cat_link.png"]
+    assert "hard link" in failures["train-000001.tar/dog_hard.jpg"] and "not followed" in failures["train-000001.tar/dog_hard.jpg"]
+    assert "dog_9.txt" in failures["train-000001.tar/dog_9.png"]
+    status = cache_status(out, verify=False)
+    assert (status["failed"], status["not_extracted"], status["gone_from_disk"]) == (4, 0, 0)
+    assert {f["path"] for f in status["failures"]} == set(failures)
+
+    again = run_extract(pattern, tiny_hub, "none", out, workers=0)
+    assert (again.new, again.new_failed, again.failed, again.removed) == (0, 0, 4, 0)  # recorded once
+
+    whole.write_bytes(full)  # the shard copied again
+    repaired = run_extract(pattern, tiny_hub, "none", out, workers=0)
+    assert (repaired.new, repaired.failed) == (6, 3) and "train-000000.tar" not in dict(repaired.failures)  # a rewritten shard: all of it
+    assert len(load_cache(out)) == 10
+
+
+def test_verify_content_hashes_members_in_place(tmp_path, tiny_hub):
+    """A shard rewritten with other pixels of the same sizes, its mtime restored: members are
+    hashed where they lie in the shard and the changed one is extracted again."""
+    images = [make_image(tmp_path / "src" / f"{i}.bmp", size=(40, 36), seed=i, fmt="BMP").read_bytes() for i in range(5)]
+    shard = tmp_path / "shards" / "s-000000.tar"
+    shard.parent.mkdir()
+
+    def write(contents: list) -> None:
+        with tarfile.open(shard, "w") as tar:
+            for i, data in enumerate(contents):
+                _add(tar, f"k{i}.bmp", data)
+                _add(tar, f"k{i}.txt", b"cat" if i % 2 else b"dog")
+
+    hour_ago = time.time_ns() - 3600 * 10**9
+    write(images[:4])
+    os.utime(shard, ns=(hour_ago, hour_ago))
+    out = tmp_path / "c.h5"
+    assert run_extract(str(shard), tiny_hub, "none", out, workers=0).new == 4
+    before = load_cache(out)
+    write([images[0], images[4], images[2], images[3]])  # k1 has other pixels, same size
+    os.utime(shard, ns=(hour_ago, hour_ago))
+    assert run_extract(str(shard), tiny_hub, "none", out, workers=0).new == 0  # size + mtime: documented
+    checked = run_extract(str(shard), tiny_hub, "none", out, workers=0, verify_content=True)
+    assert (checked.new, checked.hashed, checked.content_changed) == (1, 4, 1)
+    after = load_cache(out)
+    changed = [p for p, a, b in zip(after.paths, before.embeddings, after.embeddings) if not np.array_equal(a, b)]
+    assert changed == ["s-000000.tar/k1.bmp"]
 
 
 def test_sigkill_mid_shard_resumes_without_loss_or_duplicates(tmp_path):

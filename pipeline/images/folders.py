@@ -9,12 +9,13 @@ symlink-loop protection, and file fingerprints for incremental extraction.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ..choices import LAYOUTS
 from ..errors import DataError
+from ..names import row_path_problem, shown
 
 # Same list as torchvision.datasets.folder.IMG_EXTENSIONS (checked by a test).
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -36,6 +37,17 @@ class ImageRecord:
     offset: int = -1  # … whose bytes start here in it (read in place, never unpacked)
 
 
+@dataclass(frozen=True)
+class ScanFailure:
+    """Something the scan found but cannot use (a truncated tar shard, a link member): recorded
+    in the cache as a failed file with its fingerprint, so it is retried once it changes."""
+
+    relpath: str
+    reason: str
+    size: int
+    mtime_ns: int
+
+
 @dataclass
 class ScanResult:
     root: Path  # what record paths are relative to
@@ -46,6 +58,7 @@ class ScanResult:
     source: Path | None = None  # the manifest file, when the images came from one
     columns: dict[str, str] | None = None  # the manifest's path/label/split column names
     spec: str | None = None  # a source that is not a path (torchvision:CIFAR10:/data/cifar10)
+    failed: list[ScanFailure] = field(default_factory=list)  # found but unusable, recorded as failures (tar shards)
 
     @property
     def data_root(self) -> str:
@@ -89,6 +102,9 @@ def _walk_images(top: Path) -> tuple[list[str], list[tuple[str, str]]]:
 
 def _stat_record(root: Path, path: str, label: int, split: str) -> ImageRecord | tuple[str, str]:
     rel = Path(os.path.relpath(path, root)).as_posix()
+    problem = row_path_problem(rel)
+    if problem:  # a name the file system holds but a row cannot (a path too long to store)
+        return shown(rel), f"path {problem}"
     try:
         st = os.stat(path)
     except OSError as exc:  # dangling symlink, vanished file

@@ -3,10 +3,12 @@
 A manifest has a ``path`` column (relative to the manifest's folder, or absolute) and
 optional ``label`` (class name) and ``split`` (train/val/test) columns; the names are
 configurable. Rows are keyed by path exactly as a folder scan keys them (``cat/0.jpg``
-relative to the manifest's folder), and classes are the sorted label names as ImageFolder
-sorts class folders — so the same images give the same cache rows from a folder or from a
-manifest beside it. A row that cannot be used (a missing file, an empty label, an unknown
-split, a repeated path) is skipped with its row number and reason; the rest is processed.
+relative to the manifest's folder; a file outside it by its absolute path), one key per file
+however it is spelled (``./a/../cat//0.jpg`` is ``cat/0.jpg``), and classes are the sorted
+label names as ImageFolder sorts class folders — so the same images give the same cache rows
+from a folder or from a manifest beside it. A row that cannot be used (a missing file, an
+empty label, an unknown split, a path ``pipeline.names`` refuses, a repeated path: the first
+listing is kept) is skipped with its row number and reason; the rest is processed.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..names import LISTED_AGAIN, URL, printable, row_path_problem, shown
 from .folders import UNLABELED, ImageRecord, ScanResult
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet")
@@ -99,6 +102,21 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
+def manifest_row_path(given: str, folder: str) -> str:
+    """The row path a manifest entry is stored under, one per file however it is spelled:
+    ``given`` (relative to the manifest's ``folder``, or absolute) made absolute and
+    normalised (``.``, ``..``, repeated slashes; lexically, as the file system would resolve
+    it without symlinks), then relative to ``folder`` when inside it — the key a folder
+    scan gives the same file — else the absolute path (no ``..`` escaping the folder). A URL
+    is left as it is, for ``row_path_problem`` to refuse."""
+    if URL.match(given):
+        return given
+    full = posixpath.normpath(posixpath.join(folder, given.replace(os.sep, "/")))
+    full = "/" + full.lstrip("/")  # normpath keeps a leading '//'
+    base = folder.rstrip("/") + "/"
+    return full[len(base):] if full.startswith(base) else full
+
+
 def scan_manifest(source: str | os.PathLike, columns: ManifestColumns | None = None) -> ScanResult:
     """The images a manifest lists, with labels, splits and fingerprints.
 
@@ -126,9 +144,13 @@ def scan_manifest(source: str | os.PathLike, columns: ManifestColumns | None = N
         if not given:
             skipped.append((f"<{where}>", f"empty {columns.path!r}"))
             continue
-        rel = given if os.path.isabs(given) else posixpath.normpath(given.replace(os.sep, "/"))
+        rel = manifest_row_path(given, str(root))
+        problem = row_path_problem(rel, absolute_ok=True)
+        if problem:
+            skipped.append((shown(given), f"{where}: {columns.path!r} {problem}"))
+            continue
         if rel in seen:
-            skipped.append((rel, f"{where}: listed again (first listing kept)"))
+            skipped.append((rel, f"{where}: {LISTED_AGAIN}"))
             continue
         seen.add(rel)
         label = UNLABELED
@@ -150,11 +172,8 @@ def scan_manifest(source: str | os.PathLike, columns: ManifestColumns | None = N
         except OSError as exc:
             skipped.append((rel, f"{where}: {exc.strerror.lower() if exc.strerror else 'cannot stat'}"))
             continue
-        except ValueError:  # a NUL byte in the path
-            skipped.append((rel.replace("\0", "\\0"), f"{where}: not a usable path"))
-            continue
         records.append(ImageRecord(rel, label, split, st.st_size, st.st_mtime_ns))
     if not records:
         raise DataError(f"manifest {str(path)!r} lists no usable image ({len(rows)} rows, {len(skipped)} skipped"
-                        + (f", e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else "") + ")")
+                        + (f", e.g. {shown(skipped[0][0])}: {printable(skipped[0][1])}" if skipped else "") + ")")
     return ScanResult(root, "manifest", labels, records, skipped, source=path, columns=columns.to_dict())

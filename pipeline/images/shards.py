@@ -8,9 +8,12 @@ and the member's offset, and the decoder processes read members in place, in par
 A row's identity is ``<shard>/<key>.<ext>``; its fingerprint is the member's size and the
 shard's mtime, so a rewritten shard is extracted again. A shard's member list is remembered
 in a small index keyed by the shard's path, size and mtime, so a re-run over unchanged
-shards does not open them. A member that is not an image is ignored; a label file that
-cannot be read, a truncated shard (members past its end) and a file that is not a tar are
-skipped with reasons, and the rest is processed.
+shards does not open them. A member that is not an image is ignored. What cannot be used is a
+failure recorded in the cache (exit 3, listed by ``status``), never silently dropped, and the
+rest is processed: a truncated or damaged shard (named once, as the shard; tarfile itself
+stops quietly at a cut header, so the end-of-archive marker is checked), a file that is not a
+tar, a symbolic or hard link member (links are not followed), an image whose label member is
+unreadable or missing. Its fingerprint is the shard's mtime, so a repaired shard is retried.
 """
 from __future__ import annotations
 
@@ -25,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .folders import IMG_EXTENSIONS, UNLABELED, ImageRecord, ScanResult
+from .folders import IMG_EXTENSIONS, UNLABELED, ImageRecord, ScanFailure, ScanResult
 
 SHARD_SUFFIX = ".tar"
 LABEL_EXTENSIONS = ("cls", "txt", "json")
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: unusable members and truncation are listed as 'failed' (with sizes)
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -93,44 +96,98 @@ def _label_value(ext: str, data: bytes) -> str | int:
     return obj if isinstance(obj, (int, str)) else str(obj)
 
 
+def _spoil(group: dict[str, Any], name: str, reason: str, size: int) -> None:
+    """Mark a key's group unusable because of one of its members (the first problem is kept)."""
+    group.setdefault("problem", [name, reason, size])
+
+
+def _link_reason(member: tarfile.TarInfo) -> str:
+    kind = "symbolic" if member.issym() else "hard"
+    return f"{kind} link to {member.linkname!r}: links in shards are not followed; store the file itself in the shard"
+
+
+def _end_problem(path: Path, offset: int, size: int, last: str) -> str | None:
+    """Why the shard does not end where its last member says it should (tarfile stops quietly
+    at a cut or damaged header), or None when the end-of-archive marker is there."""
+    after = f"after member {last!r}" if last else "before its first member"
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        block = fh.read(tarfile.BLOCKSIZE)
+    if len(block) == tarfile.BLOCKSIZE and not block.strip(b"\0"):
+        return None
+    if len(block) < tarfile.BLOCKSIZE:
+        return (f"truncated shard: it ends {after} (byte {size}) without the tar end-of-archive marker, so the members after it are "
+                "missing; copy the shard again")
+    return f"damaged shard: the header at byte {offset} ({after}) is not a tar header; the rest of the shard is not read; copy the shard again"
+
+
+CUT = "cut off where the shard is truncated"
+
+
+def _scan_members(tar: tarfile.TarFile, size: int, groups: dict[str, dict[str, Any]]) -> tuple[str, str | None]:
+    """Group the members by key (images, labels, links as problems); returns the last member
+    read whole and, when the shard stops early (a member runs past the end of the file, or a
+    header tarfile refuses), why."""
+    last = ""
+    members = iter(tar)
+    while True:
+        try:
+            member = next(members, None)
+        except tarfile.ReadError as exc:
+            return last, f"damaged shard after member {last!r} ({exc}); the rest of the shard is not read; copy the shard again"
+        if member is None:
+            return last, None
+        key, ext = _split_name(member.name)
+        used = "." + ext in IMG_EXTENSIONS or ext in LABEL_EXTENSIONS
+        if member.offset_data + member.size > size:
+            if used:
+                _spoil(groups.setdefault(key, {}), member.name, CUT, member.size)
+            have = max(0, size - member.offset_data)
+            return last, (f"truncated shard: it ends inside member {member.name!r} ({have} of its {member.size} bytes); the members from "
+                          "there on are missing; copy the shard again")
+        if member.issym() or member.islnk():
+            if used:
+                _spoil(groups.setdefault(key, {}), member.name, _link_reason(member), 0)
+        elif member.isfile():
+            group = groups.setdefault(key, {})
+            if "." + ext in IMG_EXTENSIONS and "image" not in group:
+                group["image"] = [member.name, member.offset_data, member.size]
+            elif ext in LABEL_EXTENSIONS and "label" not in group:
+                try:
+                    group["label"] = _label_value(ext, tar.extractfile(member).read())  # type: ignore[union-attr]
+                except (ValueError, UnicodeDecodeError, tarfile.TarError) as exc:
+                    _spoil(group, member.name, f"unreadable label: {type(exc).__name__}: {exc}", member.size)
+        last = member.name
+
+
 def _read_shard(path: Path) -> dict[str, Any]:
-    """Open one shard and list its images (offset, size) and labels, as an index entry."""
+    """Open one shard and list its images (offset, size, label) and, as failures, what cannot
+    be used: a truncated or damaged shard (``""``: the shard itself), link members, members
+    whose label is unreadable; an index entry."""
     st = path.stat()
-    entry: dict[str, Any] = {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "members": [], "skipped": []}
+    entry: dict[str, Any] = {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "members": [], "failed": []}
     groups: dict[str, dict[str, Any]] = {}
     try:
         with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_name(member.name)
-                group = groups.setdefault(key, {})
-                if member.offset_data + member.size > st.st_size:
-                    entry["skipped"].append([member.name, "truncated shard: the member runs past the end of the file"])
-                    group["broken"] = True
-                elif "." + ext in IMG_EXTENSIONS and "image" not in group:
-                    group["image"] = [member.name, member.offset_data, member.size]
-                elif ext in LABEL_EXTENSIONS and "label" not in group:
-                    try:
-                        data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                        group["label"] = _label_value(ext, data)
-                    except (ValueError, UnicodeDecodeError, tarfile.TarError) as exc:
-                        entry["skipped"].append([member.name, f"unreadable label: {type(exc).__name__}: {exc}"])
-                        group["broken"] = True
-    except tarfile.ReadError as exc:
-        if not groups:
-            entry["skipped"].append(["", f"not a tar file ({exc})"])
-            return entry
-        entry["skipped"].append(["", f"truncated or damaged after {len(groups)} keys ({exc}); the rest of the shard is skipped"])
-    except OSError as exc:
-        entry["skipped"].append(["", f"cannot read ({exc.strerror or exc})"])
+            last, problem = _scan_members(tar, st.st_size, groups)
+            problem = problem or _end_problem(path, tar.offset, st.st_size, last)
+    except tarfile.ReadError as exc:  # refused before its first member
+        entry["failed"].append(["", f"not a tar file ({exc}); shards are plain uncompressed .tar files: create or copy it again", st.st_size])
         return entry
-    for key, group in groups.items():
-        if "image" in group and not group.get("broken"):
+    except OSError as exc:
+        entry["failed"].append(["", f"cannot read the shard ({exc.strerror or exc}); check that it is readable", st.st_size])
+        return entry
+    if problem:
+        entry["failed"].append(["", problem, st.st_size])
+    for group in groups.values():
+        bad = group.get("problem")
+        if "image" in group and bad is None:
             name, offset, size = group["image"]
             entry["members"].append([name, offset, size, group.get("label")])
         elif "image" in group:
-            entry["skipped"].append([group["image"][0], "skipped: its label or data is damaged"])
+            entry["failed"].append([group["image"][0], f"not extracted: {bad[0]}: {bad[1]}", group["image"][2]])
+        elif bad is not None and bad[1] != CUT:  # (the shard's own record says so)
+            entry["failed"].append(bad)
     return entry
 
 
@@ -181,16 +238,16 @@ def scan_shards(pattern: str | os.PathLike, index_dir: Path | None = None) -> Sc
     classes = _class_names({m[3] for _, e in entries for m in e["members"] if m[3] is not None}) if labelled else []
     label_of = {c: i for i, c in enumerate(classes)}
     records: list[ImageRecord] = []
-    skipped: list[tuple[str, str]] = []
+    failed: list[ScanFailure] = []
     for shard, entry in entries:
         rel = shard.relative_to(root).as_posix()
-        skipped += [(f"{rel}/{name}" if name else rel, reason) for name, reason in entry["skipped"]]
+        failed += [ScanFailure(f"{rel}/{name}" if name else rel, reason, size, entry["mtime_ns"]) for name, reason, size in entry["failed"]]
         for name, offset, size, label in entry["members"]:
             if labelled and label is None:
-                skipped.append((f"{rel}/{name}", "no label file (.cls, .txt or .json) beside it"))
+                failed.append(ScanFailure(f"{rel}/{name}", "no label file (.cls, .txt or .json) beside it; add one to the shard", size, entry["mtime_ns"]))
                 continue
             records.append(ImageRecord(f"{rel}/{name}", label_of[str(label)] if labelled else UNLABELED, "", size, entry["mtime_ns"], rel, offset))
     if not records:
         raise DataError(f"shards {str(pattern)!r} hold no usable image ({len(shards)} shard(s)"
-                        + (f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else "") + ")")
-    return ScanResult(root, "shards", classes, records, skipped, source=Path(os.path.abspath(os.path.expanduser(str(pattern)))))
+                        + (f"; e.g. {failed[0].relpath}: {failed[0].reason}" if failed else "") + ")")
+    return ScanResult(root, "shards", classes, records, [], source=Path(os.path.abspath(os.path.expanduser(str(pattern)))), failed=failed)
