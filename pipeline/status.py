@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import DataError, command_hint
 from .images import scan_source
+from .names import printable
 from .store import cache_disk_bytes, encode_paths, read_index_info, read_rows, verify_cache
 
 
@@ -62,7 +63,7 @@ def cache_status(path: str | os.PathLike, check_disk: bool = True, verify: bool 
         if check_disk and meta.get("data_root"):  # a cache written by other code may have no data folder
             try:
                 scan = scan_source(meta["data_root"], meta["layout"], meta.get("manifest_columns"))
-                on_disk = encode_paths([r.relpath for r in scan.records])
+                on_disk = encode_paths([r.relpath for r in [*scan.records, *scan.failed]])  # what extract records as failed too
                 have = np.concatenate([table.paths_raw, encode_paths([p for p, _ in failures])])
                 status["not_extracted"] = int((~np.isin(on_disk, have)).sum())
                 status["gone_from_disk"] = int((~np.isin(have, on_disk)).sum())
@@ -85,25 +86,26 @@ def format_cache_status(s: dict[str, Any]) -> str:
     meta = s["provenance"]
     pre = meta.get("preprocessing")
     lines = [
-        f"cache      {s['cache']}",
+        f"cache      {printable(s['cache'])}",
         f"backbone   {meta['model']}  weights={meta['weights']}  embed_dim={s['embed_dim']} {s['dtype']}  "
         f"({meta.get('precision', 'fp32')}, engine {meta.get('engine', 'eager')}, decode {meta.get('decode', 'exact')})",
         _preprocessing_line(pre),
         *([f"layer      {meta['layer']}  (pooled: {meta.get('layer_pool')})"] if meta.get("layer") else []),
-        f"data root  {meta['data_root']}  (layout {meta['layout']})",
+        f"data root  {printable(meta['data_root'])}  (layout {meta['layout']})",
         f"rows       {s['rows']}  in {s['parts']} part(s) (schema {s['schema_version']}, version {s['generation']}), "
         f"{human_bytes(s['bytes_on_disk'])} on disk, updated {s['updated']}",
         f"splits     {', '.join(f'{k}={v}' for k, v in s['splits'].items()) or '-'}",
         f"classes    {len(s['classes'])}" + (f"  (+{s['unlabeled']} unlabeled)" if s["unlabeled"] else ""),
     ]
-    width = max((len(c) for c in s["classes"]), default=0)
-    lines += [f"  {c:<{width}}  {n}" for c, n in s["classes"].items()]
+    shown = {printable(c): n for c, n in s["classes"].items()}  # a newline in a class name must not start a line
+    width = max((len(c) for c in shown), default=0)
+    lines += [f"  {c:<{width}}  {n}" for c, n in shown.items()]
     if s.get("not_extracted") is not None:
         lines.append(f"pending    {s['not_extracted']} file(s) on disk not yet extracted, {s.get('gone_from_disk', 0)} gone from disk")
     elif s.get("data_root_problem"):
-        lines.append(f"pending    unknown: {s['data_root_problem']}")
+        lines.append(f"pending    unknown: {printable(s['data_root_problem'])}")
     lines.append(f"failed     {s['failed']}")
-    lines += [f"  {f['path']}: {f['reason']}" for f in s["failures"][:20]]
+    lines += [f"  {printable(f['path'])}: {printable(f['reason'])}" for f in s["failures"][:20]]
     if s["failed"] > 20:
         lines.append(f"  ... and {s['failed'] - 20} more (see --json)")
     integrity = s.get("integrity")
@@ -163,17 +165,17 @@ def format_artifact_status(s: dict[str, Any]) -> str:
     acc = f"{s['val_accuracy']:.4f}" if s.get("val_accuracy") is not None else "-"
     stale = {True: "STALE", False: "up to date", None: "unknown"}[s.get("stale")]
     lines = [
-        f"artifact   {s['artifact']}  ({s['kind']})",
+        f"artifact   {printable(s['artifact'])}  ({s['kind']})",
         f"backbone   {s['model']}  weights={s['weights']}  embed_dim={s['embed_dim']}",
-        f"classes    {len(s['classes'] or [])}: {', '.join((s['classes'] or [])[:10])}{' …' if len(s['classes'] or []) > 10 else ''}",
-        f"data root  {s['data_root']}",
+        f"classes    {len(s['classes'] or [])}: {', '.join(printable(c) for c in (s['classes'] or [])[:10])}{' …' if len(s['classes'] or []) > 10 else ''}",
+        f"data root  {printable(s['data_root'])}",
         f"fitted     {s['fitted_at']}  on {s['n_train']} train rows; val accuracy {acc} on {s['n_val']} rows",
     ]
     if "cache" in s:
         lines.append(f"cache      {s['cache']}")
     if "base_head" in s:
         lines.append(f"base head  {s['base_head']}  (best epoch {s.get('epoch')})")
-    lines.append(f"status     {stale}: {s['why']}")
+    lines.append(f"status     {stale}: {printable(s['why'])}")
     return "\n".join(lines)
 
 

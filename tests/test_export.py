@@ -352,3 +352,91 @@ def test_a_full_disk_is_refused_before_anything_is_written(cache, tmp_path, monk
     with pytest.raises(StorageError, match="the disk is full") as err:
         export_cache(cache, tmp_path / "new" / "out", "parquet")
     assert err.value.exit_code == 6 and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("column, values, type_text", [
+    ("path", [1, 2], "int64"),
+    ("label", ["a", "b"], "string"),
+    ("label", [True, False], "bool"),
+    ("class", [1, 2], "int64"),
+    ("split", [1.0, 2.0], "double"),
+    ("embedding", [[1, 2], [3, 4]], "list<element: int64>"),
+    ("embedding", [{"x": 1.0}, {"x": 2.0}], "struct<x: double>"),
+])
+def test_a_wrongly_typed_column_is_one_line_naming_file_column_and_types(tmp_path, column, values, type_text):
+    table = {"path": ["a/1.jpg", "b/2.jpg"], "embedding": [[1.0, 2.0], [3.0, 4.0]], column: values}
+    pq.write_table(pa.table(table), tmp_path / "typed.parquet")
+    with pytest.raises(DataError) as err:
+        import_cache(tmp_path / "typed.parquet", tmp_path / "c.h5", model="m", classes="a,b")
+    message = str(err.value)
+    assert "typed.parquet" in message and f"column {column!r} is {type_text}; it must be " in message and "\n" not in message
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_an_int64_path_column_is_exit_2_not_an_internal_error(tmp_path):
+    pq.write_table(pa.table({"path": [1, 2], "embedding": [[1.0], [2.0]]}), tmp_path / "ids.parquet")
+    npy = tmp_path / "npy"  # the npy layout's metadata.parquet is checked the same way
+    npy.mkdir()
+    np.save(npy / "embeddings.npy", np.ones((2, 1), np.float32))
+    pq.write_table(pa.table({"path": [1, 2]}), npy / "metadata.parquet")
+    for source in (tmp_path / "ids.parquet", npy):
+        _one_error_line(run_cli("import", str(source), "--out", str(tmp_path / "c.h5"), "--model", "m"), 2,
+                        "column 'path' is int64; it must be a string (the file's path relative to the data root)")
+
+
+def test_labels_must_be_whole_class_indices_and_name_their_row(tmp_path):
+    base = {"path": ["a.jpg", "b.jpg", "c.jpg"], "embedding": [[1.0], [2.0], [3.0]]}
+    pq.write_table(pa.table({**base, "label": [0.0, None, 1.0]}), tmp_path / "gaps.parquet")  # pandas' integer column with a gap
+    import_cache(tmp_path / "gaps.parquet", tmp_path / "g.h5", model="m", classes="x,y")
+    assert load_cache(tmp_path / "g.h5").labels.tolist() == [0, -1, 1]
+    pq.write_table(pa.table({**base, "label": [0.0, 0.5, 1.0]}), tmp_path / "half.parquet")
+    with pytest.raises(DataError, match=r"half\.parquet' row 2: label 0\.5 is not a class index in -1\.\.1"):
+        import_cache(tmp_path / "half.parquet", tmp_path / "h.h5", model="m", classes="x,y")
+
+
+def test_a_path_listed_again_keeps_its_first_listing_as_a_manifest_does(tmp_path, monkeypatch):
+    """One rule for repeated paths: the first listing is kept and each later one reported with
+    its row (a manifest's words), across commits too; rows imported = rows held."""
+    monkeypatch.setattr("pipeline.exchange.importing.COMMIT_BYTES", 8)  # one row per commit: repeats span commits
+    pq.write_table(pa.table({"path": ["a/1.jpg", "a/1.jpg", "b/2.jpg", "a/1.jpg"], "class": ["ant", "bee", "bee", "cat"],
+                             "embedding": [[float(i), 0.0] for i in range(4)]}), tmp_path / "rep.parquet")
+    r = import_cache(tmp_path / "rep.parquet", tmp_path / "c.h5", model="m")
+    assert (r.rows, r.cache_rows, r.source_rows) == (2, 2, 4)
+    assert r.to_dict()["skipped"] == [{"path": "a/1.jpg", "reason": "rep.parquet row 2: listed again (first listing kept)"},
+                                      {"path": "a/1.jpg", "reason": "rep.parquet row 4: listed again (first listing kept)"}]
+    c = load_cache(tmp_path / "c.h5")
+    assert c.paths.tolist() == ["a/1.jpg", "b/2.jpg"] and _class_names(c) == ["ant", "bee"] and c.embeddings[:, 0].tolist() == [0.0, 2.0]
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ("a\x00b.jpg", "path 'a\\x00b.jpg' holds a NUL byte"),
+    ("x" * 5_000_000, "is 5,000,000 bytes long; a path may have at most 4,096"),
+    ("/data/a.jpg", "is absolute"),
+    ("../a.jpg", "has a '..' component"),
+    ("a//b.jpg", "write it as 'a/b.jpg'"),
+    ("", "path '' is empty"),
+])
+def test_import_refuses_a_path_no_row_may_have_naming_its_row(tmp_path, bad, needle):
+    pq.write_table(pa.table({"path": ["ok.jpg", bad], "embedding": [[1.0], [2.0]]}), tmp_path / "p.parquet")
+    with pytest.raises(DataError) as err:
+        import_cache(tmp_path / "p.parquet", tmp_path / "c.h5", model="m")
+    message = str(err.value)
+    assert "p.parquet' row 2: " in message and needle in message and "\n" not in message and len(message) < 600
+
+
+def test_control_characters_and_a_manifests_outside_rows_round_trip(tmp_path):
+    """Names a file system allows (a newline, an escape) go out and back in unchanged, and so
+    does a manifest's row outside its folder (keyed by its absolute path); that same absolute
+    row is refused where the data root is a folder."""
+    meta = new_cache_meta("testnet", 2, ["new\nline", "tab\tclass"], weights="none", data_root="/data/m.csv", layout="manifest")
+    with CacheWriter.open(tmp_path / "c.h5", meta) as w:
+        w.add_columns(["a/new\nline.jpg", "b/\x1b[31mred.jpg", "/elsewhere/x.jpg"], np.arange(6, dtype=np.float32).reshape(3, 2), labels=[0, 1, 0])
+    a = load_cache(tmp_path / "c.h5")
+    for fmt in ("parquet", "npy"):
+        export_cache(tmp_path / "c.h5", tmp_path / fmt, fmt)
+        import_cache(tmp_path / fmt, tmp_path / f"{fmt}.h5")
+        b = load_cache(tmp_path / f"{fmt}.h5")
+        assert (b.paths.tolist(), b.classes, b.labels.tolist()) == (a.paths.tolist(), a.classes, a.labels.tolist())
+        assert np.array_equal(b.embeddings, a.embeddings)
+    with pytest.raises(DataError, match=r"row 1: path '/elsewhere/x\.jpg' is absolute"):
+        import_cache(tmp_path / "parquet", tmp_path / "folder.h5", layout="imagefolder")

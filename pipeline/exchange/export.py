@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import StorageError, UsageError
+from ..names import printable
 from ..store import atomic_path, iter_embeddings, read_rows
 from ..store.atomic import TMP_MARK, remove_stale_temporaries
 from .layout import (
@@ -110,7 +111,7 @@ def _select(table, splits: list[str] | None, wanted: list[str] | None, cache: Pa
         classes = table.classes
         unknown = [c for c in wanted if c not in classes]
         if unknown:
-            shown = ", ".join(classes[:20]) + (", …" if len(classes) > 20 else "")
+            shown = ", ".join(printable(c) for c in classes[:20]) + (", …" if len(classes) > 20 else "")
             raise UsageError(f"--classes: {unknown[0]!r} is not a class of cache {str(cache)!r} (its classes: {shown or 'none'})")
         keep &= np.isin(table.labels, [classes.index(c) for c in wanted])
     return np.flatnonzero(keep)

@@ -21,6 +21,7 @@ import numpy as np
 from .. import __version__
 from ..choices import DTYPES
 from ..errors import DataError, UsageError
+from ..names import LISTED_AGAIN, printable, row_path_problem, shown
 from ..store import CacheWriter, new_cache_meta
 from .layout import (
     CLASS,
@@ -50,7 +51,7 @@ class ImportSummary:
     cache: str
     source: str
     format: str
-    rows: int  # rows read from the source
+    rows: int  # rows imported: the source's rows, each path once (the rows of this source the cache holds)
     cache_rows: int  # rows the cache holds afterwards
     embed_dim: int
     dtype: str
@@ -58,9 +59,13 @@ class ImportSummary:
     provenance_from: str  # "file", "command line" or "file + command line"
     overrides: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    source_rows: int = 0  # rows read from the source: rows + len(skipped)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): a path listed again (the first listing is kept)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]  # as extract reports a manifest's skipped rows
+        return d
 
 
 class _Source:
@@ -88,6 +93,7 @@ class _Source:
         self.path_col = next((c for c in (PATH, *PATH_FALLBACKS) if c in self.names), None)
         if self.path_col is None:
             raise DataError(f"{str(table_file)!r} has no {PATH!r} column (columns: {', '.join(self.names)}); every row needs the file's relative path")
+        self._check_column_types()
         self.provenance = read_json_key(self.schema.metadata, KEY_PROVENANCE, table_file)
         if fmt == "npy":
             self._open_npy()
@@ -95,6 +101,18 @@ class _Source:
                 self.provenance = _provenance_json(main.with_name(PROVENANCE_FILE))
         else:
             self._check_embedding_column()
+
+    def where(self, row: int, file: Path | None = None) -> str:
+        """``'FILE' row N`` for a message: rows numbered from 1 in file order, as a Parquet manifest's."""
+        return f"{str(file or self.table_file)!r} row {row + 1:,}"
+
+    def _check_column_types(self) -> None:
+        """Every column the import reads has a type it can use, before any row is read: one
+        line naming the file, the column, its type and the type expected (not an Arrow error)."""
+        for name, column in ((self.path_col, PATH), (LABEL, LABEL), (CLASS, CLASS), (SPLIT, SPLIT)):
+            typ = self.schema.field(name).type if name in self.names else None
+            if typ is not None and not _type_fits(column, typ):
+                raise DataError(f"{str(self.table_file)!r}: column {name!r} is {typ}; it must be {EXPECTED_TYPES[column]} (cast it and write the file again)")
 
     def _open_npy(self) -> None:
         try:
@@ -119,7 +137,8 @@ class _Source:
             raise DataError(f"{str(self.main)!r} has no {EMBEDDING!r} column (columns: {', '.join(self.names)}); it needs a list of floats per row")
         typ = self.schema.field(EMBEDDING).type
         if not (pa.types.is_fixed_size_list(typ) or pa.types.is_list(typ) or pa.types.is_large_list(typ)) or not pa.types.is_floating(typ.value_type):
-            raise DataError(f"{str(self.main)!r}: column {EMBEDDING!r} is {typ}; it must be a list of floats (fixed_size_list<float32|float16>[D])")
+            raise DataError(f"{str(self.main)!r}: column {EMBEDDING!r} is {typ}; it must be a list of floats, the same length in every row "
+                            "(fixed_size_list<float32|float16>[D]; cast it and write the file again)")
         self.file_dtype = np.dtype(typ.value_type.to_pandas_dtype())
         if pa.types.is_fixed_size_list(typ):
             self.dim = int(typ.list_size)
@@ -162,6 +181,33 @@ class _Source:
         if values.null_count:
             raise DataError(f"{str(self.main)!r}: some embedding values are null; every value must be a number")
         return values.to_numpy(zero_copy_only=False).reshape(len(arr), self.dim)
+
+
+EXPECTED_TYPES = {PATH: "a string (the file's path relative to the data root)", LABEL: "an integer (the class index; -1 or null = unlabeled)",
+                  CLASS: "a string (the class name; null = unlabeled)", SPLIT: "a string (train, val, test or empty)"}
+
+
+def _is_text(typ) -> bool:
+    import pyarrow as pa
+
+    view = getattr(pa.types, "is_string_view", lambda t: False)
+    return (pa.types.is_string(typ) or pa.types.is_large_string(typ) or view(typ)
+            or (pa.types.is_dictionary(typ) and _is_text(typ.value_type)))
+
+
+def _type_fits(column: str, typ) -> bool:
+    """Whether an Arrow type can hold ``column``: text for path, class and split; numbers for
+    label (floats only when whole: pandas writes an integer column with gaps as float64);
+    an all-null column for the optional ones."""
+    import pyarrow as pa
+
+    if column == PATH:
+        return _is_text(typ)
+    if pa.types.is_null(typ):
+        return True
+    if column == LABEL:
+        return pa.types.is_integer(typ) or pa.types.is_floating(typ)
+    return _is_text(typ)
 
 
 def _provenance_json(path: Path) -> dict[str, Any] | None:
@@ -215,7 +261,7 @@ def _build_meta(src: _Source, overrides: dict[str, Any]) -> tuple[dict[str, Any]
     else:
         classes = []
     if len(set(classes)) != len(classes):
-        raise UsageError(f"--classes names a class twice ({', '.join(classes)}); each class once, in label order")
+        raise UsageError(f"--classes names a class twice ({', '.join(printable(c) for c in classes)}); each class once, in label order")
     rest = {k: v for k, v in prov.items() if k not in ("model", "weights", "preprocessing", "embed_dim", "dtype", "data_root", "layout", "classes", "imported")}
     pre = given.get("preprocessing", prov.get("preprocessing"))
     meta = new_cache_meta(str(model), src.dim, classes, weights=str(given.get("weights", prov.get("weights", "custom"))), preprocessing=pre,
@@ -227,55 +273,66 @@ def _build_meta(src: _Source, overrides: dict[str, Any]) -> tuple[dict[str, Any]
     return meta, origin
 
 
-def _labels(batch, classes: list[str], src: _Source, pa, pc) -> np.ndarray:
+def _labels(batch, classes: list[str], src: _Source, first: int, pa, pc) -> np.ndarray:
     """Label indices into ``classes``: by name from the class column, else the label column; -1 unlabeled."""
     n = batch.num_rows
     names = batch.schema.names
+    shown_classes = ", ".join(printable(c) for c in classes[:20]) or "none"
     if CLASS in names:
-        col = batch.column(CLASS)
-        if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
-            col = col.cast(pa.string())
+        col = batch.column(CLASS).cast(pa.string())
         col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
         idx = pc.index_in(col, value_set=pa.array(classes, pa.string()))
-        unknown = pc.and_(idx.is_null(), col.is_valid())
-        if pc.any(unknown).as_py():
-            bad = col.filter(unknown)[0].as_py()
-            raise DataError(f"{str(src.table_file)!r}: class {bad!r} is not among the classes ({', '.join(classes[:20]) or 'none'}); "
+        unknown = pc.and_(idx.is_null(), col.is_valid()).to_numpy(zero_copy_only=False)
+        if unknown.any():
+            at = int(np.flatnonzero(unknown)[0])
+            raise DataError(f"{src.where(first + at)}: class '{shown(col[at].as_py())}' is not among the classes ({shown_classes}); "
                             "pass --classes with every class name, in label order")
         return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
     if LABEL in names:
-        col = batch.column(LABEL)
-        labels = col.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-        if len(labels) and (labels.min() < -1 or labels.max() >= len(classes)):
-            raise DataError(f"{str(src.table_file)!r}: label {int(labels.max() if labels.max() >= len(classes) else labels.min())} is outside "
-                            f"-1..{len(classes) - 1} for the {len(classes)} classes; pass --classes in label order")
-        return labels.astype(np.int32)
+        values = batch.column(LABEL).cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False)  # null -> NaN; exact for any index that fits
+        unlabeled = np.isnan(values)
+        bad = ~unlabeled & ((values != np.round(values)) | (values < -1) | (values >= len(classes)))
+        if bad.any():
+            at = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{src.where(first + at)}: label {values[at]:g} is not a class index in -1..{len(classes) - 1} for the "
+                            f"{len(classes)} classes ({shown_classes}); pass --classes in label order")
+        return np.where(unlabeled, -1, values).astype(np.int32)
     return np.full(n, -1, np.int32)
 
 
-def _splits(batch, src: _Source, pa, pc) -> np.ndarray | None:
+def _splits(batch, src: _Source, first: int, pa, pc) -> np.ndarray | None:
     if SPLIT not in batch.schema.names:
         return None
-    col = batch.column(SPLIT)
-    if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
-        col = col.cast(pa.string())
-    col = col.fill_null("")
+    col = batch.column(SPLIT).cast(pa.string()).fill_null("")
     idx = pc.index_in(col, value_set=pa.array(SPLIT_VALUES, pa.string()))
     if idx.null_count:
-        bad = col.filter(idx.is_null())[0].as_py()
-        raise DataError(f"{str(src.table_file)!r}: split {bad!r} is not one of train, val, test or empty")
+        at = int(np.flatnonzero(idx.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{src.where(first + at)}: split '{shown(col[at].as_py())}' is not one of train, val, test or empty")
     return idx.to_numpy(zero_copy_only=False).astype(np.uint8)
 
 
-def _paths(batch, src: _Source, pa) -> np.ndarray:
-    col = batch.column(src.path_col)
-    if col.null_count:
-        raise DataError(f"{str(src.table_file)!r}: {col.null_count} row(s) have no {src.path_col!r}; every row needs its file's relative path")
-    raw = col.cast(pa.large_binary()).to_numpy(zero_copy_only=False)
-    enc = np.array(raw.tolist(), dtype="S") if len(raw) else np.zeros(0, "S1")
-    if len(enc) and (np.char.str_len(enc) == 0).any():
-        raise DataError(f"{str(src.table_file)!r}: a row has an empty {src.path_col!r}; every row needs its file's relative path")
-    return enc
+def _paths(batch, src: _Source, first: int, absolute_ok: bool, seen: set[bytes], skipped: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(UTF-8 paths of the rows to keep, which rows those are)``. Every path must pass
+    ``row_path_problem`` (the rule folder scans and manifests follow; one bad path stops the
+    import, naming its row); a path listed again is skipped and reported, the first listing
+    kept, as a manifest's repeat is (``seen`` spans the whole source)."""
+    texts = batch.column(src.path_col).to_pylist()
+    keep = np.ones(len(texts), bool)
+    kept: list[bytes] = []
+    for i, text in enumerate(texts):
+        if text is None:
+            raise DataError(f"{src.where(first + i)}: no {src.path_col} (null); every row needs its file's path relative to the data root")
+        problem = row_path_problem(text, absolute_ok=absolute_ok)
+        if problem:
+            raise DataError(f"{src.where(first + i)}: {src.path_col} '{shown(text)}' {problem}")
+        raw = text.encode("utf-8")
+        if raw in seen:
+            keep[i] = False
+            skipped.append((text, f"{src.table_file.name} row {first + i + 1:,}: {LISTED_AGAIN}"))
+            continue
+        seen.add(raw)
+        kept.append(raw)
+    return (np.array(kept, dtype="S") if kept else np.zeros(0, "S1")), keep
 
 
 def import_cache(src: str | os.PathLike, out_cache: str | os.PathLike, *, model: str | None = None, weights: str | None = None,
@@ -285,11 +342,13 @@ def import_cache(src: str | os.PathLike, out_cache: str | os.PathLike, *, model:
     """Write the rows of an export (a folder written by ``export``, or a ``.parquet`` file with
     ``path`` and ``embedding`` columns) into the cache ``out_cache`` (created, or extended when
     it holds the same backbone). Arguments given replace the file's provenance; a file
-    without provenance needs ``model``. ``preprocessing`` may be a dict or its JSON text.
+    without provenance needs ``model``. ``preprocessing`` may be a dict or its JSON text. A
+    path listed again is skipped and reported (``summary.skipped``), the first listing kept,
+    as manifests do; ``seen`` paths are held for that (~100 bytes a row, like the metadata).
 
     Raises:
-        UsageError: bad source or options, pyarrow missing. DataError: bad rows (no embedding
-        column, unknown class, bad split, NaN). IncompatibleError (exit 5): the cache holds
+        UsageError: bad source or options, pyarrow missing. DataError: a column of the wrong
+        type, bad rows (a path ``pipeline.names`` refuses, unknown class, bad label or split, NaN). IncompatibleError (exit 5): the cache holds
         another backbone. LockHeldError (exit 4), StorageError (exit 6).
     """
     pq = require_pyarrow("import")
@@ -315,22 +374,27 @@ def import_cache(src: str | os.PathLike, out_cache: str | os.PathLike, *, model:
     if out_cache.is_dir():
         raise UsageError(f"--out {str(out_cache)!r} is a folder; pass the cache file to write (e.g. {str(out_cache / 'imported.h5')!r})")
     chunk = max(1, COMMIT_BYTES // (dim * max(dtype.itemsize, source.file_dtype.itemsize)))
-    t0, done = time.perf_counter(), 0
+    t0, done, imported = time.perf_counter(), 0, 0
+    seen: set[bytes] = set()
+    skipped: list[tuple[str, str]] = []
     with CacheWriter.open(out_cache, meta, wait=wait, command="import") as writer:
         for batch, emb in source.chunks(chunk):
-            labels = _labels(batch, meta["classes"], source, pa, pc)
-            split = _splits(batch, source, pa, pc)
-            paths = _paths(batch, source, pa)
+            labels = _labels(batch, meta["classes"], source, done, pa, pc)
+            split = _splits(batch, source, done, pa, pc)
+            paths, keep = _paths(batch, source, done, meta["layout"] == "manifest", seen, skipped)
             emb = np.asarray(emb, dtype=dtype)
             if not np.isfinite(emb).all():
                 bad = int(np.flatnonzero(~np.isfinite(emb).all(axis=1))[0])
-                raise DataError(f"{str(source.main)!r}: the embedding of {paths[bad].decode(errors='replace')!r} (row {done + bad:,}) holds NaN or inf; "
+                path = batch.column(source.path_col)[bad].as_py()
+                raise DataError(f"{source.where(done + bad, source.main)}: the embedding of '{shown(path)}' holds NaN or inf; "
                                 "fix the source (no head can learn from it)")
+            if not keep.all():
+                emb, labels, split = emb[keep], labels[keep], (None if split is None else split[keep])
             writer.add_columns(paths, emb, labels=labels, split=split)
             writer.commit()
-            done += len(paths)
+            done, imported = done + batch.num_rows, imported + len(paths)
             if progress is not None:
                 progress(done, source.rows, time.perf_counter() - t0)
-    summary = ImportSummary(str(out_cache), str(src), fmt, done, writer.n_rows, dim, dtype.name, list(meta["classes"]), origin,
-                            {k: v for k, v in overrides.items() if v is not None}, time.perf_counter() - t0)
+    summary = ImportSummary(str(out_cache), str(src), fmt, imported, writer.n_rows, dim, dtype.name, list(meta["classes"]), origin,
+                            {k: v for k, v in overrides.items() if v is not None}, time.perf_counter() - t0, source_rows=done, skipped=skipped)
     return summary
