@@ -80,6 +80,12 @@ def _json_flag(what: str = "Print one JSON object on stdout (errors too: {\"erro
 def _quiet_flag() -> Any:
     return typer.Option(False, "--quiet", "-q", help="No progress bars or summary on stderr; warnings and errors still go there (and --log-file gets everything).")
 
+
+def _trust_hub_flag(what: str = "a head or model file") -> Any:
+    return typer.Option(False, "--trust-hub", help=f"Let {what} that names a hub:REPO_OR_DIR:ENTRY backbone run that repo's hubconf.py (Python code); "
+                                                   "without it such a file is refused (exit 5) before any of that code runs.")
+
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -170,6 +176,15 @@ def _err(msg: str) -> None:
     logs.info(msg)
 
 
+def _list(label: str, items: list[tuple[str, str]], limit: int = 20) -> None:
+    """``  label: PATH: REASON`` for the first ``limit`` items, names escaped: a newline in a
+    file name must not start a line of its own."""
+    from pipeline.names import printable
+
+    for path, reason in items[:limit]:
+        _err(f"  {label}: {printable(path)}: {printable(reason)}")
+
+
 def _fail(msg: str) -> None:
     from pipeline import logs
 
@@ -255,12 +270,14 @@ def extract(
     decode: Decode = _choice("exact", "--decode", help="exact; draft: JPEGs decoded at a reduced DCT scale still >= the resize target (several times faster on large photos); gpu: JPEGs decoded by nvJPEG on CUDA. Both change pixels slightly, are recorded in the cache and never mixed with exact rows."),
     gpu_decoder: GpuDecoder = _choice("auto", "--gpu-decoder", help="With --decode gpu: torchvision (its nvJPEG decoder), nvimgcodec (NVIDIA nvImageCodec, with the GPU's hardware JPEG decoder; pip install -e '.[gpu]'), or auto (torchvision's while torchvision has one: measured as fast or faster on an H200). Recorded in the cache."),
     repair: bool = typer.Option(False, "--repair", help="Before extracting, make a damaged cache consistent: rebuild a damaged manifest from its parts, drop damaged parts (their images are extracted again) and retry every failed file."),
+    verify_content: bool = typer.Option(False, "--verify-content", help="Hash every file the size+mtime check calls unchanged and extract again those whose bytes differ from their row's SHA-256 (content changed with the mtime restored: touch -r, cp -p, rsync -t); also retries every failed file. Reads every file: see the README for its cost."),
     path_col: str = typer.Option("path", "--path-col", help="Manifest column holding the image path (relative to the manifest's folder, or absolute)."),
     label_col: str = typer.Option("label", "--label-col", help="Manifest column holding the class name (optional column; classes are sorted as ImageFolder sorts folders)."),
     split_col: str = typer.Option("split", "--split-col", help="Manifest column holding train/val/test (optional column)."),
     layers: Optional[list[str]] = typer.Option(None, "--layer", "--layers", "-l", help="Tap this layer instead of the final embedding (repeat it: one forward, one cache per layer): a module name (see `models --layers MODEL`) or lastK (class tokens of the last K transformer blocks, as DINOv2)."),
     token_pool: TokenPool = _choice("cls", "--token-pool", help="How a tapped token sequence (ViT) is pooled: cls (class token) or cls+mean (class token and mean patch token). Feature maps are averaged."),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same cache to finish."),
+    trust_hub: bool = _trust_hub_flag("a fine-tuned model file given as --model"),
     as_json: bool = _json_flag("Print one JSON summary on stdout (with several --model or --layer: {\"caches\": [...]})."),
     quiet: bool = _quiet_flag(),
 ) -> int:
@@ -272,23 +289,27 @@ def extract(
     if outs and len(outs) != len(models):
         raise UsageError(f"--out was given {len(outs)} times for {len(models)} --model values; give one --out per --model, or none")
     summaries = extract_many(data_dir, models, outs or None, _options(ExtractOptions, {**locals(), "layers": tuple(layers or ())}), wait=wait,
-                             progress=_bar("extract"), log=_err)
+                             progress=_bar("extract"), log=_err, trust_hub=trust_hub)
     code = 3 if any(s.failed for s in summaries) else 0
     if as_json:
         _emit_json({**summaries[0].to_dict(), "exit_code": code} if len(summaries) == 1 else {"caches": [s.to_dict() for s in summaries], "exit_code": code})
         return code
     for summary in summaries:
         for dropped in summary.repaired.get("dropped_parts", []):
-            _err(f"{summary.cache}: repaired: dropped damaged part {dropped['part']} ({dropped['rows']} rows, {dropped['problem']}); extracted again")
+            rows = f"{dropped['rows']} rows, " if dropped["rows"] is not None else ""
+            _err(f"{summary.cache}: repaired: dropped damaged part {dropped['part']} ({rows}{dropped['problem']}); extracted again")
         _err(
-            f"{summary.cache}: {summary.new} new, {summary.cached} cached, {summary.failed} failed, {summary.removed} removed; "
+            f"{summary.cache}: {summary.new} new, {summary.cached} cached, {summary.failed} failed, {summary.removed} removed"
+            + (f" ({summary.hashed} hashed, {summary.content_changed} with changed content)" if summary.hashed else "") + "; "
             f"{summary.rows} rows x {summary.embed_dim} ({summary.model}{' ' + summary.layer if summary.layer else ''}, {summary.weights}, {summary.engine} {summary.precision}{'' if summary.decode == 'exact' else ', ' + summary.decode + ' decode'}) in {summary.seconds:.1f}s"
             + (f", {summary.images_per_s:.1f} img/s" if summary.new else "")
         )
-        for path, reason in summary.failures[:20]:
-            _err(f"  failed: {path}: {reason}")
+        _list("failed", summary.failures)
         if summary.failed > 20:
             _err(f"  ... and {summary.failed - 20} more (see `status` or --json)")
+        _list("skipped", summary.skipped)
+        if len(summary.skipped) > 20:
+            _err(f"  ... and {len(summary.skipped) - 20} more skipped (see --json)")
     return code
 
 
@@ -301,6 +322,7 @@ def engines(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     seed: int = typer.Option(0, "--seed", help="Seed for --weights none."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Folder of the caches whose extracts should use the choice (default: cache/)."),
+    trust_hub: bool = _trust_hub_flag("a fine-tuned model file given as --model"),
     as_json: bool = _json_flag(),
     quiet: bool = _quiet_flag(),
 ) -> int:
@@ -310,7 +332,7 @@ def engines(
 
     _begin(as_json, quiet)
     result = measure_engines(model, canonical_weights(weights), precision=precision, batch_size=batch_size, device=canonical_device(device), seed=seed,
-                             cache_dir=cache_dir, log=_err)
+                             cache_dir=cache_dir, log=_err, trust_hub=trust_hub)
     if as_json:
         _emit_json(result)
         return 0
@@ -403,6 +425,7 @@ def run(
     device: Optional[str] = typer.Option(None, "--device", help="Override the job's device: auto, cpu or cuda[:N]."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Override the job's decoder processes."),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for locks held by other writers (the job, a cache, a head, a model)."),
+    trust_hub: bool = _trust_hub_flag("a head or model file (not needed for the hub: backbones the job file names itself)"),
     as_json: bool = _json_flag("Print one JSON summary on stdout."),
     quiet: bool = _quiet_flag(),
 ) -> int:
@@ -412,7 +435,8 @@ def run(
     from pipeline.status import format_job_plan
 
     _begin(as_json, quiet)
-    result = run_job(job, set_ or [], force=force, dry_run=dry_run, wait=wait, device=canonical_device(device), workers=workers, log=_err, progress=_bar)
+    result = run_job(job, set_ or [], force=force, dry_run=dry_run, wait=wait, device=canonical_device(device), workers=workers, log=_err, progress=_bar,
+                     trust_hub=trust_hub)
     code = 3 if result.failed_inputs else 0
     if as_json:
         _emit_json({**result.to_dict(), "exit_code": code})
@@ -522,28 +546,30 @@ def predict(
     grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid of images with predicted (and true) labels."),
     topk: int = typer.Option(5, "--topk", help="How many classes in the top-k list."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    trust_hub: bool = _trust_hub_flag(),
     as_json: bool = _json_flag("Print one JSON object on stdout (top-k as a list of {class, probability})."),
     quiet: bool = _quiet_flag(),
 ) -> int:
     """Classify new images with a saved head or fine-tuned model (runs its backbone; no cache needed)."""
     from pipeline.choices import canonical_device
+    from pipeline.names import printable
     from pipeline.predict import predict_images
 
     _begin(as_json, quiet)
-    r = predict_images(model_path, images, out, grid, topk=topk, device=canonical_device(device))
+    r = predict_images(model_path, images, out, grid, topk=topk, device=canonical_device(device), trust_hub=trust_hub)
     code = 3 if r.failures else 0
     if as_json:
         _emit_json({"predictions": r.rows, "failures": [{"path": p, "reason": m} for p, m in r.failures], "csv": r.csv, "grid": r.grid, "exit_code": code})
         return code
     for row in r.rows[:20]:
-        _err(f"{row['path']}: {row['predicted']} ({row['probability']:.3f})" + (f"  true={row['true']}" if row["true"] else ""))
+        _err(f"{printable(row['path'])}: {printable(row['predicted'])} ({row['probability']:.3f})"
+             + (f"  true={printable(row['true'])}" if row["true"] else ""))
     if len(r.rows) > 20:
         _err(f"... {len(r.rows) - 20} more" + (f" in {r.csv}" if r.csv else " (use --out CSV)"))
     known = [row for row in r.rows if row["true"]]
     if known:
         _err(f"accuracy on {len(known)} labelled images: {sum(row['true'] == row['predicted'] for row in known) / len(known):.4f}")
-    for path, reason in r.failures:
-        _err(f"  failed: {path}: {reason}")
+    _list("failed", r.failures, len(r.failures))
     for name, value in (("csv", r.csv), ("grid", r.grid)):
         if value:
             _err(f"  {name}: {value}")
@@ -604,6 +630,7 @@ def finetune(
     force: bool = typer.Option(False, "--force", help="Start over even though <out>.ckpt exists."),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same model file."),
     report: bool = typer.Option(False, "--report", help="Also write the HTML report beside the model (<model>.report.html; see `report`)."),
+    trust_hub: bool = _trust_hub_flag("the head"),
     as_json: bool = _json_flag("Print one JSON summary on stdout."),
     quiet: bool = _quiet_flag(),
 ) -> int:
@@ -612,7 +639,8 @@ def finetune(
 
     _begin(as_json, quiet)
     options = _options(FinetuneOptions, locals(), head=head_mode)
-    r = run_finetune(head, out, data_dir=data, options=options, resume=resume, force=force, wait=wait, progress=_bar("train"), log=_err)
+    r = run_finetune(head, out, data_dir=data, options=options, resume=resume, force=force, wait=wait, progress=_bar("train"), log=_err,
+                     trust_hub=trust_hub)
     if report:
         r.reports["report_html"] = _write_report(r.model_path)
     code = 3 if r.failures else 0
@@ -623,8 +651,7 @@ def finetune(
         _print_metrics(r.metrics)
         for name, path in r.reports.items():
             _err(f"  {name}: {path}")
-        for path, reason in r.failures[:20]:
-            _err(f"  failed: {path}: {reason}")
+        _list("failed", r.failures)
     return code
 
 
@@ -697,8 +724,10 @@ def report(
         return 0
     _err(f"{r.path}: {r.mistakes} mistakes, {r.counts.get('label-errors', 0)} likely label errors, {r.counts.get('duplicates', 0)} near-duplicate pairs "
          f"({r.counts.get('leaks', 0)} leaks); {r.thumbnails} thumbnails{f', {r.missing_images} images missing' if r.missing_images else ''} in {r.seconds:.1f}s")
+    from pipeline.names import printable
+
     for line in r.advice:
-        _err(f"  - {line}")
+        _err(f"  - {printable(line)}")  # advice quotes class names
     return 0
 
 
@@ -840,7 +869,11 @@ def import_(
         _emit_json(r.to_dict())
     else:
         _err(f"{r.cache}: imported {r.rows:,} rows x {r.embed_dim} {r.dtype} from {r.source} ({r.format}; provenance from the {r.provenance_from}) "
-             f"in {r.seconds:.1f}s; the cache holds {r.cache_rows:,} rows, {len(r.classes)} classes")
+             f"in {r.seconds:.1f}s; the cache holds {r.cache_rows:,} rows, {len(r.classes)} classes"
+             + (f"; {len(r.skipped):,} of {r.source_rows:,} rows skipped" if r.skipped else ""))
+        _list("skipped", r.skipped)
+        if len(r.skipped) > 20:
+            _err(f"  ... and {len(r.skipped) - 20} more skipped (see --json)")
     return 0
 
 
@@ -851,9 +884,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     the same one-line ``error: ...`` (exit 2) as the errors the library finds, not a box."""
     from typer._click.exceptions import ClickException
 
+    from pipeline.interrupts import stop_watchdog
+
     argv = sys.argv[1:] if argv is None else argv
     try:
-        code = app(args=argv, standalone_mode=False)
+        with stop_watchdog(dump_stacks="--debug" in argv):  # a stop never waits forever on a call stuck in C
+            code = app(args=argv, standalone_mode=False)
     except ClickException as exc:
         message = _parser_message(exc.format_message())
         if not message:  # no command given: the help was printed, there is nothing else to say

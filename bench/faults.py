@@ -1,14 +1,21 @@
-"""Fault injection: random kill -9 of extract, fit-head and finetune, and full disks of random
-sizes, then the next run; one table of what happened.
+"""Fault injection: random kill -9 of extract, fit-head and finetune, full disks of random
+sizes, then the next run; and single bit flips in a cache's part and manifest; one table of
+what happened.
 
-    python bench/faults.py            # 12 kills per command, 8 full disks
-    python bench/faults.py --quick    # 3 and 3 (CI: proves the promises hold and the script runs)
+    python bench/faults.py            # 12 kills per command, 8 full disks, every 7th byte of a part and every 3rd of the manifest flipped
+    python bench/faults.py --quick    # 3 kills, 3 disks, 120 flips sampled from those (CI: proves the promises hold and the script runs)
 
 What is checked after every fault (and counted in the table):
 - committed rows lost: rows the cache held right after the fault that the next (completing)
   run does not hold with the same embedding — must be 0;
 - crashes: any exit other than the documented codes (0, 3, 6; -9 for our own kill), a
   cache, head or checkpoint that no longer loads, or a run after the fault that fails — must be 0.
+- bit flips: one bit of one byte of a part (every 7th byte) or of the manifest (every 3rd),
+  each followed by `load_cache`, `status --no-verify`, `fit-head` and `extract --repair` with
+  30 s for all four: every answer is either exit 5 (damage named) or exactly the reference's
+  (labels, paths, embeddings, provenance); a different answer without an error is a *silent
+  wrong answer*, no answer within 30 s a *hang* (then SIGTERM, which must end it), exit 1 a
+  *crash*; after the repair the cache must hold the reference rows. Goal: 0, 0, 0, all repaired.
 The backbone is a tiny BatchNorm conv net (a local torch.hub entry) so a trial takes seconds;
 the storage, locking and resume code under test is the same for every backbone. Full disks
 are small tmpfs mounts (root only; skipped, and said so, elsewhere).
@@ -136,7 +143,7 @@ def finetune_kills(table: Table, head: Path, work: Path, trials: int, rng: rando
     import torch
 
     model = work / "m.pt"
-    args = ["finetune", str(head), "--out", str(model), "--epochs", "3", "--batch-size", "8", "--workers", "0"]
+    args = ["finetune", str(head), "--out", str(model), "--epochs", "3", "--batch-size", "8", "--workers", "0", "--trust-hub"]  # its head is on a hub: entry
     t0 = time.perf_counter()
     assert run(cli(*args, "--force")).returncode == 0
     duration = time.perf_counter() - t0
@@ -187,13 +194,180 @@ def disk_full(table: Table, data: Path, hub: str, work: Path, trials: int, rng: 
     return True
 
 
+FLIP_BUDGET_S = 30.0  # all four commands of one flip (the issue's `timeout -s TERM 30`)
+
+
+def flip_plan(reference: Path, part_stride: int, manifest_stride: int, sample: int | None, rng: random.Random) -> list[dict]:
+    """One flip per chosen byte: (file, offset, bit); ``sample`` draws that many from the sweep."""
+    from pipeline.store import parts_dir_for
+
+    (part,) = sorted(parts_dir_for(reference).glob("part-*.h5"))
+    plan = [{"file": f"parts/{part.name}", "offset": o, "bit": o % 8} for o in range(0, part.stat().st_size, part_stride)]
+    plan += [{"file": "manifest", "offset": o, "bit": (o // 3) % 8} for o in range(0, reference.stat().st_size, manifest_stride)]
+    return rng.sample(plan, min(sample, len(plan))) if sample else plan
+
+
+def flip_worker(spec_path: Path) -> None:
+    """Run a list of flips in this process, one JSON line per flip on stdout (the parent times them)."""
+    import contextlib
+    import io
+
+    import numpy as np
+
+    import cli
+    from pipeline import load_cache, load_head
+    from pipeline.errors import FeatcacheError
+    from pipeline.store import parts_dir_for
+
+    spec = json.loads(spec_path.read_text())
+    reference, data, hub, scratch = Path(spec["reference"]), spec["data"], spec["hub"], Path(spec["scratch"])
+    ref = load_cache(reference)
+    ref_status = json.loads(spec["status"])
+    ref_head = spec["head"]
+
+    def same_rows(c) -> bool:
+        return (list(c.paths) == list(ref.paths) and np.array_equal(c.labels, ref.labels) and c.classes == ref.classes
+                and np.allclose(c.embeddings, ref.embeddings, rtol=1e-4, atol=1e-5) and c.meta.get("seed") == ref.meta.get("seed")
+                and c.meta.get("embed_dim") == ref.meta.get("embed_dim") and c.meta.get("model") == ref.meta.get("model"))
+
+    def run_cli(args: list[str]) -> tuple[int, str]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                cli.main(args)
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+        return code, out.getvalue()
+
+    for flip in spec["flips"]:
+        t0 = time.perf_counter()
+        cache = scratch / "c.h5"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        shutil.copy(reference, cache)
+        shutil.copytree(parts_dir_for(reference), parts_dir_for(cache))
+        target = cache if flip["file"] == "manifest" else parts_dir_for(cache) / flip["file"].split("/", 1)[1]
+        raw = bytearray(target.read_bytes())
+        raw[flip["offset"]] ^= 1 << flip["bit"]
+        target.write_bytes(bytes(raw))
+        result = dict(flip)
+        try:
+            result["load"] = "same" if same_rows(load_cache(cache)) else "WRONG"
+        except FeatcacheError as exc:
+            result["load"] = f"exit {exc.exit_code}"
+        except Exception as exc:  # noqa: BLE001 - what the table counts
+            result["load"] = f"crash {type(exc).__name__}"
+        code, out = run_cli(["status", str(cache), "--no-verify", "--json"])
+        if code == 0:
+            got = json.loads(out)
+            code = "same" if all(got.get(k) == ref_status.get(k) for k in ("rows", "classes", "provenance", "failures")) else "WRONG"
+        result["status"] = code if isinstance(code, str) else f"exit {code}"
+        head = scratch / "h.pt"
+        code, _ = run_cli(["fit-head", str(cache), "--clf", "logreg", "--C", "1", "--out", str(head), "--json"])
+        if code == 0:
+            got = load_head(head)
+            prov = got.provenance
+            code = "same" if all(prov.get(k) == ref_head[k] for k in ("classes", "seed", "cache_fingerprint", "model", "embed_dim")) else "WRONG"
+        result["fit"] = code if isinstance(code, str) else f"exit {code}"
+        code, _ = run_cli(["extract", data, "-m", hub, "-w", "none", "--out", str(cache), "--repair", "--workers", "0", "--json"])
+        try:
+            repaired = same_rows(load_cache(cache))
+        except Exception:  # noqa: BLE001
+            repaired = False
+        result["repair"] = f"exit {code}" + ("" if repaired else " NOT REPAIRED")
+        result["seconds"] = round(time.perf_counter() - t0, 2)
+        print(json.dumps(result), flush=True)
+
+
+def bit_flips(table: Table, data: Path, hub: str, work: Path, flips: list[dict], reference: Path) -> Counter:
+    """Run ``flips`` in worker processes, each flip within FLIP_BUDGET_S; count what they answered."""
+    from pipeline import load_head
+    from pipeline.status import cache_status
+
+    ref_head_path = work / "flip-ref.head.pt"
+    assert run(cli("fit-head", str(reference), "--clf", "logreg", "--C", "1", "--out", str(ref_head_path))).returncode == 0
+    head = load_head(ref_head_path)
+    spec = {"reference": str(reference), "data": str(data), "hub": hub, "scratch": str(work / "flip"),
+            "status": json.dumps(cache_status(reference, verify=False), default=str),
+            "head": {k: head.provenance.get(k) for k in ("classes", "seed", "cache_fingerprint", "model", "embed_dim")}}
+    outcomes: Counter = Counter()
+    todo = list(flips)
+    while todo:
+        spec_path = work / "flip-spec.json"
+        spec_path.write_text(json.dumps({**spec, "flips": todo}))
+        proc = subprocess.Popen([sys.executable, __file__, "--flip-worker", str(spec_path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True, cwd=ROOT)
+        done = 0
+        while done < len(todo):
+            line = _readline_within(proc, FLIP_BUDGET_S)
+            if line is None:  # no answer in time: a hang (or the worker died)
+                flip = todo[done]
+                ended_by_term = _terminate(proc)
+                outcomes["hang" if proc.returncode is None or ended_by_term is not None else "worker died"] += 1
+                if ended_by_term is False:
+                    outcomes["hang not ended by SIGTERM"] += 1
+                print(f"  no answer within {FLIP_BUDGET_S:g} s: {flip}", flush=True)
+                done += 1
+                break
+            result = json.loads(line)
+            done += 1
+            for key in ("load", "status", "fit", "repair"):
+                value = str(result[key])
+                kind = ("silent wrong answer" if "WRONG" in value else "exit-1 crash" if value in ("exit 1", "1") or value.startswith("crash")
+                        else "not repaired" if "NOT REPAIRED" in value else None)
+                if kind:
+                    outcomes[kind] += 1
+                    print(f"  {kind} ({key}): {result}", flush=True)
+            outcomes["damage named (exit 5)"] += any(str(result[k]) == "exit 5" for k in ("load", "status", "fit"))
+            outcomes["flips"] += 1
+        else:
+            proc.wait()
+        todo = todo[done:]
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    bad = outcomes["silent wrong answer"] + outcomes["hang"] + outcomes["exit-1 crash"] + outcomes["not repaired"] + outcomes["worker died"]
+    table.add("bit flip", lost=outcomes["not repaired"], crash=bad > 0)
+    return outcomes
+
+
+def _readline_within(proc: subprocess.Popen, seconds: float) -> str | None:
+    import select
+
+    ready = select.select([proc.stdout], [], [], seconds)[0]
+    if not ready:
+        return None
+    line = proc.stdout.readline()
+    return line or None
+
+
+def _terminate(proc: subprocess.Popen) -> bool | None:
+    """SIGTERM a hung worker: True when it ended within 30 s (the watchdog's grace is 10 s),
+    False when it had to be killed, None when it had already exited."""
+    if proc.poll() is not None:
+        return None
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+        return True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 kills per command and 3 full disks (CI)")
     parser.add_argument("--kills", type=int, default=None)
     parser.add_argument("--disks", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flips", type=int, default=None, help="bit flips to sample from the sweep (default: all of it; --quick: 120)")
+    parser.add_argument("--flip-worker", type=Path, help=argparse.SUPPRESS)
     a = parser.parse_args()
+    if a.flip_worker:
+        return flip_worker(a.flip_worker)
     kills = a.kills or (3 if a.quick else 12)
     disks = a.disks or (3 if a.quick else 8)
     rng = random.Random(a.seed)
@@ -216,7 +390,14 @@ def main() -> None:
         fit_head_kills(table, cache, work, kills, rng)
         finetune_kills(table, head, work, kills, rng)
         disk_full(table, data, hub, work, disks, rng)
+        flip_data = write_digits(work / "flip-digits", size=32, per_class=4)
+        reference = work / "flip-reference.h5"
+        run_extract(flip_data, hub, "none", reference, workers=0)
+        flips = flip_plan(reference, 7, 3, a.flips or (120 if a.quick else None), rng)
+        print(f"bit flips: {len(flips)} (one bit each, every 7th byte of a part and every 3rd of the manifest{', sampled' if a.flips or a.quick else ''})")
+        outcomes = bit_flips(table, flip_data, hub, work, flips, reference)
         table.print()
+        print("bit flips: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
         print(json.dumps({"bad": table.bad}))
         if table.bad:
             raise SystemExit(f"FAILED: {table.bad} lost rows or crashes")
