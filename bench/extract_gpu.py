@@ -39,9 +39,10 @@ from common import make_jpegs  # noqa: E402
 from pipeline.backbones.engines import EngineUnavailable, build_checked, measure  # noqa: E402
 from pipeline.backbones.hardware import PrecisionChoice  # noqa: E402
 from pipeline.backbones.registry import load_backbone  # noqa: E402
-from pipeline.extract import engine_context, extract_many  # noqa: E402
+from pipeline.extract import extract_many  # noqa: E402
 from pipeline.images.gpu_decode import GPU_DECODERS, nvimgcodec_installed, open_gpu_decoder, pixels_on_gpu  # noqa: E402
 from pipeline.images.reader import default_workers  # noqa: E402
+from pipeline.inference import engine_context  # noqa: E402
 
 PRECISIONS = {"fp32": PrecisionChoice("fp32", None, ""), "bf16": PrecisionChoice("bf16", torch.bfloat16, "")}
 

@@ -44,6 +44,7 @@ import pipeline.extract as extract  # noqa: E402
 from pipeline.changes import SCAN_STARTED  # noqa: E402
 from pipeline.images import content_digests, scan_folder  # noqa: E402
 from pipeline.images.reader import hash_threads  # noqa: E402
+from pipeline.inference import resolve_device  # noqa: E402
 from pipeline.store import CacheWriter, WriterLock  # noqa: E402
 
 MODEL, WEIGHTS, DTYPE = "resnet18", "none", "float16"
@@ -68,7 +69,7 @@ def make_cache(root: Path, cache: Path) -> int:
     embeddings: a no-op run never reads them); returns the rows written."""
     scan = scan_folder(root)
     backbone = extract.load_backbone(MODEL, WEIGHTS)
-    meta = {**extract.build_meta(backbone, scan, DTYPE, extract.resolve_device("cpu")), SCAN_STARTED: time.time()}
+    meta = {**extract.build_meta(backbone, scan, DTYPE, resolve_device("cpu")), SCAN_STARTED: time.time()}
     recs = scan.records
     with WriterLock(cache):
         writer = CacheWriter(cache, meta)

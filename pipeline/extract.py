@@ -1,11 +1,11 @@
-"""Stage 1: what is missing -> batches -> backbone -> cache writer, for one or several backbones.
+"""Stage 1: what is missing -> the inference path -> cache writer, for one or several backbones.
 
-Reader (``images/reader.py``: decoder processes read, hash, decode, resize and crop),
-mapper (``backbones/engines.py``: the frozen backbone on the engine measured fastest here)
-and writer (``store/writer.py``'s ``CacheWriter``: rows committed every ``commit_every``
-images or ``commit_seconds``) live in their stages' packages; ``extract_many`` wires them
-per ``Target`` (one backbone and its cache) and times them, with torchrun ranks sharing
-the files. ``ExtractOptions`` holds every option, checked when it is built.
+Reader, mapper and the loop are the one inference path (``inference.py``: decoder processes
+read, hash, decode, resize and crop; the frozen backbone on the engine measured fastest
+here); the writer is ``store``'s ``CacheWriter`` (rows committed every ``commit_every``
+images or ``commit_seconds``). ``extract_many`` works out what each ``Target`` (one backbone
+and its cache) lacks, wires the path to the writers and times them, with torchrun ranks
+sharing the files. ``ExtractOptions`` holds every option, checked when it is built.
 """
 from __future__ import annotations
 
@@ -17,103 +17,27 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torchvision
 
 from . import __version__
-from .backbones import (
-    ENGINES,
-    PRECISIONS,
-    TOKEN_POOLS,
-    Backbone,
-    Engine,
-    EngineContext,
-    HubTrust,
-    PrecisionChoice,
-    TorchEngine,
-    build_engine,
-    check_model_name,
-    choice_path,
-    choose_precision,
-    engines_dir,
-    load_backbone,
-    model_identity,
-    tune,
-)
+from .backbones import ENGINES, PRECISIONS, TOKEN_POOLS, Backbone, HubTrust, check_model_name, choice_path, load_backbone, tune
 from .changes import SCAN_STARTED, check_content, racy
 from .choices import DECODES, GPU_DECODERS, canonical_weights
 from .distributed import World, rank_device, world
 from .errors import FeatcacheError, Interrupted, UsageError
-from .images import (
-    DEFAULT_MAX_PIXELS,
-    LAYOUTS,
-    DecodedBatch,
-    DeviceFeeder,
-    ImageRecord,
-    ManifestColumns,
-    ScanFailure,
-    ScanResult,
-    SharedDecodeDataset,
-    check_gpu_decode,
-    collate_shared,
-    default_workers,
-    make_loader,
-    open_gpu_decoder,
-    retry_under,
-    scan_source,
-)
+from .images import DEFAULT_MAX_PIXELS, LAYOUTS, DecodedBatch, ImageRecord, ManifestColumns, ScanFailure, ScanResult, check_gpu_decode, retry_under, scan_source
+from .inference import Feed, Mapper, ReadOptions, build_mapper, default_cache_dir, engine_context, open_reader, resolve_device, resolve_precision, run_batches
 from .interrupts import sigterm_as_interrupt
 from .options import HOW, JOB_LEVEL, build, check_device, check_types, choose, require
-from .overlap import StageClock, WriterThread
+from .overlap import StageClock
 from .store import DTYPES, CacheWriter, KnownFiles, PendingRow, WriterLock, encode_paths, read_cache_meta, repair_cache
 from .store.schema import check_compatible
 
 EMBEDDING_DEFINITION = "input of the model's final classification layer (classifier replaced by Identity)"
-
-
-# ----------------------------------------------------------------------------- mapper
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or auto)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UsageError(f"--device {device!r} is not supported; choose auto, cpu or cuda")
-    return torch.device(device)
-
-
-def prepare_model(backbone: Backbone, device: torch.device, channels_last: bool = True) -> torch.nn.Module:
-    model = backbone.model.to(device).eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def engine_context(backbone: Backbone, device: torch.device, precision: PrecisionChoice, batch_size: int, cache_dir: Path) -> EngineContext:
-    """What building, measuring or remembering an engine for ``backbone`` needs; choices and
-    exports live beside the caches (``<cache_dir>/.engines``)."""
-    return EngineContext(prepare_model(backbone, device), device, precision, batch_size, backbone.preprocessing.input_size,
-                         engines_dir(cache_dir), lambda: model_identity(backbone.model, backbone.provenance()))
-
-
-def resolve_precision(precision: str, device: torch.device, log: Callable[[str], None]) -> PrecisionChoice:
-    """``--precision`` as this hardware runs it, saying so when the request was changed."""
-    chosen = choose_precision(precision, device)
-    if chosen.note:
-        log(chosen.note)
-    return chosen
-
-
-def embed_batch(model: torch.nn.Module, images: torch.Tensor, device: torch.device, channels_last: bool = True, amp_dtype: torch.dtype | None = None) -> np.ndarray:
-    """Eager backbone forward for one batch; float32 numpy [B, D] (predict and the benches)."""
-    precision = PrecisionChoice("fp32" if amp_dtype is None else str(amp_dtype), amp_dtype, "")
-    return TorchEngine("eager", model, precision, device, channels_last, len(images)).embed(images)
-
 
 
 # ----------------------------------------------------------------------------- options
@@ -214,10 +138,6 @@ class ExtractSummary:
         d["failures"] = [{"path": p, "reason": r} for p, r in self.failures]
         d["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
         return d
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FEATCACHE_CACHE_DIR", "cache"))
 
 
 def clean(s: str) -> str:
@@ -324,7 +244,7 @@ class Pass:
 
     backbone: Backbone | None  # None until loaded (see Target)
     targets: list[Target]
-    engine: Engine | None = None
+    mapper: Mapper | None = None
 
     @property
     def todo(self) -> set[str]:
@@ -502,15 +422,6 @@ def _finish_target(t: Target, w: World) -> None:
     t.summary.failed = len(t.summary.failures)
 
 
-def _launch(p: Pass, batch: DecodedBatch) -> Callable[[], np.ndarray] | None:
-    """The mapper for one backbone: uint8 pixels to the engine's device, normalised there,
-    the forward started; returns what waits for its rows (None: nothing decoded)."""
-    if batch.images is None:
-        return None
-    pixels = batch.images.to(p.engine.device, non_blocking=True)
-    return p.engine.embed_async(p.backbone.preprocessing.normalize(pixels))
-
-
 def _write_batch(p: Pass, batch: DecodedBatch, rows_of: Callable[[], np.ndarray] | None, records: Sequence[ImageRecord], commit_every: int,
                  commit_seconds: float, clock: StageClock) -> None:
     """The writer for one backbone's batch: for each of its caches the failures recorded, the
@@ -540,57 +451,6 @@ def _write_batch(p: Pass, batch: DecodedBatch, rows_of: Callable[[], np.ndarray]
     clock.writer += time.perf_counter() - t0
 
 
-def _run_batches(passes: Sequence[Pass], batches: Iterator[list[DecodedBatch]], todo: Sequence[ImageRecord], opts: ExtractOptions,
-                 device: torch.device, clock: StageClock, on_batch: Callable[[int], None]) -> None:
-    """Batch k+1's forward is started before batch k's rows are written, and on CUDA the
-    writing happens on a thread of its own, so the writer's work (and its commits) overlaps
-    the model instead of stalling it. A batch whose forward was started when an interrupt
-    came is still written: it is complete."""
-    pending: list[tuple[Pass, DecodedBatch, Callable[[], np.ndarray] | None]] = []
-
-    def write(launched: list) -> None:
-        for p, batch, rows_of in launched:
-            _write_batch(p, batch, rows_of, todo, opts.commit_every, opts.commit_seconds, clock)
-        on_batch(len({i for _, b, _ in launched for i in b.positions} | {i for _, b, _ in launched for i, _ in b.failures}))
-
-    writer = WriterThread(write) if device.type == "cuda" else None
-
-    def drain() -> None:
-        """The batches queued for the writer, then the one in flight: all complete."""
-        nonlocal writer
-        if writer:
-            closing, writer = writer, None
-            closing.close()
-        if pending:
-            write(pending)
-
-    loop_start = time.perf_counter()
-    waited = loop_start
-    try:
-        for k, parts in enumerate(batches):
-            now = time.perf_counter()
-            if k == 0:
-                clock.first_batch = now - loop_start
-            else:
-                clock.wait_data += now - waited
-                clock.images_after_first += len({i for b in parts for i in b.positions})
-            end_span = clock.gpu_span(device)
-            launched = [(p, batch, _launch(p, batch)) for p, batch in zip(passes, parts)]
-            end_span()
-            previous, pending = pending, launched
-            if previous:
-                writer.submit(previous) if writer else write(previous)
-            waited = time.perf_counter()
-        drain()
-    except KeyboardInterrupt:
-        drain()
-        raise
-    finally:
-        if writer is not None:  # another error: the queued batches are written before the caches are let go
-            writer.close(raise_error=False)
-        clock.loop = time.perf_counter() - loop_start
-
-
 def extract_many(
     data_dir: str | os.PathLike,
     models: Sequence[str],
@@ -616,7 +476,6 @@ def extract_many(
     opts = build(ExtractOptions, options, **fields)
     weights, batch_size, decode, engine = opts.weights, opts.batch_size, opts.decode, opts.engine
     dev = resolve_device(opts.device)
-    workers = default_workers(dev.type) if opts.workers is None else opts.workers
     models = [check_model_name(m) for m in models]
     if len(set(models)) != len(models):
         raise UsageError(f"--model names the same backbone twice ({', '.join(models)})")
@@ -679,31 +538,21 @@ def extract_many(
                 log(f"{t.summary.model}{f' {t.summary.layer}' if t.summary.layer else ''}: {len(t.todo)} to extract, {t.summary.cached} cached, "
                     f"{len(t.removed)} removed" + (f" ({w.size} ranks)" if w.enabled else ""))
         # the decoder processes start reading while the engines are built
+        preps = [p.backbone.preprocessing for p in passes]
+        read = ReadOptions(batch_size, opts.workers, opts.max_pixels, decode, opts.gpu_decoder)
         pass_todo = [p.todo for p in passes]
-        needs = [tuple(r.relpath in todo_p for todo_p in pass_todo) for r in todo]
-        draft = max((p.backbone.preprocessing.draft_size for p in passes), default=None) if decode == "draft" else None
-        to_pixels = [p.backbone.preprocessing.pixels() for p in passes]
-        batches: Iterator[list[DecodedBatch]] = iter(())
-        if todo:
-            dataset = SharedDecodeDataset(scan.root, todo, to_pixels, needs, opts.max_pixels, draft, gpu_decode=decode == "gpu")
-            # on CUDA the feeder thread pins batches (it starts once the engines are built: a CUDA graph
-            # being captured must not see another thread allocate page-locked memory)
-            # and on CUDA each worker holds 2 whole batches ahead, not 4: 15 workers x 2 x 256 uint8 images
-            # is already 1.2 GB of shared memory
-            batches = iter(make_loader(dataset, batch_size, workers, False, collate=partial(collate_shared, needs=needs),
-                                       prefetch=2 if dev.type == "cuda" else 4))
+        batches = open_reader(scan.root, todo, preps, read, dev, needs=[tuple(r.relpath in todo_p for todo_p in pass_todo) for r in todo])
         for p in passes:
-            ctx = engine_context(p.backbone, dev, chosen, batch_size, p.targets[0].out_path.parent)
-            p.engine = build_engine(engine, ctx, len(p.todo), log if w.is_main else (lambda m: None))
+            p.mapper = build_mapper(p.backbone, engine, dev, chosen, batch_size, len(p.todo), p.targets[0].out_path.parent,
+                                    log if w.is_main else (lambda m: None))
             for t in p.targets:
-                t.summary.engine = p.engine.name
-                t.writer.set_meta(engine=p.engine.name)
-        decoder = open_gpu_decoder(opts.gpu_decoder, dev) if decode == "gpu" and todo else None
-        if decoder is not None:
+                t.summary.engine = p.mapper.engine.name
+                t.writer.set_meta(engine=p.mapper.engine.name)
+        feed = Feed(batches, dev, preps, read, bool(todo))
+        if feed.decoder is not None:
             for t in targets:
-                t.summary.gpu_decoder = decoder.name
-                t.writer.set_meta(gpu_decoder=decoder.name)
-        feeder = DeviceFeeder(batches, dev, to_pixels, decoder) if dev.type == "cuda" and todo else None
+                t.summary.gpu_decoder = feed.decoder.name
+                t.writer.set_meta(gpu_decoder=feed.decoder.name)
         done = 0
 
         def on_batch(n: int) -> None:
@@ -712,17 +561,18 @@ def extract_many(
             if progress and w.is_main:
                 progress(done, len(todo), time.perf_counter() - t0)
 
+        def write(k: int, batch: DecodedBatch, rows_of: Callable[[], np.ndarray] | None) -> None:
+            _write_batch(passes[k], batch, rows_of, todo, opts.commit_every, opts.commit_seconds, clock)
+
         clock.setup = time.perf_counter() - clock.start
         try:
             with sigterm_as_interrupt():
-                _run_batches(passes, iter(feeder) if feeder else batches, todo, opts, dev, clock, on_batch)
+                run_batches([p.mapper for p in passes], feed, write, dev, clock, on_batch)
         except KeyboardInterrupt:
             for t in targets:
                 t.summary.interrupted = True
         finally:
-            if feeder is not None:
-                feeder.close()
-                clock.feeder_busy = feeder.busy_seconds
+            feed.close(clock)
         f0 = time.perf_counter()
         for t in targets:  # finished batches are complete rows: keep them, interrupted or not
             _finish_target(t, w)

@@ -169,7 +169,7 @@ def test_cudagraph_engine_equals_eager_with_batches_in_flight(tmp_path, precisio
     from pipeline.backbones.engines import build_checked
     from pipeline.backbones.hardware import PrecisionChoice
     from pipeline.backbones.registry import load_backbone
-    from pipeline.extract import engine_context
+    from pipeline.inference import engine_context
 
     chosen = PrecisionChoice(precision, None if precision == "fp32" else torch.bfloat16, "")
     ctx = engine_context(load_backbone("resnet18", "none"), torch.device("cuda"), chosen, 8, tmp_path)

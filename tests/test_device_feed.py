@@ -92,11 +92,12 @@ def test_gpu_decode_path_with_each_library_on_cpu(image_tree, library):
     assert diff.mean() < 8  # the tensor resize rounds differently from PIL's; the decoded pixels are the same
 
 
-def test_runner_starts_the_next_forward_before_writing_a_batch(monkeypatch):
-    """Batch k+1's forward is queued before batch k's rows are written (on a GPU the writer
-    then overlaps the model); after an interrupt the started batch is still written."""
-    import pipeline.extract as ex
+def test_runner_starts_the_next_forward_before_writing_a_batch():
+    """Batch k+1's forward is queued before batch k's rows are consumed (on a GPU the consumer
+    then overlaps the model); after an interrupt the started batch is still consumed."""
     from pipeline.images.reader import DecodedBatch
+    from pipeline.inference import Mapper, run_batches
+    from pipeline.overlap import StageClock
 
     events: list[str] = []
 
@@ -111,14 +112,11 @@ def test_runner_starts_the_next_forward_before_writing_a_batch(monkeypatch):
     class Prep:
         normalize = staticmethod(lambda x: x)
 
-    p = ex.Pass(type("B", (), {"preprocessing": Prep()})(), [], Engine())
+    mapper = Mapper(Prep(), Engine())
 
-    def write_batch(p, batch, rows_of, *args) -> None:
+    def consume(k, batch, rows_of) -> None:
         rows_of()
         events.append(f"write {int(batch.images[0, 0, 0, 0])}")
-
-    monkeypatch.setattr(ex, "_write_batch", write_batch)
-    opts = ex.ExtractOptions()
 
     def batches(n: int, interrupt_after: int | None = None):
         for k in range(n):
@@ -126,11 +124,11 @@ def test_runner_starts_the_next_forward_before_writing_a_batch(monkeypatch):
                 raise KeyboardInterrupt
             yield [DecodedBatch([k], torch.full((1, 1, 1, 1), k), ["x"], [])]
 
-    clock = ex.StageClock()
-    ex._run_batches([p], batches(3), [], opts, torch.device("cpu"), clock, lambda n: None)
+    clock = StageClock()
+    run_batches([mapper], batches(3), consume, torch.device("cpu"), clock)
     assert events == ["forward 0", "forward 1", "rows 0", "write 0", "forward 2", "rows 1", "write 1", "rows 2", "write 2"]
     assert clock.loop >= clock.first_batch >= 0 and clock.images_after_first == 2
     events.clear()
     with pytest.raises(KeyboardInterrupt):
-        ex._run_batches([p], batches(3, interrupt_after=2), [], opts, torch.device("cpu"), ex.StageClock(), lambda n: None)
+        run_batches([mapper], batches(3, interrupt_after=2), consume, torch.device("cpu"), StageClock())
     assert events == ["forward 0", "forward 1", "rows 0", "write 0", "rows 1", "write 1"]

@@ -379,15 +379,15 @@ def test_never_trains_on_the_heads_validation_images(tiny_head, tmp_path):
 
 
 def test_non_finite_outputs_are_a_clear_error_not_a_crash(tiny_head, tmp_path, monkeypatch):
-    import pipeline.finetune.trainer as ft
+    from pipeline.finetune.run import FineTuneJob
 
-    real = ft.Trainer.predict
+    real = FineTuneJob._score
 
-    def poisoned(self, loader):
-        proba, pos, bad = real(self, loader)
+    def poisoned(self, records):
+        proba, pos, bad = real(self, records)
         proba[0] = np.nan
         return proba, pos, bad
 
-    monkeypatch.setattr(ft.Trainer, "predict", poisoned)
+    monkeypatch.setattr(FineTuneJob, "_score", poisoned)
     with pytest.raises(TrainingDiverged, match=r"NaN/inf for 1 of \d+ val images"):
         run_finetune(tiny_head, tmp_path / "n.pt", options={"epochs": 0}, workers=0, plots=False, trust_hub=True)

@@ -12,6 +12,6 @@ decides what a row is: it copies path, label, class, split and embedding as they
 """
 from .export import ExportSummary, export_cache
 from .importing import ImportSummary, import_cache
-from .layout import EXPORT_FORMATS, EXPORT_SCHEMA
+from .layout import EXPORT_FORMATS, EXPORT_SCHEMA, require_pyarrow
 
-__all__ = ["EXPORT_FORMATS", "EXPORT_SCHEMA", "ExportSummary", "ImportSummary", "export_cache", "import_cache"]
+__all__ = ["EXPORT_FORMATS", "EXPORT_SCHEMA", "ExportSummary", "ImportSummary", "export_cache", "import_cache", "require_pyarrow"]

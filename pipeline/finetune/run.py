@@ -30,11 +30,12 @@ from .. import __version__
 from ..backbones import AUX_CLASSIFIERS, Backbone, HubTrust, torch_load_quietly
 from ..distributed import World, rank_device, world
 from ..errors import CacheError, DataError, IncompatibleError, Interrupted, TrainingDivergedError, UsageError
-from ..extract import resolve_device
 from ..heads import LoadedHead, artifact_id, assign_splits, classification_metrics, clear_reports, load_head, save_blob, save_model_artifact, write_reports
-from ..images import ImageFileDataset, default_workers, make_loader, scan_source
+from ..images import default_workers, make_loader, scan_source
+from ..inference import Feed, Mapper, ReadOptions, open_reader, resolve_device, run_batches
 from ..interrupts import sigterm_as_interrupt
 from ..options import build
+from ..overlap import StageClock
 from ..store import WriterLock, atomic_path
 from .augment import AugmentedDataset, epoch_order, train_transform
 from .model import FineTuneModel, assemble, head_module_from
@@ -238,8 +239,7 @@ class FineTuneJob:
             return None
         mine = np.arange(len(rows))[self.team.rank :: self.team.size]  # torchrun: each rank scores a share
         records = [self.scan.records[i] for i in rows[mine]]
-        dataset = ImageFileDataset(self.scan.root, records, self.backbone.preprocessing.transform(), hash_files=False)
-        proba, pos, bad = self.trainer.predict(make_loader(dataset, self.opts.batch_size, self.workers, self.device.type == "cuda"))
+        proba, pos, bad = self._score(records)
         shares = self.team.gather((proba, mine[pos], {records[i].relpath: r for i, r in bad}))
         proba = np.concatenate([p for p, _, _ in shares])
         pos = np.concatenate([q for _, q, _ in shares]).astype(int)
@@ -257,6 +257,30 @@ class FineTuneJob:
         metrics = classification_metrics(y, proba, self.classes)
         metrics["loss"] = float(-np.log(np.clip(proba[np.arange(len(y)), y], 1e-12, None)).mean())
         return metrics
+
+    def _score(self, records: list) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+        """The current model's class probabilities for ``records`` through the one inference
+        path (decoder processes, uint8 pixels normalised on the device): (probabilities [N, C]
+        of the decoded images, their positions in ``records``, failures)."""
+        prep = self.backbone.preprocessing
+        read = ReadOptions(self.opts.batch_size, self.workers, hash_files=False)
+        mapper = Mapper(prep, self.trainer.scoring_engine())
+        probs: list[np.ndarray] = []
+        positions: list[int] = []
+        failures: list[tuple[int, str]] = []
+
+        def consume(_: int, batch, rows_of) -> None:
+            failures.extend(batch.failures)
+            if rows_of is not None:
+                probs.append(rows_of().astype(np.float64))
+                positions.extend(batch.positions)
+
+        feed = Feed(open_reader(self.scan.root, records, [prep], read, self.device), self.device, [prep], read, bool(records))
+        try:
+            run_batches([mapper], feed, consume, self.device, StageClock())
+        finally:
+            feed.close()
+        return (np.concatenate(probs) if probs else np.empty((0, self.trainer.n_classes))), np.asarray(positions, dtype=int), failures
 
     def save_model(self, epoch: int, metrics: dict[str, Any], history: list[dict[str, Any]]) -> None:
         """The current weights as a model artifact (backbone without training-only aux heads); rank 0 only."""

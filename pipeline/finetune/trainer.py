@@ -17,9 +17,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..backbones import PrecisionChoice, TorchEngine
 from ..distributed import World
 from ..divergence import DivergenceGuard
 from ..errors import TrainingDivergedError
+from ..inference import ScoringModule
 from .model import FineTuneModel
 from .options import FinetuneOptions
 
@@ -172,7 +174,7 @@ class Trainer:
         the divergence limit (looked at every DIVERGENCE_CHECK_EVERY batches), before the step that would apply it."""
         if n:
             if self.guard is None:
-                self.guard = DivergenceGuard.starting_at(value, self.module.head[-1].out_features)
+                self.guard = DivergenceGuard.starting_at(value, self.n_classes)
             self._running[0] += value * n
             self._running[1] += n
         problem = None
@@ -217,20 +219,16 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def predict(self, loader) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
-        """(probabilities [N, C], positions of decoded images, failures) in eval mode."""
-        self.model.eval()
-        probs, positions, failures = [], [], []
-        with torch.inference_mode(), self._autocast():
-            for batch in loader:
-                failures += batch.failures
-                if batch.images is None:
-                    continue
-                logits = self.model(self._to_device(batch.images))
-                probs.append(torch.softmax(logits.float(), dim=1).cpu().double().numpy())
-                positions += batch.positions
-        width = self.module.head[-1].out_features
-        return (np.concatenate(probs) if probs else np.empty((0, width))), np.asarray(positions, dtype=int), failures
+    def scoring_engine(self) -> TorchEngine:
+        """The model in eval mode as an engine of the one inference path (``inference.py``):
+        class probabilities as its rows, in the training's precision."""
+        self.module.eval()
+        precision = PrecisionChoice("fp32" if self.amp_dtype is None else str(self.amp_dtype), self.amp_dtype, "")
+        return TorchEngine("eager", ScoringModule(self.module), precision, self.device, self.opts.channels_last, self.opts.batch_size)
+
+    @property
+    def n_classes(self) -> int:
+        return self.module.head[-1].out_features
 
 
 def rng_state() -> dict[str, Any]:

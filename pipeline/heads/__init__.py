@@ -21,9 +21,10 @@ from .metrics import (
                       write_reports,
 )
 from .options import FitOptions
+from .scoring import head_scorer
 from .splits import assign_splits
 
 __all__ = ["HEAD_KINDS", "FitOptions", "KNNHead", "LinearHead", "LoadedHead", "LogRegHead", "MLPHead", "TorchHead", "artifact_id", "assign_splits", "build_head_module",
-           "classification_metrics", "clear_reports", "compare_caches", "confusion_figure", "evaluate_head", "fit_head", "format_metrics", "full_proba",
+           "classification_metrics", "clear_reports", "compare_caches", "confusion_figure", "evaluate_head", "fit_head", "format_metrics", "full_proba", "head_scorer",
            "history_figure", "kept_epoch", "literal_text", "load_head", "pyplot",
            "save_blob", "save_figure", "save_model_artifact", "write_reports"]

@@ -6,15 +6,26 @@ the batch reader that decodes in worker processes and records every file that fa
 Never runs model code and never substitutes one file for another.
 """
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, load_image, retry_under
-from .folders import LAYOUTS, ImageRecord, ScanFailure, ScanResult, scan_folder
 from .feeder import DeviceFeeder
+from .folders import LAYOUTS, ImageRecord, ScanFailure, ScanResult, scan_folder
 from .gpu_decode import check_gpu_decode, open_gpu_decoder
 from .manifests import MANIFEST_SUFFIXES, ManifestColumns, is_manifest, scan_manifest
-from .reader import DecodedBatch, ImageFileDataset, SharedDecodeDataset, collate_shared, content_digests, default_workers, finish_on_gpu, make_loader
+from .reader import (
+    DecodedBatch,
+    ImageFileDataset,
+    SharedDecodeDataset,
+    collate_shared,
+    content_digests,
+    default_workers,
+    finish_on_gpu,
+    make_loader,
+    read_record,
+)
 from .shards import expand_shards, is_shards, scan_shards
 from .sources import scan_source
 
 __all__ = ["DEFAULT_MAX_PIXELS", "LAYOUTS", "DecodeError", "DecodedBatch", "ImageFileDataset", "ImageRecord", "ScanFailure", "ScanResult", "SharedDecodeDataset",
-           "DeviceFeeder", "check_gpu_decode", "open_gpu_decoder", "collate_shared", "content_digests", "decode_image", "default_workers", "finish_on_gpu", "load_image", "make_loader", "retry_under", "scan_folder",
+           "DeviceFeeder", "check_gpu_decode", "open_gpu_decoder", "collate_shared", "content_digests", "decode_image", "default_workers", "finish_on_gpu", "load_image", "make_loader", "read_record",
+           "retry_under", "scan_folder",
            "MANIFEST_SUFFIXES", "ManifestColumns", "is_manifest", "scan_manifest", "scan_source",
            "expand_shards", "is_shards", "scan_shards"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import os
 import re
-import warnings
+import threading
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -101,41 +101,52 @@ def retry_under(reason: str, max_pixels: int | None) -> bool:
 
 
 def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
-    """Decode ``data`` fully into an upright RGB image, or raise :class:`DecodeError`.
+    """Decode ``data`` fully into an upright RGB image, or raise :class:`DecodeError`. Safe to
+    call from several threads at once (``serve`` decodes in a pool).
 
     ``draft_size`` (opt-in, changes pixels): a JPEG is decoded at the smallest 1/2, 1/4 or 1/8
     scale whose both sides are still at least ``draft_size`` — several times faster on large
     photos, since the DCT skips what the resize would throw away."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        img = _open_unlimited(data)
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise DecodeError(bomb_reason(width, height, max_pixels))
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()  # force the full decode here, so truncation is caught now
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except DecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(f"decompression bomb: {exc}; raise --max-pixels to accept it")
+    except UnidentifiedImageError:
+        raise DecodeError("not an image (cannot identify image format)")
+    except OSError as exc:
+        msg = str(exc)
+        if "truncated" in msg:
+            raise DecodeError("truncated image file")
+        raise DecodeError(f"corrupt image: {msg}")
+    except (ValueError, SyntaxError, TypeError, IndexError, MemoryError, EOFError) as exc:
+        raise DecodeError(f"corrupt image: {type(exc).__name__}: {exc}")
+
+
+_OPENING = threading.Lock()
+
+
+def _open_unlimited(data: bytes) -> Image.Image:
+    """``Image.open`` (the header only) with PIL's own bomb limit off, since ``decode_image``
+    checks the size itself with one message for every limit. That limit is a global, so it is
+    lifted under a lock for the header read alone; the decode runs outside it, in parallel."""
+    with _OPENING:
         previous = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None  # checked here from the header, one message for every size
+        Image.MAX_IMAGE_PIXELS = None
         try:
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise DecodeError(bomb_reason(width, height, max_pixels))
-            ImageFile.LOAD_TRUNCATED_IMAGES = False
-            if draft_size and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))
-            img.load()  # force the full decode here, so truncation is caught now
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
-        except DecodeError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise DecodeError(f"decompression bomb: {exc}; raise --max-pixels to accept it")
-        except UnidentifiedImageError:
-            raise DecodeError("not an image (cannot identify image format)")
-        except OSError as exc:
-            msg = str(exc)
-            if "truncated" in msg:
-                raise DecodeError("truncated image file")
-            raise DecodeError(f"corrupt image: {msg}")
-        except (ValueError, SyntaxError, TypeError, IndexError, MemoryError, EOFError) as exc:
-            raise DecodeError(f"corrupt image: {type(exc).__name__}: {exc}")
+            return Image.open(io.BytesIO(data))
         finally:
             Image.MAX_IMAGE_PIXELS = previous
 

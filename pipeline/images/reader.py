@@ -180,8 +180,8 @@ class SharedDecodeDataset(ImageFileDataset):
     With ``gpu_decode`` a plain JPEG is passed on undecoded (``Encoded``) for nvJPEG."""
 
     def __init__(self, root: Path, records: Sequence[ImageRecord], transforms: Sequence[Callable], needs: Sequence[Sequence[bool]],
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None, gpu_decode: bool = False):
-        super().__init__(root, records, transforms[0], max_pixels, draft_size=draft_size)
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, draft_size: int | None = None, gpu_decode: bool = False, hash_files: bool = True):
+        super().__init__(root, records, transforms[0], max_pixels, hash_files=hash_files, draft_size=draft_size)
         self.transforms = list(transforms)
         self.needs = needs
         self.gpu_decode = gpu_decode

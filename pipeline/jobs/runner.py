@@ -77,7 +77,8 @@ class JobResult:
 def cache_paths_for(job: JobSpec, data_root: Path, backbone: BackboneSpec) -> list[Path]:
     """The caches a ``[[backbones]]`` entry fills: one, or one per tapped ``layers`` entry."""
     from ..backbones import choose_precision
-    from ..extract import cache_paths, resolve_device
+    from ..extract import cache_paths
+    from ..inference import resolve_device
 
     precision = choose_precision(backbone.options.precision, resolve_device(job.device)).name  # what this machine runs
     return cache_paths(backbone.model, backbone.options, data_root, None, precision, job.cache_dir)
