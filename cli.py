@@ -26,14 +26,15 @@ import typer
 from pipeline.choices import (
     AUGMENT_PRESETS,
     DECODES,
-    GPU_DECODERS,
     DTYPES,
     ENGINES,
+    GPU_DECODERS,
     HEAD_KINDS,
     HEAD_MODES,
     LABEL_METHODS,
     LAYOUTS,
     MAP_METHODS,
+    MODEL_EXPORT_FORMATS,
     OPTIMIZERS,
     PRECISIONS,
     SCHEDULES,
@@ -66,6 +67,7 @@ Optimizer = Literal[OPTIMIZERS]
 Schedule = Literal[SCHEDULES]
 MapMethod = Literal[MAP_METHODS]
 LabelMethod = Literal[LABEL_METHODS]
+ModelFormat = Literal[MODEL_EXPORT_FORMATS]
 ClfName = enum.Enum("ClfName", {k: k for k in HEAD_KINDS}, type=str)  # typer takes lists of enums, not of Literals
 
 
@@ -344,8 +346,8 @@ def engines(
 
 @command
 def status(
-    target: Path = typer.Argument(..., metavar="TARGET", help="A cache (.h5), a head or fine-tuned model (.pt), or a job file (.toml)."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="For a cache: check every part against its SHA-256 (reads every byte once; exit 5 when damaged)."),
+    target: Path = typer.Argument(..., metavar="TARGET", help="A cache (.h5), a head or fine-tuned model (.pt), a model written by export-model (.onnx), or a job file (.toml)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="For a cache: check every part against its SHA-256 (reads every byte once; exit 5 when damaged); for an .onnx file, its graph against the SHA-256 in its metadata."),
     as_json: bool = _json_flag(),
     quiet: bool = _quiet_flag(),
 ) -> int:
@@ -365,6 +367,12 @@ def status(
 
         info = artifact_status(target)
         typer.echo(json.dumps(info, default=str) if as_json else format_artifact_status(info))
+        return 0
+    if target.suffix.lower() == ".onnx":
+        from pipeline.status import format_onnx_status, onnx_status
+
+        info = onnx_status(target, verify=verify)
+        typer.echo(json.dumps(info, default=str) if as_json else format_onnx_status(info))
         return 0
     from pipeline.status import cache_status, format_cache_status
 
@@ -541,39 +549,113 @@ def evaluate(
 @command
 def predict(
     model_path: Path = typer.Argument(..., metavar="HEAD_OR_MODEL", help="Head written by fit-head, or a fine-tuned model written by finetune."),
-    images: list[Path] = typer.Argument(..., metavar="IMAGES...", help="Image files and/or folders (a class sub-folder's name is taken as the true label)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="CSV of path, predicted, probability, top-k, true."),
-    grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid of images with predicted (and true) labels."),
+    images: Optional[list[str]] = typer.Argument(None, metavar="[IMAGES]...", help="Image files, folders (a class sub-folder's name is taken as the true label), manifests, tar shards or datasets (hf:PATH, torchvision:NAME:ROOT). With --cache and no images: score the cache's rows."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Predictions file, format from the suffix: .csv, .jsonl or .parquet (path, predicted, probability, top-k, true; written whole or not at all)."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid of the first images with predicted (and true) labels."),
     topk: int = typer.Option(5, "--topk", help="How many classes in the top-k list."),
+    with_embeddings: bool = typer.Option(False, "--with-embeddings", help="Also write each image's embedding (Parquet --out only)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Score rows of this cache without the backbone; with IMAGES (one folder, manifest or shard set), extract the files it lacks into it first, then score them all."),
+    split: Optional[str] = typer.Option(None, "--split", help="With --cache and no images: train, val, test, unlabeled or all (default all)."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per backbone forward."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoder processes (default: sized to the machine, as extract)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    engine: Engine = _choice("auto", "--engine", help="As for extract (auto: the engine measured fastest here, once a job repays it)."),
+    precision: Optional[Precision] = _choice(None, "--precision", help="Default: the precision the head's cache was extracted in (the numbers the head was trained on); as for extract."),
+    decode: Optional[Decode] = _choice(None, "--decode", help="Default: the decoding the head's cache recorded; as for extract."),
+    gpu_decoder: GpuDecoder = _choice("auto", "--gpu-decoder", help="As for extract."),
+    max_pixels: int = typer.Option(89_478_485, "--max-pixels", help="Larger images are decompression bombs: listed as failed."),
     trust_hub: bool = _trust_hub_flag(),
-    as_json: bool = _json_flag("Print one JSON object on stdout (top-k as a list of {class, probability})."),
+    as_json: bool = _json_flag("Print one JSON object on stdout (top-k as a list of {class, probability}; with --out at most the first 10,000 predictions, the file has them all)."),
     quiet: bool = _quiet_flag(),
 ) -> int:
-    """Classify new images with a saved head or fine-tuned model (runs its backbone; no cache needed)."""
-    from pipeline.choices import canonical_device
+    """Classify new images (or a cache's rows) with a saved head or fine-tuned model, at extraction speed; exit 3 when some images failed."""
     from pipeline.names import printable
-    from pipeline.predict import predict_images
+    from pipeline.predict import PredictOptions
+    from pipeline.predict import predict as run_predict
 
     _begin(as_json, quiet)
-    r = predict_images(model_path, images, out, grid, topk=topk, device=canonical_device(device), trust_hub=trust_hub)
+    opts = _options(PredictOptions, locals(), out=None if out is None else str(out), grid=None if grid is None else str(grid),
+                    cache=None if cache is None else str(cache))
+    r = run_predict(model_path, images or [], opts, trust_hub=trust_hub, progress=_bar("predict"), log=_err)
     code = 3 if r.failures else 0
     if as_json:
-        _emit_json({"predictions": r.rows, "failures": [{"path": p, "reason": m} for p, m in r.failures], "csv": r.csv, "grid": r.grid, "exit_code": code})
+        _emit_json({**r.to_dict(), "exit_code": code})
         return code
     for row in r.rows[:20]:
-        _err(f"{printable(row['path'])}: {printable(row['predicted'])} ({row['probability']:.3f})"
-             + (f"  true={printable(row['true'])}" if row["true"] else ""))
-    if len(r.rows) > 20:
-        _err(f"... {len(r.rows) - 20} more" + (f" in {r.csv}" if r.csv else " (use --out CSV)"))
-    known = [row for row in r.rows if row["true"]]
-    if known:
-        _err(f"accuracy on {len(known)} labelled images: {sum(row['true'] == row['predicted'] for row in known) / len(known):.4f}")
+        typer.echo(f"{printable(row['path'])}: {printable(row['predicted'])} ({row['probability']:.3f})"
+                   + (f"  true={printable(row['true'])}" if row["true"] else ""))
+    if r.n > 20:
+        _err(f"... {r.n - 20} more" + (f" in {r.out}" if r.out else " (use --out FILE.csv|.jsonl|.parquet)"))
+    if r.known:
+        _err(f"accuracy on {r.known} labelled images: {r.accuracy:.4f}")
+    _err(f"{r.n} predicted in {r.seconds:.1f}s" + (f" ({r.n / r.seconds:.1f}/s" + (f", {r.engine}" if r.engine else "") + ")" if r.seconds > 0 else "")
+         + (f"; {r.extracted} new image(s) extracted into the cache first" if r.source == "images+cache" else ""))
     _list("failed", r.failures, len(r.failures))
-    for name, value in (("csv", r.csv), ("grid", r.grid)):
+    for name, value in (("out", r.out), ("grid", r.grid)):
         if value:
             _err(f"  {name}: {value}")
     return code
+
+
+@command(name="export-model")
+def export_model(
+    model_path: Path = typer.Argument(..., metavar="HEAD_OR_MODEL", help="Head written by fit-head (logreg, linear, mlp, knn), or a fine-tuned model written by finetune."),
+    format: ModelFormat = _choice("onnx", "--format", help="File format: onnx (one graph from images to class probabilities, opset 18, dynamic batch)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write it (default: beside the head, suffix .onnx); written atomically."),
+    uint8: bool = typer.Option(False, "--uint8", help="The graph takes uint8 RGB pixels [B, 3, H, W] after resize and crop and normalises them itself "
+                                                     "(mean/std, input range, BGR models); default: float NCHW already normalised."),
+    probe: Optional[list[Path]] = typer.Option(None, "--probe", help="Images (files, folders, a manifest) the export is checked on against predict "
+                                                                   "before it is written (default: a few from the head's data root)."),
+    probe_images: int = typer.Option(8, "--probe-images", help="How many probe images."),
+    trust_hub: bool = _trust_hub_flag(),
+    as_json: bool = _json_flag(),
+    quiet: bool = _quiet_flag(),
+) -> int:
+    """Write a head or fine-tuned model as one ONNX file (backbone + head, class names, preprocessing and provenance in its metadata), checked in ONNX Runtime against predict first (exit 1, nothing written, when it differs)."""
+    from pipeline.serving import ExportOptions
+    from pipeline.serving import export_model as run_export
+
+    _begin(as_json, quiet)
+    options = ExportOptions(format=format, uint8=uint8, probe=tuple(str(p) for p in probe or ()), probe_images=probe_images)
+    r = run_export(model_path, out, options, trust_hub=trust_hub, log=_err)
+    if as_json:
+        _emit_json({k: v for k, v in r.to_dict().items() if k != "metadata"})
+    else:
+        _err(f"{r.path}: {r.head_kind} head, {len(r.classes)} classes, {r.input_kind} input, {r.bytes / 2**20:.1f} MiB; "
+             f"max |dp| {r.max_abs_diff:.2g} against predict on {len(r.probe_images)} probe image(s)")
+    return 0
+
+
+@command
+def serve(
+    model_path: Path = typer.Argument(..., metavar="HEAD_OR_MODEL_OR_ONNX", help="Head, fine-tuned model (.pt) or a model written by export-model (.onnx)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; the service has no authentication: see the README)."),
+    port: int = typer.Option(8000, "--port", help="Port (0: any free one; the log line says which)."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Images per model call, gathered across concurrent requests."),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long the first image of a batch waits for others."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Refuse larger images from their header, before decoding (default: PIL's limit, as extract)."),
+    max_body: int = typer.Option(32 << 20, "--max-body", help="Largest request body in bytes (413 above)."),
+    topk: int = typer.Option(5, "--topk", help="Classes per image when a request does not say (?topk=N)."),
+    engine: Engine = _choice("auto", "--engine", help="For a .pt file: the engine measured fastest here (`engines`), else eager; or name one. An .onnx file runs on ONNX Runtime."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N] (a .pt file)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoder threads (default: one per core)."),
+    trust_hub: bool = _trust_hub_flag(),
+    as_json: bool = _json_flag("On exit, print one JSON object on stdout: requests answered and refused, images, batches."),
+    quiet: bool = _quiet_flag(),
+) -> int:
+    """Serve a head, fine-tuned model or ONNX file over HTTP: POST /predict (image bytes or multipart files; ?topk=5), GET /health, GET /metadata. SIGTERM/Ctrl-C answer what is in flight, then exit 0."""
+    from pipeline import logs
+    from pipeline.serving.server import ServeOptions
+    from pipeline.serving.server import serve as run_serve
+
+    _begin(as_json, quiet)
+    logs.quiet_console(quiet)  # --json is only the summary on stdout at exit: the address and the access log stay on stderr
+    flags = locals()
+    options = _options(ServeOptions, {k: v for k, v in flags.items() if not (k == "max_pixels" and v is None)})
+    summary = run_serve(model_path, options, trust_hub=trust_hub, log=_err, quiet=quiet)
+    if as_json:
+        _emit_json(summary.to_dict())
+    return 0
 
 
 @command

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-
 # Source for a child process: its own peak RSS in MiB. VmHWM, since ru_maxrss survives exec (the parent's peak would leak in).
 PEAK_RSS_SOURCE = (
     "def peak_rss_mib():\n"

@@ -35,6 +35,8 @@ MAP_METHODS = ("pca", "umap", "tsne")  # the 2-D map: PCA always; UMAP (the umap
 LABEL_METHODS = ("prune_by_class", "prune_by_noise_rate")  # cleanlab find_label_issues filter_by methods featcache implements
 DUPLICATE_THRESHOLD = 0.96  # the default near-duplicate cosine (whitened space), calibrated in pipeline/quality/options.py; here so --help needs no torch
 AUDIT_CHECKS = ("label-errors", "duplicates", "leaks", "imbalance", "failed-files")  # what `audit --fail-on` can fail on
+# export and serving
+MODEL_EXPORT_FORMATS = ("onnx",)  # export-model --format (export --format is pipeline.exchange.EXPORT_FORMATS)
 
 _WEIGHTS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)?$")
 

@@ -179,6 +179,46 @@ def format_artifact_status(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def onnx_status(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
+    """What a model written by ``export-model`` holds: its metadata (classes, preprocessing,
+    provenance of backbone and head, featcache version), its input and output, and with
+    ``verify`` whether its graph is what was exported (a damaged one is exit 5)."""
+    from .serving import read_onnx
+
+    model, meta = read_onnx(path, verify=verify)
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+
+    def signature(values) -> list[dict[str, Any]]:
+        return [{"name": v.name, "type": v.type.tensor_type.elem_type,
+                 "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values if v.name not in inits]
+
+    return {"artifact": str(path), "kind": "ONNX model", "bytes": Path(path).stat().st_size, "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
+            "inputs": signature(graph.input), "outputs": signature(graph.output), "integrity": "ok" if verify else "not checked", **meta}
+
+
+def format_onnx_status(s: dict[str, Any]) -> str:
+    prov, pre = s.get("provenance") or {}, s.get("preprocessing") or {}
+    classes = s.get("classes") or []
+    exported = prov.get("exported") or {}
+    check = exported.get("check") or {}
+    acc = f"{prov['val_accuracy']:.4f}" if prov.get("val_accuracy") is not None else "-"
+    io = lambda vs: ", ".join(f"{v['name']} {v['shape']}" for v in vs)  # noqa: E731
+    return "\n".join([
+        f"artifact   {printable(s['artifact'])}  (ONNX model, opset {s.get('opset')}, {human_bytes(s['bytes'])})",
+        f"graph      in: {io(s['inputs'])} ({pre.get('input')}); out: {io(s['outputs'])}; integrity {s['integrity']}",
+        f"backbone   {prov.get('model')}  weights={prov.get('weights')}  seed={prov.get('seed')}  embed_dim={prov.get('embed_dim')}"
+        + (f"  layer={prov['layer']} ({prov.get('layer_pool')})" if prov.get("layer") else ""),
+        _preprocessing_line(pre) + f"  input={pre.get('input')}",
+        f"head       {prov.get('head_kind')} ({prov.get('artifact_kind')} {printable(str(prov.get('artifact')))}, sha256 {prov.get('artifact_sha256')}); "
+        f"val accuracy {acc}",
+        f"classes    {len(classes)}: {', '.join(printable(c) for c in classes[:10])}{' …' if len(classes) > 10 else ''}",
+        f"data root  {printable(str(prov.get('data_root')))}  (cache fingerprint {prov.get('cache_fingerprint')})",
+        f"exported   {exported.get('at')} by featcache {s.get('featcache_version')}, torch {exported.get('torch_version')}; "
+        f"checked against predict on {check.get('probe_images')} image(s): max |dp| {float(check.get('max_abs_diff') or 0):.2g}",
+    ])
+
+
 def format_job_plan(result: Any) -> str:
     lines = [f"job {result.name} ({result.job})"]
     for step in result.steps:

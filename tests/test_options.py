@@ -207,7 +207,7 @@ def test_cli_choices_are_case_insensitive_and_listed_in_help():
 
 
 @pytest.mark.parametrize("command", ["extract", "engines", "status", "run", "fit-head", "evaluate", "predict", "compare", "finetune", "models", "demo",
-                                     "report", "audit"])
+                                     "report", "audit", "export-model", "serve"])
 def test_every_command_takes_quiet_and_json(command):
     names = {opt for p in typer.main.get_command(app).commands[command].params for opt in getattr(p, "opts", [])}
     assert {"--json", "--quiet", "-q"} <= names

@@ -159,6 +159,15 @@ class KNNHead(ClassifierMixin, BaseEstimator):
                 v[q0 : q0 + len(Q)].scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
         return [v / v.sum(1, keepdim=True).clamp_min(1e-30) for v in out]
 
+    def training_rows(self) -> torch.Tensor:
+        """The normalised training rows [N, D] in the order of ``train_labels_`` (read from the
+        cache when they stay there): what ``export-model`` puts in the graph."""
+        check_fitted(self)
+        out = torch.empty(len(self.train_labels_), self.n_features_in_, dtype=torch.float32, device=self.device_)
+        for t0, rows in self._train_chunks():  # each chunk at its offset, whatever order a cache yields them in
+            out[t0 : t0 + len(rows)] = rows
+        return out
+
     def predict_proba(self, X) -> np.ndarray:
         check_fitted(self)
         X = validate_data(self, X, reset=False, dtype=[np.float32, np.float64])
