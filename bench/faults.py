@@ -45,7 +45,7 @@ def cli(*args: str) -> list[str]:
 
 
 def run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(args, check=False, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def kill_after(args: list[str], seconds: float) -> int:
@@ -304,31 +304,36 @@ def bit_flips(table: Table, data: Path, hub: str, work: Path, flips: list[dict],
             if line is None:  # no answer in time: a hang (or the worker died)
                 flip = todo[done]
                 ended_by_term = _terminate(proc)
-                outcomes["hang" if proc.returncode is None or ended_by_term is not None else "worker died"] += 1
+                kind = "hang" if proc.returncode is None or ended_by_term is not None else "worker died"
+                outcomes[kind] += 1
                 if ended_by_term is False:
                     outcomes["hang not ended by SIGTERM"] += 1
                 print(f"  no answer within {FLIP_BUDGET_S:g} s: {flip}", flush=True)
+                table.add("bit flip", crash=True)
                 done += 1
                 break
             result = json.loads(line)
             done += 1
+            bad = False
             for key in ("load", "status", "fit", "repair"):
                 value = str(result[key])
                 kind = ("silent wrong answer" if "WRONG" in value else "exit-1 crash" if value in ("exit 1", "1") or value.startswith("crash")
                         else "not repaired" if "NOT REPAIRED" in value else None)
                 if kind:
                     outcomes[kind] += 1
+                    bad = True
                     print(f"  {kind} ({key}): {result}", flush=True)
-            outcomes["damage named (exit 5)"] += any(str(result[k]) == "exit 5" for k in ("load", "status", "fit"))
+            named = any(str(result[k]) == "exit 5" for k in ("load", "status", "fit"))
+            outcomes["damage named (exit 5)"] += named
             outcomes["flips"] += 1
+            table.add("bit flip", lost=int("NOT REPAIRED" in str(result["repair"])), crash=bad,
+                      codes=(5 if named else 0,))
         else:
             proc.wait()
         todo = todo[done:]
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    bad = outcomes["silent wrong answer"] + outcomes["hang"] + outcomes["exit-1 crash"] + outcomes["not repaired"] + outcomes["worker died"]
-    table.add("bit flip", lost=outcomes["not repaired"], crash=bad > 0)
     return outcomes
 
 

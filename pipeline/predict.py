@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -413,6 +414,7 @@ def plot_grid(rows: list[dict[str, Any]], path: Path, max_images: int = GRID_IMA
     """Images with predicted (and true) labels, green when right, red when wrong."""
     from .heads import pyplot, save_figure
     from .images import DecodeError, decode_image, read_record
+    from .images.reader import read_bytes
 
     plt = pyplot()
 
@@ -423,9 +425,8 @@ def plot_grid(rows: list[dict[str, Any]], path: Path, max_images: int = GRID_IMA
     for ax in axes.flat:
         ax.axis("off")
     for ax, r in zip(axes.flat, rows):
-        root, record = r["image"]
-        try:
-            ax.imshow(decode_image(read_record(root, record)))
+        try:  # a row of this run knows its record (shard members too); a caller's row has its path
+            ax.imshow(decode_image(read_record(*r["image"]) if "image" in r else read_bytes(Path(r["path"]))))
         except DecodeError:
             continue  # gone or unreadable since it was scored: its cell stays empty
         label = f"{r['predicted']} {r['probability']:.2f}" + (f"\n(true {r['true']})" if r["true"] else "")
