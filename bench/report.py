@@ -50,6 +50,7 @@ STEPS = {
               "a = audit_cache(CACHE)\n"
               "result = {'counts': a.counts(), 'label_errors': [str(p) for p in a.paths[a.label_error_rows()]],\n"
               "          'pairs': [[str(a.paths[i]), str(a.paths[j])] for i, j in zip(a.duplicates.pairs.i, a.duplicates.pairs.j)],\n"
+              "          'estimate': a.estimate.to_dict() if a.estimate is not None else None,\n"
               "          'phases': {k: round(v, 2) for k, v in a.seconds.items()}}"),
     # The peers, on the same cache: what cleanlab's tutorials do (scikit-learn's LogisticRegression
     # with its defaults, 5-fold cross_val_predict on the raw embeddings, then find_label_issues with
@@ -202,6 +203,8 @@ def digits_side_by_side(seeds: int, tmp: Path, per_class: int | None = None) -> 
         for name, found, seconds in (("featcache", audit.label_error_rows(), ours_s), ("cleanlab", peer, peer_s)):
             precision, recall = hit_rates(found.tolist(), flipped.tolist())
             row[name] = {"flagged": len(found), "precision": precision, "recall": recall, "seconds": seconds}
+        est = audit.estimate
+        row["featcache"]["estimate"] = est.to_dict() if est is not None else None  # its own guess, from planted flips (no ground truth)
         out.append(row)
     return out
 
@@ -259,6 +262,10 @@ def main() -> None:
             if "copies_found" in r:
                 leaks = f" ({r['counts']['leaks']} leaks)" if "leaks" in r["counts"] else ""
                 found.append(f"{r['counts']['duplicates']} pairs{leaks}, {r['copies_found']}/{r['copies_planted']} planted copies found")
+            if r.get("estimate"):
+                e = r["estimate"]
+                found.append(f"estimated on {e['planted']} planted flips: precision {e['precision']:.2f}, recall {e['recall']:.2f}"
+                             + ("" if e["reliable"] else " (not reliable: listed as hardest examples)"))
             if "phases" in r:
                 found.append(f"phases {r['phases']}")
             if step == "report":
@@ -279,6 +286,10 @@ def main() -> None:
                 print(f"  seed {r['seed']}: featcache {a['flagged']} flagged, precision {a['precision']:.2f}, recall {a['recall']:.2f}, {a['seconds']:.1f}s | "
                       f"cleanlab's recipe {b['flagged']} flagged, precision {b['precision']:.2f}, recall {b['recall']:.2f}, {b['seconds']:.1f}s "
                       f"| time ratio {a['seconds'] / b['seconds']:.2f}")
+                if a.get("estimate"):
+                    e = a["estimate"]
+                    print(f"    featcache's own estimate on {e['planted']} planted flips: precision {e['precision']:.2f}, recall {e['recall']:.2f}"
+                          f" ({'reliable' if e['reliable'] else 'NOT reliable: hardest examples'})")
     if failed:  # a step that did not run is a broken bench (CI runs --quick)
         raise SystemExit(f"{len(failed)} step(s) failed: {', '.join(failed)}")
 

@@ -13,10 +13,11 @@ from .embedding_map import EmbeddingMap, check_map_method, embedding_map
 from .label_errors import LabelIssues, find_label_issues
 from .oof import OutOfFold, out_of_fold_proba
 from .options import DEFAULT_DUPLICATE_THRESHOLD, AuditOptions, ReportOptions, parse_fail_on
+from .precision import POOR_PRECISION, PrecisionEstimate, estimate_precision
 from .similarity import pairs_above, top_k, unit_rows
 from .space import EmbeddingSpace, fit_space
 
-__all__ = ["Audit", "AuditOptions", "DEFAULT_DUPLICATE_THRESHOLD", "Duplicates", "EmbeddingMap", "EmbeddingSpace", "LabelIssues", "OutOfFold",
+__all__ = ["POOR_PRECISION", "PrecisionEstimate", "estimate_precision", "Audit", "AuditOptions", "DEFAULT_DUPLICATE_THRESHOLD", "Duplicates", "EmbeddingMap", "EmbeddingSpace", "LabelIssues", "OutOfFold",
            "Projected", "ReportOptions", "advice", "audit_cache", "audit_projected", "check_map_method", "embedding_map", "find_duplicates",
            "find_label_issues", "fit_space", "format_audit", "leak_mask", "out_of_fold_proba", "pairs_above", "parse_fail_on",
            "project_rows", "run_audit", "top_k", "unit_rows", "with_split"]

@@ -29,13 +29,22 @@ def advice(audit: Any, metrics: dict[str, Any] | None = None) -> list[str]:
         other = int((audit.duplicates.leak & (a != "train") & (b != "train")).sum())
         if other:
             items.append(f"{_plural(other, 'near-duplicate pair')} join{'s' if other == 1 else ''} val and test: keep each image in one split")
-    if audit.issues is not None and len(audit.issues):
+    if audit.issues is not None and not audit.label_errors_reliable and len(audit.hardest_rows()):
+        est = audit.estimate
+        items.append(f"look at the {_plural(len(audit.hardest_rows()), 'hardest example')} (lowest probability of the given label); the label-error "
+                     f"detector is not reliable on this data (estimated precision {est.precision_at_cleanlab:.2f} on {est.planted} planted flips, "
+                     f"out-of-fold accuracy {audit.oof.accuracy:.2f}), so they are more likely the model's mistakes than wrong labels: "
+                     "keep the labels unless you see an error")
+    if audit.issues is not None and len(audit.label_error_rows()):
         rows = audit.label_error_rows()
+        est = audit.estimate
+        measured = f" (estimated precision {est.precision:.2f}, recall {est.recall:.2f} on planted flips)" if est is not None else ""
         by_class = Counter(audit.classes[int(audit.labels[r])] for r in rows)
         suggested = Counter((audit.classes[int(audit.labels[r])], audit.classes[int(audit.issues.suggested[np.searchsorted(audit.labelled, r)])]) for r in rows)
         for name, n in by_class.most_common(3):
             (_, likely), _ = max(((k, v) for k, v in suggested.items() if k[0] == name), key=lambda kv: kv[1])
-            items.append(f"{_plural(n, 'suspected label error')} in class {name} (most look like {likely}): check them and fix or drop the labels")
+            items.append(f"{_plural(n, 'suspected label error')} in class {name} (most look like {likely}): check them and fix the labels that are wrong{measured}")
+            measured = ""
         if len(by_class) > 3:
             rest = sum(n for _, n in by_class.most_common()[3:])
             items.append(f"{_plural(rest, 'more suspected label error')} in {len(by_class) - 3} other class{'es' if len(by_class) > 4 else ''}")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from .duplicates import Duplicates, chance_threshold, find_duplicates, identical
 from .label_errors import LabelIssues, find_label_issues
 from .oof import OutOfFold, out_of_fold_proba
 from .options import AuditOptions
+from .precision import HARDEST_SHARE, MIN_PLANTED, POOR_PRECISION, PrecisionEstimate, estimate_precision
 from .similarity import unit_rows
 from .space import MIN_ROWS, EmbeddingSpace, fit_space
 
@@ -49,6 +51,7 @@ class Audit:
     seconds: dict[str, float] = field(default_factory=dict)
     cache: str = ""
     label_errors_skipped: str = ""  # why there is no label-error list (``issues`` is None)
+    estimate: PrecisionEstimate | None = None  # the detector measured on planted flips (``precision.py``); None: not measured
 
     @property
     def duplicate_threshold(self) -> float:
@@ -64,9 +67,37 @@ class Audit:
         return replace(self, split=split, duplicates=with_split(self.duplicates, split, self.unit) if self.duplicates is not None else None)
 
     # -- what the checks found, row by row
+    @property
+    def label_errors_reliable(self) -> bool:
+        """Whether the list is reported as label errors: the detector's precision, estimated on
+        planted flips, reaches ``POOR_PRECISION`` (or could not be estimated: too few rows)."""
+        return self.issues is not None and (self.estimate is None or self.estimate.reliable)
+
+    def _flagged_rows(self) -> np.ndarray:
+        """The rows confident learning flags at the operating point (``precision.py``), lowest self-confidence first."""
+        if self.issues is None:
+            return np.zeros(0, dtype=np.int64)
+        ranked = self.issues.ranked
+        if self.estimate is not None and self.estimate.threshold < 1.0:
+            ranked = ranked[self.issues.self_confidence[ranked] <= self.estimate.threshold]
+        return self.labelled[ranked]
+
     def label_error_rows(self) -> np.ndarray:
-        """Rows (indices into ``paths``) of the likely label errors, lowest self-confidence first."""
-        return self.labelled[self.issues.ranked] if self.issues is not None else np.zeros(0, dtype=np.int64)
+        """Rows (indices into ``paths``) of the likely label errors, lowest self-confidence first;
+        none when the detector is not reliable on this data (``hardest_rows`` then)."""
+        return self._flagged_rows() if self.label_errors_reliable else np.zeros(0, dtype=np.int64)
+
+    def hardest_rows(self) -> np.ndarray:
+        """When the detector is not reliable here: the flagged rows with the lowest probability of
+        their given label, at most ``HARDEST_SHARE`` of the labelled rows (at least ``MIN_PLANTED``);
+        examples to look at, not label errors. Empty otherwise."""
+        if self.label_errors_reliable or self.issues is None:
+            return np.zeros(0, dtype=np.int64)
+        return self._flagged_rows()[: max(MIN_PLANTED, int(HARDEST_SHARE * len(self.labelled)))]
+
+    def duplicate_order(self) -> np.ndarray:
+        """Pair indices with the leaks (pairs across splits) first, each group in its kept order (exact, then most similar)."""
+        return np.argsort(~self.duplicates.leak, kind="stable") if self.duplicates is not None else np.zeros(0, dtype=np.int64)
 
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.classes))
@@ -87,7 +118,7 @@ class Audit:
     def counts(self) -> dict[str, int]:
         """One number per check ``--fail-on`` can name (and what a job's run.json records)."""
         dup = self.duplicates.counts(self.split) if self.duplicates is not None else {"pairs": 0, "leaks": 0}
-        return {"label-errors": len(self.issues) if self.issues is not None else 0, "duplicates": dup["pairs"], "leaks": dup["leaks"],
+        return {"label-errors": len(self.label_error_rows()), "duplicates": dup["pairs"], "leaks": dup["leaks"],
                 "imbalance": len(self.imbalance()["minority_classes"]), "failed-files": len(self.failures)}
 
     def failing(self, fail_on: tuple[str, ...]) -> list[str]:
@@ -108,11 +139,15 @@ class Audit:
                                           "folds": self.oof.folds, "C": self.oof.C, "out_of_fold_accuracy": round(self.oof.accuracy, 4),
                                           "chance_accuracy": round(self.oof.chance, 4), "p_value_vs_chance": float(f"{self.oof.p_value:.3g}")}
         out["label_errors_assessed"] = self.issues is not None
+        out["label_errors_reliable"] = self.label_errors_reliable
+        if self.estimate is not None:
+            out["label_errors_estimate"] = self.estimate.to_dict()
         out["near_duplicates_assessed"] = self.space is not None  # exact copies are listed either way
         if self.label_errors_skipped:
             out["label_errors_skipped"] = self.label_errors_skipped
         out["label_errors"] = [self.label_error(r) for r in self.label_error_rows()[:limit]]
-        out["duplicates"] = [self.duplicate(p) for p in range(min(limit, len(self.duplicates) if self.duplicates is not None else 0))]
+        out["hardest_examples"] = [self.label_error(r) for r in self.hardest_rows()[:limit]]
+        out["duplicates"] = [self.duplicate(int(p)) for p in self.duplicate_order()[:limit]]  # leaks first
         out["failed_files"] = [{"path": p, "reason": r} for p, r in self.failures[:limit]]
         return out
 
@@ -208,12 +243,23 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
         audit.label_errors_skipped = "label errors need a class with at least 2 labelled rows (out-of-fold probabilities need folds); not assessed"
     else:
         audit.oof = out_of_fold_proba(audit.whitened[labelled], labels[labelled], len(classes), opts.folds, opts.seed)
-        audit.seconds["label_errors"] = time.perf_counter() - t
         if audit.oof.informative:
             audit.issues = find_label_issues(labels[labelled], audit.oof.proba, opts.label_method)
-            log(f"audit: {len(audit.issues)} likely label error(s) ({audit.oof.folds}-fold out-of-fold logreg, C={audit.oof.C:g}, "
-                f"accuracy {audit.oof.accuracy:.4f}) in {audit.seconds['label_errors']:.1f}s")
+            audit.estimate = estimate_precision(audit.whitened[labelled], labels[labelled], len(classes), audit.issues.mask, audit.oof.folds,
+                                                opts.seed, audit.oof.C, opts.label_method)
+            audit.seconds["label_errors"] = time.perf_counter() - t
+            e = audit.estimate
+            measured = (f"; on {e.planted} planted flips: precision {e.precision:.2f}, recall {e.recall:.2f}" if e is not None
+                        else "; precision not estimated (too few rows to plant flips)")
+            if audit.label_errors_reliable:
+                log(f"audit: {len(audit.label_error_rows())} likely label error(s) ({audit.oof.folds}-fold out-of-fold logreg, C={audit.oof.C:g}, "
+                    f"accuracy {audit.oof.accuracy:.4f}{measured}) in {audit.seconds['label_errors']:.1f}s")
+            else:
+                log(f"audit: label errors not reported: the detector is not reliable on this data (precision {e.precision_at_cleanlab:.2f} on "
+                    f"{e.planted} planted flips, under {POOR_PRECISION:g}); {len(audit.hardest_rows())} hardest examples listed instead, "
+                    f"in {audit.seconds['label_errors']:.1f}s")
         else:
+            audit.seconds["label_errors"] = time.perf_counter() - t
             audit.label_errors_skipped = (
                 f"label errors not assessed: the out-of-fold logreg's accuracy {audit.oof.accuracy:.3f} is no better than always answering "
                 f"the largest class ({audit.oof.chance:.3f}; binomial p = {audit.oof.p_value:.2g}), so the embeddings do not separate these "
@@ -254,15 +300,29 @@ def format_audit(audit: Audit, todo: list[str], limit: int = 20) -> str:
     if audit.issues is None:
         lines.append(f"label errors  {audit.label_errors_skipped.removeprefix('label errors ')}")
     else:
-        lines.append(f"label errors  {c['label-errors']}  ({audit.oof.folds}-fold out-of-fold logreg, accuracy {audit.oof.accuracy:.4f}; "
-                     f"cleanlab {audit.options.label_method})")
+        est = audit.estimate
+        method = f"{audit.oof.folds}-fold out-of-fold logreg, accuracy {audit.oof.accuracy:.4f}; cleanlab {audit.options.label_method}"
+        if est is None:
+            measured = "precision not estimated: too few rows to plant flips"
+        else:
+            cut = f" at p(given) <= {est.threshold:.3g}" if est.threshold < 1.0 else ""
+            measured = f"estimated on {est.planted} planted flips{cut}: precision {est.precision:.2f}, recall {est.recall:.2f}"
+        if audit.label_errors_reliable:
+            lines.append(f"label errors  {c['label-errors']}  ({method}; {measured})")
+            shown = audit.label_error_rows()
+        else:
+            shown = audit.hardest_rows()
+            lines.append(f"label errors  none reported: the detector is not reliable on this data (estimated precision {est.precision_at_cleanlab:.2f}, "
+                         f"recall {est.recall_at_cleanlab:.2f} on {est.planted} planted flips, under {POOR_PRECISION:g}; {method})")
+            lines.append(f"hardest examples  {len(shown)}  (lowest probability of the given label: look at them; more likely the model's mistakes "
+                         "than wrong labels)")
         lines += [f"  {_printable(e['path'])}: given {_printable(e['given'])}, suggested {_printable(e['suggested'])} (p(given) {e['given_probability']:.2f})"
-                  for e in (audit.label_error(r) for r in audit.label_error_rows()[:limit])]
+                  for e in (audit.label_error(r) for r in shown[:limit])]
     dup = audit.duplicates.counts(audit.split) if audit.duplicates is not None else {"pairs": 0, "leaks": 0}
     found = f"at cosine >= {audit.duplicate_threshold:.4g} or exact" if audit.space is not None else "of exact copies (no near-duplicate search: see the note)"
     lines.append(f"duplicates    {dup['pairs']} pair(s) {found}, {dup['leaks']} leak(s) across splits")
-    for p in range(min(limit, len(audit.duplicates) if audit.duplicates is not None else 0)):
-        e = audit.duplicate(p)
+    for p in audit.duplicate_order()[:limit]:  # leaks first
+        e = audit.duplicate(int(p))
         lines.append(f"  {_printable(e['a'])} ({e['split_a'] or '-'}) ~ {_printable(e['b'])} ({e['split_b'] or '-'}): {e['similarity']:.4f}"
                      + (" exact" if e["exact"] else "") + (" LEAK" if e["leak"] else ""))
     imb = audit.imbalance()

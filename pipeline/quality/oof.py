@@ -64,9 +64,11 @@ def fold_count(labels: np.ndarray, wanted: int) -> int:
     return max(2, min(wanted, largest))
 
 
-def out_of_fold_proba(Z: np.ndarray, labels: np.ndarray, n_classes: int, folds: int = 5, seed: int = 0) -> OutOfFold:
+def out_of_fold_proba(Z: np.ndarray, labels: np.ndarray, n_classes: int, folds: int = 5, seed: int = 0, C: float | None = None) -> OutOfFold:
     """[N, n_classes] probabilities of ``labels`` (0..n_classes-1) from ``folds``-fold
     cross-fitting on the rows of ``Z``; a class missing from a fold's training rows gets 0.
+    ``C`` None: chosen on the first fold, then every fold at it; a number fixes it (the
+    planted-flip refit of ``precision.py`` reuses the baseline's: no second search).
 
     Raises:
         ValueError: fewer than 2 classes, or no class with 2 rows (the caller skips label errors).
@@ -78,7 +80,6 @@ def out_of_fold_proba(Z: np.ndarray, labels: np.ndarray, n_classes: int, folds: 
     n_folds = fold_count(labels, folds)
     splitter = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
     proba = np.zeros((len(labels), n_classes))
-    C = None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         splits = list(splitter.split(np.zeros(len(labels)), labels))
@@ -94,4 +95,4 @@ def out_of_fold_proba(Z: np.ndarray, labels: np.ndarray, n_classes: int, folds: 
     correct = int((proba.argmax(axis=1) == labels).sum())
     accuracy = correct / len(labels)
     chance, p_value = chance_test(labels, correct)
-    return OutOfFold(proba, n_folds, float(C), accuracy, time.perf_counter() - t0, chance, p_value)
+    return OutOfFold(proba, n_folds, float(C) if C is not None else float("nan"), accuracy, time.perf_counter() - t0, chance, p_value)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..heads.common import head_device
+from ..devices import head_device
 
 BLOCK_ROWS = 2048
 BLOCK_COLS = 16384
