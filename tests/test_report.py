@@ -171,3 +171,15 @@ def test_cli_fit_head_report_and_audit_fail_on(planted, tmp_path):
     assert runner.invoke(app, ["audit", str(cache), "--json"]).exit_code == 0  # findings alone never fail a run
     bad = runner.invoke(app, ["audit", str(cache), "--fail-on", "leak"])
     assert bad.exit_code == 2 and "--fail-on 'leak'" in bad.output
+
+
+def test_only_markup_built_as_html_skips_escaping():
+    """Cells, keys and captions are escaped unless built as ``Markup``: no flag lets a string through."""
+    from markupsafe import Markup
+
+    from pipeline.report.html import cards, key_values, table
+
+    hostile = "<img src=x onerror=alert(1)>"
+    out = table(["a", "b"], [[hostile, Markup("<b>bold</b>")]])
+    assert "&lt;img src=x onerror=alert(1)&gt;" in out and "<img" not in out and "<b>bold</b>" in out
+    assert "<img" not in key_values([(hostile, hostile)]) and "<img" not in cards([(hostile, hostile)])

@@ -9,6 +9,7 @@ from .estimators import HEAD_KINDS, LinearHead, LogRegHead, MLPHead, TorchHead, 
 from .fit import compare_caches, evaluate_head, fit_head, full_proba
 from .knn import KNNHead
 from .metrics import (
+                      CELL_LABEL_MAX_CLASSES,
                       classification_metrics,
                       clear_reports,
                       confusion_figure,
@@ -18,13 +19,14 @@ from .metrics import (
                       literal_text,
                       pyplot,
                       save_figure,
+                      top_confusions,
                       write_reports,
 )
 from .options import FitOptions
 from .scoring import head_scorer
 from .splits import assign_splits
 
-__all__ = ["HEAD_KINDS", "FitOptions", "KNNHead", "LinearHead", "LoadedHead", "LogRegHead", "MLPHead", "TorchHead", "artifact_id", "assign_splits", "build_head_module",
+__all__ = ["CELL_LABEL_MAX_CLASSES", "HEAD_KINDS", "FitOptions", "KNNHead", "LinearHead", "LoadedHead", "LogRegHead", "MLPHead", "TorchHead", "artifact_id", "assign_splits", "build_head_module",
            "classification_metrics", "clear_reports", "compare_caches", "confusion_figure", "evaluate_head", "fit_head", "format_metrics", "full_proba", "head_scorer",
            "history_figure", "kept_epoch", "literal_text", "load_head", "pyplot",
-           "save_blob", "save_figure", "save_model_artifact", "write_reports"]
+           "save_blob", "save_figure", "save_model_artifact", "top_confusions", "write_reports"]

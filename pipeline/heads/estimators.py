@@ -17,7 +17,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -135,9 +136,11 @@ class TorchHead(ClassifierMixin, BaseEstimator):
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
         self.module_.train()
         self._optimizer.zero_grad(set_to_none=True)
-        loss = self._criterion(self.module_(xb), yb)
+        logits = self.module_(xb)
+        loss = self._criterion(logits, yb)
         loss.backward()
         self._optimizer.step()
+        self._train_correct += (logits.detach().argmax(1) == yb).sum()  # train accuracy from the step's own logits (on device)
         return float(loss.detach()) * len(xb)
 
     def evaluation_step(self, xb: torch.Tensor) -> torch.Tensor:
@@ -146,7 +149,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             return self.module_(xb)
 
     # -- fitting
-    def fit(self, X, y, X_val=None, y_val=None) -> "TorchHead":
+    def fit(self, X, y, X_val=None, y_val=None) -> TorchHead:
         """Fit on ``X, y``; early-stop on ``X_val, y_val`` when given.
 
         Without them, ``val_fraction`` of the rows is held out (stratified) to find the
@@ -177,7 +180,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         return self.fit_source(ArraySource(X, y), val, classes=classes, n_features=X.shape[1])
 
     def fit_source(self, train: BatchSource, val: BatchSource | None, classes: np.ndarray, n_features: int,
-                   train_labels: np.ndarray | None = None, epochs: int | None = None) -> "TorchHead":
+                   train_labels: np.ndarray | None = None, epochs: int | None = None) -> TorchHead:
         """Train from any :class:`BatchSource` (the streaming path for big caches)."""
         torch.manual_seed(self.random_state)
         self._rng = np.random.default_rng(self.random_state)
@@ -207,7 +210,8 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         for epoch in range(epochs):
             t0 = time.perf_counter()
             total = self._train_epoch(train, epoch)
-            row = {"epoch": epoch + 1, "train_loss": total / max(train.n_rows, 1), "lr": self._optimizer.param_groups[0]["lr"]}
+            row = {"epoch": epoch + 1, "train_loss": total / max(train.n_rows, 1), "train_accuracy": int(self._train_correct) / max(train.n_rows, 1),
+                   "lr": self._optimizer.param_groups[0]["lr"]}
             self._check_divergence(row["train_loss"], epoch)
             sched.step()
             if val is not None and val.n_rows:
@@ -224,12 +228,15 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             self.module_.load_state_dict(best_state)
         self.n_epochs_ = len(self.history_)
         self.module_.eval()
-        del self._optimizer, self._criterion, self._rng, self._weight, self._guard
+        del self._optimizer, self._criterion, self._rng, self._weight, self._guard, self._train_correct
         return self
 
     def _train_epoch(self, train: BatchSource, epoch: int) -> float:
-        """One pass over ``train``; the summed loss. A NaN/inf batch stops at once (no epoch of NaNs)."""
+        """One pass over ``train``; the summed loss. A NaN/inf batch stops at once (no epoch of NaNs).
+        ``_train_correct`` counts the rows each step's logits got right (no extra pass: the model
+        as it was before each step, dropout on, as Keras' and Lightning's train accuracy)."""
         total = 0.0
+        self._train_correct = torch.zeros((), dtype=torch.long, device=self.device_)
         for xb, yb in self.get_batches(train, shuffle=True):
             loss = self.train_step(xb, yb)
             if self._guard is None:  # the first batch's loss is computed before any update: the starting loss
@@ -287,7 +294,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         return {"classes": self.classes_, "n_features_in": self.n_features_in_,
                 "state_dict": {k: v.detach().cpu() for k, v in self.module_.state_dict().items()}}
 
-    def set_state(self, state: dict[str, Any]) -> "TorchHead":
+    def set_state(self, state: dict[str, Any]) -> TorchHead:
         self.classes_ = np.asarray(state["classes"])
         self.n_features_in_ = int(state["n_features_in"])
         self.device_ = _device(self.device)

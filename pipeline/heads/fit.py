@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import sklearn
@@ -288,13 +289,14 @@ def evaluate_head(head_path: str | os.PathLike, cache: str | os.PathLike, val_fr
 def compare_caches(caches: list[str | os.PathLike], options: FitOptions | str | list[FitOptions | str] | None = None,
                    out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Fit each head (``options``: one or several) on each cache and rank every pair by
-    validation accuracy: which backbone transfers best, which head suits a cache."""
+    validation accuracy: which backbone transfers best, which head suits a cache. The heads and
+    the chart go to ``out_dir`` (default ``heads/compare/``, or ``$FEATCACHE_HEAD_DIR/compare/``)."""
     heads = [build(FitOptions, {"clf": o} if isinstance(o, str) else o) for o in (options if isinstance(options, list) else [options])]
     if not caches:
         raise UsageError("compare needs at least one cache")
     if len({h.clf for h in heads}) != len(heads):
         raise UsageError("--clf names the same head twice; give each head once")
-    out_dir = Path(out_dir or os.environ.get("FEATCACHE_HEAD_DIR", "heads")) / "compare"
+    out_dir = Path(out_dir) if out_dir is not None else Path(os.environ.get("FEATCACHE_HEAD_DIR", "heads")) / "compare"
     metas = {str(c): read_cache_meta(c) for c in caches}  # every cache is checked before any head is fitted
     rows = []
     for c in caches:

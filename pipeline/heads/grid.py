@@ -224,6 +224,7 @@ def fit_grid(template: TorchHead, members: list[Member], train: BatchSource, val
     for epoch in range(epochs):
         factor = _schedule_factor(template.schedule, epoch, epochs)
         sums = {h: torch.zeros(len(groups[h]), dtype=torch.float64, device=device) for h in stacks}
+        correct = {h: torch.zeros(len(groups[h]), dtype=torch.long, device=device) for h in stacks}  # train accuracy from the steps' own logits
         for s in stacks.values():
             s.train()
         seen = 0
@@ -231,7 +232,9 @@ def fit_grid(template: TorchHead, members: list[Member], train: BatchSource, val
             xb, yb = to_tensors(X, y)
             first = {}
             for hidden, stack in stacks.items():
-                losses = _member_losses(stack(xb), yb, weight, template.label_smoothing)
+                logits = stack(xb)
+                losses = _member_losses(logits, yb, weight, template.label_smoothing)
+                correct[hidden] += (logits.detach().argmax(-1) == yb).sum(-1)
                 first[hidden] = losses.detach()
                 optimizers[hidden].zero_grad()
                 losses.sum().backward()
@@ -244,6 +247,7 @@ def fit_grid(template: TorchHead, members: list[Member], train: BatchSource, val
                 diverged.check(sums, seen, epoch, active, nonfinite_only=True)
         diverged.check(sums, train.n_rows, epoch, active)
         totals = {i: float(sums[h][g]) for h in stacks for g, i in enumerate(groups[h])}
+        right = {i: int(correct[h][g]) for h in stacks for g, i in enumerate(groups[h])}
         val_loss, val_correct, norm = ({i: 0.0 for i in totals} for _ in range(3))
         for s in stacks.values():
             s.eval()
@@ -261,7 +265,8 @@ def fit_grid(template: TorchHead, members: list[Member], train: BatchSource, val
                 if not bool(active[hidden][g]):
                     continue
                 loss = val_loss[i] / max(norm[i], 1e-12)
-                history[i].append({"epoch": epoch + 1, "train_loss": totals[i] / max(train.n_rows, 1), "lr": members[i].lr * factor,
+                history[i].append({"epoch": epoch + 1, "train_loss": totals[i] / max(train.n_rows, 1),
+                                   "train_accuracy": right[i] / max(train.n_rows, 1), "lr": members[i].lr * factor,
                                    "val_loss": loss, "val_accuracy": val_correct[i] / max(val.n_rows, 1)})
                 best_loss, state, bad = best[i]
                 if loss < best_loss - 1e-6:

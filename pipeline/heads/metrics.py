@@ -5,8 +5,9 @@ import functools
 import json
 import math
 import textwrap
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support, top_k_accuracy_score
@@ -46,6 +47,20 @@ def format_metrics(name: str, m: dict[str, Any]) -> str:
     rows = [f"  {'class':<{width}}  precision  recall     f1  support"]
     rows += [f"  {c:<{width}}  {v['precision']:9.3f}  {v['recall']:6.3f}  {v['f1']:5.3f}  {v['support']:7d}" for c, v in per_class.items()]
     return "\n".join([head, *rows])
+
+
+def format_leaderboard(rows: list[dict[str, Any]]) -> list[str]:
+    """``compare``'s table: rank, backbone / head, accuracy, macro F1, fit seconds, embedding
+    size; every column as wide as its longest cell (a timm or hub backbone name runs long)."""
+    header = ("rank", "backbone / head", "accuracy", "macro_f1", "fit s", "dim")
+    cells = [(str(i), printable(str(r["name"])), f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{r['fit_seconds']:.1f}", str(r["embed_dim"]))
+             for i, r in enumerate(rows, 1)]
+    widths = [max(len(c[k]) for c in [header, *cells]) for k in range(len(header))]
+
+    def line(c: tuple[str, ...]) -> str:
+        return "  ".join(v.ljust(w) if k == 1 else v.rjust(w) for k, (v, w) in enumerate(zip(c, widths))).rstrip()
+
+    return [line(header), *(line(c) for c in cells)]
 
 
 TRAIN_COLOR = "#1f77b4"  # train is always blue, val always orange, the kept epoch green (in every panel)
@@ -122,34 +137,94 @@ def _short(name: str, limit: int = TICK_LABEL_CHARS) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 
+CELL_LABEL_MAX_CLASSES = 20  # up to this many classes each cell carries its count; above it the numbers cannot be read
+TOP_CONFUSIONS = 10  # (true, predicted) pairs listed beside a matrix too large for per-cell counts
+TICK_MIN_POINTS = 5.0  # smallest tick label font; denser classes get every k-th name
+
+
+def top_confusions(matrix: list[list[int]] | np.ndarray, class_names: Sequence[str], n: int = TOP_CONFUSIONS) -> list[tuple[str, str, int]]:
+    """The ``n`` most frequent mistakes as (true, predicted, count), most frequent first (ties in
+    matrix order); pairs never confused are left out."""
+    cm = np.asarray(matrix)
+    if cm.ndim != 2 or not cm.size:
+        return []
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(-off, axis=None, kind="stable")[:n]
+    pairs = [np.unravel_index(k, off.shape) for k in flat]
+    return [(str(class_names[t]), str(class_names[p]), int(off[t, p])) for t, p in pairs if off[t, p] > 0]
+
+
+def _ticks(ax, labels: list[str], size_inches: float) -> None:
+    """Every class name on both axes when a font of ``TICK_MIN_POINTS`` or more fits its cell, else every k-th."""
+    n = len(labels)
+    cell_points = 72.0 * size_inches / max(n, 1)
+    fontsize = min(8.0, 0.8 * cell_points)
+    step = 1
+    if fontsize < TICK_MIN_POINTS:
+        step = math.ceil(TICK_MIN_POINTS / fontsize)
+        fontsize = TICK_MIN_POINTS
+    at = list(range(0, n, step))
+    ax.set_xticks(at, [labels[i] for i in at], rotation=90, fontsize=fontsize)
+    ax.set_yticks(at, [labels[i] for i in at], fontsize=fontsize)
+
+
 @literal_text
 def confusion_figure(matrix: list[list[int]], class_names: Sequence[str], title: str, max_inches: float | None = None):
     """The confusion matrix as a figure sized for its classes and their (shortened) names.
 
-    ``max_inches`` caps the figure (the HTML report: 100 classes would be 52 inches, an 88 MB
-    bitmap); a capped matrix is a heatmap with smaller tick labels and no per-cell numbers."""
+    Up to ``CELL_LABEL_MAX_CLASSES`` classes every cell carries its count. Above that the matrix
+    is a heatmap (no per-cell text: thousands of unreadable labels were most of fit-head's time),
+    with small or thinned tick labels, and a second panel lists the ``TOP_CONFUSIONS`` most
+    frequent (true → predicted) pairs as bars. ``max_inches`` caps the matrix (the HTML report).
+    The counts stay whole in metrics.json."""
     plt = pyplot()
     cm = np.asarray(matrix)
     labels = [_short(str(c)) for c in class_names]
-    label_room = 0.09 * max((len(c) for c in labels), default=0)  # inches for the tick labels
-    natural = max(4.0, 0.5 * len(labels) + 2)
-    size = min(natural, max_inches) if max_inches else natural
-    capped = size < natural
-    fontsize = max(3.0, min(10.0, 10.0 * size / natural)) if capped else None
-    if capped:
-        label_room *= fontsize / 10.0
-    fig, ax = plt.subplots(figsize=(max(size + label_room, 5.0), size + label_room))
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=fontsize)
-    ax.set_yticks(range(len(labels)), labels, fontsize=fontsize)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    peak = cm.max() if cm.size else 0
-    if not capped:
+    if len(labels) <= CELL_LABEL_MAX_CLASSES:
+        label_room = 0.09 * max((len(c) for c in labels), default=0)  # inches for the tick labels
+        size = max(4.0, 0.5 * len(labels) + 2)
+        if max_inches:
+            size = min(size, max_inches)
+        fig, ax = plt.subplots(figsize=(max(size + label_room, 5.0), size + label_room))
+        ax.imshow(cm, cmap="Blues")
+        ax.set_xticks(range(len(labels)), labels, rotation=90)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        peak = cm.max() if cm.size else 0
         for i in range(cm.shape[0]):
             for j in range(cm.shape[1]):
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > peak / 2 else "black", fontsize=8)
-    _finish(fig, ax.set_title(title))
+        _finish(fig, ax.set_title(title))
+        return fig
+    size = min(max(8.0, 0.16 * len(labels)), max_inches or 12.0)
+    pairs = top_confusions(cm, class_names)
+    label_room = 0.06 * max((len(c) for c in labels), default=0)
+    bar_width = 5.5 if pairs else 0.0
+    fig = plt.figure(figsize=(size + label_room + bar_width, size + label_room + 0.6))
+    if pairs:
+        ax, bars = fig.subplots(1, 2, gridspec_kw={"width_ratios": [size + label_room, bar_width]})
+    else:
+        ax, bars = fig.subplots(), None
+    image = ax.imshow(cm, cmap="Blues", interpolation="nearest")
+    _ticks(ax, labels, size)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(image, ax=ax, fraction=0.035, pad=0.02, label="images")
+    if bars is not None:
+        names = [f"{_short(t, 20)} → {_short(p, 20)}" for t, p, _ in pairs][::-1]
+        counts = [c for _, _, c in pairs][::-1]
+        bars.barh(range(len(names)), counts, color=VAL_COLOR)
+        bars.set_yticks(range(len(names)), names, fontsize=8)
+        for i, c in enumerate(counts):
+            bars.text(c, i, f" {c}", va="center", ha="left", fontsize=8)
+        bars.set_xlim(0, max(counts) * 1.2)
+        bars.xaxis.set_major_locator(_integer_locator())
+        bars.set_xlabel("images")
+        bars.set_title(f"most frequent confusions (top {len(pairs)}): true → predicted", fontsize=9)
+    _wrap_to_figure(fig.suptitle(title), fig)  # centred on the figure: its width does not depend on the layout
+    fig.tight_layout()  # one layout: each one measures every tick label
     return fig
 
 

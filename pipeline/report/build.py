@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,7 @@ class ReportResult:
     thumbnails: int
     missing_images: int
     notes: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)  # facts beside the advice (the most frequent confusions; nothing stands out)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,14 +175,37 @@ def _mistakes(view: dict[str, Any]) -> tuple[str, np.ndarray, np.ndarray, np.nda
     return group, rows[order], proba[order], pred[order]
 
 
+def _without_confusions(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The metrics the advice reads, less the confusion matrix: its most frequent pair is a fact,
+    shown beside the advice (and in full under Metrics), not something to do."""
+    return None if metrics is None else {k: v for k, v in metrics.items() if k != "confusion_matrix"}
+
+
+def _advice_and_findings(items: list[str]) -> tuple[list[str], list[str]]:
+    """(advice, facts) of ``quality.advice``'s sentences: every item kept as advice says what to
+    do; a count with nothing to do gets its pointer, and "nothing stands out" is a finding."""
+    todo, facts = [], []
+    for item in items:
+        if item.startswith("nothing stands out"):
+            facts.append(item[0].upper() + item[1:] + ".")
+        elif " more suspected label error" in item and ":" not in item:
+            todo.append(item + ": check them under Likely label errors below")
+        else:
+            todo.append(item)
+    return todo, facts
+
+
 def _render(view: dict[str, Any], out_path: Path) -> ReportResult:
     loaded: LoadedHead = view["loaded"]
     opts: ReportOptions = view["options"]
     audit: Audit | None = view["audit"]
     scored: _Scored | None = view["scored"]
     metrics = scored.metrics if scored is not None else {s: loaded.metrics[s] for s in ("val", "test") if s in loaded.metrics}
-    main_metrics = metrics.get("val") or metrics.get("all") or metrics.get("test")
-    todo = advice(audit, main_metrics) if audit is not None else []
+    main_split = next((s for s in ("val", "all", "test") if metrics.get(s)), "val")
+    main_metrics = metrics.get(main_split)
+    todo, findings = _advice_and_findings(advice(audit, _without_confusions(main_metrics)) if audit is not None else [])
+    confused = sections.confusions_line(main_metrics["confusion_matrix"], list(main_metrics["per_class"]), main_split) if main_metrics else ""
+    findings = ([confused] if confused else []) + findings
     group, m_rows, m_proba, m_pred = _mistakes(view)
     neighbours = None
     if len(m_rows) and opts.neighbours and scored is not None and len(scored.train) and audit is not None and audit.unit is not None:
@@ -191,7 +216,7 @@ def _render(view: dict[str, Any], out_path: Path) -> ReportResult:
     subtitle = (f"{loaded.kind} {'fine-tuned model' if 'base_head' in loaded.provenance else 'head'} on {loaded.provenance.get('model')} "
                 f"({loaded.provenance.get('weights')}) · generated {time.strftime('%Y-%m-%d %H:%M:%S')} by featcache {__version__}")
     parts = [
-        ("summary", "Summary", sections.summary(main_metrics, audit, todo, view["notes"])),
+        ("summary", "Summary", sections.summary(main_metrics, audit, todo, view["notes"], main_split, findings)),
         ("provenance", "Provenance", sections.provenance(loaded, view)),
         ("metrics", "Metrics", sections.metrics(loaded, metrics, view)),
     ]
@@ -211,4 +236,4 @@ def _render(view: dict[str, Any], out_path: Path) -> ReportResult:
     made = thumbs.made if thumbs else 0
     return ReportResult(str(out_path), str(loaded.path), str(view["cache"]) if view["cache"] else None, 0.0, audit.counts() if audit else {}, todo,
                         {s: {k: m.get(k) for k in ("n", "accuracy", "top5_accuracy", "macro_f1", "log_loss")} for s, m in metrics.items()},
-                        int(len(m_rows)), made, len(thumbs.missing) if thumbs else 0, view["notes"])
+                        int(len(m_rows)), made, len(thumbs.missing) if thumbs else 0, view["notes"], findings)

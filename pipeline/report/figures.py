@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ def png_uri(fig, dpi: int = 90) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-CONFUSION_MAX_INCHES = 14.0  # beyond 24 classes the matrix becomes a heatmap without per-cell numbers
+CONFUSION_MAX_INCHES = 14.0  # the matrix's side at most (above CELL_LABEL_MAX_CLASSES it is a heatmap beside the top confusions)
 
 
 def confusion_uri(matrix: list[list[int]], classes: Sequence[str], title: str) -> str:

@@ -1,13 +1,17 @@
 """HTML building blocks for the report: one self-contained page, every value escaped.
 
-No template engine and no script: plain strings and ``html.escape``, CSS inline, pictures as
-``data:`` URIs, collapsible parts as ``<details>``, so the file opens from a mail attachment
-or a CI artifact with no network and nothing to run.
+No template engine and no script: plain strings, CSS inline, pictures as ``data:`` URIs,
+collapsible parts as ``<details>``, so the file opens from a mail attachment or a CI artifact
+with no network and nothing to run. Every value goes through :func:`esc` (markupsafe's
+escape): only what was built as ``Markup`` passes unescaped, so there is no flag or column
+index by which a caller's string could skip escaping.
 """
 from __future__ import annotations
 
-import html
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from markupsafe import Markup, escape
 
 CSS = """
 *{box-sizing:border-box}
@@ -48,12 +52,15 @@ code{background:#eef1f4;padding:0 4px;border-radius:3px;font-size:12.5px}
 """
 
 
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+def esc(value: Any) -> Markup:
+    """``value`` as HTML text: escaped, unless it is ``Markup`` already (built as HTML on purpose)."""
+    return escape(value)
 
 
 def fmt(value: Any, digits: int = 4) -> str:
     """Numbers for tables: floats rounded, ints with thousands separators, None as a dash."""
+    if isinstance(value, Markup):
+        return value
     if value is None:
         return "–"
     if isinstance(value, bool):
@@ -65,14 +72,14 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[int] = (), raw: Sequence[int] = ()) -> str:
-    """A table; columns in ``numeric`` are right-aligned, cells of ``raw`` columns are HTML already."""
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
+    """A table; columns in ``numeric`` are right-aligned; a ``Markup`` cell is HTML already, any other is escaped."""
     head = "".join(f'<th{" class=num" if i in numeric else ""}>{esc(h)}</th>' for i, h in enumerate(headers))
     body = []
     for r in rows:
         cells = []
         for i, v in enumerate(r):
-            text = v if i in raw else esc(fmt(v))
+            text = esc(fmt(v))
             cells.append(f'<td{" class=num" if i in numeric else ""}>{text}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..heads import LoadedHead
+from ..heads import CELL_LABEL_MAX_CLASSES, LoadedHead, top_confusions
 from .figures import confusion_uri, history_uri, map_uri
 from .html import cards, chart, esc, key_values, section, table, thumb
 
@@ -28,16 +28,49 @@ def _more(shown: int, total: int, what: str) -> str:
     return f"{total - shown:,} more {what} are not shown (--max-images {shown}); `featcache audit CACHE --json` lists them all" if total > shown else ""
 
 
-def summary(main: dict[str, Any] | None, audit: Any, todo: list[str], notes: list[str]) -> str:
-    items = [(label, main[key]) for key, label in FIELDS if main and main.get(key) is not None]
+def split_name(split: str) -> str:
+    """What a metric was measured on, for a label: ``val``, ``test``, or every labelled row of another dataset."""
+    return "all labelled rows" if split == "all" else split
+
+
+def _measured_on(label: str, split: str) -> str:
+    return f"{label} ({split_name(split)})" if split == "all" else f"{split} {label}"
+
+
+def summary(main: dict[str, Any] | None, audit: Any, todo: list[str], notes: list[str], split: str = "val", findings: list[str] = ()) -> str:
+    """Tiles (each naming the rows it was measured on), the advice, then facts that are not advice."""
+    items = [(_measured_on(label, split), main[key]) for key, label in FIELDS if main and main.get(key) is not None]
     if audit is not None:
         counts = audit.counts()
-        items += [("likely label errors", counts["label-errors"]), ("near-duplicate pairs", counts["duplicates"]), ("split leaks", counts["leaks"])]
+        items += [("likely label errors (all splits)", counts["label-errors"]), ("near-duplicate pairs (all splits)", counts["duplicates"]),
+                  ("split leaks", counts["leaks"])]
     body = cards(items)
     if todo:
         body += "<h3>What to do</h3><ol class=todo>" + "".join(f"<li>{esc(t)}</li>" for t in todo) + "</ol>"
+    body += "".join(f"<p>{esc(f)}</p>" for f in findings)
     body += "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
     return section("summary", "Summary", body)
+
+
+def confusions_line(matrix: list[list[int]] | None, classes: list[str], split: str, shown: int = 3) -> str:
+    """``most frequent confusions (val): a → b (3), c → d (1)``; empty when nothing was confused."""
+    pairs = top_confusions(matrix, classes, shown) if matrix else []
+    if not pairs:
+        return ""
+    return f"most frequent confusions ({split_name(split)}, true → predicted): " + ", ".join(f"{t} → {p} ({n})" for t, p, n in pairs)
+
+
+def split_rule(rule: dict[str, Any], prov: dict[str, Any]) -> str | None:
+    """How the rows were split, saying only what applies: the data's own folders (or split
+    column), or the random split drawn (its val_fraction and seed)."""
+    if not rule:
+        return None
+    if rule.get("kind") == "folders":
+        present = [s for s in ("train", "val", "test") if prov.get(f"n_{s}")] or ["train"]
+        if prov.get("layout") == "manifest":
+            return "from the manifest's split column: " + ", ".join(present)
+        return "from the folders " + " ".join(f"{s}/" for s in present)
+    return f"random (hash of each path): val_fraction {rule.get('val_fraction')}, seed {rule.get('seed')}"
 
 
 def _preprocessing(pre: dict[str, Any] | None) -> str:
@@ -61,7 +94,7 @@ def provenance(loaded: LoadedHead, view: dict[str, Any]) -> str:
                                                                                                         + (" …" if len(prov.get("classes", [])) > 12 else "")),
             ("cache scored", str(view["cache"]) if view.get("cache") else None),
             ("cache since the fit", None if stale is None else ("CHANGED since the head was fitted (refit it)" if stale else "unchanged")),
-            ("split rule", f"{rule.get('kind')} (val_fraction {rule.get('val_fraction')}, seed {rule.get('seed')})" if rule else None),
+            ("split rule", split_rule(rule, prov)),
             ("rows", f"train {prov.get('n_train')}, val {prov.get('n_val')}, test {prov.get('n_test')}")]
     head = [("artifact", str(loaded.path)), ("kind", loaded.kind + (" (fine-tuned model)" if "base_head" in prov else "")),
             ("hyper-parameters", json.dumps(params, default=str)), ("chosen C", loaded.extra.get("C")), ("base head", prov.get("base_head")),
@@ -85,8 +118,15 @@ def metrics(loaded: LoadedHead, scores: dict[str, dict[str, Any]], view: dict[st
     body += f"<h3>Per class ({esc(main)})</h3>" + table(["class", "precision", "recall", "F1", "support"],
                                                        [[c, v["precision"], v["recall"], v["f1"], v["support"]] for c, v in per.items()], numeric=range(1, 5))
     classes = list(per)
-    body += "<div class=grid>" + "".join(f"<div><h3>Confusion matrix ({esc(s)})</h3>{chart(confusion_uri(m['confusion_matrix'], classes, f'{s} confusion'), f'{s} confusion matrix', 480)}</div>"
+    body += "<div class=grid>" + "".join(f"<div><h3>Confusion matrix ({esc(s)})</h3>{chart(confusion_uri(m['confusion_matrix'], classes, f'{s} confusion'), f'{s} confusion matrix', _chart_width(classes))}</div>"
                                          for s, m in scores.items()) + "</div>"
+    for s, m in scores.items():
+        pairs = top_confusions(m["confusion_matrix"], classes)
+        if pairs:
+            support = {c: v["support"] for c, v in m["per_class"].items()}
+            body += (f"<h3>Most frequent confusions ({esc(split_name(s))}): top {len(pairs)} of the off-diagonal cells</h3>"
+                     + table(["true", "predicted as", "images", "share of the true class"],
+                             [[t, p, n, f"{n / support[t]:.1%}" if support.get(t) else "–"] for t, p, n in pairs], numeric=(2, 3)))
     history = loaded.extra.get("history") or []
     if history:
         body += "<h3>Training curves</h3>" + chart(history_uri(history, f"{loaded.kind}: training history"), "training curves")
@@ -96,6 +136,11 @@ def metrics(loaded: LoadedHead, scores: dict[str, dict[str, Any]], view: dict[st
                  + table(["C", "accuracy", "iterations", "seconds"], [[f"{p['C']:.3g}", p["score"], p["n_iter"], p["seconds"]] for p in path], numeric=(1, 2, 3))
                  + "</details>")
     return section("metrics", "Metrics", body, note=f"Metrics {where}.")
+
+
+def _chart_width(classes: list[str]) -> int:
+    """CSS pixels for a confusion matrix: a many-class one (matrix and top-confusions panel) gets the page's width."""
+    return 480 if len(classes) <= CELL_LABEL_MAX_CLASSES else 1100
 
 
 def mistakes(view: dict[str, Any], group: str, rows: np.ndarray, proba: np.ndarray, pred: np.ndarray, neighbours) -> str:
@@ -133,18 +178,31 @@ def label_errors(view: dict[str, Any]) -> str:
     method = (f"Confident learning on {audit.oof.folds}-fold out-of-fold probabilities of the logistic regression (C={audit.oof.C:g}, out-of-fold accuracy "
               f"{audit.oof.accuracy:.4f}) over all {len(audit.labelled):,} labelled rows, in {audit.space.dims} whitened principal components; "
               f"the same rows as cleanlab's find_label_issues(filter_by={opts.label_method!r}). Lowest probability of the given label first. ")
+    est = audit.estimate
+    if est is not None:
+        method += (f"Measured on this data with {est.planted} planted label flips (one more out-of-fold fit): estimated precision {est.precision:.2f}, "
+                   f"recall {est.recall:.2f}" + (f" at p(given) <= {est.threshold:.3g}" if est.threshold < 1.0 else "") + ". ")
+    if not audit.label_errors_reliable:
+        from ..quality import POOR_PRECISION
+
+        rows = audit.hardest_rows()
+        method = (f"Not label errors: the detector is not reliable on this data (estimated precision {est.precision_at_cleanlab:.2f} on planted flips, "
+                  f"under {POOR_PRECISION:g}), so these are the hardest examples, more likely the model's mistakes than wrong labels; keep the labels unless you "
+                  "see an error. ") + method
+    title = "Likely label errors" if audit.label_errors_reliable else "Hardest examples (label errors not reliable here)"
     if not len(rows):
-        return section("label-errors", "Likely label errors", "<p class=good>None found.</p>", note=method)
+        return section("label-errors", title, "<p class=good>None found.</p>", note=method)
     shown = min(len(rows), opts.max_images)
     cells = []
     for r in rows[:shown]:
         e = audit.label_error(int(r))
         cells.append(_thumb(view, int(r), [f"given {e['given']}", f"suggested {e['suggested']}", f"p(given) {e['given_probability']:.2f}", e["split"] or "–"]))
-    per = audit.issues.per_class()
+    per = np.zeros((len(audit.classes), len(audit.classes)), dtype=np.int64)
+    np.add.at(per, (audit.labels[rows], audit.issues.suggested[np.searchsorted(audit.labelled, rows)]), 1)
     pairs = [(audit.classes[g], audit.classes[s], int(per[g, s])) for g, s in zip(*np.nonzero(per))]
     pairs.sort(key=lambda p: -p[2])
     body = f'<div class="grid">{"".join(cells)}</div><h3>By given and suggested class</h3>' + table(["given", "suggested", "rows"], pairs[:30], numeric=(2,))
-    return section("label-errors", f"Likely label errors: {len(rows):,}", body, note=method + _more(shown, len(rows), "suspects"))
+    return section("label-errors", f"{title}: {len(rows):,}", body, note=method + _more(shown, len(rows), "suspects"))
 
 
 def duplicates(view: dict[str, Any]) -> str:

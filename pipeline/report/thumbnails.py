@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from ..images import DecodeError, ImageRecord, decode_image, scan_source
-from ..images.reader import read_record
+from ..images import DecodeError, ImageRecord, decode_image, read_record, scan_source
 
 FOLDER_LAYOUTS = ("imagefolder", "split", "flat")
 
