@@ -18,8 +18,9 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal
 
 import typer
 
@@ -80,7 +81,7 @@ def _json_flag(what: str = "Print one JSON object on stdout (errors too: {\"erro
 
 
 def _quiet_flag() -> Any:
-    return typer.Option(False, "--quiet", "-q", help="No progress bars or summary on stderr; warnings and errors still go there (and --log-file gets everything).")
+    return typer.Option(False, "--quiet", "-q", help="No progress bars or messages on stderr and no summary on stdout; warnings and errors still go to stderr (--log-file gets everything).")
 
 
 def _trust_hub_flag(what: str = "a head or model file") -> Any:
@@ -92,6 +93,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help is plain text: "pip install -e '.[gpu]'" keeps its brackets
     help="Run frozen image backbones once, cache embeddings in HDF5, train heads on the cache.",
     epilog=EXIT_CODES_HELP,
 )
@@ -101,7 +103,7 @@ _state: dict[str, Any] = {"debug": False, "json": False}
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
-    log_file: Optional[Path] = typer.Option(None, "--log-file", help="Also append every message, with timestamps, to this file (for cron)."),
+    log_file: Path | None = typer.Option(None, "--log-file", help="Also append every message, with timestamps, to this file (for cron)."),
     log_json: bool = typer.Option(False, "--log-json", help="Write the log as JSON lines (to --log-file, else stderr)."),
 ) -> None:
     from pipeline import logs
@@ -116,14 +118,16 @@ def _root(
 
 def _begin(as_json: bool, quiet: bool) -> None:
     """Per command: --json owns stdout; --json/--quiet leave only warnings and errors on stderr."""
-    from pipeline import logs
+    from pipeline import logs, threads
 
+    threads.use_free_cores()  # a busy neighbour's core is not ours: threads for the cores free now
     _state["json"] = as_json
+    _state["quiet"] = quiet or as_json or _torchrun_worker()
     _state["bars"] = _Bars(not (quiet or as_json))
     logs.quiet_console(quiet or as_json or _torchrun_worker())
 
 
-def _bar(label: str) -> Optional[Callable[[int, int, float], None]]:
+def _bar(label: str) -> Callable[[int, int, float], None] | None:
     """A progress callback for the library (None when bars are off)."""
     bars = _state.get("bars")
     return bars(label) if bars else None
@@ -134,7 +138,7 @@ def _torchrun_worker() -> bool:
     return int(os.environ.get("RANK", "0")) != 0
 
 
-def command(fn: Optional[Callable[..., int]] = None, *, name: Optional[str] = None) -> Any:
+def command(fn: Callable[..., int] | None = None, *, name: str | None = None) -> Any:
     """Register ``fn`` as a command whose return value is the exit code, and map every
     error to its documented exit code with a one-line message (traceback only with --debug).
     ``@command(name="import")`` names a command whose function cannot bear its name."""
@@ -145,7 +149,7 @@ def command(fn: Optional[Callable[..., int]] = None, *, name: Optional[str] = No
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
-        error: Optional[tuple[str, str, int, BaseException]] = None  # message, type, exit code, exception
+        error: tuple[str, str, int, BaseException] | None = None  # message, type, exit code, exception
         try:
             with sigterm_as_interrupt():  # SIGTERM (cron timeouts, kill) stops like Ctrl-C: commit, then exit 130
                 code = fn(*args, **kwargs)
@@ -171,11 +175,18 @@ def command(fn: Optional[Callable[..., int]] = None, *, name: Optional[str] = No
     return app.command(name, epilog=EXIT_CODES_HELP)(wrapper)
 
 
-def _err(msg: str) -> None:
+def _say(msg: str) -> None:
     """A message for people (stderr unless --quiet/--json) and for --log-file."""
     from pipeline import logs
 
     logs.info(msg)
+
+
+def _result(msg: str) -> None:
+    """A command's result: stdout (unless --quiet/--json), and --log-file; progress and logs stay on stderr."""
+    from pipeline import logs
+
+    logs.result(msg, show=not _state.get("quiet", False))
 
 
 def _list(label: str, items: list[tuple[str, str]], limit: int = 20) -> None:
@@ -184,7 +195,7 @@ def _list(label: str, items: list[tuple[str, str]], limit: int = 20) -> None:
     from pipeline.names import printable
 
     for path, reason in items[:limit]:
-        _err(f"  {label}: {printable(path)}: {printable(reason)}")
+        _say(f"  {label}: {printable(path)}: {printable(reason)}")
 
 
 def _fail(msg: str) -> None:
@@ -217,7 +228,7 @@ class _Bars:
         self.enabled = enabled and sys.stderr.isatty() and not _torchrun_worker()
         self._live: Any = None
 
-    def __call__(self, label: str) -> Optional[Callable[[int, int, float], None]]:
+    def __call__(self, label: str) -> Callable[[int, int, float], None] | None:
         if not self.enabled:
             return None
         task: dict[str, Any] = {"id": None, "done": -1, "pass": 0}
@@ -253,12 +264,12 @@ class _Bars:
 
 @command
 def extract(
-    data_dir: Path = typer.Argument(..., metavar="DATA", help="Image folder (class sub-folders as ImageFolder, train/ val/ \\[test/] roots, or a flat unlabeled folder) or a manifest listing images (.csv, .tsv, .jsonl, .parquet: path, optional label and split columns)."),
+    data_dir: Path = typer.Argument(..., metavar="DATA", help="Image folder (class sub-folders as ImageFolder, train/ val/ [test/] roots, or a flat unlabeled folder) or a manifest listing images (.csv, .tsv, .jsonl, .parquet: path, optional label and split columns)."),
     models: list[str] = typer.Option(..., "--model", "-m", help="torchvision model name (see `models`; any case), timm:NAME, pretrainedmodels:NAME or hub:REPO_OR_DIR:ENTRY; repeat it to extract several backbones in one pass (each file read and decoded once)."),
     weights: str = typer.Option("DEFAULT", "--weights", "-w", help="DEFAULT, a weights name (e.g. IMAGENET1K_V2), none (seeded random init), or a state_dict PATH; names in any case."),
-    outs: Optional[list[Path]] = typer.Option(None, "--out", "-o", help="Cache file (one per --model, in order); default cache/<model>__<weights>__<root>-<hash>.h5."),
+    outs: list[Path] | None = typer.Option(None, "--out", "-o", help="Cache file (one per --model, in order); default cache/<model>__<weights>__<root>-<hash>.h5."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per backbone forward."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoder processes (default: none on a CPU of <= 2 cores, where decoding in-process measured faster; a quarter of the cores above; on CUDA every core but one)."),
+    workers: int | None = typer.Option(None, "--workers", "-j", help="Decoder processes (default: none on a CPU of <= 2 cores, where decoding in-process measured faster; a quarter of the cores above; on CUDA every core but one)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     dtype: Dtype = _choice("float32", "--dtype", help="Stored embedding dtype."),
     layout: Layout = _choice("auto", "--layout", help="auto-detect, imagefolder (class folders), split (train/val/test roots) or flat (unlabeled)."),
@@ -276,7 +287,7 @@ def extract(
     path_col: str = typer.Option("path", "--path-col", help="Manifest column holding the image path (relative to the manifest's folder, or absolute)."),
     label_col: str = typer.Option("label", "--label-col", help="Manifest column holding the class name (optional column; classes are sorted as ImageFolder sorts folders)."),
     split_col: str = typer.Option("split", "--split-col", help="Manifest column holding train/val/test (optional column)."),
-    layers: Optional[list[str]] = typer.Option(None, "--layer", "--layers", "-l", help="Tap this layer instead of the final embedding (repeat it: one forward, one cache per layer): a module name (see `models --layers MODEL`) or lastK (class tokens of the last K transformer blocks, as DINOv2)."),
+    layers: list[str] | None = typer.Option(None, "--layer", "--layers", "-l", help="Tap this layer instead of the final embedding (repeat it: one forward, one cache per layer): a module name (see `models --layers MODEL`) or lastK (class tokens of the last K transformer blocks, as DINOv2)."),
     token_pool: TokenPool = _choice("cls", "--token-pool", help="How a tapped token sequence (ViT) is pooled: cls (class token) or cls+mean (class token and mean patch token). Feature maps are averaged."),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same cache to finish."),
     trust_hub: bool = _trust_hub_flag("a fine-tuned model file given as --model"),
@@ -291,7 +302,7 @@ def extract(
     if outs and len(outs) != len(models):
         raise UsageError(f"--out was given {len(outs)} times for {len(models)} --model values; give one --out per --model, or none")
     summaries = extract_many(data_dir, models, outs or None, _options(ExtractOptions, {**locals(), "layers": tuple(layers or ())}), wait=wait,
-                             progress=_bar("extract"), log=_err, trust_hub=trust_hub)
+                             progress=_bar("extract"), log=_say, trust_hub=trust_hub)
     code = 3 if any(s.failed for s in summaries) else 0
     if as_json:
         _emit_json({**summaries[0].to_dict(), "exit_code": code} if len(summaries) == 1 else {"caches": [s.to_dict() for s in summaries], "exit_code": code})
@@ -299,8 +310,8 @@ def extract(
     for summary in summaries:
         for dropped in summary.repaired.get("dropped_parts", []):
             rows = f"{dropped['rows']} rows, " if dropped["rows"] is not None else ""
-            _err(f"{summary.cache}: repaired: dropped damaged part {dropped['part']} ({rows}{dropped['problem']}); extracted again")
-        _err(
+            _say(f"{summary.cache}: repaired: dropped damaged part {dropped['part']} ({rows}{dropped['problem']}); extracted again")
+        _result(
             f"{summary.cache}: {summary.new} new, {summary.cached} cached, {summary.failed} failed, {summary.removed} removed"
             + (f" ({summary.hashed} hashed, {summary.content_changed} with changed content)" if summary.hashed else "") + "; "
             f"{summary.rows} rows x {summary.embed_dim} ({summary.model}{' ' + summary.layer if summary.layer else ''}, {summary.weights}, {summary.engine} {summary.precision}{'' if summary.decode == 'exact' else ', ' + summary.decode + ' decode'}) in {summary.seconds:.1f}s"
@@ -308,10 +319,10 @@ def extract(
         )
         _list("failed", summary.failures)
         if summary.failed > 20:
-            _err(f"  ... and {summary.failed - 20} more (see `status` or --json)")
+            _say(f"  ... and {summary.failed - 20} more (see `status` or --json)")
         _list("skipped", summary.skipped)
         if len(summary.skipped) > 20:
-            _err(f"  ... and {len(summary.skipped) - 20} more skipped (see --json)")
+            _say(f"  ... and {len(summary.skipped) - 20} more skipped (see --json)")
     return code
 
 
@@ -323,7 +334,7 @@ def engines(
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="As for extract (the choice is per batch size)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     seed: int = typer.Option(0, "--seed", help="Seed for --weights none."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Folder of the caches whose extracts should use the choice (default: cache/)."),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Folder of the caches whose extracts should use the choice (default: cache/)."),
     trust_hub: bool = _trust_hub_flag("a fine-tuned model file given as --model"),
     as_json: bool = _json_flag(),
     quiet: bool = _quiet_flag(),
@@ -334,7 +345,7 @@ def engines(
 
     _begin(as_json, quiet)
     result = measure_engines(model, canonical_weights(weights), precision=precision, batch_size=batch_size, device=canonical_device(device), seed=seed,
-                             cache_dir=cache_dir, log=_err, trust_hub=trust_hub)
+                             cache_dir=cache_dir, log=_say, trust_hub=trust_hub)
     if as_json:
         _emit_json(result)
         return 0
@@ -383,7 +394,7 @@ def status(
     typer.echo(json.dumps({**info, "exit_code": 5} if damaged else info, default=str) if as_json else format_cache_status(info))
     if damaged:
         names = [d["part"] for d in info["integrity"]["damaged"]]
-        _err(f"error: cache {str(target)!r}: {len(names)} damaged part(s) ({', '.join(names[:3])}{', …' if len(names) > 3 else ''}); re-run your "
+        _say(f"error: cache {str(target)!r}: {len(names)} damaged part(s) ({', '.join(names[:3])}{', …' if len(names) > 3 else ''}); re-run your "
              "extract command with --repair to drop their rows and extract those images again")
         return 5
     return 0
@@ -406,7 +417,7 @@ def verify(
         _emit_json({**report.to_dict(), "exit_code": code})
         return code
     if report.manifest_damaged:
-        _err(f"error: {report.manifest_damaged}")
+        _say(f"error: {report.manifest_damaged}")
         return code
     schema = "" if report.schema_version == 2 else f" (schema {report.schema_version}: no checksums; any write migrates it to schema 2)"
     typer.echo(f"{cache}: {report.rows} rows in {report.parts} part(s), version {report.generation}; {report.bytes_checked / 2**20:.1f} MiB checked "
@@ -418,7 +429,7 @@ def verify(
     if report.retired:
         typer.echo(f"  {len(report.retired)} retired part file(s) kept for readers (deleted by the next writer once no reader needs them)")
     if report.damaged:
-        _err(f"error: {len(report.damaged)} damaged part(s); re-run your extract command with --repair to drop their rows and extract those images again")
+        _say(f"error: {len(report.damaged)} damaged part(s); re-run your extract command with --repair to drop their rows and extract those images again")
     else:
         typer.echo("  ok: every part is exactly what was written")
     return code
@@ -427,11 +438,11 @@ def verify(
 @command
 def run(
     job: Path = typer.Argument(..., metavar="JOB", help="Job file (TOML): data, backbones, heads, optional finetune; see the README."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a job-file value: KEY=VALUE, e.g. finetune.epochs=3 or backbones.0.batch_size=16 (repeatable)."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Override a job-file value: KEY=VALUE, e.g. finetune.epochs=3 or backbones.0.batch_size=16 (repeatable)."),
     force: bool = typer.Option(False, "--force", help="Refit every head and restart every fine-tune (extraction stays incremental)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only say what is stale and would run (same as `status JOB`)."),
-    device: Optional[str] = typer.Option(None, "--device", help="Override the job's device: auto, cpu or cuda[:N]."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Override the job's decoder processes."),
+    device: str | None = typer.Option(None, "--device", help="Override the job's device: auto, cpu or cuda[:N]."),
+    workers: int | None = typer.Option(None, "--workers", "-j", help="Override the job's decoder processes."),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for locks held by other writers (the job, a cache, a head, a model)."),
     trust_hub: bool = _trust_hub_flag("a head or model file (not needed for the hub: backbones the job file names itself)"),
     as_json: bool = _json_flag("Print one JSON summary on stdout."),
@@ -443,7 +454,7 @@ def run(
     from pipeline.status import format_job_plan
 
     _begin(as_json, quiet)
-    result = run_job(job, set_ or [], force=force, dry_run=dry_run, wait=wait, device=canonical_device(device), workers=workers, log=_err, progress=_bar,
+    result = run_job(job, set_ or [], force=force, dry_run=dry_run, wait=wait, device=canonical_device(device), workers=workers, log=_say, progress=_bar,
                      trust_hub=trust_hub)
     code = 3 if result.failed_inputs else 0
     if as_json:
@@ -452,12 +463,12 @@ def run(
         typer.echo(format_job_plan(result))
     else:
         ran = [s for s in result.steps if s.action != "skip"]
-        _err(f"[{result.name}] done in {result.seconds:.1f}s: {len(ran)} step(s) ran, {len(result.steps) - len(ran)} up to date"
+        _result(f"[{result.name}] done in {result.seconds:.1f}s: {len(ran)} step(s) ran, {len(result.steps) - len(ran)} up to date"
              + (f"; {result.failed_inputs} input file(s) failed (exit 3)" if result.failed_inputs else "") + f"; report {result.report}")
     return code
 
 
-def _floats(text: Optional[str], option: str) -> Optional[tuple[float, ...]]:
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
     from pipeline.errors import UsageError
 
     if text is None:
@@ -473,31 +484,31 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
     for split in ("val", "test", "all"):
         if split in metrics:
-            _err(format_metrics(split, metrics[split]))
+            _result(format_metrics(split, metrics[split]))
 
 
 @command
 def fit_head(
     cache: Path = typer.Argument(..., metavar="CACHE", help="Cache .h5 written by extract."),
     clf: Clf = _choice("logreg", "--clf", help="logreg (scikit-learn-compatible, C chosen by CV), linear or mlp (torch), knn (cosine neighbours)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Head file; default heads/<cache>.<clf>.head.pt."),
-    C: Optional[float] = typer.Option(None, "--C", help="logreg: fix C (default: chosen from 1e-6 ... 1e4 along a warm-started path, coarse to fine)."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", "--jobs", help="logreg: solver threads (default: torch's, every core)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="torch heads: maximum epochs (default 100, early stopping on val loss)."),
-    lr: Optional[str] = typer.Option(None, "--lr", help="torch heads: AdamW learning rate (default: linear 3e-3, mlp 1e-3); several (1e-3,3e-3,1e-2) train a grid in one read and keep the best on val."),
-    weight_decay: Optional[str] = typer.Option(None, "--weight-decay", help="torch heads: AdamW weight decay (default 1e-4); several (0,1e-4,1e-3) join the grid."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="torch heads: minibatch size (default: linear 64, mlp 256)."),
-    hidden: Optional[str] = typer.Option(None, "--hidden", help="mlp: hidden sizes (default 512,256); e.g. 1024; several architectures with ':' (512,256:1024) join the grid."),
-    dropout: Optional[str] = typer.Option(None, "--dropout", help="mlp: dropout per hidden layer (default 0.25,0.5)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Head file; default heads/<cache>.<clf>.head.pt."),
+    C: float | None = typer.Option(None, "--C", help="logreg: fix C (default: chosen from 1e-6 ... 1e4 along a warm-started path, coarse to fine)."),
+    workers: int | None = typer.Option(None, "--workers", "-j", "--jobs", help="logreg: solver threads (default: torch's, every core)."),
+    epochs: int | None = typer.Option(None, "--epochs", help="torch heads: maximum epochs (default 100, early stopping on val loss)."),
+    lr: str | None = typer.Option(None, "--lr", help="torch heads: AdamW learning rate (default: linear 3e-3, mlp 1e-3); several (1e-3,3e-3,1e-2) train a grid in one read and keep the best on val."),
+    weight_decay: str | None = typer.Option(None, "--weight-decay", help="torch heads: AdamW weight decay (default 1e-4); several (0,1e-4,1e-3) join the grid."),
+    batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="torch heads: minibatch size (default: linear 64, mlp 256)."),
+    hidden: str | None = typer.Option(None, "--hidden", help="mlp: hidden sizes (default 512,256); e.g. 1024; several architectures with ':' (512,256:1024) join the grid."),
+    dropout: str | None = typer.Option(None, "--dropout", help="mlp: dropout per hidden layer (default 0.25,0.5)."),
     label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="torch heads: label smoothing."),
     schedule: HeadSchedule = _choice("cosine", "--schedule", help="torch heads: learning-rate schedule."),
-    patience: Optional[int] = typer.Option(None, "--patience", help="torch heads: early-stopping patience in epochs (default 10; 0 = off)."),
-    class_weight: Optional[str] = typer.Option(None, "--class-weight", help="balanced: weight classes inversely to their frequency (default: equal)."),
+    patience: int | None = typer.Option(None, "--patience", help="torch heads: early-stopping patience in epochs (default 10; 0 = off)."),
+    class_weight: str | None = typer.Option(None, "--class-weight", help="balanced: weight classes inversely to their frequency (default: equal)."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Validation share when the data is not pre-split (hash of path: stable)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the split and the head."),
     stream: bool = typer.Option(False, "--stream", help="torch heads: stream the cache in chunks instead of loading it."),
     memory_budget: float = typer.Option(4.0, "--memory-budget", help="GiB of embeddings to load before streaming automatically."),
-    k: Optional[str] = typer.Option(None, "--k", help="knn: neighbours, one count or several (e.g. 10,20,100,200: scored in one pass, the best on val kept; default 20)."),
+    k: str | None = typer.Option(None, "--k", help="knn: neighbours, one count or several (e.g. 10,20,100,200: scored in one pass, the best on val kept; default 20)."),
     select_on: SelectOn = _choice("cv", "--select-on", help="logreg: choose C by cross-validation on the training rows (cv) or on the validation rows (val)."),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same head file."),
     report: bool = typer.Option(False, "--report", help="Also write the HTML report beside the head (<head>.report.html; see `report`)."),
@@ -520,10 +531,10 @@ def fit_head(
         _emit_json({"head": r.head_path, "clf": r.kind, "cache": r.cache, "n_train": r.n_train, "n_val": r.n_val, "n_test": r.n_test,
                     "fit_seconds": r.seconds, "metrics": r.metrics, "reports": r.reports})
     else:
-        _err(f"{r.kind} head fitted on {r.n_train} rows in {r.seconds:.1f}s -> {r.head_path}")
+        _result(f"{r.kind} head fitted on {r.n_train} rows in {r.seconds:.1f}s -> {r.head_path}")
         _print_metrics(r.metrics)
         for name, path in r.reports.items():
-            _err(f"  {name}: {path}")
+            _result(f"  {name}: {path}")
     return 0
 
 
@@ -549,19 +560,19 @@ def evaluate(
 @command
 def predict(
     model_path: Path = typer.Argument(..., metavar="HEAD_OR_MODEL", help="Head written by fit-head, or a fine-tuned model written by finetune."),
-    images: Optional[list[str]] = typer.Argument(None, metavar="[IMAGES]...", help="Image files, folders (a class sub-folder's name is taken as the true label), manifests, tar shards or datasets (hf:PATH, torchvision:NAME:ROOT). With --cache and no images: score the cache's rows."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Predictions file, format from the suffix: .csv, .jsonl or .parquet (path, predicted, probability, top-k, true; written whole or not at all)."),
-    grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid of the first images with predicted (and true) labels."),
+    images: list[str] | None = typer.Argument(None, metavar="[IMAGES]...", help="Image files, folders (a class sub-folder's name is taken as the true label), manifests, tar shards or datasets (hf:PATH, torchvision:NAME:ROOT). With --cache and no images: score the cache's rows."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Predictions file, format from the suffix: .csv, .jsonl or .parquet (path, predicted, probability, top-k, true; written whole or not at all)."),
+    grid: Path | None = typer.Option(None, "--grid", help="PNG grid of the first images with predicted (and true) labels."),
     topk: int = typer.Option(5, "--topk", help="How many classes in the top-k list."),
     with_embeddings: bool = typer.Option(False, "--with-embeddings", help="Also write each image's embedding (Parquet --out only)."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Score rows of this cache without the backbone; with IMAGES (one folder, manifest or shard set), extract the files it lacks into it first, then score them all."),
-    split: Optional[str] = typer.Option(None, "--split", help="With --cache and no images: train, val, test, unlabeled or all (default all)."),
+    cache: Path | None = typer.Option(None, "--cache", help="Score rows of this cache without the backbone; with IMAGES (one folder, manifest or shard set), extract the files it lacks into it first, then score them all."),
+    split: str | None = typer.Option(None, "--split", help="With --cache and no images: train, val, test, unlabeled or all (default all)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images per backbone forward."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoder processes (default: sized to the machine, as extract)."),
+    workers: int | None = typer.Option(None, "--workers", "-j", help="Decoder processes (default: sized to the machine, as extract)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     engine: Engine = _choice("auto", "--engine", help="As for extract (auto: the engine measured fastest here, once a job repays it)."),
-    precision: Optional[Precision] = _choice(None, "--precision", help="Default: the precision the head's cache was extracted in (the numbers the head was trained on); as for extract."),
-    decode: Optional[Decode] = _choice(None, "--decode", help="Default: the decoding the head's cache recorded; as for extract."),
+    precision: Precision | None = _choice(None, "--precision", help="Default: the precision the head's cache was extracted in (the numbers the head was trained on); as for extract."),
+    decode: Decode | None = _choice(None, "--decode", help="Default: the decoding the head's cache recorded; as for extract."),
     gpu_decoder: GpuDecoder = _choice("auto", "--gpu-decoder", help="As for extract."),
     max_pixels: int = typer.Option(89_478_485, "--max-pixels", help="Larger images are decompression bombs: listed as failed."),
     trust_hub: bool = _trust_hub_flag(),
@@ -576,7 +587,7 @@ def predict(
     _begin(as_json, quiet)
     opts = _options(PredictOptions, locals(), out=None if out is None else str(out), grid=None if grid is None else str(grid),
                     cache=None if cache is None else str(cache))
-    r = run_predict(model_path, images or [], opts, trust_hub=trust_hub, progress=_bar("predict"), log=_err)
+    r = run_predict(model_path, images or [], opts, trust_hub=trust_hub, progress=_bar("predict"), log=_say)
     code = 3 if r.failures else 0
     if as_json:
         _emit_json({**r.to_dict(), "exit_code": code})
@@ -585,15 +596,15 @@ def predict(
         typer.echo(f"{printable(row['path'])}: {printable(row['predicted'])} ({row['probability']:.3f})"
                    + (f"  true={printable(row['true'])}" if row["true"] else ""))
     if r.n > 20:
-        _err(f"... {r.n - 20} more" + (f" in {r.out}" if r.out else " (use --out FILE.csv|.jsonl|.parquet)"))
+        _say(f"... {r.n - 20} more" + (f" in {r.out}" if r.out else " (use --out FILE.csv|.jsonl|.parquet)"))
     if r.known:
-        _err(f"accuracy on {r.known} labelled images: {r.accuracy:.4f}")
-    _err(f"{r.n} predicted in {r.seconds:.1f}s" + (f" ({r.n / r.seconds:.1f}/s" + (f", {r.engine}" if r.engine else "") + ")" if r.seconds > 0 else "")
+        _say(f"accuracy on {r.known} labelled images: {r.accuracy:.4f}")
+    _say(f"{r.n} predicted in {r.seconds:.1f}s" + (f" ({r.n / r.seconds:.1f}/s" + (f", {r.engine}" if r.engine else "") + ")" if r.seconds > 0 else "")
          + (f"; {r.extracted} new image(s) extracted into the cache first" if r.source == "images+cache" else ""))
     _list("failed", r.failures, len(r.failures))
     for name, value in (("out", r.out), ("grid", r.grid)):
         if value:
-            _err(f"  {name}: {value}")
+            _say(f"  {name}: {value}")
     return code
 
 
@@ -601,10 +612,10 @@ def predict(
 def export_model(
     model_path: Path = typer.Argument(..., metavar="HEAD_OR_MODEL", help="Head written by fit-head (logreg, linear, mlp, knn), or a fine-tuned model written by finetune."),
     format: ModelFormat = _choice("onnx", "--format", help="File format: onnx (one graph from images to class probabilities, opset 18, dynamic batch)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write it (default: beside the head, suffix .onnx); written atomically."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Where to write it (default: beside the head, suffix .onnx); written atomically."),
     uint8: bool = typer.Option(False, "--uint8", help="The graph takes uint8 RGB pixels [B, 3, H, W] after resize and crop and normalises them itself "
                                                      "(mean/std, input range, BGR models); default: float NCHW already normalised."),
-    probe: Optional[list[Path]] = typer.Option(None, "--probe", help="Images (files, folders, a manifest) the export is checked on against predict "
+    probe: list[Path] | None = typer.Option(None, "--probe", help="Images (files, folders, a manifest) the export is checked on against predict "
                                                                    "before it is written (default: a few from the head's data root)."),
     probe_images: int = typer.Option(8, "--probe-images", help="How many probe images."),
     trust_hub: bool = _trust_hub_flag(),
@@ -617,11 +628,11 @@ def export_model(
 
     _begin(as_json, quiet)
     options = ExportOptions(format=format, uint8=uint8, probe=tuple(str(p) for p in probe or ()), probe_images=probe_images)
-    r = run_export(model_path, out, options, trust_hub=trust_hub, log=_err)
+    r = run_export(model_path, out, options, trust_hub=trust_hub, log=_say)
     if as_json:
         _emit_json({k: v for k, v in r.to_dict().items() if k != "metadata"})
     else:
-        _err(f"{r.path}: {r.head_kind} head, {len(r.classes)} classes, {r.input_kind} input, {r.bytes / 2**20:.1f} MiB; "
+        _result(f"{r.path}: {r.head_kind} head, {len(r.classes)} classes, {r.input_kind} input, {r.bytes / 2**20:.1f} MiB; "
              f"max |dp| {r.max_abs_diff:.2g} against predict on {len(r.probe_images)} probe image(s)")
     return 0
 
@@ -633,12 +644,12 @@ def serve(
     port: int = typer.Option(8000, "--port", help="Port (0: any free one; the log line says which)."),
     max_batch: int = typer.Option(32, "--max-batch", help="Images per model call, gathered across concurrent requests."),
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", help="How long the first image of a batch waits for others."),
-    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Refuse larger images from their header, before decoding (default: PIL's limit, as extract)."),
+    max_pixels: int | None = typer.Option(None, "--max-pixels", help="Refuse larger images from their header, before decoding (default: PIL's limit, as extract)."),
     max_body: int = typer.Option(32 << 20, "--max-body", help="Largest request body in bytes (413 above)."),
     topk: int = typer.Option(5, "--topk", help="Classes per image when a request does not say (?topk=N)."),
     engine: Engine = _choice("auto", "--engine", help="For a .pt file: the engine measured fastest here (`engines`), else eager; or name one. An .onnx file runs on ONNX Runtime."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N] (a .pt file)."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoder threads (default: one per core)."),
+    workers: int | None = typer.Option(None, "--workers", "-j", help="Decoder threads (default: one per core)."),
     trust_hub: bool = _trust_hub_flag(),
     as_json: bool = _json_flag("On exit, print one JSON object on stdout: requests answered and refused, images, batches."),
     quiet: bool = _quiet_flag(),
@@ -652,7 +663,7 @@ def serve(
     logs.quiet_console(quiet)  # --json is only the summary on stdout at exit: the address and the access log stay on stderr
     flags = locals()
     options = _options(ServeOptions, {k: v for k, v in flags.items() if not (k == "max_pixels" and v is None)})
-    summary = run_serve(model_path, options, trust_hub=trust_hub, log=_err, quiet=quiet)
+    summary = run_serve(model_path, options, trust_hub=trust_hub, log=_say, quiet=quiet)
     if as_json:
         _emit_json(summary.to_dict())
     return 0
@@ -664,49 +675,50 @@ def compare(
     clf: list[ClfName] = _choice([ClfName.logreg], "--clf", help="Head to fit on each cache; repeat it to compare heads."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Validation share (same hash split for every cache)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the split and the heads."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for the fitted heads and the chart (default: heads/compare/, or $FEATCACHE_HEAD_DIR/compare/)."),
     as_json: bool = _json_flag(),
     quiet: bool = _quiet_flag(),
 ) -> int:
     """Which backbone transfers best, and which head: every --clf on every cache, ranked."""
     from pipeline.heads import FitOptions, compare_caches
+    from pipeline.heads.metrics import format_leaderboard
 
     _begin(as_json, quiet)
     flags = locals()
-    result = compare_caches(caches, [_options(FitOptions, {**flags, "clf": name.value}) for name in clf])
+    result = compare_caches(caches, [_options(FitOptions, {**flags, "clf": name.value}) for name in clf], out_dir=out)
     if as_json:
         _emit_json(result)
     else:
-        _err(f"{'rank':>4}  {'backbone / head':<36} {'accuracy':>8} {'macro_f1':>8} {'fit s':>7} {'dim':>6}")
-        for i, r in enumerate(result["leaderboard"], 1):
-            _err(f"{i:>4}  {r['name']:<36} {r['accuracy']:8.4f} {r['macro_f1']:8.4f} {r['fit_seconds']:7.1f} {r['embed_dim']:>6}")
-        _err(f"  chart: {result['chart_png']}")
+        for line in format_leaderboard(result["leaderboard"]):
+            _result(line)
+        _result(f"  chart: {result['chart_png']}")
     return 0
 
 
 @command
 def finetune(
     head: Path = typer.Argument(..., metavar="HEAD", help="Head written by fit-head (or a model written by finetune): names the backbone, classes, split and data."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Fine-tuned model file; default <head>.finetuned.pt beside the head. Its checkpoint is <out>.ckpt."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Image folder (default: the one the head's cache was extracted from)."),
-    head_mode: Optional[HeadMode] = _choice(None, "--head", help="from (default): start from the fitted head; new: a fresh linear layer."),
-    unfreeze: Optional[str] = typer.Option(None, "--unfreeze", help="all (default) or last:N backbone blocks (last:0 trains only the head)."),
-    augment: Optional[Augment] = _choice(None, "--augment", help="none; light (crops of 50-100 percent, no flip: digits, text); basic (default: RandomResizedCrop + flip); rotate (basic + 15 deg); strong (basic + TrivialAugment)."),
-    optimizer: Optional[Optimizer] = _choice(None, "--optimizer", help="sgd (default; momentum 0.9, nesterov) or adamw."),
-    lr_backbone: Optional[float] = typer.Option(None, "--lr-backbone", help="Backbone learning rate (default: sgd 1e-3, adamw 1e-5)."),
-    lr_head: Optional[float] = typer.Option(None, "--lr-head", help="Head learning rate (default: sgd 1e-2, adamw 1e-3)."),
-    momentum: Optional[float] = typer.Option(None, "--momentum", help="sgd momentum (default 0.9)."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Weight decay on weights, not biases/norms (default: sgd 1e-4, adamw 0.05)."),
-    schedule: Optional[Schedule] = _choice(None, "--schedule", help="After warmup: cosine (default), step (x0.1 at 1/3 and 2/3) or constant."),
-    warmup: Optional[float] = typer.Option(None, "--warmup", help="Fraction of training in linear warmup (default 0.1)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default 10). 0 evaluates the assembled model; on --resume, more epochs continue training."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per step (default 32)."),
-    accum: Optional[int] = typer.Option(None, "--accum", help="Gradient accumulation: optimiser step every N batches (default 1)."),
-    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help="Clip the gradient norm (default 1.0; 0 = off)."),
-    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Label smoothing (default 0)."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling; default off)."),
-    channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format (default on)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for order, augmentation and new layers (default 0)."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Decoder processes (default as for extract: none on a CPU of <= 2 cores, where training measured faster without; more on bigger machines and CUDA)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Fine-tuned model file; default <head>.finetuned.pt beside the head. Its checkpoint is <out>.ckpt."),
+    data: Path | None = typer.Option(None, "--data", help="Image folder (default: the one the head's cache was extracted from)."),
+    head_mode: HeadMode | None = _choice(None, "--head", help="from (default): start from the fitted head; new: a fresh linear layer."),
+    unfreeze: str | None = typer.Option(None, "--unfreeze", help="all (default) or last:N backbone blocks (last:0 trains only the head)."),
+    augment: Augment | None = _choice(None, "--augment", help="none; light (crops of 50-100 percent, no flip: digits, text); basic (default: RandomResizedCrop + flip); rotate (basic + 15 deg); strong (basic + TrivialAugment)."),
+    optimizer: Optimizer | None = _choice(None, "--optimizer", help="sgd (default; momentum 0.9, nesterov) or adamw."),
+    lr_backbone: float | None = typer.Option(None, "--lr-backbone", help="Backbone learning rate (default: sgd 1e-3, adamw 1e-5)."),
+    lr_head: float | None = typer.Option(None, "--lr-head", help="Head learning rate (default: sgd 1e-2, adamw 1e-3)."),
+    momentum: float | None = typer.Option(None, "--momentum", help="sgd momentum (default 0.9)."),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="Weight decay on weights, not biases/norms (default: sgd 1e-4, adamw 0.05)."),
+    schedule: Schedule | None = _choice(None, "--schedule", help="After warmup: cosine (default), step (x0.1 at 1/3 and 2/3) or constant."),
+    warmup: float | None = typer.Option(None, "--warmup", help="Fraction of training in linear warmup (default 0.1)."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs (default 10). 0 evaluates the assembled model; on --resume, more epochs continue training."),
+    batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Images per step (default 32)."),
+    accum: int | None = typer.Option(None, "--accum", help="Gradient accumulation: optimiser step every N batches (default 1)."),
+    clip_grad: float | None = typer.Option(None, "--clip-grad", help="Clip the gradient norm (default 1.0; 0 = off)."),
+    label_smoothing: float | None = typer.Option(None, "--label-smoothing", help="Label smoothing (default 0)."),
+    amp: bool | None = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling; default off)."),
+    channels_last: bool | None = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format (default on)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for order, augmentation and new layers (default 0)."),
+    workers: int | None = typer.Option(None, "--workers", "-j", help="Decoder processes (default as for extract: none on a CPU of <= 2 cores, where training measured faster without; more on bigger machines and CUDA)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <out>.ckpt (bit-for-bit); options left out are taken from it."),
     force: bool = typer.Option(False, "--force", help="Start over even though <out>.ckpt exists."),
@@ -721,7 +733,7 @@ def finetune(
 
     _begin(as_json, quiet)
     options = _options(FinetuneOptions, locals(), head=head_mode)
-    r = run_finetune(head, out, data_dir=data, options=options, resume=resume, force=force, wait=wait, progress=_bar("train"), log=_err,
+    r = run_finetune(head, out, data_dir=data, options=options, resume=resume, force=force, wait=wait, progress=_bar("train"), log=_say,
                      trust_hub=trust_hub)
     if report:
         r.reports["report_html"] = _write_report(r.model_path)
@@ -729,10 +741,10 @@ def finetune(
     if as_json:
         _emit_json({**r.to_dict(), "exit_code": code})
     else:
-        _err(f"{r.model_path}: best epoch {r.best_epoch} of {r.epochs_done} in {r.seconds:.1f}s (checkpoint {r.checkpoint})")
+        _result(f"{r.model_path}: best epoch {r.best_epoch} of {r.epochs_done} in {r.seconds:.1f}s (checkpoint {r.checkpoint})")
         _print_metrics(r.metrics)
         for name, path in r.reports.items():
-            _err(f"  {name}: {path}")
+            _result(f"  {name}: {path}")
         _list("failed", r.failures)
     return code
 
@@ -741,7 +753,7 @@ def _write_report(artifact: str) -> str:
     """``fit-head --report`` / ``finetune --report``: the report with its default options, beside the artifact."""
     from pipeline.report import write_report
 
-    return write_report(artifact, log=_err).path
+    return write_report(artifact, log=_say).path
 
 
 def _audit_flags() -> dict[str, tuple[str, Any]]:
@@ -784,8 +796,8 @@ def _with_audit_flags(fn: Callable[..., int]) -> Callable[..., int]:
 @_with_audit_flags
 def report(
     model_path: Path = typer.Argument(..., metavar="HEAD_OR_MODEL", help="Head written by fit-head, or a model written by finetune."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Score on this cache (same backbone, weights and classes; default: the head's own cache)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default: <head>.report.html beside the head)."),
+    cache: Path | None = typer.Option(None, "--cache", help="Score on this cache (same backbone, weights and classes; default: the head's own cache)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="HTML file to write (default: <head>.report.html beside the head)."),
     map_: MapMethod = _choice("pca", "--map", help="2-D map: pca, umap (needs the umap extra) or tsne (on a sample of --map-points rows)."),
     map_points: int = typer.Option(5000, "--map-points", help="umap/tsne: rows drawn at random for the map."),
     max_images: int = typer.Option(48, "--max-images", help="Images shown per section (mistakes, label errors; half as many duplicate pairs)."),
@@ -793,23 +805,23 @@ def report(
     thumb_size: int = typer.Option(96, "--thumb-size", help="Thumbnail size in pixels."),
     as_json: bool = _json_flag("Print one JSON summary on stdout."),
     quiet: bool = _quiet_flag(),
-    audit_flags: Optional[dict[str, Any]] = None,
+    audit_flags: dict[str, Any] | None = None,
 ) -> int:
     """One self-contained HTML file: provenance, metrics, confusion, curves, mistakes with their nearest training images, label errors, duplicates and leaks, a 2-D map, what to do."""
     from pipeline.quality import ReportOptions
     from pipeline.report import write_report
 
     _begin(as_json, quiet)
-    r = write_report(model_path, cache, out, _options(ReportOptions, {**locals(), **(audit_flags or {})}, map=map_), log=_err)
+    r = write_report(model_path, cache, out, _options(ReportOptions, {**locals(), **(audit_flags or {})}, map=map_), log=_say)
     if as_json:
         _emit_json(r.to_dict())
         return 0
-    _err(f"{r.path}: {r.mistakes} mistakes, {r.counts.get('label-errors', 0)} likely label errors, {r.counts.get('duplicates', 0)} near-duplicate pairs "
+    _result(f"{r.path}: {r.mistakes} mistakes, {r.counts.get('label-errors', 0)} likely label errors, {r.counts.get('duplicates', 0)} near-duplicate pairs "
          f"({r.counts.get('leaks', 0)} leaks); {r.thumbnails} thumbnails{f', {r.missing_images} images missing' if r.missing_images else ''} in {r.seconds:.1f}s")
     from pipeline.names import printable
 
     for line in r.advice:
-        _err(f"  - {printable(line)}")  # advice quotes class names
+        _result(f"  - {printable(line)}")  # advice quotes class names
     return 0
 
 
@@ -817,12 +829,12 @@ def report(
 @_with_audit_flags
 def audit(
     cache: Path = typer.Argument(..., metavar="CACHE", help="A cache (.h5) written by extract or import."),
-    fail_on: Optional[str] = typer.Option(None, "--fail-on", help="Exit 8 when any of these checks finds something: label-errors, duplicates, leaks, imbalance, failed-files (comma-separated) or all."),
+    fail_on: str | None = typer.Option(None, "--fail-on", help="Exit 8 when any of these checks finds something: label-errors, duplicates, leaks, imbalance, failed-files (comma-separated) or all."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Validation share when the data is not pre-split (fit-head's hash rule: leaks are judged by it)."),
     limit: int = typer.Option(20, "--limit", help="Entries listed per check (--json: 1,000)."),
     as_json: bool = _json_flag("Print one JSON object on stdout: counts, then the entries of each check."),
     quiet: bool = _quiet_flag(),
-    audit_flags: Optional[dict[str, Any]] = None,
+    audit_flags: dict[str, Any] | None = None,
 ) -> int:
     """The data-quality checks alone, for cron: likely label errors, near-duplicates and split leaks, class imbalance, failed files (the report goes to stdout; exit 8 only with --fail-on)."""
     from pipeline.errors import ExitCode
@@ -830,7 +842,7 @@ def audit(
 
     _begin(as_json, quiet)
     checks = parse_fail_on(fail_on)
-    a = audit_cache(cache, _options(AuditOptions, {**locals(), **(audit_flags or {})}), log=_err)
+    a = audit_cache(cache, _options(AuditOptions, {**locals(), **(audit_flags or {})}), log=_say)
     failing = a.failing(checks)
     code = ExitCode.FINDINGS if failing else ExitCode.OK
     if as_json:
@@ -846,10 +858,10 @@ def audit(
 
 @command
 def models(
-    source: Optional[str] = typer.Option(None, "--source", help="torchvision, timm or pretrainedmodels (default: every installed source)."),
+    source: str | None = typer.Option(None, "--source", help="torchvision, timm or pretrainedmodels (default: every installed source)."),
     filter_: str = typer.Option("", "--filter", help="Only names containing this text (e.g. convnext)."),
-    details: Optional[bool] = typer.Option(None, "--details/--no-details", help="Embedding width and input size (default: when at most 100 models match)."),
-    layers: Optional[str] = typer.Option(None, "--layers", metavar="MODEL", help="List the layers of MODEL that extract --layer can tap, with output shape and pooled width."),
+    details: bool | None = typer.Option(None, "--details/--no-details", help="Embedding width and input size (default: when at most 100 models match)."),
+    layers: str | None = typer.Option(None, "--layers", metavar="MODEL", help="List the layers of MODEL that extract --layer can tap, with output shape and pooled width."),
     depth: int = typer.Option(2, "--depth", help="With --layers: how many dots deep to list module names."),
     as_json: bool = _json_flag("Print JSON."),
     quiet: bool = _quiet_flag(),
@@ -876,7 +888,7 @@ def models(
         extra = f"  {row['embed_dim'] or '?':>5}-d  {row['input_size'] or '?'} px" if "embed_dim" in row else ""
         typer.echo(f"{row['name']:<48}{extra}".rstrip())
     for note in notes:
-        _err(note)
+        _say(note)
     return 0
 
 
@@ -893,7 +905,7 @@ def demo(
     from pipeline.demo import run_demo
 
     _begin(as_json, quiet)
-    result = run_demo(workdir, model, weights, finetune_epochs, progress=_bar, log=_err, show=not (as_json or quiet))
+    result = run_demo(workdir, model, weights, finetune_epochs, progress=_bar, log=_say, show=not (as_json or quiet))
     if as_json:
         _emit_json(result)
     return 0
@@ -907,9 +919,9 @@ def export(
     cache: Path = typer.Argument(..., metavar="CACHE", help="A cache (.h5) written by extract or import."),
     format_: ExportFormat = _choice("parquet", "--format", "-f", help="parquet: DIR/embeddings.parquet (path, label, class, split, embedding); npy: DIR/embeddings.npy + metadata.parquet + provenance.json (clip-retrieval's layout)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (created; a previous export there is replaced only once the new files are complete)."),
-    split: Optional[str] = typer.Option(None, "--split", help="Only rows of these splits, comma-separated: train, val, test, none (rows without a split)."),
-    classes: Optional[str] = typer.Option(None, "--classes", help="Only rows of these classes, comma-separated (labels keep indexing the cache's classes)."),
-    row_group_rows: Optional[int] = typer.Option(None, "--row-group-rows", help="Rows per Parquet row group and per read (default: 4 MiB of embeddings, at most 65,536 rows); memory grows with it."),
+    split: str | None = typer.Option(None, "--split", help="Only rows of these splits, comma-separated: train, val, test, none (rows without a split)."),
+    classes: str | None = typer.Option(None, "--classes", help="Only rows of these classes, comma-separated (labels keep indexing the cache's classes)."),
+    row_group_rows: int | None = typer.Option(None, "--row-group-rows", help="Rows per Parquet row group and per read (default: 4 MiB of embeddings, at most 65,536 rows); memory grows with it."),
     as_json: bool = _json_flag("Print one JSON summary on stdout."),
     quiet: bool = _quiet_flag(),
 ) -> int:
@@ -917,14 +929,14 @@ def export(
     from pipeline.exchange import export_cache
 
     _begin(as_json, quiet)
-    r = export_cache(cache, out, format_, split=split, classes=classes, row_group_rows=row_group_rows, progress=_bar("export"), log=_err)
+    r = export_cache(cache, out, format_, split=split, classes=classes, row_group_rows=row_group_rows, progress=_bar("export"), log=_say)
     if as_json:
         _emit_json(r.to_dict())
     else:
-        _err(f"{r.out_dir}: {r.rows:,} rows x {r.embed_dim} {r.dtype} as {r.format} in {r.seconds:.1f}s ({r.mb_per_s:.0f} MB/s of embeddings, "
-             f"{r.row_groups} row group(s))")
+        _result(f"{r.out_dir}: {r.rows:,} rows x {r.embed_dim} {r.dtype} as {r.format} in {r.seconds:.1f}s ({r.mb_per_s:.0f} MB/s of embeddings, "
+                f"{r.row_groups} row group(s))")
         for f in r.files:
-            _err(f"  {f}")
+            _result(f"  {f}")
     return 0
 
 
@@ -932,11 +944,11 @@ def export(
 def import_(
     source: Path = typer.Argument(..., metavar="SOURCE", help="A folder written by export (embeddings.parquet, or embeddings.npy + metadata.parquet), or a .parquet file with path and embedding columns."),
     out: Path = typer.Option(..., "--out", "-o", help="Cache (.h5) to write: created, or extended when it holds the same backbone (rows keyed by path: importing again replaces rows, never duplicates them)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="What computed the embeddings; required when the file carries no featcache provenance, else replaces the file's."),
-    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Its weights (default: the file's provenance, else 'custom')."),
-    classes: Optional[str] = typer.Option(None, "--classes", help="Class names in label order, comma-separated (default: the file's provenance, else its class column's values, sorted)."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder the paths are relative to (default: the file's provenance)."),
-    preprocessing: Optional[str] = typer.Option(None, "--preprocessing", help='Preprocessing as JSON, e.g. \'{"resize_size": [224], "crop_size": [224]}\' (default: the file\'s provenance).'),
+    model: str | None = typer.Option(None, "--model", "-m", help="What computed the embeddings; required when the file carries no featcache provenance, else replaces the file's."),
+    weights: str | None = typer.Option(None, "--weights", "-w", help="Its weights (default: the file's provenance, else 'custom')."),
+    classes: str | None = typer.Option(None, "--classes", help="Class names in label order, comma-separated (default: the file's provenance, else its class column's values, sorted)."),
+    data_root: str | None = typer.Option(None, "--data-root", help="Folder the paths are relative to (default: the file's provenance)."),
+    preprocessing: str | None = typer.Option(None, "--preprocessing", help='Preprocessing as JSON, e.g. \'{"resize_size": [224], "crop_size": [224]}\' (default: the file\'s provenance).'),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same cache."),
     as_json: bool = _json_flag("Print one JSON summary on stdout."),
     quiet: bool = _quiet_flag(),
@@ -946,35 +958,38 @@ def import_(
 
     _begin(as_json, quiet)
     r = import_cache(source, out, model=model, weights=weights, classes=classes, data_root=data_root, preprocessing=preprocessing, wait=wait,
-                     progress=_bar("import"), log=_err)
+                     progress=_bar("import"), log=_say)
     if as_json:
         _emit_json(r.to_dict())
     else:
-        _err(f"{r.cache}: imported {r.rows:,} rows x {r.embed_dim} {r.dtype} from {r.source} ({r.format}; provenance from the {r.provenance_from}) "
+        _result(f"{r.cache}: imported {r.rows:,} rows x {r.embed_dim} {r.dtype} from {r.source} ({r.format}; provenance from the {r.provenance_from}) "
              f"in {r.seconds:.1f}s; the cache holds {r.cache_rows:,} rows, {len(r.classes)} classes"
              + (f"; {len(r.skipped):,} of {r.source_rows:,} rows skipped" if r.skipped else ""))
         _list("skipped", r.skipped)
         if len(r.skipped) > 20:
-            _err(f"  ... and {len(r.skipped) - 20} more skipped (see --json)")
+            _say(f"  ... and {len(r.skipped) - 20} more skipped (see --json)")
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``featcache``), identical to ``python cli.py``.
 
     Usage errors the parser finds (a bad choice, a missing argument, an unknown flag) get
     the same one-line ``error: ...`` (exit 2) as the errors the library finds, not a box."""
-    from typer._click.exceptions import ClickException
-
     from pipeline.interrupts import stop_watchdog
 
     argv = sys.argv[1:] if argv is None else argv
     try:
         with stop_watchdog(dump_stacks="--debug" in argv):  # a stop never waits forever on a call stuck in C
-            code = app(args=argv, standalone_mode=False)
-    except ClickException as exc:
+            code = app(args=argv, prog_name=Path(sys.argv[0]).name or "featcache", standalone_mode=False)
+    except Exception as exc:  # commands catch their own: only the parser's errors get here
+        if not _is_parser_error(exc):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # no command given: the help is the answer, not an error
+            typer.echo(exc.format_message())
+            raise SystemExit(exc.exit_code) from None
         message = _parser_message(exc.format_message())
-        if not message:  # no command given: the help was printed, there is nothing else to say
+        if not message:  # the help was printed already: there is nothing else to say
             raise SystemExit(exc.exit_code) from None
         command_name = next((a for a in argv if not a.startswith("-")), "")
         _fail(f"error: {message} (see `{_program()} {command_name + ' ' if command_name in _command_names() else ''}--help`)")
@@ -982,6 +997,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             _emit_json({"error": message, "error_type": "UsageError", "exit_code": exc.exit_code})
         code = exc.exit_code
     raise SystemExit(code or 0)
+
+
+def _is_parser_error(exc: BaseException) -> bool:
+    """A click/typer usage error, told by its public interface (``format_message`` and an int
+    ``exit_code``): typer vendors click from 0.2x on, so its class is not ``click.ClickException``."""
+    return callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)
 
 
 def _parser_message(text: str) -> str:

@@ -14,10 +14,11 @@ import os
 import platform
 import re
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,15 +28,15 @@ from . import __version__
 from .backbones import ENGINES, PRECISIONS, TOKEN_POOLS, Backbone, HubTrust, check_model_name, choice_path, load_backbone, tune
 from .changes import SCAN_STARTED, check_content, racy
 from .choices import DECODES, GPU_DECODERS, canonical_weights
+from .devices import resolve_device
 from .distributed import World, rank_device, world
 from .errors import FeatcacheError, Interrupted, UsageError
 from .images import DEFAULT_MAX_PIXELS, LAYOUTS, DecodedBatch, ImageRecord, ManifestColumns, ScanFailure, ScanResult, check_gpu_decode, retry_under, scan_source
-from .inference import Feed, Mapper, ReadOptions, build_mapper, default_cache_dir, engine_context, open_reader, resolve_device, resolve_precision, run_batches
+from .inference import Feed, Mapper, ReadOptions, build_mapper, default_cache_dir, engine_context, open_reader, resolve_precision, run_batches
 from .interrupts import sigterm_as_interrupt
 from .options import HOW, JOB_LEVEL, build, check_device, check_types, choose, require
 from .overlap import StageClock
-from .store import DTYPES, CacheWriter, KnownFiles, PendingRow, WriterLock, encode_paths, read_cache_meta, repair_cache
-from .store.schema import check_compatible
+from .store import DTYPES, CacheWriter, KnownFiles, PendingRow, WriterLock, check_compatible, encode_paths, read_cache_meta, repair_cache
 
 EMBEDDING_DEFINITION = "input of the model's final classification layer (classifier replaced by Identity)"
 
@@ -163,7 +164,7 @@ def default_cache_path(model: str, weights: str, data_root: Path, cache_dir: Pat
     return base / f"{clean(model)}__{clean(w)}{tag}__{clean(Path(data_root).name) or 'root'}-{root_tag}.h5"
 
 
-def cache_paths(model: str, opts: "ExtractOptions", data_root: Path, out: str | os.PathLike | Sequence | None, precision: str,
+def cache_paths(model: str, opts: ExtractOptions, data_root: Path, out: str | os.PathLike | Sequence | None, precision: str,
                 cache_dir: Path | None = None) -> list[Path]:
     """The caches one ``--model`` fills: one, or one per ``--layer`` (an explicit ``--out`` then
     gains ``__at-<layer>`` before its suffix, unless a list gives one path per layer)."""
@@ -278,7 +279,7 @@ class ScanColumns:
     digests: dict[str, bytes | None] = field(default_factory=dict)  # files hashed by this run's content checks (shared by its caches)
 
     @classmethod
-    def of(cls, scan: ScanResult, started: float) -> "ScanColumns":
+    def of(cls, scan: ScanResult, started: float) -> ScanColumns:
         keys = [*scan.records, *scan.failed]
         return cls(scan.records, scan.failed, encode_paths([r.relpath for r in keys]), np.fromiter((r.size for r in keys), np.int64, len(keys)),
                    np.fromiter((r.mtime_ns for r in keys), np.int64, len(keys)), scan.root, started)
@@ -546,8 +547,11 @@ def extract_many(
             p.mapper = build_mapper(p.backbone, engine, dev, chosen, batch_size, len(p.todo), p.targets[0].out_path.parent,
                                     log if w.is_main else (lambda m: None))
             for t in p.targets:
-                t.summary.engine = p.mapper.engine.name
-                t.writer.set_meta(engine=p.mapper.engine.name)
+                if p.todo:
+                    t.summary.engine = p.mapper.engine.name
+                    t.writer.set_meta(engine=p.mapper.engine.name)
+                else:  # nothing ran: say (and keep) the engine that made the cache's rows
+                    t.summary.engine = t.writer.manifest.meta.get("engine", t.summary.engine)
         feed = Feed(batches, dev, preps, read, bool(todo))
         if feed.decoder is not None:
             for t in targets:

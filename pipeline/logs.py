@@ -62,6 +62,7 @@ def configure(log_file: Path | None = None, json_lines: bool = False) -> None:
         handler.close()
     _console = _CurrentStderrHandler()
     _console.setLevel(logging.INFO)
+    _console.addFilter(_not_a_result)  # results went to stdout already
     _console.setFormatter(JsonLinesFormatter() if json_lines and log_file is None else logging.Formatter("%(message)s"))
     LOGGER.addHandler(_console)
     if log_file is not None:
@@ -77,6 +78,19 @@ def quiet_console(quiet: bool) -> None:
     if _console is None:
         configure()
     _console.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _not_a_result(record: logging.LogRecord) -> bool:
+    return not getattr(record, "result", False)
+
+
+def result(message: str, show: bool = True) -> None:
+    """A command's result (the summary a person or a pipe wants): on stdout, Unix-style, unless
+    ``show`` is False (--quiet/--json); always into the log file, like every other message."""
+    if show:
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()
+    LOGGER.info(message, extra={"fields": {}, "result": True})
 
 
 def info(message: str, **fields: Any) -> None:

@@ -121,3 +121,52 @@ def test_no_command_prints_the_help_and_no_error_line():
     proc = run_cli()
     assert "Usage" in proc.stdout + proc.stderr and "fit-head" in proc.stdout + proc.stderr
     assert "error:" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_help_text_keeps_its_brackets():
+    """Help is printed as written: ``pip install -e '.[gpu]'`` and ``[test/]`` keep their brackets
+    (a markup renderer once ate them)."""
+    import re
+
+    import typer
+
+    import cli
+
+    group = typer.main.get_command(cli.app)
+    checked = 0
+    for name, command in group.commands.items():
+        shown = " ".join(run_cli(name, "--help").stdout.split())
+        for param in command.params:
+            for bracketed in re.findall(r"\[[^\]]*\]", getattr(param, "help", None) or ""):
+                assert " ".join(bracketed.split()) in shown, (name, param.name, bracketed)
+                checked += 1
+    assert checked >= 2  # at least the two that were lost: '.[gpu]' and [test/]
+
+
+def test_no_cuda_home_warning_on_a_cpu_machine(caplog):
+    """torch.compile's import of cpp_extension logs "No CUDA runtime is found" on CPU machines;
+    featcache drops that one message and nothing else from that logger."""
+    import logging
+
+    import pipeline  # noqa: F401 - installs the filter
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    with caplog.at_level(logging.WARNING):
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+        logger.warning("some other warning")
+    assert [r.getMessage() for r in caplog.records] == ["some other warning"]
+
+
+def test_results_go_to_stdout_and_messages_to_stderr(tmp_path, image_tree, tiny_hub):
+    """`fit-head ... > fit.txt` keeps the result: the summary and metrics on stdout; --quiet
+    prints neither; --log-file still records the summary."""
+    cache, head = tmp_path / "c.h5", tmp_path / "h.pt"
+    ex = run_cli("extract", str(image_tree), "-m", tiny_hub, "-w", "none", "--out", str(cache), "--workers", "0")
+    assert ex.returncode == 0 and f"{cache}: 12 new" in ex.stdout and f"{cache}: 12 new" not in ex.stderr
+    fit = run_cli("fit-head", str(cache), "--clf", "logreg", "--out", str(head))
+    assert fit.returncode == 0, fit.stderr
+    assert "logreg head fitted on" in fit.stdout and "val" in fit.stdout and "head fitted" not in fit.stderr
+    log = tmp_path / "run.log"
+    quiet = run_cli("--log-file", str(log), "fit-head", str(cache), "--clf", "logreg", "--out", str(head), "--quiet")
+    assert quiet.returncode == 0 and quiet.stdout == "" and "head fitted" not in quiet.stderr
+    assert "logreg head fitted on" in log.read_text()

@@ -161,6 +161,30 @@ def test_taking_a_lock_sweeps_temporaries_of_dead_writers_only(tmp_path):
     for p in [*stale, live, other]:
         p.write_bytes(b"partial")
     with WriterLock(tmp_path / "head.pt"):
-        pass
+        assert not (tmp_path / "head.pt.lock").exists() and (tmp_path / ".head.pt.lock").exists()  # the lock itself is hidden
     assert not any(p.exists() for p in stale) and live.exists() and other.exists()
-    assert not (tmp_path / "head.pt.lock").exists() and (tmp_path / ".head.pt.lock").exists()  # the lock itself is hidden
+    assert not (tmp_path / ".head.pt.lock").exists()  # and gone once released: no empty lock files left beside artifacts
+
+
+def test_a_waiter_whose_lock_file_was_deleted_on_release_locks_the_new_one(tmp_path):
+    """Release deletes the lock file: a writer that opened the old file while it was held must
+    not believe it holds the lock on the deleted inode while a third writer locks the new file."""
+    import threading
+
+    from pipeline.errors import LockHeldError
+    from pipeline.store.locks import WriterLock
+
+    target = tmp_path / "c.h5"
+    first = WriterLock(target).acquire()
+    got = threading.Event()
+    waiter = WriterLock(target, wait=30)
+    thread = threading.Thread(target=lambda: (waiter.acquire(), got.set()))
+    thread.start()
+    time.sleep(0.5)  # the waiter has opened the current lock file and polls it
+    first.release()  # deletes that file, then unlocks it
+    assert got.wait(10)
+    with pytest.raises(LockHeldError):
+        WriterLock(target).acquire()  # the new file at the path is the one the waiter holds
+    waiter.release()
+    thread.join()
+    assert not (tmp_path / ".c.h5.lock").exists()

@@ -330,3 +330,18 @@ def test_gpu_decode_plumbing_with_the_cpu_decoder(image_tree):
         png = [k for k, p in enumerate(got.positions) if not records[p].relpath.endswith(".jpg")]
         assert diff[png].max() == 0 and diff.mean() < 8  # JPEGs: another resampling, close
     assert len(parts[1].positions) == len(parts[0].positions) - 1
+
+
+def test_a_no_op_extract_reports_and_keeps_the_engine_that_made_the_rows(tmp_path, image_tree, tiny_hub):
+    """A run with nothing to extract builds no engine: it says the cache's engine (not "eager")
+    and leaves the recorded one as it was."""
+    from pipeline.store import read_cache_meta
+
+    from conftest import cli_json
+
+    out = tmp_path / "c.h5"
+    first = cli_json("extract", str(image_tree), "-m", tiny_hub, "-w", "none", "--engine", "onnxruntime", "--out", str(out), "--workers", "0")
+    assert first["engine"] == "onnxruntime" and first["new"] == 12
+    again = cli_json("extract", str(image_tree), "-m", tiny_hub, "-w", "none", "--out", str(out), "--workers", "0")
+    assert again["new"] == 0 and again["engine"] == "onnxruntime"
+    assert read_cache_meta(out)["engine"] == "onnxruntime"

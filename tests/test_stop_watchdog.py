@@ -41,8 +41,10 @@ cli.main(sys.argv[1:])
 def _start_hanging(tmp_path: Path, grace: float, *args: str) -> subprocess.Popen:
     script = tmp_path / "hang.py"
     script.write_text(HANGING_COMMAND)
+    # SIGINT as a terminal gives it: a suite started in the background (`cmd &`) passes SIGINT on ignored
     proc = subprocess.Popen([sys.executable, str(script), *args, "hang"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "FEATCACHE_STOP_GRACE": str(grace)})
+                            env={**os.environ, "FEATCACHE_STOP_GRACE": str(grace)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "hanging"
     time.sleep(0.5)  # into the C call (a signal before it is handled by Python as usual)
     return proc

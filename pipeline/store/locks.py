@@ -4,6 +4,9 @@
 stale: the next writer simply gets it (no PID probing or age heuristics, which misfire
 across hosts and after PID reuse). The lock file records who holds it, for messages; a
 record found by the next writer means its author died holding the lock, which is logged.
+A clean release deletes the file (no empty ``.lock`` files left beside artifacts); so a
+writer that got the lock checks that the file it locked is still the one at the path, and
+starts again if it was deleted under it (the usual flock-and-unlink protocol).
 """
 from __future__ import annotations
 
@@ -57,17 +60,19 @@ class WriterLock:
         self.wait = wait
         self._fh = None
 
-    def acquire(self) -> "WriterLock":
+    def _open(self):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fh = open(self.path, "a+")
+            return open(self.path, "a+")
         except OSError as exc:
             raise StorageError(f"cannot create lock file {str(self.path)!r}: {exc.strerror}; check that the folder is writable") from exc
+
+    def acquire(self) -> WriterLock:
+        fh = self._open()
         deadline = time.monotonic() + max(self.wait, 0.0)
         while True:
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     holder = _describe_holder(self.path)
@@ -77,6 +82,11 @@ class WriterLock:
                         "or pass --wait SECONDS"
                     ) from None
                 time.sleep(0.2)
+                continue
+            if self._still_at_path(fh):
+                break
+            fh.close()  # its holder released and deleted it while we waited: lock the file now there
+            fh = self._open()
         fh.seek(0)
         left = fh.read().strip()
         if left:  # a clean release empties the file: whoever wrote this died holding the lock
@@ -96,13 +106,24 @@ class WriterLock:
         remove_stale_temporaries(self.target.parent, self.target.name.rsplit(".", 1)[0])
         return self
 
+    def _still_at_path(self, fh) -> bool:
+        try:
+            here = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fh.fileno())
+        return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+
     def release(self) -> None:
         if self._fh is not None:
-            try:
-                self._fh.seek(0)
-                self._fh.truncate()
-            except OSError:
-                pass
+            try:  # deleted while still held, so no one can lock this file and believe they hold the lock
+                self.path.unlink()
+            except OSError:  # cannot delete (a read-only folder now): an empty note says "released" as before
+                try:
+                    self._fh.seek(0)
+                    self._fh.truncate()
+                except OSError:
+                    pass
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
             try:
                 self._fh.close()
@@ -110,7 +131,7 @@ class WriterLock:
                 pass
             self._fh = None
 
-    def __enter__(self) -> "WriterLock":
+    def __enter__(self) -> WriterLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
