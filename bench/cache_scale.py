@@ -121,9 +121,9 @@ def worker_noop_setup(folder: str, cache: str, files: int, tiny_hub: str) -> dic
     import numpy as np
 
     from pipeline.backbones import load_backbone
+    from pipeline.devices import resolve_device
     from pipeline.extract import build_meta
     from pipeline.images import scan_folder
-    from pipeline.inference import resolve_device
     from pipeline.store import CacheWriter, WriterLock
 
     root = Path(folder)

@@ -42,9 +42,10 @@ from extract_gpu import gpu_main  # noqa: E402
 from pipeline.backbones.engines import TorchEngine, measure, tune  # noqa: E402
 from pipeline.backbones.hardware import PrecisionChoice, cpu_flags, cpu_summary, native_bf16  # noqa: E402
 from pipeline.backbones.registry import load_backbone  # noqa: E402
+from pipeline.devices import resolve_device  # noqa: E402
 from pipeline.extract import run_extract  # noqa: E402
 from pipeline.images.reader import default_workers  # noqa: E402
-from pipeline.inference import engine_context, resolve_device  # noqa: E402
+from pipeline.inference import engine_context  # noqa: E402
 
 FP32 = PrecisionChoice("fp32", None, "")
 

@@ -62,7 +62,7 @@ class UtilSampler:
             except Exception:  # noqa: BLE001 - no NVML here: report none
                 return
 
-    def __enter__(self) -> "UtilSampler":
+    def __enter__(self) -> UtilSampler:
         if self.device.type == "cuda":
             self.thread.start()
         return self

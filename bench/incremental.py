@@ -42,9 +42,9 @@ import numpy as np  # noqa: E402
 
 import pipeline.extract as extract  # noqa: E402
 from pipeline.changes import SCAN_STARTED  # noqa: E402
+from pipeline.devices import resolve_device  # noqa: E402
 from pipeline.images import content_digests, scan_folder  # noqa: E402
 from pipeline.images.reader import hash_threads  # noqa: E402
-from pipeline.inference import resolve_device  # noqa: E402
 from pipeline.store import CacheWriter, WriterLock  # noqa: E402
 
 MODEL, WEIGHTS, DTYPE = "resnet18", "none", "float16"

@@ -180,8 +180,8 @@ def _start_server(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
 
 
 def load(port: int, bodies: list[bytes], clients: int, requests: int) -> dict:
-    """``clients`` threads, each with its own keep-alive connection, ``requests`` POSTs each
-    (real JPEGs, round robin): p50/p99 latency and requests/s over the whole run."""
+    """``clients`` threads, each with its own keep-alive connection, ``requests`` POSTs among
+    them (real JPEGs, round robin): p50/p99 latency and requests/s over the whole run."""
     import http.client
     import threading
 
@@ -192,8 +192,8 @@ def load(port: int, bodies: list[bytes], clients: int, requests: int) -> dict:
     def client(k: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
         mine = []
-        for i in range(requests):
-            body = bodies[(k * requests + i) % len(bodies)]
+        for i in range(k, requests, clients):
+            body = bodies[i % len(bodies)]
             t0 = time.perf_counter()
             conn.request("POST", "/predict", body=body, headers={"Content-Type": "image/jpeg"})
             response = conn.getresponse()
@@ -217,7 +217,7 @@ def load(port: int, bodies: list[bytes], clients: int, requests: int) -> dict:
             "p99_ms": float(np.percentile(lat, 99)), "req_s": len(lat) / wall}
 
 
-def serve_side_by_side(head: Path, data: Path, work: Path, quick: bool) -> dict:
+def serve_side_by_side(head: Path, data: Path, work: Path, quick: bool, requests: int = 2000) -> dict:
     """``serve`` against a naive handler on the same stack (FastAPI + uvicorn, one eager forward
     per request) under 1, 8 and 32 concurrent clients, and decode + one forward alone."""
     import importlib.util
@@ -229,7 +229,7 @@ def serve_side_by_side(head: Path, data: Path, work: Path, quick: bool) -> dict:
     bodies = [f.read_bytes() for f in sorted(data.rglob("*.jpg"))[:64]]
     model = load_classifier(head, engine="eager", trust_hub=True)
     one = _median_ms(lambda: model.probabilities(model.pixels(bodies[0]).unsqueeze(0)), 5 if quick else 30)
-    levels = [(1, 10), (4, 10)] if quick else [(1, 2000), (8, 2000), (32, 2000)]
+    levels = [(1, 10), (4, 10)] if quick else [(1, requests), (8, requests), (32, requests)]
     out: dict = {"decode_plus_one_forward_ms": one, "serve": [], "naive": []}
     naive_app = work / "naive_server.py"
     naive_app.write_text(NAIVE_SERVER.format(root=str(ROOT), head=str(head)))
@@ -258,6 +258,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--cache-rows", type=int, default=None)
     ap.add_argument("--serve-model", default=None, help="the backbone exported and served (default resnet18)")
+    ap.add_argument("--requests", type=int, default=2000, help="serve: requests per load level (all clients together)")
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "featcache-bench-jpegs")
     args = ap.parse_args()
     quick = args.quick
@@ -292,7 +293,7 @@ def main() -> None:
             tune(engine_context(load_backbone(light, "none"), torch.device("cpu"), FP32, 32, work), min_seconds=2.0)
         r["deployed_model"] = light
         r["onnx"] = onnx_side_by_side(light_head, data, work, quick)
-        r["serve"] = serve_side_by_side(light_head, data, work, quick)
+        r["serve"] = serve_side_by_side(light_head, data, work, quick, args.requests)
     if args.json:
         print(json.dumps(r, default=str))
         return

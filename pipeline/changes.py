@@ -24,9 +24,9 @@ before this rule recorded no time: their first run under it flags nothing; run i
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

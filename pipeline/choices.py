@@ -9,8 +9,9 @@ as ``--weights none``. This module imports nothing heavy: the command line build
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 # stage 1
 LAYOUTS: tuple[str, ...] = ("auto", "imagefolder", "split", "flat")

@@ -7,13 +7,14 @@ predicts at the end are images no stage trained on or chose anything with.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-ProgressFactory = Callable[[str], Optional[Callable[[int, int, float], None]]]
+ProgressFactory = Callable[[str], Callable[[int, int, float], None] | None]
 
 DIGIT_CLASSES = [f"digit_{d}" for d in range(10)]
 

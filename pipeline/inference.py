@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .backbones import Backbone, Engine, EngineContext, PrecisionChoice, Preprocessing, TorchEngine, build_engine, choose_precision, engines_dir, model_identity
-from .errors import UsageError
 from .images import (
     DEFAULT_MAX_PIXELS,
     DecodedBatch,
@@ -47,17 +46,6 @@ Log = Callable[[str], None]
 
 
 # ----------------------------------------------------------------------------- this machine
-
-
-def resolve_device(device: str) -> torch.device:
-    """``--device`` (auto, cpu, cuda[:N]) as a torch device; a missing GPU is a usage error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or auto)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UsageError(f"--device {device!r} is not supported; choose auto, cpu or cuda")
-    return torch.device(device)
 
 
 def default_cache_dir() -> Path:

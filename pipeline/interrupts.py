@@ -19,8 +19,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 STOP_GRACE_S = 10.0  # how long a stop may take once asked for (FEATCACHE_STOP_GRACE overrides)
 

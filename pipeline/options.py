@@ -17,7 +17,8 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any, Iterable, Mapping, TypeVar, Union
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar, Union
 
 from .choices import canonical, canonical_device
 from .errors import UsageError
@@ -49,7 +50,7 @@ def how_fields(cls: type) -> set[str]:
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     if typing.get_origin(tp) in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return (args[0] if len(args) == 1 else Union[tuple(args)]), type(None) in typing.get_args(tp)
+        return (args[0] if len(args) == 1 else Union[tuple(args)]), type(None) in typing.get_args(tp)  # noqa: UP007 - a Union built at run time
     return tp, False
 
 

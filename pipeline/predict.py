@@ -23,11 +23,12 @@ import numpy as np
 
 from .backbones import ENGINES, PRECISIONS, HubTrust, check_artifact_backbone
 from .choices import DECODES, GPU_DECODERS
+from .devices import resolve_device
 from .distributed import World, rank_device, world
 from .errors import DataError, IncompatibleError, Interrupted, UsageError
 from .heads import LoadedHead, head_scorer, literal_text, load_head
 from .images import DEFAULT_MAX_PIXELS, DecodedBatch, ImageRecord, is_manifest, is_shards, scan_source
-from .inference import Feed, ReadOptions, build_mapper, engines_home, open_reader, resolve_decode, resolve_device, resolve_precision, run_batches
+from .inference import Feed, ReadOptions, build_mapper, engines_home, open_reader, resolve_decode, resolve_precision, run_batches
 from .interrupts import sigterm_as_interrupt
 from .options import HOW, build, check_device, check_types, choose, require
 from .overlap import StageClock
@@ -409,28 +410,45 @@ def _merge_ranks(run: _Run, opts: PredictOptions, w: World) -> _Run:
 # ----------------------------------------------------------------------------- the picture
 
 
+GRID_CELL_INCHES = 2.0  # each picture's cell; its title is wrapped to this width
+GRID_TITLE_POINTS = 8.0
+
+
+def _grid_title(r: dict[str, Any]) -> str:
+    """``predicted p`` and ``(true t)``, each wrapped to the cell's width (long class names
+    ran into the neighbouring titles and past the figure's edge)."""
+    import textwrap
+
+    chars = max(8, int(GRID_CELL_INCHES * 72 / (0.62 * GRID_TITLE_POINTS)))  # DejaVu Sans: about 0.6 em a character
+    lines = [f"{r['predicted']} {r['probability']:.2f}"] + ([f"(true {r['true']})"] if r["true"] else [])
+    return "\n".join(textwrap.fill(line, chars, break_long_words=True) for line in lines)
+
+
 @literal_text
 def plot_grid(rows: list[dict[str, Any]], path: Path, max_images: int = GRID_IMAGES) -> Path:
-    """Images with predicted (and true) labels, green when right, red when wrong."""
+    """Images with predicted (and true) labels, green when right, red when wrong. Each row of
+    the grid gets the height its tallest title needs (one row included: two-line titles)."""
     from .heads import pyplot, save_figure
-    from .images import DecodeError, decode_image, read_record
-    from .images.reader import read_bytes
+    from .images import DecodeError, decode_image, read_bytes, read_record
 
     plt = pyplot()
 
     rows = rows[:max_images]
-    cols = min(8, len(rows))
-    nrows = (len(rows) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(2 * cols, 2.3 * nrows + (0.4 if nrows == 1 else 0)), squeeze=False)
+    cols = max(1, min(8, len(rows)))
+    nrows = max(1, (len(rows) + cols - 1) // cols)
+    titles = [_grid_title(r) for r in rows]
+    lines = [max((t.count("\n") + 1 for t in titles[k * cols : (k + 1) * cols]), default=1) for k in range(nrows)]
+    title_inches = [n * GRID_TITLE_POINTS * 1.3 / 72 + 0.08 for n in lines]  # each grid row's title height, with its gap
+    fig, axes = plt.subplots(nrows, cols, figsize=(GRID_CELL_INCHES * cols, nrows * GRID_CELL_INCHES + sum(title_inches) + 0.1),
+                             squeeze=False, gridspec_kw={"height_ratios": [GRID_CELL_INCHES + t for t in title_inches]})
     for ax in axes.flat:
         ax.axis("off")
-    for ax, r in zip(axes.flat, rows):
+    for ax, r, title in zip(axes.flat, rows, titles):
         try:  # a row of this run knows its record (shard members too); a caller's row has its path
             ax.imshow(decode_image(read_record(*r["image"]) if "image" in r else read_bytes(Path(r["path"]))))
         except DecodeError:
             continue  # gone or unreadable since it was scored: its cell stays empty
-        label = f"{r['predicted']} {r['probability']:.2f}" + (f"\n(true {r['true']})" if r["true"] else "")
         color = "black" if not r["true"] else ("green" if r["true"] == r["predicted"] else "red")
-        ax.set_title(label, fontsize=8, color=color)
+        ax.set_title(title, fontsize=GRID_TITLE_POINTS, color=color)
     fig.tight_layout()
     return save_figure(fig, path, dpi=80)

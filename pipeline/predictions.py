@@ -15,10 +15,11 @@ import csv
 import io
 import json
 import os
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -178,7 +179,7 @@ class PredictionWriter:
                   ("topk_probabilities", pa.list_(pa.float32())), ("true", pa.string())]
         pq.write_table(pa.schema(fields).empty_table(), str(self._tmp))
 
-    def __enter__(self) -> "PredictionWriter":
+    def __enter__(self) -> PredictionWriter:
         return self
 
     def __exit__(self, kind, exc, tb) -> None:

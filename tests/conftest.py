@@ -78,15 +78,64 @@ def digits_small(tmp_path_factory) -> Path:
     return write_digits(tmp_path_factory.mktemp("digits") / "digits", size=32, per_class=6)
 
 
-def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``python cli.py ARGS`` in a real subprocess (exit codes and stdout as users see them)."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})}, cwd=ROOT,
-    )
+def run_cli(*args: str, check: bool = False, env: dict | None = None, timeout: float | None = None,
+            process: bool = False) -> subprocess.CompletedProcess:
+    """``python cli.py ARGS``: exit code, stdout and stderr as users see them.
+
+    In this process by default (``cli.main`` with its own argv, environment, working folder
+    and stdio; a subprocess would spend most of a test importing torch again). A real
+    process where one is what is tested, or what the call changes is read at import:
+    ``process=True``, a ``timeout`` (a call that might hang), ``--debug`` (its stack dumps
+    need real file descriptors), or an ``HF_*`` variable."""
+    env = {k: str(v) for k, v in (env or {}).items()}
+    if process or timeout is not None or "--debug" in args or any(k.startswith("HF_") for k in env):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "cli.py"), *args], check=False, capture_output=True, text=True, timeout=timeout or 600,
+            env={**os.environ, **env}, cwd=ROOT,
+        )
+    else:
+        proc = _run_in_process(list(args), env)
     if check and proc.returncode != 0:
         raise AssertionError(f"cli failed ({proc.returncode}): {proc.stderr}")
     return proc
+
+
+def _run_in_process(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``cli.main(args)`` with the state a fresh process would have, restored afterwards."""
+    import io
+    import traceback
+
+    import cli
+
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    saved_stdio = sys.stdout, sys.stderr
+    torch = sys.modules.get("torch")
+    saved_threads = torch.get_num_threads() if torch else None
+    out, err = io.StringIO(), io.StringIO()
+    os.environ.update(env)
+    os.chdir(ROOT)
+    sys.argv = [str(ROOT / "cli.py"), *args]
+    sys.stdout, sys.stderr = out, err
+    cli._state.clear()
+    cli._state.update(debug=False, json=False)
+    try:
+        cli.main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - what would have been a traceback and exit 1
+        traceback.print_exc(file=err)
+        code = 1
+    finally:
+        sys.stdout, sys.stderr = saved_stdio
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(saved_threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
+    return subprocess.CompletedProcess([sys.executable, "cli.py", *args], code, out.getvalue(), err.getvalue())
 
 
 def cli_json(*args: str, expect: int = 0) -> dict:

@@ -3,8 +3,8 @@
 through the store's own writer, so the result carries a valid seal."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import h5py
 

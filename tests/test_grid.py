@@ -30,7 +30,7 @@ def test_batched_adamw_equals_torch_adamw():
     refs = [[torch.nn.Parameter(p[g].detach().clone()) for p in params] for g in range(3)]
     ours = BatchedAdamW(params, lrs, wds)
     theirs = [torch.optim.AdamW(refs[g], lr=float(lrs[g]), weight_decay=float(wds[g])) for g in range(3)]
-    for step in range(5):
+    for _step in range(5):
         grads = [torch.randn_like(p) for p in params]
         for p, gr in zip(params, grads):
             p.grad = gr.clone()

@@ -97,8 +97,8 @@ def test_label_errors_are_not_guessed_when_the_model_is_at_chance():
     """Random embeddings with random labels: confident learning on chance-level probabilities
     flags a large share of the rows; the audit says it cannot judge instead (and the digits above,
     out-of-fold accuracy far above chance, are judged)."""
-    from pipeline.quality.audit import format_audit
     from pipeline.quality.advice import advice
+    from pipeline.quality.audit import format_audit
 
     rng = np.random.default_rng(1)
     X, labels = rng.normal(size=(300, 16)).astype(np.float32), rng.integers(0, 3, 300)

@@ -16,6 +16,7 @@ from pipeline.errors import DamagedCacheError, IncompatibleError
 from pipeline.store import CacheWriter, new_cache_meta, parts_dir_for, read_cache_meta, repair_cache, verify_cache
 from pipeline.store.manifest import read_manifest
 from pipeline.store.seal import SEAL_BYTES, frame_spans, parse_chunk_list, read_seal
+
 from sealing import unseal_cache
 
 CLASSES = ["a", "b", "c"]

@@ -41,7 +41,7 @@ class Preprocessing:
     input_range: float = 1.0  # 255.0: pixel values 0–255 before normalising (some pretrainedmodels)
 
     @classmethod
-    def from_torchvision(cls, transform: ImageClassification, source: str = "weights") -> "Preprocessing":
+    def from_torchvision(cls, transform: ImageClassification, source: str = "weights") -> Preprocessing:
         return cls(
             resize_size=list(transform.resize_size),
             crop_size=list(transform.crop_size),
@@ -53,7 +53,7 @@ class Preprocessing:
         )
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,11 +63,11 @@ class Preprocessing:
                 del d[name]
         return d
 
-    def transform(self) -> "ModelTransform":
+    def transform(self) -> ModelTransform:
         """The exact transform: PIL image (or uint8 tensor) in, the model's input tensor out."""
         return ModelTransform(self.pixels(), self)
 
-    def pixels(self) -> "ToPixels":
+    def pixels(self) -> ToPixels:
         """The geometric half of ``transform()``: resize and centre crop to a uint8 CHW tensor,
         four times smaller than floats to pass from decoder processes and to a GPU."""
         # F.resize reads one size as the shorter side and two as (height, width), as recorded

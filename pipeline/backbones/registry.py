@@ -15,9 +15,10 @@ import difflib
 import hashlib
 import os
 import warnings
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Sequence, Union
+from typing import Any
 
 import torch
 import torchvision
@@ -31,7 +32,7 @@ from .taps import tap_model
 HUB_PREFIX = "hub:"
 # Consent to run a backbone's outside code when a file names it: True (--trust-hub), or the
 # model names the user typed (--model, a job file's backbones), whose sources are then trusted.
-HubTrust = Union[bool, Collection[str]]
+HubTrust = bool | Collection[str]
 # Used only for torch.hub entries that declare no preprocessing of their own (recorded as such).
 _IMAGENET_FALLBACK = dict(resize_size=[256], crop_size=[224], mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 

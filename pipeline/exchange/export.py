@@ -19,17 +19,17 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from .. import __version__
 from ..errors import StorageError, UsageError
 from ..names import printable
-from ..store import atomic_path, iter_embeddings, read_rows
-from ..store.atomic import TMP_MARK, remove_stale_temporaries
+from ..store import TMP_MARK, atomic_path, iter_embeddings, read_rows, remove_stale_temporaries
 from .layout import (
     CLASS,
     EMBEDDING,

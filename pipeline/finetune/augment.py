@@ -3,8 +3,9 @@ normalisation, seeded per image and epoch (identical for any number of workers, 
 resume), and the per-epoch order torchrun ranks share."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils.data import DistributedSampler

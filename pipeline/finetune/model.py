@@ -37,7 +37,7 @@ class FineTuneModel(nn.Module):
         logits = self.head(torch.flatten(out, 1))
         return (logits, aux) if aux is not None and self.training else logits
 
-    def train(self, mode: bool = True) -> "FineTuneModel":
+    def train(self, mode: bool = True) -> FineTuneModel:
         super().train(mode)
         if mode:
             keep_frozen_in_eval(self.frozen_in_eval)

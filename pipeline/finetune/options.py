@@ -8,8 +8,9 @@ checkpoint and compared on resume; the "how" options (workers, device) never are
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from ..choices import AUGMENT_PRESETS, HEAD_MODES, OPTIMIZERS, SCHEDULES
 from ..errors import UsageError

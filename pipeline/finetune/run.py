@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import sklearn
@@ -28,11 +29,12 @@ import torchvision
 
 from .. import __version__
 from ..backbones import AUX_CLASSIFIERS, Backbone, HubTrust, torch_load_quietly
+from ..devices import resolve_device
 from ..distributed import World, rank_device, world
 from ..errors import CacheError, DataError, IncompatibleError, Interrupted, TrainingDivergedError, UsageError
 from ..heads import LoadedHead, artifact_id, assign_splits, classification_metrics, clear_reports, load_head, save_blob, save_model_artifact, write_reports
 from ..images import default_workers, make_loader, scan_source
-from ..inference import Feed, Mapper, ReadOptions, open_reader, resolve_device, run_batches
+from ..inference import Feed, Mapper, ReadOptions, open_reader, run_batches
 from ..interrupts import sigterm_as_interrupt
 from ..options import build
 from ..overlap import StageClock

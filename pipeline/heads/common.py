@@ -1,9 +1,12 @@
 """What every head shares: the not-fitted check and where a head computes."""
 from __future__ import annotations
 
-import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
+
+from ..devices import head_device
+
+__all__ = ["check_fitted", "head_device"]
 
 
 def check_fitted(est: BaseEstimator) -> None:
@@ -16,8 +19,3 @@ def check_fitted(est: BaseEstimator) -> None:
         raise HeadNotFittedError(f"This {type(est).__name__} instance is not fitted yet. Call 'fit' with appropriate arguments before using this estimator.") from exc
 
 
-def head_device(name: str) -> torch.device:
-    """``auto``: the GPU when there is one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

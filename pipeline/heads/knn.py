@@ -14,8 +14,9 @@ every prediction, and refuses a cache in which any of them is gone or changed.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,7 +63,7 @@ class KNNHead(ClassifierMixin, BaseEstimator):
             raise ValueError(f"k must be one or more counts >= 1, got {self.k!r}")
         return tuple(sorted({int(k) for k in ks}))
 
-    def fit(self, X, y, X_val=None, y_val=None) -> "KNNHead":
+    def fit(self, X, y, X_val=None, y_val=None) -> KNNHead:
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
         check_classification_targets(y)
         ks = self._ks()
@@ -85,7 +86,7 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         self._store(X, labels)
         return self
 
-    def fit_cache(self, cache: str | Path, paths: list[str], sha256: list[str], y: np.ndarray, n_features: int, X_val=None, y_val=None) -> "KNNHead":
+    def fit_cache(self, cache: str | Path, paths: list[str], sha256: list[str], y: np.ndarray, n_features: int, X_val=None, y_val=None) -> KNNHead:
         """Fit on training rows that stay in ``cache`` (named by path, checked by file hash)."""
         self.classes_ = np.unique(y)
         self.n_features_in_ = int(n_features)
@@ -184,7 +185,7 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         return {"classes": self.classes_, "k": self.k_, **rows, "train_labels": self.train_labels_.cpu().numpy(),
                 "scores": {str(k): v for k, v in self.scores_.items()}, "n_features_in": self.n_features_in_}
 
-    def set_state(self, state: dict[str, Any]) -> "KNNHead":
+    def set_state(self, state: dict[str, Any]) -> KNNHead:
         self.device_ = head_device(self.device)
         self.classes_ = np.asarray(state["classes"])
         self.k_ = int(state["k"])

@@ -8,9 +8,10 @@ coarse-to-fine, folds on a subsample of a large training set, one refit on all r
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         self.device = device
 
     # -- fitting
-    def fit(self, X, y, X_val=None, y_val=None) -> "LogRegHead":
+    def fit(self, X, y, X_val=None, y_val=None) -> LogRegHead:
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
         check_classification_targets(y)
         self.classes_ = np.unique(y)
@@ -175,7 +176,7 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         return {"classes": self.classes_, "mean": scaler.mean_, "scale": scaler.scale_, "var": scaler.var_,
                 "coef": clf.coef_, "intercept": clf.intercept_, "C": self.C_, "n_features_in": self.n_features_in_}
 
-    def set_state(self, state: dict[str, Any]) -> "LogRegHead":
+    def set_state(self, state: dict[str, Any]) -> LogRegHead:
         scaler = StandardScaler()
         scaler.mean_, scaler.scale_, scaler.var_ = (np.asarray(state[k], dtype=np.float64) for k in ("mean", "scale", "var"))
         scaler.n_features_in_ = int(state["n_features_in"])

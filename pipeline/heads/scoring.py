@@ -6,7 +6,7 @@ scikit-learn's float64 pipeline (standardise, then a float64 product) took 4.3 s
 rounding (~1e-6); other heads score as they predict."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -40,7 +41,7 @@ class DecodedBatch:
             return {}
         return {i: self.jpeg_bytes.narrow(0, start, length) for (i, _), (start, length) in zip(self.encoded, self.jpeg_spans)}
 
-    def pin_memory(self) -> "DecodedBatch":
+    def pin_memory(self) -> DecodedBatch:
         """Called by the DataLoader's pinning thread (CUDA): page-locked images copy asynchronously."""
         if self.images is not None:
             self.images = self.images.pin_memory()

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..backbones import HubTrust
 from ..errors import ExitCode, FeatcacheError
@@ -77,8 +78,8 @@ class JobResult:
 def cache_paths_for(job: JobSpec, data_root: Path, backbone: BackboneSpec) -> list[Path]:
     """The caches a ``[[backbones]]`` entry fills: one, or one per tapped ``layers`` entry."""
     from ..backbones import choose_precision
+    from ..devices import resolve_device
     from ..extract import cache_paths
-    from ..inference import resolve_device
 
     precision = choose_precision(backbone.options.precision, resolve_device(job.device)).name  # what this machine runs
     return cache_paths(backbone.model, backbone.options, data_root, None, precision, job.cache_dir)

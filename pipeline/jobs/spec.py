@@ -40,9 +40,7 @@ from ..errors import DataError, UsageError
 from ..extract import ExtractOptions
 from ..finetune import FinetuneOptions
 from ..heads import FitOptions
-from ..images import MANIFEST_SUFFIXES, expand_shards, is_manifest, is_shards
-from ..images.datasets import is_dataset_spec
-from ..images.hf import is_hf_spec
+from ..images import MANIFEST_SUFFIXES, expand_shards, is_dataset_spec, is_hf_spec, is_manifest, is_shards
 from ..options import build, check_device_name, toml_schema, type_problem
 
 if sys.version_info >= (3, 11):

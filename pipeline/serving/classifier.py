@@ -15,18 +15,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from .. import __version__
 from ..backbones import Backbone, Engine, HubTrust, Preprocessing, build_engine, choice_path
+from ..devices import resolve_device
 from ..errors import CacheError, UsageError, command_hint
 from ..heads import LoadedHead, artifact_id, head_scorer, load_head
 from ..images import DEFAULT_MAX_PIXELS, decode_image
-from ..inference import engine_context, engines_home, resolve_device, resolve_precision
+from ..inference import engine_context, engines_home, resolve_precision
 
 Log = Callable[[str], None]
 

@@ -12,17 +12,17 @@ Never decides what to extract: it keeps what it is given, and refuses to mix row
 different backbones, weights or preprocessing.
 """
 from ..choices import DTYPES
-from .atomic import atomic_path, ensure_free_space, payload_bytes, write_bytes_atomically
+from .atomic import TMP_MARK, atomic_path, ensure_free_space, payload_bytes, remove_stale_temporaries, write_bytes_atomically
 from .columns import encode_paths, sha_hex
 from .compaction import CompactionPolicy
 from .known import KnownFiles
 from .locks import WriterLock, lock_path_for
 from .reader import CacheData, RowTable, cache_disk_bytes, iter_embeddings, load_cache, read_cache_meta, read_index_info, read_rows
-from .schema import SCHEMA_VERSION, parts_dir_for, weights_identity
+from .schema import SCHEMA_VERSION, check_compatible, parts_dir_for, weights_identity
 from .verify import RepairReport, VerifyReport, repair_cache, verify_cache
 from .writer import CacheWriter, PendingRow, new_cache_meta
 
-__all__ = ["DTYPES", "SCHEMA_VERSION", "CacheData", "CacheWriter", "CompactionPolicy", "KnownFiles", "PendingRow", "RepairReport", "RowTable",
+__all__ = ["DTYPES", "SCHEMA_VERSION", "TMP_MARK", "check_compatible", "remove_stale_temporaries", "CacheData", "CacheWriter", "CompactionPolicy", "KnownFiles", "PendingRow", "RepairReport", "RowTable",
            "VerifyReport", "WriterLock", "atomic_path", "cache_disk_bytes", "encode_paths", "ensure_free_space", "iter_embeddings", "load_cache", "lock_path_for",
            "new_cache_meta", "parts_dir_for", "payload_bytes", "read_cache_meta", "read_index_info", "read_rows", "repair_cache", "sha_hex", "verify_cache",
            "weights_identity", "write_bytes_atomically"]

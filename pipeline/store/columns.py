@@ -8,8 +8,8 @@ writer's index uses to find a path's current row without holding the paths in me
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -110,16 +110,16 @@ class RowColumns:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def take(self, index: np.ndarray | slice) -> "RowColumns":
+    def take(self, index: np.ndarray | slice) -> RowColumns:
         return RowColumns(*(getattr(self, n)[index] for n in self.NAMES))
 
     @classmethod
-    def empty(cls) -> "RowColumns":
+    def empty(cls) -> RowColumns:
         return cls(np.zeros(0, "S1"), np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(0, np.int64),
                    np.zeros(0, np.int64), np.zeros((0, SHA_BYTES), np.uint8), np.zeros((0, 2), np.uint64))
 
     @classmethod
-    def concat(cls, parts: Sequence["RowColumns"]) -> "RowColumns":
+    def concat(cls, parts: Sequence[RowColumns]) -> RowColumns:
         parts = [p for p in parts if len(p)]
         if not parts:
             return cls.empty()
@@ -128,7 +128,7 @@ class RowColumns:
         return cls(np.concatenate([p.paths.astype(f"S{width}") for p in parts]), **cols)
 
     @classmethod
-    def build(cls, paths: Sequence[str] | np.ndarray, labels=None, split=None, size=None, mtime_ns=None, sha256=None) -> "RowColumns":
+    def build(cls, paths: Sequence[str] | np.ndarray, labels=None, split=None, size=None, mtime_ns=None, sha256=None) -> RowColumns:
         """Columns from plain Python values; missing ones get their neutral value (unlabeled,
         no split, size/mtime 0, not hashed)."""
         enc = paths if isinstance(paths, np.ndarray) and paths.dtype.kind == "S" else encode_paths(paths)
@@ -169,11 +169,11 @@ class FailureColumns:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def take(self, index: np.ndarray | slice) -> "FailureColumns":
+    def take(self, index: np.ndarray | slice) -> FailureColumns:
         return FailureColumns(*(getattr(self, n)[index] for n in self.NAMES))
 
     @classmethod
-    def build(cls, items: Sequence[tuple[str, str, int, int]]) -> "FailureColumns":
+    def build(cls, items: Sequence[tuple[str, str, int, int]]) -> FailureColumns:
         """From ``(path, reason, size, mtime_ns)`` tuples."""
         paths = encode_paths([p for p, _, _, _ in items])
         reasons = np.array([r.encode("utf-8", "surrogateescape") for _, r, _, _ in items], dtype="S") if items else np.zeros(0, "S1")
@@ -181,7 +181,7 @@ class FailureColumns:
                    np.array([m for _, _, _, m in items], dtype=np.int64), path_keys(paths))
 
     @classmethod
-    def concat(cls, parts: Sequence["FailureColumns"]) -> "FailureColumns":
+    def concat(cls, parts: Sequence[FailureColumns]) -> FailureColumns:
         parts = [p for p in parts if len(p)]
         if not parts:
             return cls.build([])
@@ -216,11 +216,11 @@ class Tombstones:
         return len(self.row)
 
     @classmethod
-    def empty(cls) -> "Tombstones":
+    def empty(cls) -> Tombstones:
         return cls([], np.zeros(0, np.int32), np.zeros(0, np.uint8), np.zeros(0, np.int64))
 
     @classmethod
-    def from_triples(cls, triples: Iterable[tuple[str, int, int]]) -> "Tombstones":
+    def from_triples(cls, triples: Iterable[tuple[str, int, int]]) -> Tombstones:
         """From ``(target name, kind, row)``; duplicates collapse."""
         names: dict[str, int] = {}
         rows = sorted({(names.setdefault(t, len(names)), int(k), int(r)) for t, k, r in triples})
@@ -240,6 +240,6 @@ class Tombstones:
             out[name] = (self.row[sel & (self.kind == self.ROW)], self.row[sel & (self.kind == self.FAILURE)])
         return out
 
-    def keep_targets(self, names: set[str]) -> "Tombstones":
+    def keep_targets(self, names: set[str]) -> Tombstones:
         """Only the tombstones whose target is in ``names``."""
         return Tombstones.from_triples(t for t in self.triples() if t[0] in names)

@@ -25,7 +25,7 @@ class KeyIndex:
         self._dead = 0
 
     @classmethod
-    def build(cls, keys: np.ndarray, uid: np.ndarray, row: np.ndarray) -> "KeyIndex":
+    def build(cls, keys: np.ndarray, uid: np.ndarray, row: np.ndarray) -> KeyIndex:
         index = cls()
         order = np.argsort(keys[:, 0], kind="stable")
         index.hi, index.lo = keys[order, 0].copy(), keys[order, 1].copy()

@@ -3,8 +3,8 @@ row's and recorded failure's path with its file fingerprint, compared with a fol
 numpy (sorted byte strings and ``searchsorted``) rather than a dict of Python strings."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -18,7 +18,7 @@ class KnownFiles:
     mtime_ns: np.ndarray  # int64
 
     @classmethod
-    def build(cls, paths: np.ndarray, size: np.ndarray, mtime_ns: np.ndarray) -> "KnownFiles":
+    def build(cls, paths: np.ndarray, size: np.ndarray, mtime_ns: np.ndarray) -> KnownFiles:
         order = np.argsort(paths, kind="stable")
         return cls(paths[order], np.asarray(size, np.int64)[order], np.asarray(mtime_ns, np.int64)[order])
 

@@ -46,7 +46,7 @@ class PartInfo:
     frame: str = ""  # sealed parts: of what HDF5 parses (empty for parts written before seals)
 
     @classmethod
-    def of(cls, written: WrittenFile, rows: int = 0, failures: int = 0, tombstones: int = 0) -> "PartInfo":
+    def of(cls, written: WrittenFile, rows: int = 0, failures: int = 0, tombstones: int = 0) -> PartInfo:
         """The entry of a part just written."""
         return cls(written.path.name, rows, failures=failures, tombstones=tombstones, bytes=written.bytes, sha256=written.sha256, frame=written.frame)
 
@@ -82,7 +82,7 @@ class Manifest:
     def live_rows(self) -> int:
         return sum(p.live_rows for p in self.parts)
 
-    def copy(self) -> "Manifest":
+    def copy(self) -> Manifest:
         return Manifest(dict(self.meta), self.generation, self.created, [replace(p) for p in self.parts], list(self.garbage))
 
 

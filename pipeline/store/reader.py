@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -101,7 +102,7 @@ class RowTable:
     def close(self) -> None:
         self.snapshot.close()
 
-    def __enter__(self) -> "RowTable":
+    def __enter__(self) -> RowTable:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -29,8 +29,8 @@ import hashlib
 import os
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 

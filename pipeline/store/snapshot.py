@@ -11,8 +11,9 @@ part after part, deleted rows included, so they mean nothing to another snapshot
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 

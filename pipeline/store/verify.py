@@ -11,9 +11,10 @@ resolves any path listed twice.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import CacheError, DamagedCacheError
 from .manifest import Manifest, PartInfo, read_manifest, write_manifest

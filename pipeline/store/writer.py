@@ -19,10 +19,11 @@ from your own code"); :func:`new_cache_meta` builds the provenance a new cache n
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -145,7 +146,7 @@ class CacheWriter:
 
     @classmethod
     @contextmanager
-    def open(cls, path: str | Path, meta: dict[str, Any], *, wait: float = 0.0, command: str = "CacheWriter") -> Iterator["CacheWriter"]:
+    def open(cls, path: str | Path, meta: dict[str, Any], *, wait: float = 0.0, command: str = "CacheWriter") -> Iterator[CacheWriter]:
         """``with CacheWriter.open(path, meta) as w: w.add(...)`` — takes the cache's writer lock
         (``wait`` seconds for another writer), commits and compacts on a clean exit."""
         with WriterLock(Path(path), command=command, wait=wait):
