@@ -48,7 +48,7 @@ make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=10, cv=3, max_iter=1000)
 
 # the runs choose their own threads: no thread settings inherited from the shell running the bench
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY",
-                                                               "FEATCACHE_THREADS")}
+                                                               "GOMP_SPINCOUNT", "FEATCACHE_THREADS")}
 # (label, burner processes, environment): featcache as shipped, and with the runtimes' own defaults
 # (FEATCACHE_THREADS=all: every core, spinning waits), as it ran before it chose threads itself
 CONDITIONS = [("quiet", 0, {}), ("one-core burner", 1, {}), ("two-core burner", 2, {}),
@@ -143,7 +143,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"{cores} cores, {result['cpu']}; wall seconds, best of {repeat}; burner / quiet (goal <= 2.0); "
-          "'defaults' = FEATCACHE_THREADS=all (torch's and OpenMP's own thread count and spinning waits, as before)")
+          "'defaults' = FEATCACHE_THREADS=all (torch's and OpenMP's own thread count and spin count, as before)")
     print(f"{'command':<56} {'quiet':>6} {'1 burner':>8} {'2 burners':>9} {'ratio 1':>7} {'ratio 2':>7} | {'defaults':>8} {'1 burner':>8} {'ratio 1':>7} | quiet/defaults")
     for name, r in result["commands"].items():
         print(f"{name:<56} {r['quiet']:6.2f} {r['one-core burner']:8.2f} {r['two-core burner']:9.2f} {r['ratio one-core']:7.2f} {r['ratio two-core']:7.2f} | "

@@ -5,9 +5,9 @@ import logging
 from importlib import import_module
 from typing import Any
 
-from .threads import prefer_passive_waits
+from .threads import prefer_short_spins
 
-prefer_passive_waits()  # before anything here imports torch: OpenMP reads it when it loads
+prefer_short_spins()  # before anything here imports torch: OpenMP reads it when it loads
 # torch.compile imports cpp_extension, which logs "No CUDA runtime is found, using CUDA_HOME=..."
 # on every machine without CUDA: not news, and nothing a user of a CPU machine can act on
 logging.getLogger("torch.utils.cpp_extension").addFilter(lambda record: "No CUDA runtime is found" not in record.getMessage())
