@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 STOP_GRACE_S = 10.0  # how long a stop may take once asked for (FEATCACHE_STOP_GRACE overrides)
 
@@ -105,16 +105,23 @@ def stop_watchdog(dump_stacks: bool = False) -> Iterator[None]:
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt inside the block (main thread only)."""
-    def handler(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
+def signals_handled(handler, *signums: int) -> Iterator[None]:
+    """``handler`` for ``signums`` inside the block, the previous handlers restored after
+    (main thread only: elsewhere Python cannot set handlers, and the block runs as it is)."""
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = {s: signal.signal(s, handler) for s in signums}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, before in previous.items():
+            signal.signal(s, before)
+
+
+def sigterm_as_interrupt() -> AbstractContextManager[None]:
+    """Turn SIGTERM into KeyboardInterrupt inside the block (main thread only)."""
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+    return signals_handled(handler, signal.SIGTERM)

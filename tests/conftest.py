@@ -21,13 +21,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WOR
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto`: one worker per core this process may use (affinity and a cgroup quota, not the
     host's count), at most one per 3 GiB of memory (a worker and its CLI subprocesses import torch)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
+    from pipeline.threads import quota_cores, usable_cpus
+
+    cores = min(len(usable_cpus()), quota_cores() or len(usable_cpus()))
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         cores = min(cores, max(1, memory // (3 << 30)))

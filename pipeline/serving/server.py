@@ -34,7 +34,7 @@ from ..backbones import HubTrust
 from ..choices import ENGINES
 from ..errors import UsageError
 from ..images import DEFAULT_MAX_PIXELS, DecodeError
-from ..interrupts import stop_grace
+from ..interrupts import signals_handled, stop_grace
 from ..options import HOW, build, check_device, check_types, choose, require
 from ..predictions import score
 from .classifier import Classifier, Log, load_classifier
@@ -366,16 +366,8 @@ def _server_class():
                 self.stop_signals.append(signum)
                 self.handle_exit(signum, frame)
 
-            try:
-                previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
-            except ValueError:  # not the main thread
+            with signals_handled(handle, signal.SIGTERM, signal.SIGINT):
                 yield
-                return
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
 
     return StopOnce
 
