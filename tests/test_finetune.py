@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -179,29 +180,37 @@ def test_epochs_zero_equals_the_heads_accuracy(digits_small, tmp_path):
 
 
 def test_resume_after_sigkill_is_bit_for_bit(tiny_head, tmp_path):
-    """Train 3 epochs; separately train, SIGKILL during epoch 2, resume: the same weights, exactly."""
+    """Train 3 epochs; separately train, SIGKILL during epoch 2, resume with another thread count
+    at hand: the same weights, exactly (the resume uses the checkpoint's count)."""
     common = ("--epochs", "3", "--batch-size", "8", "--augment", "basic", "--workers", "0", "-q", "--trust-hub")  # tiny_head names a hub: backbone
     ref = tmp_path / "ref.pt"
-    assert run_cli("finetune", str(tiny_head), "--out", str(ref), *common).returncode == 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # in-process runs use this process's count; the killed run gets the same
+    try:
+        assert run_cli("finetune", str(tiny_head), "--out", str(ref), *common).returncode == 0
 
-    out = tmp_path / "killed.pt"
-    ckpt = checkpoint_path_for(out)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "finetune", str(tiny_head), "--out", str(out), *common], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert proc.poll() is None, "finished before it could be killed"
-    proc.kill()
-    proc.wait()
-    state = torch.load(ckpt, weights_only=True)
-    assert state["epoch"] == 1  # the kill came during epoch 2; epoch 1's checkpoint is intact
+        out = tmp_path / "killed.pt"
+        ckpt = checkpoint_path_for(out)
+        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "finetune", str(tiny_head), "--out", str(out), *common], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        deadline = time.monotonic() + 300
+        while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        assert proc.poll() is None, "finished before it could be killed"
+        proc.kill()
+        proc.wait()
+        state = torch.load(ckpt, weights_only=True)
+        assert state["epoch"] == 1 and state["threads"] == 2  # the kill came during epoch 2; epoch 1's checkpoint is intact
 
-    resumed = run_cli("finetune", str(tiny_head), "--out", str(out), "--resume", "--workers", "0", "--json", "--trust-hub")
+        torch.set_num_threads(1)  # a busier machine at resume time: one thread would round differently
+        resumed = run_cli("finetune", str(tiny_head), "--out", str(out), "--resume", "--workers", "0", "--json", "--trust-hub")
+    finally:
+        torch.set_num_threads(before)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["resumed_from"] == 1 and summary["epochs_done"] == 3
     a, b = torch.load(checkpoint_path_for(ref), weights_only=True), torch.load(ckpt, weights_only=True)
+    assert b["threads"] == 2
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key

@@ -313,6 +313,10 @@ class FineTuneJob:
         if prev.get("scaler"):
             self.trainer.scaler.load_state_dict(prev["scaler"])
         set_rng_state(prev["rng"])
+        threads = prev.get("threads")
+        if threads and threads != torch.get_num_threads():  # sums split across threads round differently
+            torch.set_num_threads(int(threads))
+            self.log(f"using {threads} threads as the checkpoint's run did (another count would not continue it bit-for-bit)")
         self.log(f"resuming after epoch {prev['epoch']} of {self.opts.epochs} from {self.ckpt_path}")
         return list(prev["history"]), dict(prev["best"]), int(prev["epoch"])
 
@@ -415,7 +419,7 @@ def _save_checkpoint(path: Path, model: FineTuneModel, trainer: Trainer, opts: F
         "format": CHECKPOINT_FORMAT, "schema_version": CHECKPOINT_SCHEMA, "epoch": epoch, "options": opts.training(), "identity": identity,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "optimizer": trainer.optimizer.state_dict(),
         "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else {}, "rng": rng_state(),
-        "history": history, "best": best,
+        "threads": torch.get_num_threads(), "history": history, "best": best,
     }
     save_blob(path, blob)
 
