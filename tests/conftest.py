@@ -47,6 +47,17 @@ def _outputs_outside_the_repo(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that changes torch's thread count in this worker must not change the next
+    test's numbers (sums split across another count of threads round differently)."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch else None
+    yield
+    if before is not None:
+        torch.set_num_threads(before)
+
+
 def make_image(path: Path, size=(48, 40), seed: int = 0, fmt: str | None = None, mode: str = "RGB") -> Path:
     """A deterministic noisy colour image (not blank, so embeddings differ per seed)."""
     rng = np.random.default_rng(seed)
