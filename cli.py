@@ -648,6 +648,7 @@ def serve(
     max_body: int = typer.Option(32 << 20, "--max-body", help="Largest request body in bytes (413 above)."),
     topk: int = typer.Option(5, "--topk", help="Classes per image when a request does not say (?topk=N)."),
     engine: Engine = _choice("auto", "--engine", help="For a .pt file: the engine measured fastest here (`engines`), else eager; or name one. An .onnx file runs on ONNX Runtime."),
+    precision: Precision | None = _choice(None, "--precision", help="For a .pt file. Default: the precision the head's cache was extracted in; auto: bf16 where the hardware runs it natively (AMX, AVX-512 BF16, CUDA >= 8.0): several times the throughput, probabilities within ~1e-2 of fp32."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N] (a .pt file)."),
     workers: int | None = typer.Option(None, "--workers", "-j", help="Decoder threads (default: one per core)."),
     trust_hub: bool = _trust_hub_flag(),

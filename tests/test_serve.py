@@ -181,11 +181,16 @@ def test_health_and_metadata(onnx_server, tiny_head):
     prov = load_head(tiny_head).provenance
     status, health = onnx_server.get("/health")
     assert status == 200 and health["status"] == "ok" and health["engine"] == "onnxruntime" and health["classes"] == len(prov["classes"])
+    assert health["precision"] == meta_precision(onnx_server) == "fp32"
     status, meta = onnx_server.get("/metadata")
     assert status == 200 and meta["classes"] == list(prov["classes"])
     assert meta["preprocessing"]["crop_size"] == [32] and meta["preprocessing"]["input"] == "float"
     assert {k: meta["provenance"][k] for k in ("model", "weights", "seed", "cache_fingerprint")} == {k: prov[k] for k in ("model", "weights", "seed", "cache_fingerprint")}
     assert meta["serving"]["max_batch"] == 32
+
+
+def meta_precision(server: Server) -> str:
+    return server.get("/metadata")[1]["serving"]["precision"]
 
 
 def test_sigterm_answers_what_is_in_flight_and_exits_0(tiny_head, tmp_path):
@@ -263,6 +268,30 @@ def test_a_head_file_runs_on_the_engine_asked_for(tiny_head):
     np.testing.assert_allclose(ort.probabilities(px), expected, atol=TOL, rtol=0)
 
 
+def test_serve_precision_bf16_where_native_and_not_for_an_onnx_file(tiny_head, tmp_path):
+    """``--precision bf16`` runs the backbone in bf16 where the CPU has it natively (else fp32,
+    said once), within bf16's rounding of the fp32 numbers; an .onnx file refuses the flag."""
+    from pipeline.backbones.hardware import choose_precision
+    from pipeline.errors import UsageError
+    from pipeline.serving import load_classifier
+
+    said: list[str] = []
+    fp32 = load_classifier(tiny_head, trust_hub=True, engine="eager", device="cpu")
+    bf16 = load_classifier(tiny_head, trust_hub=True, engine="eager", device="cpu", precision="bf16", log=said.append)
+    expected = choose_precision("bf16", torch.device("cpu"))
+    assert (fp32.precision, bf16.precision) == ("fp32", expected.name)
+    assert said and said[0] == expected.note  # "bf16: CPU has AMX ..." or why it runs fp32 here
+    files = digit_files(tiny_head, 8)
+    px = torch.stack([fp32.pixels(f.read_bytes()) for f in files])
+    exact, rounded = fp32.probabilities(px), bf16.probabilities(px)
+    np.testing.assert_allclose(rounded, exact, atol=5e-2, rtol=0)
+    if expected.name == "bf16":
+        assert not np.array_equal(rounded, exact)  # it really ran in bf16
+    (tmp_path / "m.onnx").write_bytes(b"not read")
+    with pytest.raises(UsageError, match=r"--precision applies to a head or model file \(\.pt\)"):
+        load_classifier(tmp_path / "m.onnx", precision="bf16")
+
+
 def test_every_serve_option_is_a_flag_of_serve():
     import dataclasses
 
@@ -281,7 +310,8 @@ def test_bad_serve_options_are_refused_naming_the_flag():
     from pipeline.serving.server import ServeOptions
 
     for fields, needle in (({"port": 70000}, "--port must be 0-65535"), ({"max_batch": 0}, "--max-batch must be 1 or more"),
-                           ({"engine": "tensorrt"}, "--engine 'tensorrt'"), ({"max_body": 0}, "--max-body")):
+                           ({"engine": "tensorrt"}, "--engine 'tensorrt'"), ({"max_body": 0}, "--max-body"),
+                           ({"precision": "int8"}, "--precision 'int8'")):
         with pytest.raises(UsageError, match=re.escape(needle)):
             ServeOptions(**fields)
 

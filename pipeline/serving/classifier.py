@@ -85,6 +85,7 @@ class Classifier:
     preprocessing: Preprocessing
     source: Path
     engine_name: str
+    precision: str = "fp32"  # what the backbone runs in
 
     draft_size: int | None = None  # decode JPEGs at a reduced DCT scale, as the head's cache was (--decode draft)
 
@@ -126,6 +127,7 @@ class TorchClassifier(Classifier):
         self.classes = [str(c) for c in loaded.provenance["classes"]]
         self.preprocessing = backbone.preprocessing
         self.engine_name = engine.name
+        self.precision = engine.precision.name
         self.draft_size = backbone.preprocessing.draft_size if loaded.provenance.get("decode") == "draft" else None
         self.score = head_scorer(loaded.head, len(self.classes))
 
@@ -140,19 +142,23 @@ class TorchClassifier(Classifier):
         return self._metadata
 
 
-def _engine_for(backbone: Backbone, loaded: LoadedHead, engine: str, device: torch.device, batch_size: int, log: Log) -> Engine:
+def _engine_for(backbone: Backbone, loaded: LoadedHead, engine: str, device: torch.device, batch_size: int, log: Log,
+                precision: str | None = None) -> Engine:
     """``auto``: the engine measured fastest for this backbone on this machine (``featcache
     engines``, or an earlier ``extract``), else eager — a service does not stop to measure
-    at start; a named engine is built and checked against eager as ``extract`` builds it."""
+    at start; a named engine is built and checked against eager as ``extract`` builds it.
+    ``precision``: as ``--precision`` (None: the precision the head's cache was extracted in)."""
     cache_dir = engines_home(loaded.provenance)
-    ctx = engine_context(backbone, device, resolve_precision(loaded.provenance.get("precision") or "fp32", device, log), batch_size, cache_dir)
+    chosen = resolve_precision(precision or loaded.provenance.get("precision") or "fp32", device, log)
+    ctx = engine_context(backbone, device, chosen, batch_size, cache_dir)
     if engine == "eager":
         return ctx.eager()
     if engine == "auto" and not choice_path(ctx).exists():
         prov = loaded.provenance
         model = (f"--model {loaded.path}" if "base_head" in prov else
                  f"--model {prov['model']} --weights {prov.get('weights_spec') or prov['weights']}" + (f" --seed {prov['seed']}" if prov.get("seed") else ""))
-        log("engine auto -> eager: no engine was measured for this backbone on this machine "
+        model += f" --precision {chosen.name}" if chosen.name != "fp32" else ""
+        log(f"engine auto -> eager: no engine was measured for this backbone in {chosen.name} on this machine "
             f"(`{command_hint(f'engines {model} --batch-size {batch_size} --cache-dir {cache_dir}')}` measures once; the service then runs the fastest)")
         return ctx.eager()
     # a long-lived service repays rebuilding a remembered engine whose export/compile cache is cold
@@ -160,11 +166,11 @@ def _engine_for(backbone: Backbone, loaded: LoadedHead, engine: str, device: tor
 
 
 def load_torch_classifier(path: str | os.PathLike, trust_hub: HubTrust = False, engine: str = "auto", device: str = "auto",
-                          batch_size: int = 32, log: Log = lambda m: None) -> TorchClassifier:
+                          batch_size: int = 32, log: Log = lambda m: None, precision: str | None = None) -> TorchClassifier:
     loaded = load_head(path)
     backbone = loaded.load_backbone(trust_hub)
     dev = resolve_device(device)
-    return TorchClassifier(loaded, backbone, _engine_for(backbone, loaded, engine, dev, batch_size, log))
+    return TorchClassifier(loaded, backbone, _engine_for(backbone, loaded, engine, dev, batch_size, log, precision))
 
 
 # ----------------------------------------------------------------------------- ONNX files
@@ -268,13 +274,16 @@ class OnnxClassifier(Classifier):
 
 
 def load_classifier(path: str | os.PathLike, *, trust_hub: HubTrust = False, engine: str = "auto", device: str = "auto", batch_size: int = 32,
-                    log: Log = lambda m: None) -> Classifier:
+                    log: Log = lambda m: None, precision: str | None = None) -> Classifier:
     """A classifier for a head or fine-tuned model file (``.pt``), or a model written by
     ``export-model`` (``.onnx``). ``trust_hub``: consent to run the code of a ``hub:``
     backbone a ``.pt`` file names (an ONNX file runs no Python code). ``engine``/``device``
-    apply to ``.pt`` files (an ONNX file runs on ONNX Runtime's CPU provider)."""
+    apply to ``.pt`` files (an ONNX file runs on ONNX Runtime's CPU provider), and so does
+    ``precision`` (None: the head's cache's; ``auto``: bf16 where the hardware runs it natively)."""
     if Path(path).suffix.lower() == ".onnx":
+        if precision is not None:
+            raise UsageError(f"--precision applies to a head or model file (.pt); {str(path)!r} runs in the precision it was exported in")
         classifier: Classifier = OnnxClassifier(path)
     else:
-        classifier = load_torch_classifier(path, trust_hub, engine, device, batch_size, log)
+        classifier = load_torch_classifier(path, trust_hub, engine, device, batch_size, log, precision)
     return classifier

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..backbones import HubTrust
-from ..choices import ENGINES
+from ..choices import ENGINES, PRECISIONS
 from ..errors import UsageError
 from ..images import DEFAULT_MAX_PIXELS, DecodeError
 from ..interrupts import signals_handled, stop_grace
@@ -54,12 +54,15 @@ class ServeOptions:
     max_body: int = 32 << 20  # bytes per request (413 above)
     topk: int = 5  # classes per image when the request does not say (?topk=N)
     engine: str = "auto"  # for a head or model file; an .onnx file runs on ONNX Runtime
+    precision: str | None = None  # for a head or model file: None, the head's cache's; auto, bf16 where native
     device: str = field(default="auto", metadata={HOW: True})
     workers: int | None = field(default=None, metadata={HOW: True})  # decoder threads (None: one per core)
 
     def __post_init__(self) -> None:
         check_types(self)
         choose(self, "engine", ENGINES)
+        if self.precision is not None:
+            choose(self, "precision", PRECISIONS)
         check_device(self)
         require(0 <= self.port <= 65535, f"--port must be 0-65535 (0: any free port), got {self.port}")
         require(self.max_batch >= 1, f"--max-batch must be 1 or more, got {self.max_batch}")
@@ -243,7 +246,7 @@ def build_app(classifier: Classifier, options: ServeOptions, log: Log = lambda m
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
-        log(f"serving {classifier.source} ({classifier.engine_name}, {len(classes)} classes) on {summary.url}: POST /predict, GET /health, "
+        log(f"serving {classifier.source} ({classifier.engine_name} {classifier.precision}, {len(classes)} classes) on {summary.url}: POST /predict, GET /health, "
             "GET /metadata; it has no authentication of its own (README: Export and serve)")
         try:
             yield
@@ -265,12 +268,12 @@ def build_app(classifier: Classifier, options: ServeOptions, log: Log = lambda m
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "engine": classifier.engine_name, "classes": len(classes), "in_flight": in_flight[0],
+        return {"status": "ok", "engine": classifier.engine_name, "precision": classifier.precision, "classes": len(classes), "in_flight": in_flight[0],
                 "images": batcher.images, "batches": batcher.batches}
 
     @app.get("/metadata")
     async def metadata():
-        return {**classifier.metadata(), "serving": {"engine": classifier.engine_name, "max_batch": options.max_batch,
+        return {**classifier.metadata(), "serving": {"engine": classifier.engine_name, "precision": classifier.precision, "max_batch": options.max_batch,
                                                      "max_wait_ms": options.max_wait_ms, "max_pixels": options.max_pixels, "max_body": options.max_body}}
 
     async def read_images(request: Request) -> list[tuple[str | None, bytes]]:
@@ -391,7 +394,8 @@ def serve(path: str | Path, options: ServeOptions | dict | None = None, *, trust
 
     import uvicorn
 
-    classifier = load_classifier(path, trust_hub=trust_hub, engine=options.engine, device=options.device, batch_size=options.max_batch, log=log)
+    classifier = load_classifier(path, trust_hub=trust_hub, engine=options.engine, device=options.device, batch_size=options.max_batch, log=log,
+                                 precision=options.precision)
     sock = _listen(options.host, options.port)
     host, port = sock.getsockname()[:2]
     summary = ServeSummary(f"http://{'[' + host + ']' if ':' in host else host}:{port}", classifier.engine_name)
