@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
+import pipeline.store.maintenance as maintenance_mod
 import pipeline.store.writer as writer_mod
 from pipeline import load_cache
 from pipeline.errors import CacheError, DamagedCacheError, SnapshotGoneError, StorageError
@@ -220,7 +221,7 @@ def test_an_unlisted_merge_output_is_deleted_not_adopted(tmp_path, monkeypatch):
     def killed(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer_mod, "write_manifest", killed)
+    monkeypatch.setattr(maintenance_mod, "write_manifest", killed)
     with pytest.raises(KeyboardInterrupt):
         w.compact(full=True)
     monkeypatch.undo()

@@ -30,12 +30,13 @@ META256 = new_cache_meta("synthetic", 256, ["a"])
 # once commit C is durable, "merge" when a merge starts, "part" when a part file is being written.
 WRITER = textwrap.dedent("""
     import sys, numpy as np
+    import pipeline.store.maintenance as mm
     import pipeline.store.writer as wm
     from pipeline.store import CacheWriter, CompactionPolicy, WriterLock, new_cache_meta
     path, first, last, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     say = lambda text: (sys.stdout.write(text + "\\n"), sys.stdout.flush())
-    real_merge, real_part = wm.CacheWriter._merge, wm.write_part
-    wm.CacheWriter._merge = lambda self, names: (say("merge"), real_merge(self, names))[1]
+    real_merge, real_part = mm.merge, wm.write_part
+    mm.merge = lambda w, names: (say("merge"), real_merge(w, names))[1]
     wm.write_part = lambda *a, **k: (say("part"), real_part(*a, **k))[1]
     with WriterLock(path):
         w = CacheWriter(path, new_cache_meta("synthetic", %(dim)d, ["a"]), policy=CompactionPolicy(fanout=2, memory_budget=64 << 10))

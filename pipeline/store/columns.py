@@ -243,3 +243,13 @@ class Tombstones:
     def keep_targets(self, names: set[str]) -> Tombstones:
         """Only the tombstones whose target is in ``names``."""
         return Tombstones.from_triples(t for t in self.triples() if t[0] in names)
+
+
+def remap_labels(labels: np.ndarray, have: list[str], want: list[str]) -> np.ndarray:
+    """Labels indexing ``have`` -> indexing ``want`` (by class name; a class gone becomes -1)."""
+    labels = labels.astype(np.int64)
+    if have == want or not len(labels):
+        return labels
+    pos = {c: i for i, c in enumerate(want)}
+    table = np.array([pos.get(c, -1) for c in have] + [-1], dtype=np.int64)  # index -1 -> the trailing -1
+    return table[labels]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -57,3 +58,17 @@ def known_files(rows: tuple[np.ndarray, np.ndarray, np.ndarray], failures: Itera
     size = np.concatenate([rows[1], np.array([s for _, s, _ in kept], np.int64)])
     mtime = np.concatenate([rows[2], np.array([m for _, _, m in kept], np.int64)])
     return KnownFiles.build(paths, size, mtime)
+
+
+def read_known_files(path: Path, retry: Callable[[str], bool]) -> KnownFiles:
+    """:func:`known_files` of the cache at ``path`` as committed (none when there is no cache yet)."""
+    from .snapshot import open_snapshot
+
+    if not path.exists():
+        return known_files((np.zeros(0, "S1"), np.zeros(0, np.int64), np.zeros(0, np.int64)), [], retry)
+    snap = open_snapshot(path)
+    try:
+        view = snap.live_columns(fields=("paths", "size", "mtime_ns"))
+        return known_files((view.paths_raw, view.size, view.mtime_ns), snap.failure_columns().items(), retry)
+    finally:
+        snap.close()

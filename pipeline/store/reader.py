@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from ..provenance import recorded
 from .columns import decode_strings, joined_rows, sha_hex, split_names
-from .schema import COMPAT_DEFAULTS, open_cache_file, parts_dir_for
+from .schema import open_cache_file, parts_dir_for
 from .snapshot import open_snapshot
 
 
@@ -40,12 +41,12 @@ class CacheData:
     @property
     def decode(self) -> str:
         """exact, or the opt-in draft / gpu JPEG decoding (changes pixels; never mixed with exact)."""
-        return str(self.meta.get("decode", COMPAT_DEFAULTS["decode"]))
+        return str(recorded(self.meta, "decode"))
 
     @property
     def precision(self) -> str:
         """fp32, bf16 or fp16: every row of a cache shares it (mixing is refused)."""
-        return str(self.meta.get("precision", COMPAT_DEFAULTS["precision"]))
+        return str(recorded(self.meta, "precision"))
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -16,16 +16,13 @@ from typing import Any
 import h5py
 
 from ..errors import CacheError, DamagedCacheError, IncompatibleError, UsageError, command_hint
+from ..provenance import CACHE_IDENTITY, recorded
 from .seal import HDF5_SIGNATURE, SEAL_BYTES, SealError, check_sealed_bytes, is_sealed
 
 FORMAT = "featcache.cache"
 PART_FORMAT = "featcache.part"
 SCHEMA_VERSION = 2
 STR = h5py.string_dtype("utf-8")
-# Provenance keys that must be equal for rows to share one cache.
-COMPAT_KEYS = ("model", "weights", "preprocessing", "embed_dim", "dtype", "precision", "decode", "data_root", "layout", "layer", "layer_pool")
-# What a cache written before a key existed holds.
-COMPAT_DEFAULTS = {"precision": "fp32", "decode": "exact"}
 
 
 def parts_dir_for(path: Path) -> Path:
@@ -111,16 +108,16 @@ def weights_identity(meta: dict[str, Any]) -> str:
 
 def compat_value(meta: dict[str, Any], key: str) -> Any:
     """``meta[key]`` as compatibility checks compare it (weights by identity, old caches' defaults)."""
-    return weights_identity(meta) if key == "weights" else meta.get(key, COMPAT_DEFAULTS.get(key))
+    return weights_identity(meta) if key == "weights" else recorded(meta, key)
 
 
 def same_backbone_rows(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return all(compat_value(a, k) == compat_value(b, k) for k in COMPAT_KEYS)
+    return all(compat_value(a, k) == compat_value(b, k) for k in CACHE_IDENTITY)
 
 
 def check_compatible(path: Path, have: dict[str, Any], want: dict[str, Any]) -> None:
     """Refuse to mix rows of different backbones, weights (seeds), preprocessing, dtype or data roots."""
-    for key in COMPAT_KEYS:
+    for key in CACHE_IDENTITY:
         held, wanted = compat_value(have, key), compat_value(want, key)
         if held != wanted:
             raise IncompatibleError(

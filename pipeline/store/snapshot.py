@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CacheError, SnapshotGoneError
-from .columns import FailureColumns
+from .columns import FailureColumns, remap_labels
 from .leases import ReaderLease
 from .manifest import Manifest, PartInfo, read_manifest
 from .parts import PartFile
@@ -117,7 +117,7 @@ class Snapshot:
             chunks["ids"].append(self.offsets[i] + live)
             for name in fields:
                 col = pf.column(name)[live]
-                chunks[name].append(_remap_labels(col, pf.classes, classes) if name == "labels" else col)
+                chunks[name].append(remap_labels(col, pf.classes, classes) if name == "labels" else col)
         out = {k: (np.concatenate(v) if v else empty.get(k, np.zeros(0, np.int64))) for k, v in chunks.items()}
         return RowColumnsView(out["ids"], out["paths"], out["labels"], out["split"], out["size"], out["mtime_ns"], out["sha256"])
 
@@ -194,16 +194,6 @@ def _read_rows(pf: PartFile, local: np.ndarray, gap: int = 256) -> np.ndarray:
         a = int(local[s])
         blocks.append(pf.embeddings(slice(a, int(local[e - 1]) + 1))[local[s:e] - a])
     return np.concatenate(blocks)
-
-
-def _remap_labels(labels: np.ndarray, have: list[str], want: list[str]) -> np.ndarray:
-    """Labels indexing ``have`` -> indexing ``want`` (by class name; a class gone becomes -1)."""
-    labels = labels.astype(np.int64)
-    if have == want or not len(labels):
-        return labels
-    pos = {c: i for i, c in enumerate(want)}
-    table = np.array([pos.get(c, -1) for c in have] + [-1], dtype=np.int64)  # index -1 -> the trailing -1
-    return table[labels]
 
 
 def _close_all(files: dict[int, PartFile], lease: ReaderLease) -> None:
