@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,9 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 
-from . import __version__
 from .backbones import ENGINES, PRECISIONS, TOKEN_POOLS, Backbone, HubTrust, check_model_name, choice_path, load_backbone, tune
 from .changes import SCAN_STARTED, check_content, racy
 from .choices import DECODES, GPU_DECODERS, canonical_weights
@@ -36,6 +33,7 @@ from .inference import Feed, Mapper, ReadOptions, build_mapper, default_cache_di
 from .interrupts import sigterm_as_interrupt
 from .options import HOW, JOB_LEVEL, build, check_device, check_types, choose, require
 from .overlap import StageClock
+from .provenance import versions
 from .store import DTYPES, CacheWriter, KnownFiles, PendingRow, WriterLock, check_compatible, encode_paths, read_cache_meta, repair_cache
 
 EMBEDDING_DEFINITION = "input of the model's final classification layer (classifier replaced by Identity)"
@@ -179,16 +177,6 @@ def cache_paths(model: str, opts: ExtractOptions, data_root: Path, out: str | os
     return [default_cache_path(model, opts.weights, data_root, cache_dir, precision, opts.decode, opts.seed, layer) for layer in layers]
 
 
-def source_versions(model: str) -> dict[str, str]:
-    """The version of the library a ``timm:`` or ``pretrainedmodels:`` backbone came from."""
-    for prefix, package in (("timm:", "timm"), ("pretrainedmodels:", "pretrainedmodels")):
-        if model.startswith(prefix):
-            from importlib.metadata import version
-
-            return {f"{package}_version": version(package)}
-    return {}
-
-
 def build_meta(backbone: Backbone, scan: ScanResult, dtype: str, device: torch.device, precision: str = "fp32", decode: str = "exact",
                tap: int | None = None) -> dict[str, Any]:
     prov = backbone.provenance(tap)
@@ -211,12 +199,7 @@ def run_meta(model: str, scan: ScanResult, dtype: str, device: torch.device, pre
         "precision": precision,
         "decode": decode,
         "device": str(device),
-        "featcache_version": __version__,
-        "torch_version": str(torch.__version__),
-        "torchvision_version": str(torchvision.__version__),
-        **source_versions(model),
-        "numpy_version": np.__version__,
-        "python_version": platform.python_version(),
+        **versions(model=model),
     }
 
 

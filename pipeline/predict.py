@@ -33,6 +33,7 @@ from .interrupts import sigterm_as_interrupt
 from .options import HOW, build, check_device, check_types, choose, require
 from .overlap import StageClock
 from .predictions import PredictionWriter, Scored, concatenate, output_format, score
+from .provenance import ROW_NUMBERS, recorded
 from .store import read_rows
 
 SPLITS = ("train", "val", "test", "unlabeled", "all")
@@ -157,8 +158,8 @@ def check_cache_for(loaded: LoadedHead, meta: dict[str, Any], cache: Path) -> No
     set cannot be scored by (or extended for) this head: exit 5 with the reason."""
     loaded.check_cache(meta, cache)
     prov = loaded.provenance
-    for key, default in (("precision", "fp32"), ("decode", "exact")):
-        held, given = prov.get(key) or default, meta.get(key) or default
+    for key in ROW_NUMBERS:
+        held, given = recorded(prov, key), recorded(meta, key)
         if held != given:
             raise IncompatibleError(f"head {str(loaded.path)!r} was fitted on {key}={held!r} rows but cache {str(cache)!r} holds {key}={given!r}; "
                                     f"score a cache extracted with --{key} {held}, or predict from the images")

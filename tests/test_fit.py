@@ -11,7 +11,8 @@ from sklearn.preprocessing import StandardScaler
 from pipeline import load_cache, load_head
 from pipeline.errors import IncompatibleError, UsageError
 from pipeline.extract import run_extract
-from pipeline.heads.fit import evaluate_head, fit_head
+from pipeline.heads.evaluation import evaluate_head
+from pipeline.heads.fit import fit_head
 from pipeline.heads.splits import assign_splits
 
 from conftest import cli_json, make_image, run_cli

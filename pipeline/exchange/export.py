@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
 from ..errors import StorageError, UsageError
 from ..names import printable
+from ..provenance import timestamp, versions
 from ..store import TMP_MARK, atomic_path, iter_embeddings, read_rows, remove_stale_temporaries
 from .layout import (
     CLASS,
@@ -201,8 +201,8 @@ def export_cache(cache: str | os.PathLike, out_dir: str | os.PathLike, fmt: str 
         if n == 0 and (splits is not None or wanted is not None):
             log(f"warning: no row of {str(cache)!r} matches the filters ({_describe(filters)}); the export is empty")
         export_info = {"format": fmt, "rows": n, "embed_dim": dim, "dtype": dtype.name, "cache": str(cache.resolve()), "generation": table.generation,
-                       "filters": {k: v for k, v in filters.items() if v is not None}, "featcache_version": __version__,
-                       "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "columns": [PATH, LABEL, CLASS, SPLIT, EMBEDDING]}
+                       "filters": {k: v for k, v in filters.items() if v is not None}, **versions(),
+                       "exported_at": timestamp(), "columns": [PATH, LABEL, CLASS, SPLIT, EMBEDDING]}
         kv = file_metadata(meta, export_info)
         chunk = _chunk_rows(dim, dtype.itemsize, row_group_rows)
         _check_space(out_dir, n * dim * dtype.itemsize + n * 64 + (1 << 20))

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
 from ..choices import DTYPES
 from ..errors import DataError, UsageError
 from ..names import LISTED_AGAIN, printable, row_path_problem, shown
+from ..provenance import timestamp, versions
 from ..store import CacheWriter, new_cache_meta
 from .layout import (
     CLASS,
@@ -270,7 +270,7 @@ def _build_meta(src: _Source, overrides: dict[str, Any]) -> tuple[dict[str, Any]
                           **rest)
     origin = "file + command line" if src.provenance and given else ("file" if src.provenance else "command line")
     meta["imported"] = {"source": str(Path(src.main).resolve()), "format": src.fmt, "provenance_from": origin, "overrides": given,
-                        "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "featcache_version": __version__}
+                        "imported_at": timestamp(), **versions()}
     return meta, origin
 
 

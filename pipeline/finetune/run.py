@@ -23,21 +23,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sklearn
 import torch
-import torchvision
 
-from .. import __version__
 from ..backbones import AUX_CLASSIFIERS, Backbone, HubTrust, torch_load_quietly
 from ..devices import resolve_device
 from ..distributed import World, rank_device, world
 from ..errors import CacheError, DataError, IncompatibleError, Interrupted, TrainingDivergedError, UsageError
-from ..heads import LoadedHead, artifact_id, assign_splits, classification_metrics, clear_reports, load_head, save_blob, save_model_artifact, write_reports
+from ..heads import (
+    LoadedHead,
+    artifact_id,
+    classification_metrics,
+    clear_reports,
+    load_head,
+    recorded_rule,
+    save_blob,
+    save_model_artifact,
+    split_as_recorded,
+    write_reports,
+)
 from ..images import default_workers, make_loader, scan_source
 from ..inference import Feed, Mapper, ReadOptions, open_reader, run_batches
 from ..interrupts import sigterm_as_interrupt
 from ..options import build
 from ..overlap import StageClock
+from ..provenance import timestamp, versions
 from ..store import WriterLock, atomic_path
 from .augment import AugmentedDataset, epoch_order, train_transform
 from .model import FineTuneModel, assemble, head_module_from
@@ -200,11 +209,10 @@ class FineTuneJob:
         """The head's folder, classes and split; refuse a checkpoint made from other ones."""
         self.scan = _scan_for_head(self.prov, data_dir)
         self.classes = list(self.scan.classes)
-        self.rule = self.prov.get("split_rule") or {"val_fraction": 0.2, "seed": 0}
+        self.rule = recorded_rule(self.prov)
         records = self.scan.records
         self.labels = np.array([r.label for r in records])
-        split, _ = assign_splits([r.relpath for r in records], self.labels, [r.split for r in records],
-                                 self.rule.get("val_fraction", 0.2), self.rule.get("seed", 0))
+        split = split_as_recorded(self.prov, [r.relpath for r in records], self.labels, [r.split for r in records])
         self.index = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
         if self.opts.epochs > 0 and not len(self.index["train"]):
             raise UsageError(f"{str(self.scan.root)!r} has no training images under the head's split; add images")
@@ -300,8 +308,7 @@ class FineTuneJob:
             "split_rule": self.rule, "base_head": str(self.loaded.path.resolve()), "base_head_sha256": self.identity["head_sha256"],
             "base_weights": prov["weights"], "finetune": self.opts.training(),
             "epoch": epoch, "trainable_blocks": self.thawed, **{f"n_{s}": int(len(v)) for s, v in self.index.items()},
-            "featcache_version": __version__, "torch_version": str(torch.__version__), "torchvision_version": str(torchvision.__version__),
-            "sklearn_version": sklearn.__version__, "numpy_version": np.__version__, "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **versions("sklearn", model=prov["model"]), "fitted_at": timestamp(),
         }
         head_state = {"classes": np.arange(len(self.classes)), "n_features_in": bb.embed_dim, "state_dict": self.model.head.state_dict()}
         save_model_artifact(self.out_path, info, backbone_state, self.head_kind, self.head_params, head_state, provenance, metrics, {"history": history})

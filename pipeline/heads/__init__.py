@@ -6,7 +6,8 @@ Never reads images: everything here works on cached embeddings.
 """
 from .artifacts import LoadedHead, artifact_id, load_head, save_blob, save_model_artifact
 from .estimators import HEAD_KINDS, LinearHead, LogRegHead, MLPHead, TorchHead, build_head_module
-from .fit import compare_caches, evaluate_head, fit_head, full_proba
+from .evaluation import Scored, evaluate_head, score_head
+from .fit import compare_caches, fit_head, full_proba
 from .knn import KNNHead
 from .metrics import (
                       CELL_LABEL_MAX_CLASSES,
@@ -24,9 +25,9 @@ from .metrics import (
 )
 from .options import FitOptions
 from .scoring import head_scorer
-from .splits import assign_splits
+from .splits import assign_splits, recorded_rule, split_as_recorded
 
-__all__ = ["CELL_LABEL_MAX_CLASSES", "HEAD_KINDS", "FitOptions", "KNNHead", "LinearHead", "LoadedHead", "LogRegHead", "MLPHead", "TorchHead", "artifact_id", "assign_splits", "build_head_module",
-           "classification_metrics", "clear_reports", "compare_caches", "confusion_figure", "evaluate_head", "fit_head", "format_metrics", "full_proba", "head_scorer",
+__all__ = ["CELL_LABEL_MAX_CLASSES", "HEAD_KINDS", "FitOptions", "KNNHead", "LinearHead", "LoadedHead", "LogRegHead", "MLPHead", "TorchHead", "artifact_id", "assign_splits", "recorded_rule", "split_as_recorded", "build_head_module",
+           "classification_metrics", "clear_reports", "compare_caches", "confusion_figure", "evaluate_head", "score_head", "Scored", "fit_head", "format_metrics", "full_proba", "head_scorer",
            "history_figure", "kept_epoch", "literal_text", "load_head", "pyplot",
            "save_blob", "save_figure", "save_model_artifact", "top_confusions", "write_reports"]

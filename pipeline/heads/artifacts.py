@@ -18,6 +18,7 @@ import torch
 
 from ..backbones import MODEL_ARTIFACT_FORMAT, Backbone, HubTrust, check_artifact_backbone, file_digest, load_backbone, torch_load_quietly
 from ..errors import CacheError, IncompatibleError, UsageError, command_hint
+from ..provenance import HEAD_IDENTITY
 from ..store import ensure_free_space, payload_bytes, weights_identity, write_bytes_atomically
 from .estimators import make_head
 
@@ -25,7 +26,6 @@ HEAD_FORMAT = "featcache.head"
 HEAD_SCHEMA = 1
 MODEL_SCHEMA = 1  # fine-tuned model: backbone state + head (format MODEL_ARTIFACT_FORMAT)
 # Provenance that must agree between a head and a cache it is applied to.
-HEAD_COMPAT_KEYS = ("model", "layer", "layer_pool", "weights", "preprocessing", "embed_dim")
 
 
 def _to_plain(obj: Any) -> Any:
@@ -124,7 +124,7 @@ class LoadedHead:
 
 def check_head_matches(head_prov: dict[str, Any], cache_meta: dict[str, Any], head_path: Path, cache_path: Path) -> None:
     """Refuse a cache of another backbone, weights, preprocessing, width or class set."""
-    for key in HEAD_COMPAT_KEYS:
+    for key in HEAD_IDENTITY:
         held, given = (weights_identity(head_prov), weights_identity(cache_meta)) if key == "weights" else (head_prov.get(key), cache_meta.get(key))
         if held != given:
             raise IncompatibleError(

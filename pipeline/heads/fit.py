@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sklearn
-import torch
 
-from .. import __version__, logs
+from .. import logs
 from ..errors import UsageError
 from ..options import build
+from ..provenance import inherited, timestamp, versions
 from ..store import SCHEMA_VERSION, RowTable, WriterLock, ensure_free_space, iter_embeddings, payload_bytes, read_cache_meta, read_rows
-from .artifacts import LoadedHead, load_head, save_head
+from .artifacts import save_head
 from .estimators import ArraySource, TorchHead, make_head
 from .knn import KNNHead
 from .metrics import REPORTS_NEED, classification_metrics, clear_reports, kept_epoch, plot_leaderboard, write_reports
@@ -107,7 +106,7 @@ def _load_split(cache: Path, val_fraction: float, seed: int):
     return table, split, rule
 
 
-def _read(table: RowTable, rows: np.ndarray, dim: int) -> np.ndarray:
+def read_embeddings(table: RowTable, rows: np.ndarray, dim: int) -> np.ndarray:
     """Embeddings of ``rows`` (ids of ``table``'s version) as float32, read in storage order."""
     X = np.empty((len(rows), dim), dtype=np.float32)
     order = np.argsort(rows)
@@ -178,7 +177,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
         X = {s: None for s in idx}
     elif streaming and kind == "knn":  # the training rows stay in the cache
         tr = idx["train"]
-        Xv = _read(table, table.index_rows[fit_idx["val"]], dim) if len(fit_idx["val"]) else None
+        Xv = read_embeddings(table, table.index_rows[fit_idx["val"]], dim) if len(fit_idx["val"]) else None
         head.fit_cache(cache, [str(p) for p in table.paths[tr]], table.sha256_hex(tr), table.labels[tr], dim,
                        Xv, table.labels[fit_idx["val"]] if Xv is not None else None)
         X = {s: None for s in idx}
@@ -188,7 +187,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
                         n_features=dim, train_labels=table.labels[idx["train"]])
         X = {s: None for s in idx}
     else:
-        X = {s: _read(table, table.index_rows[idx[s]], dim) for s in idx}
+        X = {s: read_embeddings(table, table.index_rows[idx[s]], dim) for s in idx}
         y_train = table.labels[idx["train"]]
         use_val = isinstance(head, (TorchHead, KNNHead)) or opts.select_on == "val"  # early stopping, k, or logreg's C on val
         if opts.select_on == "val" and not len(idx["val"]):
@@ -205,7 +204,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
     metrics: dict[str, Any] = {}
     for s in ("val", "test"):
         if len(idx[s]):
-            Xs = X[s] if X[s] is not None else _read(table, table.index_rows[idx[s]], dim)
+            Xs = X[s] if X[s] is not None else read_embeddings(table, table.index_rows[idx[s]], dim)
             metrics[s] = classification_metrics(table.labels[idx[s]], full_proba(head, Xs, len(classes)), classes)
     metrics["fit_seconds"] = seconds
     if grid_board:
@@ -214,15 +213,13 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
         metrics["selection"] = {"C": head.C_, "select_on": opts.select_on, "at_edge": head.C_at_edge_ or None, "path": head.path_}
     history = list(getattr(head, "history_", []) or [])
     provenance = {
-        **{k: meta.get(k) for k in ("model", "weights", "weights_spec", "seed", "preprocessing", "embed_dim", "classes", "dtype", "data_root", "layout", "engine", "precision", "decode",
-                                "layer", "layer_pool", "token_pool", "manifest_columns")},
+        **inherited(meta),
         "cache": str(cache.resolve()),
         "cache_schema_version": SCHEMA_VERSION,
         "cache_fingerprint": table.content_digest(),
         "split_rule": rule.to_dict(),
         "n_train": int(len(idx["train"])), "n_val": int(len(idx["val"])), "n_test": int(len(idx["test"])),
-        "featcache_version": __version__, "torch_version": str(torch.__version__), "sklearn_version": sklearn.__version__,
-        "numpy_version": np.__version__, "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **versions("sklearn"), "fitted_at": timestamp(),
         **extra_provenance,
     }
     extra = {"history": history, "C": getattr(head, "C_", None), "cv_path": getattr(head, "path_", []), "cv_scores": {str(k): v for k, v in (getattr(head, "cv_scores_", {}) or {}).items()}}
@@ -255,35 +252,9 @@ def _fit_grid(cache: Path, table, idx: dict[str, np.ndarray], opts: FitOptions, 
     if streaming:
         source = lambda rows: CacheSource(table, table.index_rows[rows], table.labels[rows])  # noqa: E731
     else:
-        source = lambda rows: ArraySource(_read(table, table.index_rows[rows], dim), table.labels[rows])  # noqa: E731
+        source = lambda rows: ArraySource(read_embeddings(table, table.index_rows[rows], dim), table.labels[rows])  # noqa: E731
     train_labels = table.labels[train_rows]
     return fit_grid(template, members, source(train_rows), source(val_rows), np.unique(train_labels), dim, train_labels)
-
-
-def evaluate_head(head_path: str | os.PathLike, cache: str | os.PathLike, val_fraction: float | None = None) -> dict[str, Any]:
-    """Re-score a saved head on a compatible cache: its val/test rows by the head's split rule,
-    or every labelled row when the cache is another dataset (different data root)."""
-    loaded: LoadedHead = load_head(head_path)
-    cache = Path(cache)
-    table = read_rows(cache)
-    loaded.check_cache(table.meta, cache)
-    rule = loaded.provenance.get("split_rule", {})
-    same_data = table.meta.get("data_root") == loaded.provenance.get("data_root")
-    labelled = table.labels >= 0
-    if not labelled.any():
-        raise UsageError(f"cache {str(cache)!r} has no labelled rows to evaluate on")
-    dim, classes = int(table.meta["embed_dim"]), table.classes
-    result: dict[str, Any] = {"head": str(head_path), "cache": str(cache), "kind": loaded.kind}
-    if same_data:
-        split, _ = assign_splits(table.paths, table.labels, table.split, val_fraction if val_fraction is not None else rule.get("val_fraction", 0.2), rule.get("seed", 0))
-        groups = {s: np.flatnonzero(split == s) for s in ("val", "test")}
-    else:
-        groups = {"all": np.flatnonzero(labelled)}
-    for name, rows in groups.items():
-        if len(rows):
-            X = _read(table, table.index_rows[rows], dim)
-            result[name] = classification_metrics(table.labels[rows], full_proba(loaded.head, X, len(classes)), classes)
-    return result
 
 
 def compare_caches(caches: list[str | os.PathLike], options: FitOptions | str | list[FitOptions | str] | None = None,

@@ -8,9 +8,13 @@ expectation within every class. Unlabeled rows are never used for training.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+DEFAULT_VAL_FRACTION, DEFAULT_SEED = 0.2, 0  # fit-head's defaults
 
 
 @dataclass(frozen=True)
@@ -36,3 +40,20 @@ def assign_splits(paths: list[str], labels: np.ndarray, cache_split: list[str], 
         return out, SplitRule("folders", val_fraction, seed)
     out = np.array(["" if l < 0 else ("val" if _unit_hash(seed, p) < val_fraction else "train") for p, l in zip(paths, labels)], dtype=object)
     return out, SplitRule("hash", val_fraction, seed)
+
+
+def recorded_rule(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The split rule an artifact was fitted with (fit-head's defaults where it records none)."""
+    rule = dict(provenance.get("split_rule") or {})
+    rule.setdefault("val_fraction", DEFAULT_VAL_FRACTION)
+    rule.setdefault("seed", DEFAULT_SEED)
+    return rule
+
+
+def split_as_recorded(provenance: Mapping[str, Any], paths: Sequence[str], labels: np.ndarray, cache_split: Sequence[str],
+                      val_fraction: float | None = None) -> np.ndarray:
+    """Per row, the side an artifact's own split rule puts it on (``val_fraction``: another
+    validation share instead of the recorded one, as ``evaluate --val-fraction``)."""
+    rule = recorded_rule(provenance)
+    share = rule["val_fraction"] if val_fraction is None else val_fraction
+    return assign_splits(list(paths), labels, list(cache_split), share, rule["seed"])[0]

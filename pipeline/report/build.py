@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UsageError, command_hint
-from ..heads import LoadedHead, assign_splits, classification_metrics, full_proba, load_head
+from ..heads import LoadedHead, Scored, load_head, score_head, split_as_recorded
 from ..quality import Audit, ReportOptions, advice, audit_projected, check_map_method, embedding_map, project_rows, top_k
 from ..store import atomic_path, load_cache, read_rows
 from . import sections
@@ -57,19 +57,6 @@ def default_report_path(artifact: str | os.PathLike) -> Path:
     return artifact.with_name(artifact.name.removesuffix(".pt") + ".report.html")
 
 
-SCORE_ROWS = 8192  # rows scored at a time (the head's standardisation and logits are copies of them)
-
-
-@dataclass
-class _Scored:
-    """The head's predictions on the rows it is evaluated on."""
-
-    groups: dict[str, np.ndarray]  # split name -> row indices
-    proba: dict[str, np.ndarray]
-    metrics: dict[str, dict[str, Any]]
-    train: np.ndarray  # rows the head was fitted on (neighbours are searched there)
-
-
 def _cache_for(loaded: LoadedHead, cache: str | os.PathLike | None) -> tuple[Path | None, bool, str]:
     """(cache to read, whether the artifact is scored on it, a note)."""
     prov = loaded.provenance
@@ -88,19 +75,6 @@ def _cache_for(loaded: LoadedHead, cache: str | os.PathLike | None) -> tuple[Pat
     if not own.exists():
         raise UsageError(f"head {str(loaded.path)!r} was fitted on cache {str(own)!r}, which is gone; pass --cache CACHE (a cache of the same backbone and classes)")
     return own, True, ""
-
-
-def _score(loaded: LoadedHead, X: np.ndarray, labels: np.ndarray, split: np.ndarray, same_data: bool, classes: list[str]) -> _Scored:
-    if same_data:
-        groups = {s: np.flatnonzero(split == s) for s in ("val", "test")}
-        train = np.flatnonzero(split == "train")
-    else:  # another dataset of the same backbone: every labelled row is new to the head
-        groups, train = {"all": np.flatnonzero(labels >= 0)}, np.zeros(0, dtype=np.int64)
-    groups = {s: rows for s, rows in groups.items() if len(rows)}
-    proba = {s: np.concatenate([full_proba(loaded.head, np.asarray(X[rows[c : c + SCORE_ROWS]], dtype=np.float32), len(classes))
-                                for c in range(0, len(rows), SCORE_ROWS)]) for s, rows in groups.items()}
-    metrics = {s: classification_metrics(labels[rows], proba[s], classes) for s, rows in groups.items()}
-    return _Scored(groups, proba, metrics, train)
 
 
 def write_report(artifact: str | os.PathLike, cache: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
@@ -133,10 +107,10 @@ def write_report(artifact: str | os.PathLike, cache: str | os.PathLike | None = 
             loaded.check_cache(data.meta, cache_path)
         classes = list(data.classes)
         same_data = data.meta.get("data_root") == prov.get("data_root")
-        rule = prov.get("split_rule") or {}
-        split, _ = assign_splits(data.paths, data.labels, data.split, rule.get("val_fraction", opts.val_fraction), rule.get("seed", opts.seed))
+        split = split_as_recorded(prov, data.paths, data.labels, data.split)
         if scored_here:
-            view["scored"] = _score(loaded, data.embeddings, data.labels, split, same_data, classes)
+            embeddings = data.embeddings
+            view["scored"] = score_head(loaded, lambda rows: embeddings[rows], data.labels, split, same_data, classes)
             if same_data:
                 with read_rows(cache_path) as table:
                     view["stale"] = table.content_digest() != prov.get("cache_fingerprint")
@@ -161,7 +135,7 @@ def write_report(artifact: str | os.PathLike, cache: str | os.PathLike | None = 
 def _mistakes(view: dict[str, Any]) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """(group, rows, their probabilities, predicted) of the misclassified rows, worst first
     (lowest probability of the true class)."""
-    scored: _Scored | None = view["scored"]
+    scored: Scored | None = view["scored"]
     if scored is None:
         return "", np.zeros(0, dtype=np.int64), np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
     group = next((g for g in ("val", "all", "test") if g in scored.groups), "")
@@ -199,7 +173,7 @@ def _render(view: dict[str, Any], out_path: Path) -> ReportResult:
     loaded: LoadedHead = view["loaded"]
     opts: ReportOptions = view["options"]
     audit: Audit | None = view["audit"]
-    scored: _Scored | None = view["scored"]
+    scored: Scored | None = view["scored"]
     metrics = scored.metrics if scored is not None else {s: loaded.metrics[s] for s in ("val", "test") if s in loaded.metrics}
     main_split = next((s for s in ("val", "all", "test") if metrics.get(s)), "val")
     main_metrics = metrics.get(main_split)
