@@ -717,6 +717,7 @@ def finetune(
     clip_grad: float | None = typer.Option(None, "--clip-grad", help="Clip the gradient norm (default 1.0; 0 = off)."),
     label_smoothing: float | None = typer.Option(None, "--label-smoothing", help="Label smoothing (default 0)."),
     amp: bool | None = typer.Option(None, "--amp/--no-amp", help="Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling; default off)."),
+    precision: Precision | None = _choice(None, "--precision", help="fp32 (default), bf16 (where the hardware runs it natively: AMX or AVX-512 BF16 CPUs, CUDA >= 8.0; else fp32, said once), fp16 (CUDA, loss scaling), auto (bf16 where native, fp16 on older GPUs, else fp32)."),
     channels_last: bool | None = typer.Option(None, "--channels-last/--no-channels-last", help="channels_last memory format (default on)."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for order, augmentation and new layers (default 0)."),
     workers: int | None = typer.Option(None, "--workers", "-j", help="Decoder processes (default as for extract: none on a CPU of <= 2 cores, where training measured faster without; more on bigger machines and CUDA)."),

@@ -5,6 +5,8 @@
 
 (a) our training step: `pipeline.finetune.Trainer` on `AugmentedDataset` batches from
     decoder workers, channels_last, BatchNorm frozen (eval mode, no gradients);
+(a') where the hardware runs bf16 natively (AMX, AVX-512 BF16, CUDA >= 8.0): the same with
+    `--precision auto` (bf16 autocast; weights and optimiser state stay fp32);
 (b) the classic tutorial loop: ImageFolder + DataLoader(num_workers=0) + fp32 NCHW,
     `model.train()` on everything, SGD over all parameters.
 Both see the same images, batch size, augmentation (RandomResizedCrop + flip) and
@@ -44,7 +46,7 @@ def _timed(batches, step, dev: torch.device) -> tuple[int, float]:
     return done, time.perf_counter() - (t0 or time.perf_counter())
 
 
-def run_ours(data: Path, model: str, batch: int, device: str) -> dict:
+def run_ours(data: Path, model: str, batch: int, device: str, precision: str = "fp32") -> dict:
     from pipeline.backbones.registry import load_backbone
     from pipeline.finetune.augment import AugmentedDataset, epoch_order, train_transform
     from pipeline.finetune.model import assemble
@@ -59,7 +61,7 @@ def run_ours(data: Path, model: str, batch: int, device: str) -> dict:
     bb = load_backbone(model, "none", seed=0)
     net, _, _ = assemble(bb, build_head_module(bb.embed_dim, len(scan.classes), (), ()), "all", len(scan.classes), seed=0)
     net.to(dev).to(memory_format=torch.channels_last)
-    opts = resolve_options({"epochs": 1, "batch_size": batch, "amp": dev.type == "cuda"})
+    opts = resolve_options({"epochs": 1, "batch_size": batch, "amp": dev.type == "cuda" and precision == "fp32", "precision": precision})
     labels = np.array([r.label for r in scan.records])
     trainer = Trainer(net, opts, dev, labels)
     ds = AugmentedDataset(scan.root, scan.records, train_transform(bb.preprocessing, "basic"), seed=0)
@@ -111,7 +113,7 @@ def run_tutorial(data: Path, model: str, batch: int, device: str) -> dict:
 def child(variant: str, data: Path, model: str, batch: int, device: str) -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    result = (run_ours if variant == "ours" else run_tutorial)(data, model, batch, device)
+    result = run_tutorial(data, model, batch, device) if variant == "tutorial" else run_ours(data, model, batch, device, "auto" if variant == "ours-auto" else "fp32")
     if device == "cuda":
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(result))
@@ -135,7 +137,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "featcache-bench-jpegs")
     ap.add_argument("--quick", action="store_true", help="small N, for CI: proves the bench runs, not a measurement")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--child", choices=["ours", "tutorial"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["ours", "ours-auto", "tutorial"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child, args.data, args.model, args.batch_size, args.device)
@@ -147,19 +149,29 @@ def main() -> None:
     results = {"model": args.model, "images": args.images, "batch_size": args.batch_size, "device": args.device,
                "cpu": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count()}
     results["a_ours"] = measure("ours", args)
+    from pipeline.backbones.hardware import choose_precision
+
+    if choose_precision("auto", torch.device(args.device)).name == "bf16":
+        results["a_ours_bf16"] = measure("ours-auto", args)
     results["b_tutorial"] = measure("tutorial", args)
     results["speed_ratio_a_over_b"] = results["a_ours"]["images_per_s"] / results["b_tutorial"]["images_per_s"]
+    if "a_ours_bf16" in results:
+        results["speed_ratio_a_bf16_over_b"] = results["a_ours_bf16"]["images_per_s"] / results["b_tutorial"]["images_per_s"]
     results["memory_ratio_a_over_b"] = results["a_ours"]["peak_rss_mib"] / results["b_tutorial"]["peak_rss_mib"]
     if args.json:
         print(json.dumps(results))
         return
     print(f"{args.model} fine-tuning, {args.images} JPEGs 500x375, batch {args.batch_size}, {args.device}, {results['cores']} cores, "
           f"torch {torch.__version__} ({results['cpu']})")
-    for key, label in (("a_ours", "(a) featcache Trainer (workers, channels_last, BN frozen)"), ("b_tutorial", "(b) tutorial loop (NCHW, 0 workers, BN training)")):
-        r = results[key]
+    for key, label in (("a_ours", "(a) featcache Trainer (workers, channels_last, BN frozen)"), ("a_ours_bf16", "(a') the same, --precision auto (bf16)"),
+                       ("b_tutorial", "(b) tutorial loop (NCHW, 0 workers, BN training)")):
+        r = results.get(key)
+        if r is None:
+            continue
         extra = f", CUDA peak {r['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in r else ""
         print(f"  {label}: {r['images_per_s']:6.2f} img/s, peak RSS {r['peak_rss_mib']:.0f} MiB{extra}")
-    print(f"  a/b speed = {results['speed_ratio_a_over_b']:.2f}   a/b peak RSS = {results['memory_ratio_a_over_b']:.2f}")
+    print(f"  a/b speed = {results['speed_ratio_a_over_b']:.2f}   a/b peak RSS = {results['memory_ratio_a_over_b']:.2f}"
+          + (f"   a'/b speed = {results['speed_ratio_a_bf16_over_b']:.2f}" if "speed_ratio_a_bf16_over_b" in results else ""))
 
 
 if __name__ == "__main__":

@@ -224,6 +224,27 @@ def test_resume_with_two_workers_equals_in_process(tiny_head, tmp_path):
     assert a.history[0]["train_loss"] == b.history[0]["train_loss"]
 
 
+def test_bf16_training_where_native_reaches_fp32_accuracy(tiny_head, tmp_path):
+    """--precision bf16 trains under bf16 autocast where the CPU runs it natively (else fp32, said
+    once): the model records what it trained in, its losses differ from fp32's (it really ran in
+    bf16), and validation accuracy matches fp32's within noise."""
+    from pipeline.backbones.hardware import choose_precision
+    from pipeline.heads import load_head
+
+    opts = {**FAST, "epochs": 2}
+    said: list[str] = []
+    exact = run_finetune(tiny_head, tmp_path / "fp32.pt", options=opts, workers=0, plots=False, trust_hub=True)
+    rounded = run_finetune(tiny_head, tmp_path / "bf16.pt", options={**opts, "precision": "bf16"}, workers=0, plots=False, trust_hub=True, log=said.append)
+    expected = choose_precision("bf16", torch.device("cpu"))
+    assert load_head(tmp_path / "bf16.pt").provenance["trained_in"] == expected.name
+    assert load_head(tmp_path / "fp32.pt").provenance["trained_in"] == "fp32"
+    assert any(m.startswith(expected.note.replace("extracting", "training")) for m in said), said
+    if expected.name == "bf16":
+        assert [h["train_loss"] for h in exact.history] != [h["train_loss"] for h in rounded.history]
+    assert abs(exact.metrics["val"]["accuracy"] - rounded.metrics["val"]["accuracy"]) <= 0.15
+    assert math.isfinite(rounded.history[-1]["train_loss"])
+
+
 def test_checkpoint_guards_and_option_conflicts(tiny_head, tmp_path):
     out = tmp_path / "m.pt"
     run_finetune(tiny_head, out, options={**FAST, "epochs": 1}, workers=0, plots=False, trust_hub=True)

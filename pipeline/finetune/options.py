@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..choices import AUGMENT_PRESETS, HEAD_MODES, OPTIMIZERS, SCHEDULES
+from ..choices import AUGMENT_PRESETS, HEAD_MODES, OPTIMIZERS, PRECISIONS, SCHEDULES
 from ..errors import UsageError
 from ..options import HOW, JOB_LEVEL, build, check_device, check_types, choose, flag, how_fields, require
 from .freezing import parse_unfreeze
@@ -45,7 +45,8 @@ class FinetuneOptions:
     accum: int | None = None
     clip_grad: float | None = None  # max gradient norm (0 = off): the first steps through a standardised probe can explode without it
     label_smoothing: float | None = None
-    amp: bool | None = None
+    amp: bool | None = None  # CUDA mixed precision: bf16 where supported, else fp16 (kept; --precision says more)
+    precision: str | None = None  # fp32, bf16 (where native), fp16 (CUDA), auto: bf16 where native, fp16 on older GPUs, else fp32
     channels_last: bool | None = None
     seed: int | None = None
     workers: int | None = field(default=None, metadata={HOW: True})  # decoder processes (None: sized to the machine)
@@ -54,7 +55,7 @@ class FinetuneOptions:
     def __post_init__(self) -> None:
         check_types(self)
         choose(self, "head", HEAD_MODES, "from: the artifact's head; new: a fresh linear layer")
-        for name, choices in (("augment", AUGMENT_PRESETS), ("schedule", SCHEDULES), ("optimizer", OPTIMIZERS)):
+        for name, choices in (("augment", AUGMENT_PRESETS), ("schedule", SCHEDULES), ("optimizer", OPTIMIZERS), ("precision", PRECISIONS)):
             choose(self, name, choices)
         if self.unfreeze is not None:
             object.__setattr__(self, "unfreeze", self.unfreeze.strip().lower())
@@ -101,7 +102,7 @@ class FinetuneOptions:
 DEFAULTS: dict[str, Any] = {
     "head": "from", "unfreeze": "all", "augment": "basic", "optimizer": "sgd", "lr_backbone": None, "lr_head": None, "momentum": 0.9,
     "weight_decay": None, "schedule": "cosine", "warmup": 0.1, "epochs": 10, "batch_size": 32, "accum": 1, "clip_grad": 1.0,
-    "label_smoothing": 0.0, "amp": False, "channels_last": True, "seed": 0,
+    "label_smoothing": 0.0, "amp": False, "precision": "fp32", "channels_last": True, "seed": 0,
 }
 
 

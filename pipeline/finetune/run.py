@@ -234,6 +234,8 @@ class FineTuneJob:
         train_records = [self.scan.records[i] for i in self.index["train"]]
         self.train_set = AugmentedDataset(self.scan.root, train_records, train_transform(self.backbone.preprocessing, opts.augment), opts.seed)
         self.trainer = Trainer(self.model, opts, self.device, self.labels[self.index["train"]], self.team, self.backbone.preprocessing.input_size)
+        if self.trainer.precision.note:
+            self.log(self.trainer.precision.note.replace("extracting", "training"))
         shown = ", ".join(self.thawed[-3:]) + (" …" if len(self.thawed) > 3 else "")
         n = {s: len(v) for s, v in self.index.items()}
         self.log(f"{prov['model']} + {self.loaded.kind} head ({'fresh' if opts.head == 'new' else 'from ' + self.loaded.path.name}); "
@@ -306,7 +308,7 @@ class FineTuneJob:
             "model": prov["model"], "weights": weights_id, "weights_spec": None, "seed": None, "preprocessing": bb.preprocessing.to_dict(),
             "embed_dim": bb.embed_dim, "classes": self.classes, "data_root": str(self.scan.root), "layout": self.scan.layout, **tapped,
             "split_rule": self.rule, "base_head": str(self.loaded.path.resolve()), "base_head_sha256": self.identity["head_sha256"],
-            "base_weights": prov["weights"], "finetune": self.opts.training(),
+            "base_weights": prov["weights"], "finetune": self.opts.training(), "trained_in": self.trainer.precision.name,
             "epoch": epoch, "trainable_blocks": self.thawed, **{f"n_{s}": int(len(v)) for s, v in self.index.items()},
             **versions("sklearn", model=prov["model"]), "fitted_at": timestamp(),
         }

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..backbones import PrecisionChoice, TorchEngine
+from ..backbones.hardware import choose_precision
 from ..distributed import World
 from ..divergence import DivergenceGuard
 from ..errors import TrainingDivergedError
@@ -85,6 +86,20 @@ class EpochStats:
         return self.correct / max(self.images, 1)
 
 
+
+def training_precision(opts: FinetuneOptions, device: torch.device) -> PrecisionChoice:
+    """What the forward and backward passes run in. ``--amp``: CUDA mixed precision, bf16 where
+    supported, else fp16. ``--precision``: as extraction chooses (bf16 only where the hardware
+    runs it natively: AMX or AVX-512 BF16 CPUs, CUDA >= 8.0), except that ``auto`` on an older
+    GPU trains in fp16 with loss scaling. Weights, gradients and optimiser state stay fp32."""
+    if opts.amp:
+        bf16 = torch.cuda.is_bf16_supported()
+        return PrecisionChoice("bf16" if bf16 else "fp16", torch.bfloat16 if bf16 else torch.float16, "")
+    chosen = choose_precision(opts.precision or "fp32", device)
+    if opts.precision == "auto" and device.type == "cuda" and chosen.name == "fp32":
+        return PrecisionChoice("fp16", torch.float16, "precision auto -> fp16 with loss scaling: this GPU has no native bf16")
+    return chosen
+
 class Trainer:
     """One optimisation loop: forward, (aux) loss, accumulation, clipping, AMP, LR schedule."""
 
@@ -101,10 +116,9 @@ class Trainer:
             # frozen BatchNorm buffers never change: no need to re-broadcast them every forward
             quiet_buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
             self.model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **{quiet_buffers: False})
-        self.amp_dtype = None
-        if opts.amp:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.precision = training_precision(opts, device)
+        self.amp_dtype = self.precision.dtype
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)  # fp16's narrow range needs loss scaling; bf16's does not
         self.criterion = nn.CrossEntropyLoss(label_smoothing=opts.label_smoothing)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.guard: DivergenceGuard | None = None  # set by the first batch: its loss is where training started
@@ -224,8 +238,7 @@ class Trainer:
         """The model in eval mode as an engine of the one inference path (``inference.py``):
         class probabilities as its rows, in the training's precision."""
         self.module.eval()
-        precision = PrecisionChoice("fp32" if self.amp_dtype is None else str(self.amp_dtype), self.amp_dtype, "")
-        return TorchEngine("eager", ScoringModule(self.module), precision, self.device, self.opts.channels_last, self.opts.batch_size)
+        return TorchEngine("eager", ScoringModule(self.module), self.precision, self.device, self.opts.channels_last, self.opts.batch_size)
 
     @property
     def n_classes(self) -> int:
