@@ -493,7 +493,7 @@ def fit_head(
     clf: Clf = _choice("logreg", "--clf", help="logreg (scikit-learn-compatible, C chosen by CV), linear or mlp (torch), knn (cosine neighbours)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Head file; default heads/<cache>.<clf>.head.pt."),
     C: float | None = typer.Option(None, "--C", help="logreg: fix C (default: chosen from 1e-6 ... 1e4 along a warm-started path, coarse to fine)."),
-    workers: int | None = typer.Option(None, "--workers", "-j", "--jobs", help="logreg: solver threads (default: torch's, every core)."),
+    workers: int | None = typer.Option(None, "--threads", "--workers", "-j", "--jobs", help="logreg: solver threads (default: the cores free when the command starts; --workers/-j are its older names: elsewhere --workers counts decoder processes)."),
     epochs: int | None = typer.Option(None, "--epochs", help="torch heads: maximum epochs (default 100, early stopping on val loss)."),
     lr: str | None = typer.Option(None, "--lr", help="torch heads: AdamW learning rate (default: linear 3e-3, mlp 1e-3); several (1e-3,3e-3,1e-2) train a grid in one read and keep the best on val."),
     weight_decay: str | None = typer.Option(None, "--weight-decay", help="torch heads: AdamW weight decay (default 1e-4); several (0,1e-4,1e-3) join the grid."),

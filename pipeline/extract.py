@@ -31,7 +31,7 @@ from .errors import FeatcacheError, Interrupted, UsageError
 from .images import DEFAULT_MAX_PIXELS, LAYOUTS, DecodedBatch, ImageRecord, ManifestColumns, ScanFailure, ScanResult, check_gpu_decode, retry_under, scan_source
 from .inference import Feed, Mapper, ReadOptions, build_mapper, default_cache_dir, engine_context, open_reader, resolve_precision, run_batches
 from .interrupts import sigterm_as_interrupt
-from .options import HOW, JOB_LEVEL, build, check_device, check_types, choose, require
+from .options import JOB_LEVEL, OUTSIDE_IDENTITY, build, check_device, check_types, choose, require
 from .overlap import StageClock
 from .provenance import versions
 from .store import DTYPES, CacheWriter, KnownFiles, PendingRow, WriterLock, check_compatible, encode_paths, read_cache_meta, repair_cache
@@ -49,8 +49,8 @@ class ExtractOptions:
 
     weights: str = "DEFAULT"  # DEFAULT, a weights name, none (seeded random init) or a state_dict path
     batch_size: int = 32
-    workers: int | None = field(default=None, metadata={HOW: True})
-    device: str = field(default="auto", metadata={HOW: True, JOB_LEVEL: True})
+    workers: int | None = field(default=None, metadata={OUTSIDE_IDENTITY: True})
+    device: str = field(default="auto", metadata={OUTSIDE_IDENTITY: True, JOB_LEVEL: True})
     dtype: str = "float32"
     layout: str = "auto"
     seed: int = 0  # for weights "none"
@@ -61,11 +61,11 @@ class ExtractOptions:
     engine: str = "auto"
     precision: str = "fp32"
     decode: str = "exact"
-    gpu_decoder: str = field(default="auto", metadata={HOW: True})  # --decode gpu: torchvision, nvimgcodec or auto (images/gpu_decode.py)
-    repair: bool = field(default=False, metadata={HOW: True})  # drop damaged parts (re-extracting their images) and retry every failed file
+    gpu_decoder: str = field(default="auto", metadata={OUTSIDE_IDENTITY: True})  # --decode gpu: torchvision, nvimgcodec or auto (images/gpu_decode.py)
+    repair: bool = field(default=False, metadata={OUTSIDE_IDENTITY: True})  # drop damaged parts (re-extracting their images) and retry every failed file
     # hash every file the size+mtime check calls unchanged and extract again those whose bytes differ
     # from their row's SHA-256 (mtimes restored by touch -r, cp -p, rsync -t); retry every failed file
-    verify_content: bool = field(default=False, metadata={HOW: True})
+    verify_content: bool = field(default=False, metadata={OUTSIDE_IDENTITY: True})
     path_col: str = "path"  # a manifest's columns (CSV, TSV, JSON lines, Parquet)
     label_col: str = "label"
     split_col: str = "split"
@@ -139,7 +139,7 @@ class ExtractSummary:
         return d
 
 
-def clean(s: str) -> str:
+def file_name_part(s: str) -> str:
     """``s`` as one safe file-name component (letters, digits, ``-_.``)."""
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in s).strip("-")
 
@@ -158,8 +158,8 @@ def default_cache_path(model: str, weights: str, data_root: Path, cache_dir: Pat
         data_root = Path(f"{parts[1]}-{Path(parts[2]).name}" if len(parts) == 3 else f"hf-{Path(parts[1]).name}")
     else:
         root_tag = hashlib.sha1(str(Path(data_root).resolve()).encode()).hexdigest()[:8]
-    tag = ("" if precision == "fp32" else f"__{precision}") + ("" if decode == "exact" else f"__{decode}") + (f"__at-{clean(layer)}" if layer else "")
-    return base / f"{clean(model)}__{clean(w)}{tag}__{clean(Path(data_root).name) or 'root'}-{root_tag}.h5"
+    tag = ("" if precision == "fp32" else f"__{precision}") + ("" if decode == "exact" else f"__{decode}") + (f"__at-{file_name_part(layer)}" if layer else "")
+    return base / f"{file_name_part(model)}__{file_name_part(w)}{tag}__{file_name_part(Path(data_root).name) or 'root'}-{root_tag}.h5"
 
 
 def cache_paths(model: str, opts: ExtractOptions, data_root: Path, out: str | os.PathLike | Sequence | None, precision: str,
@@ -173,7 +173,7 @@ def cache_paths(model: str, opts: ExtractOptions, data_root: Path, out: str | os
         return [Path(o) for o in out]
     if out is not None:
         out = Path(out)
-        return [out] if len(layers) == 1 else [out.with_name(f"{out.stem}__at-{clean(layer)}{out.suffix}") for layer in layers]
+        return [out] if len(layers) == 1 else [out.with_name(f"{out.stem}__at-{file_name_part(layer)}{out.suffix}") for layer in layers]
     return [default_cache_path(model, opts.weights, data_root, cache_dir, precision, opts.decode, opts.seed, layer) for layer in layers]
 
 

@@ -8,7 +8,7 @@ field and one flag.
 
 Field metadata says where an option may also be set:
 - ``JOB_LEVEL``: set once at the top of a job file (``device``), not in each table;
-- ``HOW``: how the work runs, not what it computes (``workers``, ``device``): never part
+- ``OUTSIDE_IDENTITY``: how the work runs, not what it computes (``workers``, ``device``): never part
   of an artifact's identity, so changing it never makes work stale.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .choices import canonical, canonical_device
 from .errors import UsageError
 
 JOB_LEVEL = "job_level"
-HOW = "how"
+OUTSIDE_IDENTITY = "outside_identity"
 
 O = TypeVar("O")
 
@@ -43,8 +43,9 @@ def option_fields(cls: type, *, in_tables: bool = False) -> list[dataclasses.Fie
     return [f for f in dataclasses.fields(cls) if not (in_tables and f.metadata.get(JOB_LEVEL))]
 
 
-def how_fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls) if f.metadata.get(HOW)}
+def fields_outside_identity(cls: type) -> set[str]:
+    """Fields that say how the work runs (workers, device): never part of an artifact's identity."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get(OUTSIDE_IDENTITY)}
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:

@@ -30,7 +30,7 @@ from .heads import LoadedHead, head_scorer, literal_text, load_head
 from .images import DEFAULT_MAX_PIXELS, DecodedBatch, ImageRecord, is_manifest, is_shards, scan_source
 from .inference import Feed, ReadOptions, build_mapper, engines_home, open_reader, resolve_decode, resolve_precision, run_batches
 from .interrupts import sigterm_as_interrupt
-from .options import HOW, build, check_device, check_types, choose, require
+from .options import OUTSIDE_IDENTITY, build, check_device, check_types, choose, require
 from .overlap import StageClock
 from .predictions import PredictionWriter, Scored, concatenate, output_format, score
 from .provenance import ROW_NUMBERS, recorded
@@ -54,13 +54,13 @@ class PredictOptions:
     with_embeddings: bool = False  # the embedding column (Parquet only)
     cache: str | None = None  # score rows from this cache; with images, extract the missing ones into it first
     split: str | None = None  # with a cache and no images: train, val, test, unlabeled or all (default all)
-    batch_size: int = field(default=32, metadata={HOW: True})
-    workers: int | None = field(default=None, metadata={HOW: True})  # decoder processes (default: sized to the machine)
-    device: str = field(default="auto", metadata={HOW: True})
-    engine: str = field(default="auto", metadata={HOW: True})
+    batch_size: int = field(default=32, metadata={OUTSIDE_IDENTITY: True})
+    workers: int | None = field(default=None, metadata={OUTSIDE_IDENTITY: True})  # decoder processes (default: sized to the machine)
+    device: str = field(default="auto", metadata={OUTSIDE_IDENTITY: True})
+    engine: str = field(default="auto", metadata={OUTSIDE_IDENTITY: True})
     precision: str | None = None  # default: the precision the head's cache was extracted in
     decode: str | None = None  # default: the decoding the head's cache recorded
-    gpu_decoder: str = field(default="auto", metadata={HOW: True})
+    gpu_decoder: str = field(default="auto", metadata={OUTSIDE_IDENTITY: True})
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..choices import AUGMENT_PRESETS, HEAD_MODES, OPTIMIZERS, PRECISIONS, SCHEDULES
 from ..errors import UsageError
-from ..options import HOW, JOB_LEVEL, build, check_device, check_types, choose, flag, how_fields, require
+from ..options import JOB_LEVEL, OUTSIDE_IDENTITY, build, check_device, check_types, choose, fields_outside_identity, flag, require
 from .freezing import parse_unfreeze
 
 OPTIMIZER_DEFAULTS = {
@@ -49,8 +49,8 @@ class FinetuneOptions:
     precision: str | None = None  # fp32, bf16 (where native), fp16 (CUDA), auto: bf16 where native, fp16 on older GPUs, else fp32
     channels_last: bool | None = None
     seed: int | None = None
-    workers: int | None = field(default=None, metadata={HOW: True})  # decoder processes (None: sized to the machine)
-    device: str = field(default="auto", metadata={HOW: True, JOB_LEVEL: True})
+    workers: int | None = field(default=None, metadata={OUTSIDE_IDENTITY: True})  # decoder processes (None: sized to the machine)
+    device: str = field(default="auto", metadata={OUTSIDE_IDENTITY: True, JOB_LEVEL: True})
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -79,7 +79,7 @@ class FinetuneOptions:
 
     def training(self) -> dict[str, Any]:
         """What the run computes: every option but the "how" ones; stored in checkpoints."""
-        skip = how_fields(type(self))
+        skip = fields_outside_identity(type(self))
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
     def resolve(self, previous: Mapping[str, Any] | None = None) -> FinetuneOptions:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..choices import CLASS_WEIGHTS, HEAD_KINDS, SELECT_ON, TORCH_SCHEDULES
-from ..options import HOW, check_types, choose, require
+from ..options import OUTSIDE_IDENTITY, check_types, choose, require
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,7 @@ class FitOptions:
 
     clf: str = "logreg"
     C: float | None = None  # logreg: fixed C
-    workers: int | None = field(default=None, metadata={HOW: True})  # logreg: solver threads (None: torch's default, every core)
+    workers: int | None = field(default=None, metadata={OUTSIDE_IDENTITY: True})  # logreg: solver threads (None: torch's default, every core)
     epochs: int | None = None  # torch heads from here on
     lr: tuple[float, ...] | None = None  # several values (or weight decays, or architectures): a grid trained in one read
     weight_decay: tuple[float, ...] | None = None

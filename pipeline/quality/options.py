@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..choices import AUDIT_CHECKS, DUPLICATE_THRESHOLD, LABEL_METHODS, MAP_METHODS, canonical
-from ..options import HOW, check_device, check_types, choose, require
+from ..options import OUTSIDE_IDENTITY, check_device, check_types, choose, require
 
 # Cosine similarity, in the whitened principal-component space of ``space.py``, above which
 # two rows count as near-duplicates. Calibrated on the demo digits through a random-init
@@ -32,7 +32,7 @@ class AuditOptions:
     imbalance_ratio: float = 10.0
     val_fraction: float = 0.2  # the split of a cache that is not pre-split (as fit-head's default)
     seed: int = 0
-    device: str = field(default="auto", metadata={HOW: True})  # where similarities are computed: auto (the GPU when present), cpu, cuda[:N]
+    device: str = field(default="auto", metadata={OUTSIDE_IDENTITY: True})  # where similarities are computed: auto (the GPU when present), cpu, cuda[:N]
 
     def __post_init__(self) -> None:
         check_types(self)

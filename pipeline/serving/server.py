@@ -35,7 +35,7 @@ from ..choices import ENGINES, PRECISIONS
 from ..errors import UsageError
 from ..images import DEFAULT_MAX_PIXELS, DecodeError
 from ..interrupts import signals_handled, stop_grace
-from ..options import HOW, build, check_device, check_types, choose, require
+from ..options import OUTSIDE_IDENTITY, build, check_device, check_types, choose, require
 from ..predictions import score
 from .classifier import Classifier, Log, load_classifier
 
@@ -55,8 +55,8 @@ class ServeOptions:
     topk: int = 5  # classes per image when the request does not say (?topk=N)
     engine: str = "auto"  # for a head or model file; an .onnx file runs on ONNX Runtime
     precision: str | None = None  # for a head or model file: None, the head's cache's; auto, bf16 where native
-    device: str = field(default="auto", metadata={HOW: True})
-    workers: int | None = field(default=None, metadata={HOW: True})  # decoder threads (None: one per core)
+    device: str = field(default="auto", metadata={OUTSIDE_IDENTITY: True})
+    workers: int | None = field(default=None, metadata={OUTSIDE_IDENTITY: True})  # decoder threads (None: one per core)
 
     def __post_init__(self) -> None:
         check_types(self)
