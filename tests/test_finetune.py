@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline import load_cache
 from pipeline.backbones.registry import load_backbone
-from pipeline.errors import IncompatibleError, TrainingDiverged, UsageError
+from pipeline.errors import IncompatibleError, Interrupted, TrainingDiverged, UsageError
 from pipeline.finetune.augment import train_transform
 from pipeline.finetune.freezing import backbone_blocks, batchnorm_layers
 from pipeline.finetune.model import assemble
@@ -243,6 +243,45 @@ def test_bf16_training_where_native_reaches_fp32_accuracy(tiny_head, tmp_path):
         assert [h["train_loss"] for h in exact.history] != [h["train_loss"] for h in rounded.history]
     assert abs(exact.metrics["val"]["accuracy"] - rounded.metrics["val"]["accuracy"]) <= 0.15
     assert math.isfinite(rounded.history[-1]["train_loss"])
+
+
+def test_bf16_on_a_cpu_without_it_says_so_and_trains_in_fp32(tiny_head, tmp_path, monkeypatch):
+    from pipeline.backbones import hardware
+    from pipeline.heads import load_head
+
+    monkeypatch.setattr(hardware, "native_bf16", lambda device: (False, "CPU has neither AMX nor AVX-512 BF16"))
+    said: list[str] = []
+    opts = {**FAST, "epochs": 1}
+    exact = run_finetune(tiny_head, tmp_path / "fp32.pt", options=opts, workers=0, plots=False, trust_hub=True)
+    asked = run_finetune(tiny_head, tmp_path / "asked.pt", options={**opts, "precision": "bf16"}, workers=0, plots=False, trust_hub=True, log=said.append)
+    assert any("--precision bf16 refused: CPU has neither AMX nor AVX-512 BF16; training in exact fp32 instead" in m for m in said), said
+    assert load_head(tmp_path / "asked.pt").provenance["trained_in"] == "fp32"
+    assert [h["train_loss"] for h in asked.history] == [h["train_loss"] for h in exact.history]
+
+
+def test_a_bf16_checkpoint_resumes_bit_identically(tiny_head, tmp_path, monkeypatch):
+    """Two bf16 epochs straight, or interrupted after epoch 1's checkpoint and resumed: the same weights, exactly."""
+    import pipeline.finetune.run as run_mod
+
+    opts = {**FAST, "precision": "bf16", "epochs": 2}
+    straight = tmp_path / "straight.pt"
+    run_finetune(tiny_head, straight, options=opts, workers=0, plots=False, trust_hub=True)
+    real = run_mod._save_checkpoint
+
+    def then_interrupt(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt  # as Ctrl-C right after epoch 1's checkpoint
+
+    monkeypatch.setattr(run_mod, "_save_checkpoint", then_interrupt)
+    resumed = tmp_path / "resumed.pt"
+    with pytest.raises(Interrupted):
+        run_finetune(tiny_head, resumed, options=opts, workers=0, plots=False, trust_hub=True)
+    monkeypatch.setattr(run_mod, "_save_checkpoint", real)
+    run_finetune(tiny_head, resumed, resume=True, workers=0, plots=False, trust_hub=True)
+    a, b = torch.load(checkpoint_path_for(straight), weights_only=True), torch.load(checkpoint_path_for(resumed), weights_only=True)
+    assert b["options"]["precision"] == "bf16" and b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
 
 
 def test_checkpoint_guards_and_option_conflicts(tiny_head, tmp_path):
