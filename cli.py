@@ -506,7 +506,7 @@ def fit_head(
     class_weight: str | None = typer.Option(None, "--class-weight", help="balanced: weight classes inversely to their frequency (default: equal)."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Validation share when the data is not pre-split (hash of path: stable)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the split and the head."),
-    stream: bool = typer.Option(False, "--stream", help="torch heads: stream the cache in chunks instead of loading it."),
+    stream: bool = typer.Option(False, "--stream", help="Stream the cache in chunks instead of loading it (logreg: the same objective summed over chunks; automatic over --memory-budget)."),
     memory_budget: float = typer.Option(4.0, "--memory-budget", help="GiB of embeddings to load before streaming automatically."),
     k: str | None = typer.Option(None, "--k", help="knn: neighbours, one count or several (e.g. 10,20,100,200: scored in one pass, the best on val kept; default 20)."),
     select_on: SelectOn = _choice("cv", "--select-on", help="logreg: choose C by cross-validation on the training rows (cv) or on the validation rows (val)."),

@@ -168,11 +168,18 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
     streaming = opts.stream or n_bytes > opts.memory_budget_bytes
     head = make_head(kind, **opts.estimator_params())
     t0 = time.perf_counter()
-    if streaming and kind == "logreg":
-        raise UsageError(f"cache {str(cache)!r} holds {n_bytes / 2**30:.1f} GiB of embeddings, over the memory budget; "
-                         "logreg needs them all in RAM: use --clf linear or knn (both stream the cache), or raise --memory-budget")
+    if opts.select_on == "val" and not len(idx["val"]):
+        raise UsageError(f"--select-on val: cache {str(cache)!r} has no validation rows under this split; use --select-on cv or a --val-fraction above 0")
     grid_board: list[dict[str, Any]] = []
-    if opts.is_grid():
+    if streaming and kind == "logreg" and not opts.is_grid():  # the same fit, summed over chunks read from the cache
+        tr = idx["train"]
+        on_val = opts.select_on == "val" and known.any()
+        Xv = read_embeddings(table, table.index_rows[fit_idx["val"]], dim) if on_val else None
+        head.fit_rows(lambda pos: read_embeddings(table, table.index_rows[tr[pos]], dim), table.labels[tr], dim,
+                      chunk_rows=max(1024, opts.memory_budget_bytes // (dim * 8 * 4)),  # float32 read, float64 standardised, its tensor
+                      X_val=Xv, y_val=table.labels[fit_idx["val"]] if on_val else None)
+        X = {s: None for s in idx}
+    elif opts.is_grid():
         head, grid_board = _fit_grid(cache, table, fit_idx, opts, head, streaming, dim)
         X = {s: None for s in idx}
     elif streaming and kind == "knn":  # the training rows stay in the cache
@@ -190,15 +197,13 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
         X = {s: read_embeddings(table, table.index_rows[idx[s]], dim) for s in idx}
         y_train = table.labels[idx["train"]]
         use_val = isinstance(head, (TorchHead, KNNHead)) or opts.select_on == "val"  # early stopping, k, or logreg's C on val
-        if opts.select_on == "val" and not len(idx["val"]):
-            raise UsageError(f"--select-on val: cache {str(cache)!r} has no validation rows under this split; use --select-on cv or a --val-fraction above 0")
         if use_val and known.any():
             head.fit(X["train"], y_train, X["val"][known], table.labels[fit_idx["val"]])
         else:
             head.fit(X["train"], y_train)
-        if getattr(head, "C_at_edge_", "") == "largest":  # (the smallest edge is a model of class frequencies: recorded, nothing beyond it)
-            logs.warning(f"logreg: the chosen C={head.C_:g} is the largest value searched; a weaker regularisation may be better "
-                         "(try --C with larger values)")
+    if getattr(head, "C_at_edge_", "") == "largest":  # (the smallest edge is a model of class frequencies: recorded, nothing beyond it)
+        logs.warning(f"logreg: the chosen C={head.C_:g} is the largest value searched; a weaker regularisation may be better "
+                     "(try --C with larger values)")
     seconds = time.perf_counter() - t0
 
     metrics: dict[str, Any] = {}
@@ -218,6 +223,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
         "cache_schema_version": SCHEMA_VERSION,
         "cache_fingerprint": table.content_digest(),
         "split_rule": rule.to_dict(),
+        **({"fit_path": "streamed" if getattr(head, "streamed_", False) else "in-memory"} if kind == "logreg" else {}),
         "n_train": int(len(idx["train"])), "n_val": int(len(idx["val"])), "n_test": int(len(idx["test"])),
         **versions("sklearn"), "fitted_at": timestamp(),
         **extra_provenance,

@@ -8,7 +8,7 @@ coarse-to-fine, folds on a subsample of a large training set, one refit on all r
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
@@ -24,7 +24,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import validate_data
 
 from .common import check_fitted, head_device
-from .logreg_path import DEFAULT_CS, LogisticProblem, balanced_weights, select_C, stratified_subsample
+from .logreg_path import DEFAULT_CS, ChunkedLogisticProblem, LogisticProblem, balanced_weights, select_C, stratified_subsample
 
 FLOAT64_MAX_VALUES = 20_000_000  # rows x features solved in float64 (exact); larger problems in float32
 
@@ -71,41 +71,87 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
     # -- fitting
     def fit(self, X, y, X_val=None, y_val=None) -> LogRegHead:
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        labels = self._start(y)
+        scaler = StandardScaler().fit(X)
+        dtype, as_tensor = self._tensors(X.size)
+        t0 = time.perf_counter()
+        with _threads(self.n_jobs):
+            Z = as_tensor(scaler.transform(X))
+            weights = lambda rows: self._row_weights(labels[rows], len(self.classes_), as_tensor)  # noqa: E731
+            problem = LogisticProblem(Z, as_tensor(labels, torch.long), len(self.classes_), weights(np.arange(len(labels))))
+            W, b, n_iter = self._solve(problem, lambda rows: Z[torch.as_tensor(rows, device=Z.device)], labels, weights, X_val, y_val, scaler,
+                                       as_tensor, dtype)
+        return self._finish(scaler, W, b, n_iter, t0, streamed=False)
+
+    def fit_rows(self, read: Callable[[np.ndarray], np.ndarray], y, n_features: int, chunk_rows: int, X_val=None, y_val=None) -> LogRegHead:
+        """:meth:`fit` on rows read ``chunk_rows`` at a time (``read(positions)``: float rows of
+        ``n_features``, positions into ``y``): the same standardisation (accumulated chunk by
+        chunk), the same C selection (its subsample read once) and the same objective, summed
+        over chunks, so memory is one chunk plus the model however many rows there are."""
+        y = np.asarray(y)
+        labels = self._start(y)
+        self.n_features_in_ = int(n_features)
+        n = len(labels)
+        starts = range(0, n, max(1, int(chunk_rows)))
+        scaler = StandardScaler()
+        for a in starts:
+            scaler.partial_fit(np.asarray(read(np.arange(a, min(a + chunk_rows, n))), dtype=np.float64))
+        dtype, as_tensor = self._tensors(n * self.n_features_in_)
+        weights = lambda rows: self._row_weights(labels[rows], len(self.classes_), as_tensor)  # noqa: E731
+        every = self._row_weights(labels, len(self.classes_), np.asarray)  # from all the labels ("balanced" counts every class), sliced per chunk
+
+        def chunks():
+            for a in starts:
+                rows = np.arange(a, min(a + chunk_rows, n))
+                yield (as_tensor(scaler.transform(np.asarray(read(rows), dtype=np.float64))), as_tensor(labels[rows], torch.long),
+                       as_tensor(every[rows]) if every is not None else None)
+
+        t0 = time.perf_counter()
+        with _threads(self.n_jobs):
+            total = float(every.sum()) if every is not None else float(n)
+            problem = ChunkedLogisticProblem(chunks, len(self.classes_), self.n_features_in_, total, dtype, head_device(self.device))
+            subsample = lambda rows: as_tensor(scaler.transform(np.asarray(read(rows), dtype=np.float64)))  # noqa: E731
+            W, b, n_iter = self._solve(problem, subsample, labels, weights, X_val, y_val, scaler, as_tensor, dtype)
+        return self._finish(scaler, W, b, n_iter, t0, streamed=True)
+
+    def _start(self, y: np.ndarray) -> np.ndarray:
+        """Classes from the labels; the labels as class indices."""
         check_classification_targets(y)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
             raise ValueError(f"Classifier can't train when only one class is present (class {self.classes_[0]!r}); give rows of at least 2 classes")
-        labels = np.searchsorted(self.classes_, y)
-        scaler = StandardScaler().fit(X)
+        return np.searchsorted(self.classes_, y)
+
+    def _tensors(self, values: int):
+        """The solver's dtype (float64, exact, unless the problem is large or on a GPU) and a numpy -> tensor converter."""
         device = head_device(self.device)
-        dtype = torch.float64 if X.size <= FLOAT64_MAX_VALUES and device.type == "cpu" else torch.float32
-        as_tensor = lambda a, dt=dtype: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=device)  # noqa: E731
-        t0 = time.perf_counter()
-        with _threads(self.n_jobs):
-            Z = as_tensor(scaler.transform(X))
-            Y = as_tensor(labels, torch.long)
-            n_classes = len(self.classes_)
-            weights = lambda rows: self._row_weights(labels[rows], n_classes, as_tensor)  # noqa: E731
-            warm = None
-            self.cv_scores_, self.path_, self.C_at_edge_ = {}, [], ""
-            if self.C is not None:
-                self.C_ = float(self.C)
+        dtype = torch.float64 if values <= FLOAT64_MAX_VALUES and device.type == "cpu" else torch.float32
+        return dtype, lambda a, dt=dtype: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=device)
+
+    def _solve(self, problem: LogisticProblem, subsample, labels, weights, X_val, y_val, scaler, as_tensor, dtype):
+        """C (given, or selected from warm-started paths), then the kept model on every training row."""
+        warm = None
+        self.cv_scores_, self.path_, self.C_at_edge_ = {}, [], ""
+        if self.C is not None:
+            self.C_ = float(self.C)
+        else:
+            selection = self._select(problem, subsample, labels, weights, X_val, y_val, scaler, as_tensor)
+            if selection is None:  # too few rows per class to cross-validate
+                self.C_ = 1.0
             else:
-                selection = self._select(Z, Y, labels, weights, X_val, y_val, scaler, as_tensor)
-                if selection is None:  # too few rows per class to cross-validate
-                    self.C_ = 1.0
-                else:
-                    self.C_, self.C_at_edge_ = selection.C, selection.at_edge
-                    self.cv_scores_ = {p.C: p.score for p in selection.points}
-                    self.path_ = [asdict(p) for p in selection.points]
-                    warm = tuple(torch.stack([s[i] for s in selection.warm]).mean(0) for i in range(2))
-            problem = LogisticProblem(Z, Y, n_classes, weights(np.arange(len(labels))))
-            # in float64 the kept model is solved tighter than scikit-learn's tol (its predictions are compared
-            # with scikit-learn's); in float32 (large sets) that would only spend iterations on rounding noise
-            W, b, n_iter = problem.solve(self.C_, warm, tol=self.tol * (1e-2 if dtype == torch.float64 else 1.0), max_iter=self.max_iter)
+                self.C_, self.C_at_edge_ = selection.C, selection.at_edge
+                self.cv_scores_ = {p.C: p.score for p in selection.points}
+                self.path_ = [asdict(p) for p in selection.points]
+                warm = tuple(torch.stack([s[i] for s in selection.warm]).mean(0) for i in range(2))
+        # in float64 the kept model is solved tighter than scikit-learn's tol (its predictions are compared
+        # with scikit-learn's); in float32 (large sets) that would only spend iterations on rounding noise
+        return problem.solve(self.C_, warm, tol=self.tol * (1e-2 if dtype == torch.float64 else 1.0), max_iter=self.max_iter)
+
+    def _finish(self, scaler, W, b, n_iter, t0: float, streamed: bool) -> LogRegHead:
         self.fit_seconds_ = round(time.perf_counter() - t0, 4)
         self.pipeline_ = self._pipeline(scaler, W.double().cpu().numpy(), b.double().cpu().numpy())
         self.n_iter_ = np.array([n_iter])
+        self.streamed_ = streamed
         return self
 
     def _row_weights(self, labels: np.ndarray, n_classes: int, as_tensor) -> torch.Tensor | None:
@@ -117,24 +163,28 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         per_class = np.array([float(self.class_weight.get(c, 1.0)) for c in self.classes_])
         return as_tensor(per_class[labels])
 
-    def _select(self, Z, Y, labels, weights, X_val, y_val, scaler, as_tensor):
+    def _select(self, full: LogisticProblem, subsample: Callable[[np.ndarray], torch.Tensor], labels, weights, X_val, y_val, scaler, as_tensor):
+        """C on the validation rows (``full`` is the problem), or by stratified folds of a subsample
+        of at most ``select_rows`` training rows (``subsample(rows)``: their standardised rows)."""
         grid = tuple(self.Cs) if self.Cs is not None else DEFAULT_CS
         refine = self.Cs is None  # a grid that was given is solved exactly as given
         if X_val is not None and y_val is not None and len(y_val):
             known = np.isin(y_val, self.classes_)
             Xv = as_tensor(scaler.transform(np.asarray(X_val, dtype=np.float64)[known]))
             Yv = as_tensor(np.searchsorted(self.classes_, np.asarray(y_val)[known]), torch.long)
-            folds = [(LogisticProblem(Z, Y, len(self.classes_), weights(np.arange(len(labels)))), Xv, Yv)]
+            folds = [(full, Xv, Yv)]
         else:
             rows = stratified_subsample(labels, self.select_rows, self.random_state)
             n_folds = min(self.cv, int(np.bincount(labels[rows]).min()))
             if n_folds < 2 or len(grid) < 2:
                 return None
+            Zs = subsample(rows)
+            Ys = as_tensor(labels[rows], torch.long)
             splitter = StratifiedKFold(n_folds, shuffle=True, random_state=self.random_state)
             folds = []
             for train, test in splitter.split(np.zeros(len(rows)), labels[rows]):
-                tr, te = torch.as_tensor(rows[train], device=Z.device), torch.as_tensor(rows[test], device=Z.device)
-                folds.append((LogisticProblem(Z[tr], Y[tr], len(self.classes_), weights(rows[train])), Z[te], Y[te]))
+                tr, te = torch.as_tensor(train, device=Zs.device), torch.as_tensor(test, device=Zs.device)
+                folds.append((LogisticProblem(Zs[tr], Ys[tr], len(self.classes_), weights(rows[train])), Zs[te], Ys[te]))
         # the default path only ranks C by accuracy: a looser tolerance; a given grid is solved as scikit-learn would
         return select_C(folds, grid, tol=self.path_tol if refine else self.tol, max_iter=self.max_iter, refine=refine)
 

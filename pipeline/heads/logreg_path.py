@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,6 +79,12 @@ class LogisticProblem:
         data = (ce * self.w).sum() if self.w is not None else ce.sum()
         return data / self.total + (W * W).sum() / (2.0 * C * self.total)
 
+    def loss_and_gradient(self, W: torch.Tensor, b: torch.Tensor, C: float) -> torch.Tensor:
+        """The objective at (W, b), its gradient left in ``W.grad``/``b.grad``."""
+        loss = self.objective(W, b, C)
+        loss.backward()
+        return loss.detach()
+
     def solve(self, C: float, start: tuple[torch.Tensor, torch.Tensor] | None = None, tol: float = 1e-4,
               max_iter: int = 1000) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Minimise at ``C`` from ``start`` (zeros if None) until the largest gradient entry is
@@ -90,9 +97,7 @@ class LogisticProblem:
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
-            loss = self.objective(W, b, C)
-            loss.backward()
-            return loss
+            return self.loss_and_gradient(W, b, C)
 
         opt.step(closure)
         n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
@@ -102,6 +107,33 @@ class LogisticProblem:
         with torch.no_grad():
             return float((self.logits(X, W, b).argmax(1) == y).double().mean())
 
+
+
+class ChunkedLogisticProblem(LogisticProblem):
+    """The same objective summed over row chunks read one at a time (``chunks()`` yields
+    standardised rows, labels and weights or None): memory is one chunk plus the model,
+    whatever the number of rows."""
+
+    def __init__(self, chunks: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]], n_classes: int, dim: int,
+                 total: float, dtype: torch.dtype, device: torch.device):
+        self.chunks, self.n_classes, self.total = chunks, n_classes, total
+        self.rows = 1 if n_classes == 2 else n_classes
+        self.dim, self.dtype, self.device = dim, dtype, device
+
+    def zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.zeros(self.rows, self.dim, dtype=self.dtype, device=self.device),
+                torch.zeros(self.rows, dtype=self.dtype, device=self.device))
+
+    def loss_and_gradient(self, W: torch.Tensor, b: torch.Tensor, C: float) -> torch.Tensor:
+        loss = torch.zeros((), dtype=self.dtype, device=self.device)
+        for X, y, w in self.chunks():
+            ce = torch.nn.functional.cross_entropy(self.logits(X, W, b), y, reduction="none")
+            part = ((ce * w).sum() if w is not None else ce.sum()) / self.total
+            part.backward()
+            loss += part.detach()
+        reg = (W * W).sum() / (2.0 * C * self.total)
+        reg.backward()
+        return loss + reg.detach()
 
 def balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     """scikit-learn's ``class_weight="balanced"``: n / (K * count), per row."""

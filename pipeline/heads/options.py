@@ -28,7 +28,7 @@ class FitOptions:
     class_weight: str | None = None
     val_fraction: float = 0.2  # validation share when the data is not pre-split
     seed: int = 0  # the split and the head
-    stream: bool = False  # torch heads: stream the cache in chunks
+    stream: bool = False  # stream the cache in chunks (logreg: the same fit, summed over chunks; torch heads: minibatches)
     memory_budget: float = 4.0  # GiB of embeddings loaded before streaming automatically
     k: tuple[int, ...] | None = None  # knn: neighbour counts; several are scored in one pass and the best on val kept (default 20)
     select_on: str = "cv"  # logreg: choose C by cross-validation on train, or on the cache's val split
