@@ -362,6 +362,8 @@ def test_head_backbone_mismatch_is_refused(tiny_hub, tmp_path):
     (["--augment", "wild"], 2, "--augment"),
     (["--optimizer", "lion"], 2, "--optimizer"),
     (["--amp"], 2, "CUDA"),
+    (["--amp", "--precision", "bf16"], 2, "--amp and --precision were both given"),
+    (["--precision", "int8"], 2, "--precision 'int8'"),
     (["--epochs", "-1"], 2, "--epochs"),
 ])
 def test_cli_bad_finetune_options(tiny_head, tmp_path, args, code, needle):

@@ -60,6 +60,8 @@ class FinetuneOptions:
         if self.unfreeze is not None:
             object.__setattr__(self, "unfreeze", self.unfreeze.strip().lower())
             parse_unfreeze(self.unfreeze)
+        if self.amp and self.precision is not None:
+            raise UsageError("--amp and --precision were both given: --amp is CUDA mixed precision (bf16 where supported, else fp16); give one of them")
         given = self.given()
         at_least = {"epochs": 0, "batch_size": 1, "accum": 1, "lr_backbone": 0.0, "weight_decay": 0.0, "clip_grad": 0.0}
         for name, low in at_least.items():
@@ -102,7 +104,7 @@ class FinetuneOptions:
 DEFAULTS: dict[str, Any] = {
     "head": "from", "unfreeze": "all", "augment": "basic", "optimizer": "sgd", "lr_backbone": None, "lr_head": None, "momentum": 0.9,
     "weight_decay": None, "schedule": "cosine", "warmup": 0.1, "epochs": 10, "batch_size": 32, "accum": 1, "clip_grad": 1.0,
-    "label_smoothing": 0.0, "amp": False, "precision": "fp32", "channels_last": True, "seed": 0,
+    "label_smoothing": 0.0, "amp": False, "precision": None, "channels_last": True, "seed": 0,
 }
 
 

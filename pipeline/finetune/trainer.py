@@ -18,8 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..backbones import PrecisionChoice, TorchEngine
-from ..backbones.hardware import choose_precision
+from ..backbones import PrecisionChoice, TorchEngine, choose_precision
 from ..distributed import World
 from ..divergence import DivergenceGuard
 from ..errors import TrainingDivergedError
