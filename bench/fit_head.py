@@ -38,7 +38,7 @@ from common import PEAK_RSS_SOURCE, hard_features  # noqa: E402
 CHILD_PRELUDE = (
     "import json, os, resource, sys, time; sys.path.insert(0, %r)\n"
     "import numpy as np\n"
-    "from pipeline.heads.fit import _load_split, _read\n"
+    "from pipeline.heads.fit import _load_split, read_embeddings as _read\n"
     "def rows(cache):\n"
     "    table, split, _ = _load_split(cache, 0.2, 0)\n"
     "    dim = int(table.meta['embed_dim'])\n"
