@@ -66,11 +66,11 @@ def choose_precision(requested: str, device: torch.device) -> PrecisionChoice:
         return PrecisionChoice("fp32", None, "")
     if requested == "fp16":
         if device.type != "cuda":
-            return PrecisionChoice("fp32", None, "fp16 runs natively only on CUDA here; extracting in exact fp32 instead")
+            return PrecisionChoice("fp32", None, "fp16 runs natively only on CUDA here; running in exact fp32 instead")
         return PrecisionChoice("fp16", torch.float16, "")
     ok, why = native_bf16(device)
     if ok:
         return PrecisionChoice("bf16", torch.bfloat16, f"bf16: {why}")
     if requested == "auto":
         return PrecisionChoice("fp32", None, f"precision auto -> fp32: {why}")
-    return PrecisionChoice("fp32", None, f"--precision bf16 refused: {why}; extracting in exact fp32 instead")
+    return PrecisionChoice("fp32", None, f"--precision bf16 refused: {why}; running in exact fp32 instead")

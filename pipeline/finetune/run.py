@@ -235,7 +235,7 @@ class FineTuneJob:
         self.train_set = AugmentedDataset(self.scan.root, train_records, train_transform(self.backbone.preprocessing, opts.augment), opts.seed)
         self.trainer = Trainer(self.model, opts, self.device, self.labels[self.index["train"]], self.team, self.backbone.preprocessing.input_size)
         if self.trainer.precision.note:
-            self.log(self.trainer.precision.note.replace("extracting", "training"))
+            self.log(self.trainer.precision.note)
         shown = ", ".join(self.thawed[-3:]) + (" …" if len(self.thawed) > 3 else "")
         n = {s: len(v) for s, v in self.index.items()}
         self.log(f"{prov['model']} + {self.loaded.kind} head ({'fresh' if opts.head == 'new' else 'from ' + self.loaded.path.name}); "
