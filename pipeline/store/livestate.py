@@ -108,17 +108,17 @@ class LiveState:
         self.recount(manifest)
         self.loaded = True
 
-    def walk(self, manifest: Manifest, failures: bool = True) -> Iterator[LiveEntries]:
-        """Every listed part that holds live rows or failure records, open while the caller looks."""
+    def walk(self, manifest: Manifest) -> Iterator[LiveEntries]:
+        """Every listed part that holds rows or failure records, open while the caller looks."""
         self.load(manifest)
         for i, p in enumerate(manifest.parts):
-            if not (p.rows or (failures and p.failures)):
+            if not (p.rows or p.failures):
                 continue
             st = self.parts[p.name]
             rmask, fmask = st.masks(p)
             pf = self.open_part(p)
             try:
-                yield LiveEntries(i, p, st, pf, np.flatnonzero(~rmask), np.flatnonzero(~fmask) if failures else np.zeros(0, np.int64))
+                yield LiveEntries(i, p, st, pf, np.flatnonzero(~rmask), np.flatnonzero(~fmask))
             finally:
                 pf.close()
 

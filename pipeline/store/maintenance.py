@@ -215,10 +215,12 @@ def dedupe(w: CacheWriter) -> int:
     manifest rebuilt from parts may list both). Returns how many were superseded."""
     keys, where = [], []  # where: (part position, kind, row) of each live entry
     for live in w.live.walk(w.manifest):
-        for kind, which, column in ((0, live.rows, "rows"), (1, live.failures, "failures")):
-            if getattr(live.info, column) and len(which):
-                keys.append(live.file.column("keys")[which] if kind == 0 else live.file.failures().keys[which])
-                where.append(np.stack([np.full(len(which), live.position), np.full(len(which), kind), which], axis=1))
+        if len(live.rows):
+            keys.append(live.file.column("keys")[live.rows])
+            where.append(np.stack([np.full(len(live.rows), live.position), np.zeros(len(live.rows), np.int64), live.rows], axis=1))
+        if len(live.failures):
+            keys.append(live.file.failures().keys[live.failures])
+            where.append(np.stack([np.full(len(live.failures), live.position), np.ones(len(live.failures), np.int64), live.failures], axis=1))
     if not keys:
         return 0
     k, wh = np.concatenate(keys), np.concatenate(where)
