@@ -124,7 +124,7 @@ def _begin(as_json: bool, quiet: bool) -> None:
     _state["json"] = as_json
     _state["quiet"] = quiet or as_json or _torchrun_worker()
     _state["bars"] = _Bars(not (quiet or as_json))
-    logs.quiet_console(quiet or as_json or _torchrun_worker())
+    logs.quiet_console(quiet or as_json)
 
 
 def _bar(label: str) -> Callable[[int, int, float], None] | None:
@@ -302,7 +302,7 @@ def extract(
     if outs and len(outs) != len(models):
         raise UsageError(f"--out was given {len(outs)} times for {len(models)} --model values; give one --out per --model, or none")
     summaries = extract_many(data_dir, models, outs or None, _options(ExtractOptions, {**locals(), "layers": tuple(layers or ())}), wait=wait,
-                             progress=_bar("extract"), log=_say, trust_hub=trust_hub)
+                             progress=_bar("extract"), trust_hub=trust_hub)
     code = 3 if any(s.failed for s in summaries) else 0
     if as_json:
         _emit_json({**summaries[0].to_dict(), "exit_code": code} if len(summaries) == 1 else {"caches": [s.to_dict() for s in summaries], "exit_code": code})
@@ -345,7 +345,7 @@ def engines(
 
     _begin(as_json, quiet)
     result = measure_engines(model, canonical_weights(weights), precision=precision, batch_size=batch_size, device=canonical_device(device), seed=seed,
-                             cache_dir=cache_dir, log=_say, trust_hub=trust_hub)
+                             cache_dir=cache_dir, trust_hub=trust_hub)
     if as_json:
         _emit_json(result)
         return 0
@@ -454,7 +454,7 @@ def run(
     from pipeline.status import format_job_plan
 
     _begin(as_json, quiet)
-    result = run_job(job, set_ or [], force=force, dry_run=dry_run, wait=wait, device=canonical_device(device), workers=workers, log=_say, progress=_bar,
+    result = run_job(job, set_ or [], force=force, dry_run=dry_run, wait=wait, device=canonical_device(device), workers=workers, progress=_bar,
                      trust_hub=trust_hub)
     code = 3 if result.failed_inputs else 0
     if as_json:
@@ -587,7 +587,7 @@ def predict(
     _begin(as_json, quiet)
     opts = _options(PredictOptions, locals(), out=None if out is None else str(out), grid=None if grid is None else str(grid),
                     cache=None if cache is None else str(cache))
-    r = run_predict(model_path, images or [], opts, trust_hub=trust_hub, progress=_bar("predict"), log=_say)
+    r = run_predict(model_path, images or [], opts, trust_hub=trust_hub, progress=_bar("predict"))
     code = 3 if r.failures else 0
     if as_json:
         _emit_json({**r.to_dict(), "exit_code": code})
@@ -628,7 +628,7 @@ def export_model(
 
     _begin(as_json, quiet)
     options = ExportOptions(format=format, uint8=uint8, probe=tuple(str(p) for p in probe or ()), probe_images=probe_images)
-    r = run_export(model_path, out, options, trust_hub=trust_hub, log=_say)
+    r = run_export(model_path, out, options, trust_hub=trust_hub)
     if as_json:
         _emit_json({k: v for k, v in r.to_dict().items() if k != "metadata"})
     else:
@@ -664,7 +664,7 @@ def serve(
     logs.quiet_console(quiet)  # --json is only the summary on stdout at exit: the address and the access log stay on stderr
     flags = locals()
     options = _options(ServeOptions, {k: v for k, v in flags.items() if not (k == "max_pixels" and v is None)})
-    summary = run_serve(model_path, options, trust_hub=trust_hub, log=_say, quiet=quiet)
+    summary = run_serve(model_path, options, trust_hub=trust_hub, quiet=quiet)
     if as_json:
         _emit_json(summary.to_dict())
     return 0
@@ -735,7 +735,7 @@ def finetune(
 
     _begin(as_json, quiet)
     options = _options(FinetuneOptions, locals(), head=head_mode)
-    r = run_finetune(head, out, data_dir=data, options=options, resume=resume, force=force, wait=wait, progress=_bar("train"), log=_say,
+    r = run_finetune(head, out, data_dir=data, options=options, resume=resume, force=force, wait=wait, progress=_bar("train"),
                      trust_hub=trust_hub)
     if report:
         r.reports["report_html"] = _write_report(r.model_path)
@@ -755,7 +755,7 @@ def _write_report(artifact: str) -> str:
     """``fit-head --report`` / ``finetune --report``: the report with its default options, beside the artifact."""
     from pipeline.report import write_report
 
-    return write_report(artifact, log=_say).path
+    return write_report(artifact).path
 
 
 def _audit_flags() -> dict[str, tuple[str, Any]]:
@@ -814,7 +814,7 @@ def report(
     from pipeline.report import write_report
 
     _begin(as_json, quiet)
-    r = write_report(model_path, cache, out, _options(ReportOptions, {**locals(), **(audit_flags or {})}, map=map_), log=_say)
+    r = write_report(model_path, cache, out, _options(ReportOptions, {**locals(), **(audit_flags or {})}, map=map_))
     if as_json:
         _emit_json(r.to_dict())
         return 0
@@ -844,7 +844,7 @@ def audit(
 
     _begin(as_json, quiet)
     checks = parse_fail_on(fail_on)
-    a = audit_cache(cache, _options(AuditOptions, {**locals(), **(audit_flags or {})}), log=_say)
+    a = audit_cache(cache, _options(AuditOptions, {**locals(), **(audit_flags or {})}))
     failing = a.failing(checks)
     code = ExitCode.FINDINGS if failing else ExitCode.OK
     if as_json:
@@ -907,7 +907,7 @@ def demo(
     from pipeline.demo import run_demo
 
     _begin(as_json, quiet)
-    result = run_demo(workdir, model, weights, finetune_epochs, progress=_bar, log=_say, show=not (as_json or quiet))
+    result = run_demo(workdir, model, weights, finetune_epochs, progress=_bar, show=not (as_json or quiet))
     if as_json:
         _emit_json(result)
     return 0
@@ -931,7 +931,7 @@ def export(
     from pipeline.exchange import export_cache
 
     _begin(as_json, quiet)
-    r = export_cache(cache, out, format_, split=split, classes=classes, row_group_rows=row_group_rows, progress=_bar("export"), log=_say)
+    r = export_cache(cache, out, format_, split=split, classes=classes, row_group_rows=row_group_rows, progress=_bar("export"))
     if as_json:
         _emit_json(r.to_dict())
     else:
@@ -960,7 +960,7 @@ def import_(
 
     _begin(as_json, quiet)
     r = import_cache(source, out, model=model, weights=weights, classes=classes, data_root=data_root, preprocessing=preprocessing, wait=wait,
-                     progress=_bar("import"), log=_say)
+                     progress=_bar("import"))
     if as_json:
         _emit_json(r.to_dict())
     else:

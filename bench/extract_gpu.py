@@ -87,7 +87,7 @@ def engines_alone(models: list[str], batch: int, device: torch.device, cache_dir
             for name in ["eager", "cudagraph"] + (["compile"] if compile_too else []):
                 t0 = time.perf_counter()
                 try:
-                    engine = build_checked(name, ctx, lambda m: None) if name != "eager" else ctx.eager()
+                    engine = build_checked(name, ctx) if name != "eager" else ctx.eager()
                     rates[f"{name}_{pname}_build_s"] = round(time.perf_counter() - t0, 1)
                     rates[f"{name}_{pname}"] = round(measure(engine, x, seconds), 1)
                     del engine

@@ -7,12 +7,15 @@ predicts at the end are images no stage trained on or chose anything with.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+logger = logging.getLogger(__name__)
 
 ProgressFactory = Callable[[str], Callable[[int, int, float], None] | None]
 
@@ -49,7 +52,7 @@ def write_digits(root: str | Path, size: int = 64, per_class: int | None = None,
 
 
 def run_demo(workdir: Path, model: str = "resnet18", weights: str = "none", finetune_epochs: int = 1, *,
-             progress: ProgressFactory = lambda label: None, log: Callable[[str], None] = print, show: bool = True) -> dict[str, Any]:
+             progress: ProgressFactory = lambda label: None, show: bool = True) -> dict[str, Any]:
     """extract -> status -> fit-head -> finetune -> predict -> report, saying what each stage
     did, and ending with every file it wrote. Returns the JSON summary. ``model`` is the user's
     choice, so its ``hub:`` source is trusted for the head and model the demo itself writes."""
@@ -64,46 +67,46 @@ def run_demo(workdir: Path, model: str = "resnet18", weights: str = "none", fine
     data = write_digits(workdir / "digits", split=True)
     name = f"digits_{model}_{weights}".lower()
     cache = workdir / "cache" / f"{name}.h5"
-    log(f"[1/6] extract {data} (train/ val/ test/) with {model}, weights {weights} -> {cache}")
-    summary = run_extract(data, model, weights, cache, progress=progress("extract"), log=log)
-    log(f"      {summary.new} new, {summary.cached} cached, {summary.failed} failed in {summary.seconds:.1f}s")
-    log("[2/6] what the cache holds")
+    logger.info(f"[1/6] extract {data} (train/ val/ test/) with {model}, weights {weights} -> {cache}")
+    summary = run_extract(data, model, weights, cache, progress=progress("extract"))
+    logger.info(f"      {summary.new} new, {summary.cached} cached, {summary.failed} failed in {summary.seconds:.1f}s")
+    logger.info("[2/6] what the cache holds")
     info = cache_status(cache)
     if show:
-        log(format_cache_status(info))
+        logger.info(format_cache_status(info))
     head = workdir / "heads" / f"{name}.logreg.head.pt"
-    log(f"[3/6] fit-head --clf logreg on train/ (C chosen by cross-validation on train/), scored on val/ and test/ -> {head}")
+    logger.info(f"[3/6] fit-head --clf logreg on train/ (C chosen by cross-validation on train/), scored on val/ and test/ -> {head}")
     fit = fit_head(cache, "logreg", head)
-    log(f"      fitted on {fit.n_train} rows in {fit.seconds:.1f}s")
+    logger.info(f"      fitted on {fit.n_train} rows in {fit.seconds:.1f}s")
     if show:
         for split in ("val", "test"):
-            log(format_metrics(split, fit.metrics[split]).splitlines()[0])
+            logger.info(format_metrics(split, fit.metrics[split]).splitlines()[0])
     predictor, tuned, verdict = head, None, "skipped (--finetune-epochs 0)"
     if finetune_epochs > 0:
         model_path = workdir / "models" / f"{name}.finetuned.pt"
-        log(f"[4/6] finetune {finetune_epochs} epoch(s) end to end (BatchNorm frozen) from the logreg head -> {model_path}")
-        tuned = run_finetune(head, model_path, options=DEMO_FINETUNE | {"epochs": finetune_epochs}, force=True, progress=progress("train"), log=log,
+        logger.info(f"[4/6] finetune {finetune_epochs} epoch(s) end to end (BatchNorm frozen) from the logreg head -> {model_path}")
+        tuned = run_finetune(head, model_path, options=DEMO_FINETUNE | {"epochs": finetune_epochs}, force=True, progress=progress("train"),
                              trust_hub=[model])
         verdict = _finetune_verdict(fit.metrics["val"]["accuracy"], tuned)
-        log(f"      {verdict}")
+        logger.info(f"      {verdict}")
         predictor = Path(tuned.model_path)
     else:
-        log(f"[4/6] finetune {verdict}")
+        logger.info(f"[4/6] finetune {verdict}")
     picks = [p for c in sorted((data / "test").iterdir()) for p in sorted(c.iterdir())[:2]]
     csv, grid = workdir / "predictions.csv", workdir / "predictions.png"
-    log(f"[5/6] predict {len(picks)} held-out images from {data / 'test'} (no stage trained on them or chose anything with them) with {predictor.name}")
+    logger.info(f"[5/6] predict {len(picks)} held-out images from {data / 'test'} (no stage trained on them or chose anything with them) with {predictor.name}")
     pred = predict_images(predictor, picks, csv, grid, trust_hub=[model])
     right = sum(r["true"] == r["predicted"] for r in pred.rows)
-    log(f"      {right}/{len(pred.rows)} correct on held-out test images")
+    logger.info(f"      {right}/{len(pred.rows)} correct on held-out test images")
     report_path = workdir / "report.html"
-    log(f"[6/6] report on the logreg head and its data (mistakes, label errors, duplicates, map) -> {report_path}")
+    logger.info(f"[6/6] report on the logreg head and its data (mistakes, label errors, duplicates, map) -> {report_path}")
     report = write_report(head, out=report_path)
-    log(f"      {report.mistakes} val mistakes, {report.counts['label-errors']} likely label errors, {report.counts['duplicates']} near-duplicate pairs; "
-        f"open it in a browser (one file, no network)")
+    logger.info(f"      {report.mistakes} val mistakes, {report.counts['label-errors']} likely label errors, {report.counts['duplicates']} near-duplicate pairs; "
+                f"open it in a browser (one file, no network)")
     files = _written_files(data, summary.cache, fit, tuned, pred) + [("report", str(report_path))]
-    log("files written:")
+    logger.info("files written:")
     for what, path in files:
-        log(f"  {what:<25} {path}")
+        logger.info(f"  {what:<25} {path}")
     return {"extract": summary.to_dict(), "status": info, "fit_head": {"head": fit.head_path, "metrics": fit.metrics, "reports": fit.reports},
             "finetune": tuned.to_dict() if tuned else None, "finetune_verdict": verdict,
             "predict": {"csv": pred.csv, "grid": pred.grid, "correct": right, "n": len(pred.rows), "images": "held-out test split"},

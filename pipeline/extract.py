@@ -10,6 +10,7 @@ sharing the files. ``ExtractOptions`` holds every option, checked when it is bui
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import time
@@ -35,6 +36,8 @@ from .options import JOB_LEVEL, OUTSIDE_IDENTITY, build, check_device, check_typ
 from .overlap import StageClock
 from .provenance import versions
 from .store import DTYPES, CacheWriter, KnownFiles, PendingRow, WriterLock, check_compatible, encode_paths, read_cache_meta, repair_cache
+
+logger = logging.getLogger(__name__)
 
 EMBEDDING_DEFINITION = "input of the model's final classification layer (classifier replaced by Identity)"
 
@@ -235,11 +238,11 @@ class Pass:
         return set().union(*(t.todo for t in self.targets))
 
 
-def _open_writer(t: Target, create: bool, repair: bool, log: Callable[[str], None]) -> CacheWriter:
+def _open_writer(t: Target, create: bool, repair: bool) -> CacheWriter:
     """The lock holder's writer (after ``--repair`` made the cache consistent); with ``create``
     the cache exists afterwards (staging ranks read it)."""
     if repair:
-        report = repair_cache(t.out_path, t.meta, log)
+        report = repair_cache(t.out_path, t.meta)
         t.summary.repaired = {"rebuilt_manifest": report.rebuilt_manifest, "dropped_parts": report.dropped, "superseded": report.superseded}
     writer = CacheWriter(t.out_path, t.meta)
     if create and not t.out_path.exists():
@@ -268,13 +271,13 @@ class ScanColumns:
                    np.fromiter((r.mtime_ns for r in keys), np.int64, len(keys)), scan.root, started)
 
 
-def _open_target(t: Target, w: World, scan: ScanColumns, opts: ExtractOptions, log: Callable[[str], None]) -> None:
+def _open_target(t: Target, w: World, scan: ScanColumns, opts: ExtractOptions) -> None:
     """Open the locked cache (rank 0 first: it adopts parts of earlier crashed runs) and work
     out what this cache lacks (numpy over the encoded paths: stat-only for a folder of
     unchanged files, but for the few files the content check reads); each rank then writes
     parts of its own. What the scan found unusable is recorded as failed, once."""
     retry = lambda reason: opts.repair or opts.verify_content or retry_under(reason, opts.max_pixels)  # noqa: E731
-    main = w.run_on_main(lambda: _open_and_check(t, scan, opts, retry, w.enabled, log))
+    main = w.run_on_main(lambda: _open_and_check(t, scan, opts, retry, w.enabled))
     if w.enabled:  # after rank 0 removed the rows whose bytes changed: they are missing here too
         t.writer = CacheWriter(t.out_path, t.meta, staging=True, tag=f"rank{w.rank}-")
         known = t.writer.known_files(retry=retry)
@@ -294,13 +297,12 @@ def _open_target(t: Target, w: World, scan: ScanColumns, opts: ExtractOptions, l
             t.summary.new_failed += 1
 
 
-def _open_and_check(t: Target, scan: ScanColumns, opts: ExtractOptions, retry: Callable[[str], bool], ranks: bool,
-                    log: Callable[[str], None]) -> tuple[CacheWriter, KnownFiles, np.ndarray]:
+def _open_and_check(t: Target, scan: ScanColumns, opts: ExtractOptions, retry: Callable[[str], bool], ranks: bool) -> tuple[CacheWriter, KnownFiles, np.ndarray]:
     """Rank 0: the writer, the cache's known files and which scanned files they hold unchanged
     (size and mtime), less the rows whose bytes changed all the same: every such file with
     ``--verify-content``, else the racy ones (``pipeline/changes.py``) are hashed. Those rows are
     removed at once, so a run interrupted before extracting them again leaves no stale row."""
-    writer = _open_writer(t, create=ranks, repair=opts.repair, log=log)
+    writer = _open_writer(t, create=ranks, repair=opts.repair)
     known = writer.known_files(retry=retry)
     unchanged = known.unchanged(scan.paths, scan.sizes, scan.mtimes)
     n = len(scan.records)
@@ -313,8 +315,8 @@ def _open_and_check(t: Target, scan: ScanColumns, opts: ExtractOptions, retry: C
     t.summary.hashed, t.summary.content_changed = check.hashed, len(check.changed)
     if len(check.changed):
         changed = [scan.records[i].relpath for i in check.changed.tolist()]
-        log(f"{t.summary.model}: {len(changed)} of {check.hashed} file(s) hashed changed content with the same size and mtime "
-            f"(e.g. {changed[0]}); extracting them again")
+        logger.info(f"{t.summary.model}: {len(changed)} of {check.hashed} file(s) hashed changed content with the same size and mtime "
+                    f"(e.g. {changed[0]}); extracting them again")
         unchanged[check.changed] = False
         writer.remove(changed)
         if ranks:  # committed before the ranks open their writers
@@ -443,7 +445,6 @@ def extract_many(
     *,
     wait: float = 0.0,
     progress: ProgressFn | None = None,
-    log: Callable[[str], None] = lambda msg: None,
     trust_hub: HubTrust = False,
     **fields: Any,
 ) -> list[ExtractSummary]:
@@ -471,7 +472,7 @@ def extract_many(
         if dev.type != "cuda":
             raise UsageError("--amp needs a CUDA device; on CPU use --precision bf16 (used where the CPU runs bf16 natively)")
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    chosen = resolve_precision(precision, dev, log)
+    chosen = resolve_precision(precision, dev)
 
     if decode == "gpu":
         check_gpu_decode(dev)
@@ -509,7 +510,7 @@ def extract_many(
         for t in targets:  # rank 0 holds every cache's lock for the whole run
             w.run_on_main(t.lock.acquire)
             opened.append(t)
-            _open_target(t, w, columns, opts, log if w.is_main else (lambda m: None))
+            _open_target(t, w, columns, opts)
         for p in passes:  # a cache whose backbone was not loaded lacks files after all
             if p.backbone is None and p.todo:
                 _load_deferred(p, load(p.targets[0].summary.model), scan, opts.dtype, dev, chosen.name, decode)
@@ -519,16 +520,15 @@ def extract_many(
         todo = todo_all[w.rank :: w.size]
         for t in targets:
             if w.is_main and (t.removed or t.todo):
-                log(f"{t.summary.model}{f' {t.summary.layer}' if t.summary.layer else ''}: {len(t.todo)} to extract, {t.summary.cached} cached, "
-                    f"{len(t.removed)} removed" + (f" ({w.size} ranks)" if w.enabled else ""))
+                logger.info(f"{t.summary.model}{f' {t.summary.layer}' if t.summary.layer else ''}: {len(t.todo)} to extract, {t.summary.cached} cached, "
+                            f"{len(t.removed)} removed" + (f" ({w.size} ranks)" if w.enabled else ""))
         # the decoder processes start reading while the engines are built
         preps = [p.backbone.preprocessing for p in passes]
         read = ReadOptions(batch_size, opts.workers, opts.max_pixels, decode, opts.gpu_decoder)
         pass_todo = [p.todo for p in passes]
         batches = open_reader(scan.root, todo, preps, read, dev, needs=[tuple(r.relpath in todo_p for todo_p in pass_todo) for r in todo])
         for p in passes:
-            p.mapper = build_mapper(p.backbone, engine, dev, chosen, batch_size, len(p.todo), p.targets[0].out_path.parent,
-                                    log if w.is_main else (lambda m: None))
+            p.mapper = build_mapper(p.backbone, engine, dev, chosen, batch_size, len(p.todo), p.targets[0].out_path.parent)
             for t in p.targets:
                 if p.todo:
                     t.summary.engine = p.mapper.engine.name
@@ -587,15 +587,15 @@ def run_extract(data_dir: str | os.PathLike, model: str, weights: str = "DEFAULT
 
 
 def measure_engines(model: str, weights: str = "DEFAULT", *, precision: str = "fp32", batch_size: int = 32, device: str = "auto", seed: int = 0,
-                    cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] = lambda msg: None,
+                    cache_dir: str | os.PathLike | None = None,
                     trust_hub: HubTrust = False) -> dict[str, Any]:
     """Measure every engine available here on ``model`` (random tensors) and remember the fastest
     where ``extract --engine auto`` into ``cache_dir`` looks for it (``trust_hub`` as for ``extract_many``)."""
     require(batch_size >= 1, f"--batch-size must be at least 1 (got {batch_size})")
     dev = resolve_device(device)
-    chosen = resolve_precision(precision, dev, log)
+    chosen = resolve_precision(precision, dev)
     backbone = load_backbone(model, weights, seed=seed, trust_hub=trust_hub)
     ctx = engine_context(backbone, dev, chosen, batch_size, Path(cache_dir) if cache_dir is not None else default_cache_dir())
-    tuning = tune(ctx, log=log)
+    tuning = tune(ctx)
     return {"model": model, "weights": backbone.weights_id, "precision": chosen.name, "batch_size": batch_size, "device": str(dev),
             "engine": tuning.best, "images_per_s": tuning.rates, "skipped": tuning.reasons, "choice_file": str(choice_path(ctx))}

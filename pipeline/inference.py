@@ -17,6 +17,7 @@ feeder thread, started once the engines exist), :func:`run_batches` (the loop).
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -42,7 +43,8 @@ from .images import (
 )
 from .overlap import StageClock, WriterThread
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
+
 
 
 # ----------------------------------------------------------------------------- this machine
@@ -63,19 +65,19 @@ def engines_home(provenance: dict) -> Path:
     return default_cache_dir()
 
 
-def resolve_precision(precision: str, device: torch.device, log: Log) -> PrecisionChoice:
+def resolve_precision(precision: str, device: torch.device) -> PrecisionChoice:
     """``--precision`` as this hardware runs it, saying so when the request was changed."""
     chosen = choose_precision(precision, device)
     if chosen.note:
-        log(chosen.note)
+        logger.info(chosen.note)
     return chosen
 
 
-def resolve_decode(decode: str, device: torch.device, log: Log) -> str:
+def resolve_decode(decode: str, device: torch.device) -> str:
     """``--decode`` as this device runs it: GPU decoding needs CUDA (a recorded choice, e.g. a
     head's cache, falls back to exact decoding here, said once)."""
     if decode == "gpu" and device.type != "cuda":
-        log("decode gpu needs a CUDA device: decoding exactly on the CPU here (pixels differ from GPU-decoded ones by ~1e-3)")
+        logger.info("decode gpu needs a CUDA device: decoding exactly on the CPU here (pixels differ from GPU-decoded ones by ~1e-3)")
         return "exact"
     if decode == "gpu":
         check_gpu_decode(device)
@@ -125,10 +127,10 @@ class Mapper:
 
 
 def build_mapper(backbone: Backbone, engine: str, device: torch.device, precision: PrecisionChoice, batch_size: int, n_images: int,
-                 cache_dir: Path, log: Log) -> Mapper:
+                 cache_dir: Path) -> Mapper:
     """``backbone`` on ``engine`` (auto: the engine measured fastest here for a job of ``n_images``)."""
     ctx = engine_context(backbone, device, precision, batch_size, cache_dir)
-    return Mapper(backbone.preprocessing, build_engine(engine, ctx, n_images, log))
+    return Mapper(backbone.preprocessing, build_engine(engine, ctx, n_images))
 
 
 class ScoringModule(torch.nn.Module):

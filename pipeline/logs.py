@@ -1,19 +1,23 @@
 """featcache's log: plain lines on stderr for people, and a file (text or JSON lines) for machines.
 
-Everything a command reports goes through the ``featcache`` logger, so ``--log-file``
-captures exactly what a person would have seen (plus timestamps), ``--quiet``/``--json``
-only silence the terminal, and errors always reach stderr.
+The library logs through standard ``logging`` (``logging.getLogger(__name__)`` in each
+module, so every record lands under the ``pipeline`` logger); a library caller configures
+logging as for any other package. The command line installs its handlers here, once per
+process: ``--log-file`` captures exactly what a person would have seen (plus timestamps),
+``--quiet``/``--json`` only silence the terminal, errors always reach stderr, and under
+torchrun only rank 0 says what it does (the other ranks' warnings and errors still show).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-LOGGER = logging.getLogger("featcache")
+LOGGER = logging.getLogger("pipeline")  # the library's modules log to its children
 
 
 class JsonLinesFormatter(logging.Formatter):
@@ -47,29 +51,32 @@ class _CurrentStderrHandler(logging.StreamHandler):
 
 
 _console: logging.Handler | None = None
+_ours: list[logging.Handler] = []  # the handlers configure() installed (a caller's own stay)
 
 
 def configure(log_file: Path | None = None, json_lines: bool = False) -> None:
-    """(Re)build the handlers: stderr always; ``log_file`` appended to when given.
+    """(Re)build the command line's handlers: stderr always; ``log_file`` appended to when given.
 
     ``json_lines`` formats the file as JSON lines (or stderr, when there is no file).
     """
     global _console
-    LOGGER.setLevel(logging.DEBUG)
-    LOGGER.propagate = False
-    for handler in list(LOGGER.handlers):
-        LOGGER.removeHandler(handler)
-        handler.close()
+    reset()
+    LOGGER.setLevel(logging.INFO)
+    LOGGER.propagate = False  # the command line owns the terminal: nothing printed twice through the root logger
     _console = _CurrentStderrHandler()
     _console.setLevel(logging.INFO)
     _console.addFilter(_not_a_result)  # results went to stdout already
+    _console.addFilter(_main_rank_or_trouble)
     _console.setFormatter(JsonLinesFormatter() if json_lines and log_file is None else logging.Formatter("%(message)s"))
+    _ours.append(_console)
     LOGGER.addHandler(_console)
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(log_file, mode="a", encoding="utf-8")
         fh.setLevel(logging.INFO)
+        fh.addFilter(_main_rank_or_trouble)
         fh.setFormatter(JsonLinesFormatter() if json_lines else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        _ours.append(fh)
         LOGGER.addHandler(fh)
 
 
@@ -82,6 +89,32 @@ def quiet_console(quiet: bool) -> None:
 
 def _not_a_result(record: logging.LogRecord) -> bool:
     return not getattr(record, "result", False)
+
+
+def _main_rank_or_trouble(record: logging.LogRecord) -> bool:
+    """Under torchrun every rank runs the same code: rank 0 says what happens, the others only
+    their warnings and errors (prefixed with the rank, as several may report one problem)."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank == 0:
+        return True
+    if record.levelno < logging.WARNING:
+        return False
+    if not getattr(record, "rank_prefixed", False):
+        record.msg, record.rank_prefixed = f"[rank {rank}] {record.msg}", True
+    return True
+
+
+def reset() -> None:
+    """Back to what an imported library has: no handler of ours, records propagate (a test that
+    ran the command line in this process leaves logging as it found it)."""
+    global _console
+    while _ours:
+        handler = _ours.pop()
+        LOGGER.removeHandler(handler)
+        handler.close()
+    LOGGER.propagate = True
+    LOGGER.setLevel(logging.NOTSET)
+    _console = None
 
 
 def result(message: str, show: bool = True) -> None:

@@ -12,6 +12,7 @@ ranks' outputs, in input order, into one file.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -36,12 +37,13 @@ from .predictions import PredictionWriter, Scored, concatenate, output_format, s
 from .provenance import ROW_NUMBERS, recorded
 from .store import read_rows
 
+logger = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test", "unlabeled", "all")
 PREVIEW_ROWS = 10_000  # rows kept in memory (for --json and the summary) when predictions go to a file
 GRID_IMAGES = 32
 CACHE_CHUNK = 1 << 14  # rows scored at a time from a cache: 128 MiB at 2,048-d float32
 Progress = Callable[[int, int, float], None]
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,7 @@ class Scorer:
 
 
 def predict(head_path: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), options: PredictOptions | dict | None = None, *,
-            trust_hub: HubTrust = False, progress: Progress | None = None, log: Log = lambda m: None, **fields: Any) -> PredictResult:
+            trust_hub: HubTrust = False, progress: Progress | None = None, **fields: Any) -> PredictResult:
     """Classify ``inputs`` (images: files, folders, manifests, shards, datasets) and/or the rows
     of ``options.cache`` with the head or fine-tuned model at ``head_path``; see the module doc.
     ``trust_hub``: consent to run a ``hub:`` backbone the file names (``--trust-hub``).
@@ -231,9 +233,10 @@ def predict(head_path: str | os.PathLike, inputs: Sequence[str | os.PathLike] = 
     require(bool(inputs) or opts.cache is not None, "predict needs images to classify, or --cache CACHE to score its rows")
     require(opts.split is None or not inputs, "--split chooses rows of the cache; with images, every image given is predicted")
     if not inputs:
-        result = _predict_cache(loaded, Path(opts.cache), opts, log)
+        result = _predict_cache(loaded, Path(opts.cache), opts)
+        logger.info(f"scored {result.result.n} {opts.split or 'all'} rows of {str(opts.cache)!r} without the backbone")
     else:
-        result = _predict_images(loaded, inputs, opts, trust_hub, progress, log)
+        result = _predict_images(loaded, inputs, opts, trust_hub, progress)
     if opts.grid is not None and result.grid_rows:
         result.result.grid = str(plot_grid(result.grid_rows, Path(opts.grid)))
     result.result.seconds = time.perf_counter() - t0
@@ -254,7 +257,7 @@ class _Run:
     grid_rows: list[dict[str, Any]]
 
 
-def _predict_cache(loaded: LoadedHead, cache: Path, opts: PredictOptions, log: Log) -> _Run:
+def _predict_cache(loaded: LoadedHead, cache: Path, opts: PredictOptions) -> _Run:
     """Score rows already embedded, chunk by chunk from one pinned version of the cache, in the
     order they are stored (sorting a million rows by path first would gather every chunk from
     all over the cache: 15 of 29 s at 100,000 x 2,048)."""
@@ -286,29 +289,26 @@ def _predict_cache(loaded: LoadedHead, cache: Path, opts: PredictOptions, log: L
             raise
         scorer.close()
     scorer.result.source = "cache"
-    log(f"scored {scorer.result.n} {split} rows of {str(cache)!r} without the backbone")
     return _Run(scorer.result, scorer.grid_rows)
 
 
-def _predict_images(loaded: LoadedHead, inputs: Sequence[str | os.PathLike], opts: PredictOptions, trust_hub: HubTrust, progress: Progress | None,
-                    log: Log) -> _Run:
+def _predict_images(loaded: LoadedHead, inputs: Sequence[str | os.PathLike], opts: PredictOptions, trust_hub: HubTrust, progress: Progress | None) -> _Run:
     """Images through the backbone's engine and the head, streamed into the output."""
     if opts.cache is not None:
-        return _predict_through_cache(loaded, inputs, Path(opts.cache), opts, trust_hub, log)
+        return _predict_through_cache(loaded, inputs, Path(opts.cache), opts, trust_hub)
     prov = loaded.provenance
     given = collect(inputs, prov["classes"])
     dev = resolve_device(opts.device)
     w = world(dev.type)
     dev = rank_device(dev, w)
-    say = log if w.is_main else (lambda m: None)
-    precision = resolve_precision(opts.precision or prov.get("precision") or "fp32", dev, say)
-    decode = resolve_decode(opts.decode or prov.get("decode") or "exact", dev, say)
+    precision = resolve_precision(opts.precision or prov.get("precision") or "fp32", dev)
+    decode = resolve_decode(opts.decode or prov.get("decode") or "exact", dev)
     lo, hi = _share(len(given.records), w)
     records, true = given.records[lo:hi], given.true[lo:hi]
     backbone = loaded.load_backbone(trust_hub)
     read = ReadOptions(opts.batch_size, opts.workers, opts.max_pixels, decode, opts.gpu_decoder, hash_files=False)
     batches = open_reader(Path("/"), records, [backbone.preprocessing], read, dev)
-    mapper = build_mapper(backbone, opts.engine, dev, precision, opts.batch_size, len(records), engines_home(prov), say)
+    mapper = build_mapper(backbone, opts.engine, dev, precision, opts.batch_size, len(records), engines_home(prov))
     out = _rank_path(Path(opts.out), w) if opts.out is not None else None
     scorer = Scorer(loaded, opts, out, keep_all=opts.out is None)
     scorer.result.engine = mapper.engine.name
@@ -347,8 +347,7 @@ def _predict_images(loaded: LoadedHead, inputs: Sequence[str | os.PathLike], opt
     return _merge_ranks(_Run(scorer.result, scorer.grid_rows), opts, w)
 
 
-def _predict_through_cache(loaded: LoadedHead, inputs: Sequence[str | os.PathLike], cache: Path, opts: PredictOptions, trust_hub: HubTrust,
-                           log: Log) -> _Run:
+def _predict_through_cache(loaded: LoadedHead, inputs: Sequence[str | os.PathLike], cache: Path, opts: PredictOptions, trust_hub: HubTrust) -> _Run:
     """Images and a cache: embed into the cache only the files it lacks (``extract``'s own run:
     incremental, crash-safe, the head's backbone and settings; files gone from the source lose
     their rows, as extract does), then score every image of the source from the cache."""
@@ -368,11 +367,11 @@ def _predict_through_cache(loaded: LoadedHead, inputs: Sequence[str | os.PathLik
     if prov.get("token_pool"):
         options["token_pool"] = prov["token_pool"]
     check_artifact_backbone(prov["model"], loaded.path, trust_hub)  # its code runs in the extract below only with consent
-    (summary,) = extract_many(inputs[0], [prov["model"]], [cache], options, log=log, trust_hub=True)
-    run = _predict_cache(loaded, cache, build(PredictOptions, opts, split="all"), lambda m: None)
+    (summary,) = extract_many(inputs[0], [prov["model"]], [cache], options, trust_hub=True)
+    run = _predict_cache(loaded, cache, build(PredictOptions, opts, split="all"))
     run.result.source, run.result.extracted = "images+cache", summary.new
     run.result.failures = list(summary.failures)
-    log(f"embedded {summary.new} new image(s) into {str(cache)!r} ({summary.cached} already there), then scored {run.result.n} rows from it")
+    logger.info(f"embedded {summary.new} new image(s) into {str(cache)!r} ({summary.cached} already there), then scored {run.result.n} rows from it")
     return run
 
 

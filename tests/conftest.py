@@ -58,6 +58,24 @@ def _torch_threads_restored():
         torch.set_num_threads(before)
 
 
+@pytest.fixture
+def said():
+    """What the library said through standard logging during the test (the ``pipeline`` logger's
+    messages at INFO and above, in order): what a person at the terminal would have read."""
+    import logging
+
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("pipeline")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
 def make_image(path: Path, size=(48, 40), seed: int = 0, fmt: str | None = None, mode: str = "RGB") -> Path:
     """A deterministic noisy colour image (not blank, so embeddings differ per seed)."""
     rng = np.random.default_rng(seed)
@@ -134,6 +152,9 @@ def _run_in_process(args: list[str], env: dict[str, str]) -> subprocess.Complete
         traceback.print_exc(file=err)
         code = 1
     finally:
+        from pipeline import logs
+
+        logs.reset()  # the handlers cli.main installed: a later test gets logging as a fresh process has it
         sys.stdout, sys.stderr = saved_stdio
         sys.argv = saved_argv
         os.chdir(saved_cwd)

@@ -42,11 +42,10 @@ def test_bf16_and_amp_on_cuda_are_recorded_and_close(tmp_path, image_tree):
     np.testing.assert_allclose(b.embeddings, a.embeddings, rtol=0, atol=3e-2 * np.abs(a.embeddings).max())
 
 
-def test_compiled_engine_on_cuda_matches_eager(tmp_path, image_tree):
-    messages: list[str] = []
+def test_compiled_engine_on_cuda_matches_eager(tmp_path, image_tree, said):
     run_extract(image_tree, "resnet18", "none", tmp_path / "e.h5", device="cuda", workers=0, engine="eager", batch_size=5)
-    s = run_extract(image_tree, "resnet18", "none", tmp_path / "c.h5", device="cuda", workers=0, engine="compile", batch_size=5, log=messages.append)
-    assert s.engine == "compile", messages
+    s = run_extract(image_tree, "resnet18", "none", tmp_path / "c.h5", device="cuda", workers=0, engine="compile", batch_size=5)
+    assert s.engine == "compile", said
     a, b = load_cache(tmp_path / "e.h5"), load_cache(tmp_path / "c.h5")
     np.testing.assert_allclose(b.embeddings, a.embeddings, rtol=1e-4, atol=1e-5 * np.abs(a.embeddings).max())
 
@@ -173,7 +172,7 @@ def test_cudagraph_engine_equals_eager_with_batches_in_flight(tmp_path, precisio
 
     chosen = PrecisionChoice(precision, None if precision == "fp32" else torch.bfloat16, "")
     ctx = engine_context(load_backbone("resnet18", "none"), torch.device("cuda"), chosen, 8, tmp_path)
-    graph, eager = build_checked("cudagraph", ctx, lambda m: None), ctx.eager()
+    graph, eager = build_checked("cudagraph", ctx), ctx.eager()
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(8, 3, 224, 224, generator=g), torch.randn(5, 3, 224, 224, generator=g)
     rows_a, rows_b = graph.embed_async(a), graph.embed_async(b)

@@ -77,7 +77,7 @@ def test_grid_drops_a_diverging_member_and_keeps_the_sane_one(blobs, caplog):
     template = LinearHead(epochs=8, patience=3, device="cpu")
     fit = lambda lrs: fit_grid(template, grid_members(lrs, (0.0,), ((),)), ArraySource(X[:240], y[:240]), ArraySource(X[240:], y[240:]),  # noqa: E731
                                np.unique(y), X.shape[1], y[:240])
-    with caplog.at_level("WARNING", logger="featcache"):
+    with caplog.at_level("WARNING", logger="pipeline"):
         head, board = fit((1e6, 0.1))
     alone, _ = fit((0.1,))  # the sane member, trained without its diverging sibling
     assert head.lr == 0.1 and head.score(X, y) > 0.8

@@ -65,25 +65,23 @@ def test_default_cache_names_keep_precisions_apart(tmp_path):
     assert default_cache_path("resnet50", "DEFAULT", tmp_path, tmp_path) != default_cache_path("resnet50", "DEFAULT", tmp_path, tmp_path, precision="bf16")
 
 
-def test_compiled_engine_matches_eager_or_says_why_not(tmp_path, image_tree, tiny_hub):
-    messages: list[str] = []
+def test_compiled_engine_matches_eager_or_says_why_not(tmp_path, image_tree, tiny_hub, said):
     eager = run_extract(image_tree, tiny_hub, "none", tmp_path / "e.h5", workers=0, engine="eager", batch_size=4)
     # batch 5 over 12 images: the last batch (2) is padded to the compiled shape
-    comp = run_extract(image_tree, tiny_hub, "none", tmp_path / "c.h5", workers=0, engine="compile", batch_size=5, log=messages.append)
+    comp = run_extract(image_tree, tiny_hub, "none", tmp_path / "c.h5", workers=0, engine="compile", batch_size=5)
     assert eager.engine == "eager"
     if comp.engine == "compile":
-        assert any("max relative difference to eager" in m for m in messages)
+        assert any("max relative difference to eager" in m for m in said)
         a, b = load_cache(tmp_path / "e.h5"), load_cache(tmp_path / "c.h5")
         assert b.engine == "compile"
         np.testing.assert_allclose(b.embeddings, a.embeddings, rtol=1e-4, atol=1e-5 * np.abs(a.embeddings).max())
     else:  # no C++ compiler or an unsupported model: eager, and it says so
-        assert any("unavailable" in m or "differs" in m for m in messages)
+        assert any("unavailable" in m or "differs" in m for m in said)
 
 
-def test_auto_engine_stays_eager_for_small_jobs(tmp_path, image_tree, tiny_hub):
-    messages: list[str] = []
-    s = run_extract(image_tree, tiny_hub, "none", tmp_path / "a.h5", workers=0, log=messages.append)
-    assert s.engine == "eager" and any("do not repay measuring" in m for m in messages)
+def test_auto_engine_stays_eager_for_small_jobs(tmp_path, image_tree, tiny_hub, said):
+    s = run_extract(image_tree, tiny_hub, "none", tmp_path / "a.h5", workers=0)
+    assert s.engine == "eager" and any("do not repay measuring" in m for m in said)
     with pytest.raises(UsageError, match="--engine"):
         run_extract(image_tree, tiny_hub, "none", tmp_path / "b.h5", engine="tensorrt")
 
@@ -106,20 +104,19 @@ def test_padded_last_batch_gives_the_same_rows():
 
 
 @pytest.mark.parametrize("name", ["onnxruntime", "openvino"])
-def test_exported_engines_match_eager_and_are_recorded(tmp_path, image_tree, tiny_hub, name):
+def test_exported_engines_match_eager_and_are_recorded(tmp_path, image_tree, tiny_hub, name, said):
     pytest.importorskip(name)
-    messages: list[str] = []
     eager = run_extract(image_tree, tiny_hub, "none", tmp_path / "e.h5", workers=0, engine="eager", batch_size=5, device="cpu")
-    other = run_extract(image_tree, tiny_hub, "none", tmp_path / "o.h5", workers=0, engine=name, batch_size=5, log=messages.append, device="cpu")
-    assert (eager.engine, other.engine) == ("eager", name), messages
+    other = run_extract(image_tree, tiny_hub, "none", tmp_path / "o.h5", workers=0, engine=name, batch_size=5, device="cpu")
+    assert (eager.engine, other.engine) == ("eager", name), said
     a, b = load_cache(tmp_path / "e.h5"), load_cache(tmp_path / "o.h5")
     assert b.engine == name and list(b.paths) == list(a.paths)
     np.testing.assert_allclose(b.embeddings, a.embeddings, rtol=1e-4, atol=1e-5 * np.abs(a.embeddings).max())
-    assert any(f"engine {name}: ready" in m for m in messages)
+    assert any(f"engine {name}: ready" in m for m in said)
     # the export is cached on disk: a second run does not export again
-    messages.clear()
-    run_extract(image_tree, tiny_hub, "none", tmp_path / "o2.h5", workers=0, engine=name, batch_size=5, log=messages.append, device="cpu")
-    assert not any("exported the model" in m for m in messages)
+    said.clear()
+    run_extract(image_tree, tiny_hub, "none", tmp_path / "o2.h5", workers=0, engine=name, batch_size=5, device="cpu")
+    assert not any("exported the model" in m for m in said)
 
 
 def test_missing_engine_package_is_a_usage_error(tmp_path, image_tree, tiny_hub, monkeypatch):
@@ -132,7 +129,7 @@ def test_missing_engine_package_is_a_usage_error(tmp_path, image_tree, tiny_hub,
     assert engines.candidates(torch.device("cpu"), choose_precision("fp32", torch.device("cpu"))) == ["eager", "compile"]
 
 
-def test_an_engine_that_differs_from_eager_is_refused(tmp_path, image_tree, tiny_hub, monkeypatch):
+def test_an_engine_that_differs_from_eager_is_refused(tmp_path, image_tree, tiny_hub, monkeypatch, said):
     """The reference check is real: an engine whose rows drift beyond 1e-4 is not used."""
     from pipeline.backbones import engines
 
@@ -140,13 +137,12 @@ def test_an_engine_that_differs_from_eager_is_refused(tmp_path, image_tree, tiny
         def embed(self, images):
             return super().embed(images) * (1 + 1e-3)
 
-    monkeypatch.setitem(engines.BUILDERS, "compile", lambda ctx, log: Drifting("compile", ctx.model, ctx.precision, ctx.device, True, ctx.batch_size))
-    messages: list[str] = []
-    s = run_extract(image_tree, tiny_hub, "none", tmp_path / "a.h5", workers=0, engine="compile", log=messages.append)
-    assert s.engine == "eager" and any("differs from eager by 1.0e-03 (limit 1e-04); extracting in eager" in m for m in messages)
+    monkeypatch.setitem(engines.BUILDERS, "compile", lambda ctx: Drifting("compile", ctx.model, ctx.precision, ctx.device, True, ctx.batch_size))
+    s = run_extract(image_tree, tiny_hub, "none", tmp_path / "a.h5", workers=0, engine="compile")
+    assert s.engine == "eager" and any("differs from eager by 1.0e-03 (limit 1e-04); extracting in eager" in m for m in said)
 
 
-def test_auto_uses_the_engine_measured_fastest_here(tmp_path, image_tree, tiny_hub, monkeypatch):
+def test_auto_uses_the_engine_measured_fastest_here(tmp_path, image_tree, tiny_hub, monkeypatch, said):
     """`engines` measures once and remembers; a later small extract with auto uses that engine
     (its export is warm), without measuring again."""
     from pipeline.backbones import engines
@@ -161,15 +157,14 @@ def test_auto_uses_the_engine_measured_fastest_here(tmp_path, image_tree, tiny_h
     monkeypatch.setattr(engines, "tune", lambda *a, **k: pytest.fail("measured again"))
     choice = json.loads(Path(result["choice_file"]).read_text())
     monkeypatch.setattr(engines, "WARM_START_SHARE", dict.fromkeys(engines.ENGINES, 0.0))  # start-up not counted: the fastest is used
-    messages: list[str] = []
-    s = run_extract(image_tree, tiny_hub, "none", cache_dir / "a.h5", workers=0, batch_size=4, log=messages.append, device="cpu")
-    assert s.engine == result["engine"] and any("measured fastest on this machine" in m for m in messages)
+    s = run_extract(image_tree, tiny_hub, "none", cache_dir / "a.h5", workers=0, batch_size=4, device="cpu")
+    assert s.engine == result["engine"] and any("measured fastest on this machine" in m for m in said)
     # counted, it decides for 12 images exactly as quickest_for computes it
     monkeypatch.setattr(engines, "WARM_START_SHARE", {"eager": 0.0, "compile": 0.35, "onnxruntime": 0.25, "openvino": 0.25})
     s = run_extract(image_tree, tiny_hub, "none", cache_dir / "c.h5", workers=0, batch_size=4, device="cpu")
     assert s.engine == engines.quickest_for(12, choice["images_per_s"], choice["build_seconds"])
     # another batch size is another measurement: small jobs stay eager until one is made
-    s = run_extract(image_tree, tiny_hub, "none", cache_dir / "b.h5", workers=0, batch_size=3, log=messages.append, device="cpu")
+    s = run_extract(image_tree, tiny_hub, "none", cache_dir / "b.h5", workers=0, batch_size=3, device="cpu")
     assert s.engine == "eager"
 
 

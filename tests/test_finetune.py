@@ -224,7 +224,7 @@ def test_resume_with_two_workers_equals_in_process(tiny_head, tmp_path):
     assert a.history[0]["train_loss"] == b.history[0]["train_loss"]
 
 
-def test_bf16_training_where_native_reaches_fp32_accuracy(tiny_head, tmp_path):
+def test_bf16_training_where_native_reaches_fp32_accuracy(tiny_head, tmp_path, said):
     """--precision bf16 trains under bf16 autocast where the CPU runs it natively (else fp32, said
     once): the model records what it trained in, its losses differ from fp32's (it really ran in
     bf16), and validation accuracy matches fp32's within noise."""
@@ -232,9 +232,8 @@ def test_bf16_training_where_native_reaches_fp32_accuracy(tiny_head, tmp_path):
     from pipeline.heads import load_head
 
     opts = {**FAST, "epochs": 2}
-    said: list[str] = []
     exact = run_finetune(tiny_head, tmp_path / "fp32.pt", options=opts, workers=0, plots=False, trust_hub=True)
-    rounded = run_finetune(tiny_head, tmp_path / "bf16.pt", options={**opts, "precision": "bf16"}, workers=0, plots=False, trust_hub=True, log=said.append)
+    rounded = run_finetune(tiny_head, tmp_path / "bf16.pt", options={**opts, "precision": "bf16"}, workers=0, plots=False, trust_hub=True)
     expected = choose_precision("bf16", torch.device("cpu"))
     assert load_head(tmp_path / "bf16.pt").provenance["trained_in"] == expected.name
     assert load_head(tmp_path / "fp32.pt").provenance["trained_in"] == "fp32"
@@ -245,15 +244,14 @@ def test_bf16_training_where_native_reaches_fp32_accuracy(tiny_head, tmp_path):
     assert math.isfinite(rounded.history[-1]["train_loss"])
 
 
-def test_bf16_on_a_cpu_without_it_says_so_and_trains_in_fp32(tiny_head, tmp_path, monkeypatch):
+def test_bf16_on_a_cpu_without_it_says_so_and_trains_in_fp32(tiny_head, tmp_path, monkeypatch, said):
     from pipeline.backbones import hardware
     from pipeline.heads import load_head
 
     monkeypatch.setattr(hardware, "native_bf16", lambda device: (False, "CPU has neither AMX nor AVX-512 BF16"))
-    said: list[str] = []
     opts = {**FAST, "epochs": 1}
     exact = run_finetune(tiny_head, tmp_path / "fp32.pt", options=opts, workers=0, plots=False, trust_hub=True)
-    asked = run_finetune(tiny_head, tmp_path / "asked.pt", options={**opts, "precision": "bf16"}, workers=0, plots=False, trust_hub=True, log=said.append)
+    asked = run_finetune(tiny_head, tmp_path / "asked.pt", options={**opts, "precision": "bf16"}, workers=0, plots=False, trust_hub=True)
     assert any("--precision bf16 refused: CPU has neither AMX nor AVX-512 BF16; running in exact fp32 instead" in m for m in said), said
     assert load_head(tmp_path / "asked.pt").provenance["trained_in"] == "fp32"
     assert [h["train_loss"] for h in asked.history] == [h["train_loss"] for h in exact.history]
@@ -441,7 +439,7 @@ def test_never_trains_on_the_heads_validation_images(tiny_head, tmp_path):
     from pipeline.heads.fit import _load_split
 
     loaded = load_head(tiny_head)
-    job = FineTuneJob(loaded, tmp_path / "m.pt", None, {"epochs": 1}, False, False, 0, torch.device("cpu"), lambda m: None, trust_hub=True)
+    job = FineTuneJob(loaded, tmp_path / "m.pt", None, {"epochs": 1}, False, False, 0, torch.device("cpu"), trust_hub=True)
     table, split, _ = _load_split(Path(loaded.provenance["cache"]), 0.2, 0)
     head_val = {p for p, s in zip(table.paths, split) if s == "val"}
     train = {r.relpath for r in job.train_set.records}

@@ -220,7 +220,7 @@ def test_the_console_log_follows_sys_stderr(monkeypatch):
     monkeypatch.setattr(sys, "stderr", second)
     logs.warning("two")  # before the fix: "--- Logging error --- ValueError: I/O operation on closed file"
     assert second.getvalue() == "two\n"
-    logs.configure()
+    logs.reset()
 
 
 def test_failed_inputs_give_exit_3_and_sigterm_130(job_dir, tiny_hub):

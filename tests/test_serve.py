@@ -249,14 +249,13 @@ def test_micro_batcher_batches_across_requests_up_to_max_batch():
         assert [int(row[0]) for row in rows] == [10 * r + i for i in range(len(rows))]
 
 
-def test_a_head_file_runs_on_the_engine_asked_for(tiny_head):
+def test_a_head_file_runs_on_the_engine_asked_for(tiny_head, said):
     """The classifier behind serve for a .pt file: auto without a measured choice is eager (and
     says how to measure), a named engine is built and checked; both give predict's numbers."""
     pytest.importorskip("onnxruntime")
     from pipeline.serving import load_classifier
 
-    said: list[str] = []
-    auto = load_classifier(tiny_head, trust_hub=True, engine="auto", device="cpu", log=said.append)
+    auto = load_classifier(tiny_head, trust_hub=True, engine="auto", device="cpu")
     ort = load_classifier(tiny_head, trust_hub=True, engine="onnxruntime", device="cpu")
     assert (auto.engine_name, ort.engine_name) == ("eager", "onnxruntime")
     assert any("engines --model hub:" in m and "--batch-size 32" in m for m in said), said
@@ -268,16 +267,15 @@ def test_a_head_file_runs_on_the_engine_asked_for(tiny_head):
     np.testing.assert_allclose(ort.probabilities(px), expected, atol=TOL, rtol=0)
 
 
-def test_serve_precision_bf16_where_native_and_not_for_an_onnx_file(tiny_head, tmp_path):
+def test_serve_precision_bf16_where_native_and_not_for_an_onnx_file(tiny_head, tmp_path, said):
     """``--precision bf16`` runs the backbone in bf16 where the CPU has it natively (else fp32,
     said once), within bf16's rounding of the fp32 numbers; an .onnx file refuses the flag."""
     from pipeline.backbones.hardware import choose_precision
     from pipeline.errors import UsageError
     from pipeline.serving import load_classifier
 
-    said: list[str] = []
     fp32 = load_classifier(tiny_head, trust_hub=True, engine="eager", device="cpu")
-    bf16 = load_classifier(tiny_head, trust_hub=True, engine="eager", device="cpu", precision="bf16", log=said.append)
+    bf16 = load_classifier(tiny_head, trust_hub=True, engine="eager", device="cpu", precision="bf16")
     expected = choose_precision("bf16", torch.device("cpu"))
     assert (fp32.precision, bf16.precision) == ("fp32", expected.name)
     assert said and said[0] == expected.note  # "bf16: CPU has AMX ..." or why it runs fp32 here

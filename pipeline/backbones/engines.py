@@ -20,6 +20,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import platform
 import time
@@ -39,6 +40,8 @@ from ..errors import UsageError, command_hint
 from ..store import atomic_path
 from .hardware import PrecisionChoice, cpu_summary
 
+logger = logging.getLogger(__name__)
+
 INSTALL_HINT = {"onnxruntime": "pip install 'featcache[onnx]'", "openvino": "pip install 'featcache[openvino]'"}
 # Images from which `auto` measures the engines when nothing was measured yet on this machine:
 # exporting and compiling resnet50 once costs about a minute on 2 cores, which the fastest
@@ -54,7 +57,6 @@ CUDA_GRAPH_MIN_BATCHES = 4  # auto on CUDA captures a graph for jobs of this man
 WARM_START_SHARE = {"eager": 0.0, "compile": 0.35, "cudagraph": 1.0, "onnxruntime": 0.25, "openvino": 0.25}
 EXACT_RTOL = 1e-4
 REDUCED_RTOL = 2e-2
-Log = Callable[[str], None]
 
 
 class EngineUnavailable(Exception):
@@ -261,7 +263,7 @@ def _onnx_path(ctx: EngineContext) -> Path:
     return ctx.work_dir / f"onnx-{ctx.identity}-{ctx.input_size}px.onnx"
 
 
-def onnx_file(ctx: EngineContext, log: Log) -> Path:
+def onnx_file(ctx: EngineContext) -> Path:
     """The model exported to ONNX once (dynamic batch), cached by identity and input size."""
     path = _onnx_path(ctx)
     if path.exists():
@@ -276,11 +278,11 @@ def onnx_file(ctx: EngineContext, log: Log) -> Path:
                               dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}}, dynamo=False)
     except Exception as exc:
         raise EngineUnavailable(f"cannot export to ONNX: {type(exc).__name__}: {_first_line(exc)}") from exc
-    log(f"exported the model to ONNX in {time.perf_counter() - t0:.1f}s (kept in {path})")
+    logger.info(f"exported the model to ONNX in {time.perf_counter() - t0:.1f}s (kept in {path})")
     return path
 
 
-def _build_compile(ctx: EngineContext, log: Log) -> TorchEngine:
+def _build_compile(ctx: EngineContext) -> TorchEngine:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str((ctx.work_dir / "inductor").resolve())  # inductor reads it at each use
     import torch._inductor.config as inductor_config
 
@@ -288,7 +290,7 @@ def _build_compile(ctx: EngineContext, log: Log) -> TorchEngine:
     return TorchEngine("compile", torch.compile(ctx.model, dynamic=False), ctx.precision, ctx.device, ctx.channels_last, ctx.batch_size)
 
 
-def _build_cudagraph(ctx: EngineContext, log: Log) -> CudaGraphEngine:
+def _build_cudagraph(ctx: EngineContext) -> CudaGraphEngine:
     """Warm up on a side stream (cuDNN picks its kernels), then capture one forward, with the
     run's precision (autocast, or exact fp32 without TF32) fixed into the graph."""
     if ctx.device.type != "cuda":
@@ -311,7 +313,7 @@ def _build_cudagraph(ctx: EngineContext, log: Log) -> CudaGraphEngine:
     return CudaGraphEngine("cudagraph", graph, static_in, static_out, ctx.precision, ctx.device)
 
 
-def _build_onnxruntime(ctx: EngineContext, log: Log) -> ExportedEngine:
+def _build_onnxruntime(ctx: EngineContext) -> ExportedEngine:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -319,21 +321,21 @@ def _build_onnxruntime(ctx: EngineContext, log: Log) -> ExportedEngine:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads must not steal the decoder's core
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_file(ctx, log)), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_file(ctx)), options, providers=["CPUExecutionProvider"])
     return ExportedEngine("onnxruntime", lambda x: session.run(None, {"images": x})[0], ctx.precision)
 
 
-def _build_openvino(ctx: EngineContext, log: Log) -> ExportedEngine:
+def _build_openvino(ctx: EngineContext) -> ExportedEngine:
     import openvino as ov
 
     core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": "bf16" if ctx.precision.name == "bf16" else "f32",  # OpenVINO picks bf16 itself on AMX: never for exact
               "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": ctx.threads, "CACHE_DIR": str(ctx.work_dir / "openvino")}
-    compiled = core.compile_model(core.read_model(str(onnx_file(ctx, log))), "CPU", config)
+    compiled = core.compile_model(core.read_model(str(onnx_file(ctx))), "CPU", config)
     return ExportedEngine("openvino", lambda x: compiled(x)[0], ctx.precision)
 
 
-BUILDERS: dict[str, Callable[[EngineContext, Log], Engine]] = {
+BUILDERS: dict[str, Callable[[EngineContext], Engine]] = {
     "compile": _build_compile, "cudagraph": _build_cudagraph, "onnxruntime": _build_onnxruntime, "openvino": _build_openvino}
 
 
@@ -341,7 +343,7 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:160] if str(exc) else ""
 
 
-def build_checked(name: str, ctx: EngineContext, log: Log) -> Engine:
+def build_checked(name: str, ctx: EngineContext) -> Engine:
     """Engine ``name`` for ``ctx``, checked against eager on a probe batch (seeded).
 
     Raises EngineUnavailable (not installed, cannot build, or differs from eager)."""
@@ -355,7 +357,7 @@ def build_checked(name: str, ctx: EngineContext, log: Log) -> Engine:
         raise EngineUnavailable(f"used on CPU only; on {ctx.device.type} use eager or compile")
     t0 = time.perf_counter()
     try:
-        engine = BUILDERS[name](ctx, log)
+        engine = BUILDERS[name](ctx)
         # a compiled engine is built for the full batch shape (its first call compiles it);
         # the others take any batch, and two rows are enough to compare
         rows = ctx.batch_size if name == "compile" else min(2, ctx.batch_size)
@@ -423,7 +425,7 @@ class Tuning:
         return _format_rates(self.rates)
 
 
-def tune(ctx: EngineContext, names: Iterable[str] | None = None, log: Log = lambda m: None, min_seconds: float = 1.5) -> Tuning:
+def tune(ctx: EngineContext, names: Iterable[str] | None = None, min_seconds: float = 1.5) -> Tuning:
     """Build, check and time each candidate engine on random tensors; remember the fastest."""
     # on the engine's device: an engine alone is timed without the copy in (extraction copies
     # uint8 pixels, a quarter of these floats, on a side stream)
@@ -435,12 +437,12 @@ def tune(ctx: EngineContext, names: Iterable[str] | None = None, log: Log = lamb
     for name in names or candidates(ctx.device, ctx.precision):
         try:
             t0 = time.perf_counter()
-            built[name] = build_checked(name, ctx, log)
+            built[name] = build_checked(name, ctx)
             build_seconds[name] = round(time.perf_counter() - t0, 2)
             rates[name] = measure(built[name], batch, min_seconds)
         except EngineUnavailable as exc:
             rates[name], reasons[name] = None, str(exc)
-            log(f"engine {name} skipped: {exc}")
+            logger.info(f"engine {name} skipped: {exc}")
     best = max((n for n in rates if rates[n]), key=lambda n: rates[n])
     choice = {"engine": best, "images_per_s": rates, "build_seconds": build_seconds, "skipped": reasons, "precision": ctx.precision.name,
               "batch_size": ctx.batch_size, "machine": machine_key(ctx.device, ctx.threads), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -459,7 +461,7 @@ def _is_warm(name: str, ctx: EngineContext) -> bool:
     return _onnx_path(ctx).exists()
 
 
-def build_engine(requested: str, ctx: EngineContext, n_images: int, log: Log = lambda m: None) -> Engine:
+def build_engine(requested: str, ctx: EngineContext, n_images: int) -> Engine:
     """The engine to extract ``n_images`` with; see the module doc. An explicitly requested
     engine that cannot run here falls back to eager with the reason (not installed: an error)."""
     if requested not in ENGINES:
@@ -469,7 +471,7 @@ def build_engine(requested: str, ctx: EngineContext, n_images: int, log: Log = l
     if requested == "eager" or n_images == 0:
         return ctx.eager()
     if requested != "auto":
-        return _build_or_eager(requested, ctx, log)
+        return _build_or_eager(requested, ctx)
     remembered = _remembered(ctx)
     if ctx.device.type == "cuda" and remembered is None:
         # compiling a model on a GPU takes tens of seconds, which only long jobs repay: auto does not
@@ -478,40 +480,40 @@ def build_engine(requested: str, ctx: EngineContext, n_images: int, log: Log = l
         # on an H200 (bench/extract.py --device cuda, resnet50, --decode gpu) extraction ran 9-14 %
         # faster than eager (bf16 6,598 vs 6,075 img/s; fp32 2,933 vs 2,581), alone only 1-2 %.
         if n_images >= CUDA_GRAPH_MIN_BATCHES * ctx.batch_size:
-            log("engine auto -> cudagraph: the eager model captured as one CUDA graph (compile is not measured for this GPU yet: "
-                f"`{command_hint('engines --model ... --device cuda')}`)")
-            return _build_or_eager("cudagraph", ctx, log)
+            logger.info("engine auto -> cudagraph: the eager model captured as one CUDA graph (compile is not measured for this GPU yet: "
+                        f"`{command_hint('engines --model ... --device cuda')}`)")
+            return _build_or_eager("cudagraph", ctx)
         return ctx.eager()
     if remembered is not None:
         best, rates, build_seconds = remembered
         name = quickest_for(n_images, rates, build_seconds) or best
         if name != best:
-            log(f"engine auto -> {name}, not {best} (measured fastest): for {n_images} images {best}'s start-up in a new process "
-                f"({WARM_START_SHARE.get(best, 0) * build_seconds.get(best, 0):.1f}s estimated) outweighs its speed")
+            logger.info(f"engine auto -> {name}, not {best} (measured fastest): for {n_images} images {best}'s start-up in a new process "
+                        f"({WARM_START_SHARE.get(best, 0) * build_seconds.get(best, 0):.1f}s estimated) outweighs its speed")
         if name == "eager" or _is_warm(name, ctx) or n_images >= AUTO_REBUILD_MIN_IMAGES:
-            log(f"engine auto -> {name}: measured fastest on this machine ({_format_rates(rates)}; {choice_path(ctx)})")
-            return _build_or_eager(name, ctx, log)
-        log(f"engine auto -> eager: {name} was measured fastest here but its export/compile cache is cold, "
-            f"which {n_images} images do not repay (from {AUTO_REBUILD_MIN_IMAGES})")
+            logger.info(f"engine auto -> {name}: measured fastest on this machine ({_format_rates(rates)}; {choice_path(ctx)})")
+            return _build_or_eager(name, ctx)
+        logger.info(f"engine auto -> eager: {name} was measured fastest here but its export/compile cache is cold, "
+                    f"which {n_images} images do not repay (from {AUTO_REBUILD_MIN_IMAGES})")
         return ctx.eager()
     names = candidates(ctx.device, ctx.precision)
     if n_images < AUTO_TUNE_MIN_IMAGES or len(names) == 1:
-        log(f"engine auto -> eager: {n_images} images do not repay measuring {', '.join(names[1:]) or 'other engines'} once "
-            f"(from {AUTO_TUNE_MIN_IMAGES} images; `{command_hint('engines --model ...')}` measures ahead of time)")
+        logger.info(f"engine auto -> eager: {n_images} images do not repay measuring {', '.join(names[1:]) or 'other engines'} once "
+                    f"(from {AUTO_TUNE_MIN_IMAGES} images; `{command_hint('engines --model ...')}` measures ahead of time)")
         return ctx.eager()
-    log(f"engine auto: measuring {', '.join(names)} once for this model and machine ({n_images} images repay it)")
-    tuning = tune(ctx, names, log)
-    log(f"engine auto -> {tuning.best}: {tuning.summary()} (remembered in {choice_path(ctx)})")
+    logger.info(f"engine auto: measuring {', '.join(names)} once for this model and machine ({n_images} images repay it)")
+    tuning = tune(ctx, names)
+    logger.info(f"engine auto -> {tuning.best}: {tuning.summary()} (remembered in {choice_path(ctx)})")
     return tuning.engine
 
 
-def _build_or_eager(name: str, ctx: EngineContext, log: Log) -> Engine:
+def _build_or_eager(name: str, ctx: EngineContext) -> Engine:
     try:
-        engine = build_checked(name, ctx, log)
+        engine = build_checked(name, ctx)
     except EngineUnavailable as exc:
-        log(f"engine {name} unavailable: {exc}; extracting in eager")
+        logger.info(f"engine {name} unavailable: {exc}; extracting in eager")
         return ctx.eager()
-    log(engine.note)
+    logger.info(engine.note)
     return engine
 
 

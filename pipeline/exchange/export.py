@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import queue
 import shutil
@@ -46,6 +47,8 @@ from .layout import (
     file_metadata,
     require_pyarrow,
 )
+
+logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 4 << 20  # embeddings per chunk (= per row group); the export holds a few chunks at a time, whatever the cache's size
 MAX_ROW_GROUP_ROWS = 1 << 16
@@ -170,7 +173,7 @@ def _utf8(raw: bytes) -> bool:
 
 def export_cache(cache: str | os.PathLike, out_dir: str | os.PathLike, fmt: str = "parquet", *, split: str | Sequence[str] | None = None,
                  classes: str | Sequence[str] | None = None, row_group_rows: int | None = None, compression: str = "snappy",
-                 progress: ProgressFn | None = None, log: Callable[[str], None] = lambda msg: None) -> ExportSummary:
+                 progress: ProgressFn | None = None) -> ExportSummary:
     """Write the cache's rows (sorted by path, as ``load_cache`` orders them) to ``out_dir``:
     ``embeddings.parquet`` (``fmt="parquet"``) or ``embeddings.npy`` + ``metadata.parquet`` +
     ``provenance.json`` (``fmt="npy"``). ``split`` ("val", "train,val", "none") and ``classes``
@@ -199,7 +202,7 @@ def export_cache(cache: str | os.PathLike, out_dir: str | os.PathLike, fmt: str 
         n = len(sel)
         filters = {"split": splits, "classes": wanted}
         if n == 0 and (splits is not None or wanted is not None):
-            log(f"warning: no row of {str(cache)!r} matches the filters ({_describe(filters)}); the export is empty")
+            logger.warning(f"warning: no row of {str(cache)!r} matches the filters ({_describe(filters)}); the export is empty")
         export_info = {"format": fmt, "rows": n, "embed_dim": dim, "dtype": dtype.name, "cache": str(cache.resolve()), "generation": table.generation,
                        "filters": {k: v for k, v in filters.items() if v is not None}, **versions(),
                        "exported_at": timestamp(), "columns": [PATH, LABEL, CLASS, SPLIT, EMBEDDING]}

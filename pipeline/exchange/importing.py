@@ -10,6 +10,7 @@ where and what was overridden is recorded under ``meta["imported"]``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +39,8 @@ from .layout import (
     read_json_key,
     require_pyarrow,
 )
+
+logger = logging.getLogger(__name__)
 
 COMMIT_BYTES = 32 << 20  # embeddings per commit (one part each): the import's memory
 SPLIT_VALUES = ("", "train", "val", "test")  # the store's split codes 0..3
@@ -338,8 +341,7 @@ def _paths(batch, src: _Source, first: int, absolute_ok: bool, seen: set[bytes],
 
 def import_cache(src: str | os.PathLike, out_cache: str | os.PathLike, *, model: str | None = None, weights: str | None = None,
                  classes: str | Sequence[str] | None = None, data_root: str | None = None, preprocessing: dict[str, Any] | str | None = None,
-                 layout: str | None = None, wait: float = 0.0, progress: ProgressFn | None = None,
-                 log: Callable[[str], None] = lambda msg: None) -> ImportSummary:
+                 layout: str | None = None, wait: float = 0.0, progress: ProgressFn | None = None) -> ImportSummary:
     """Write the rows of an export (a folder written by ``export``, or a ``.parquet`` file with
     ``path`` and ``embedding`` columns) into the cache ``out_cache`` (created, or extended when
     it holds the same backbone). Arguments given replace the file's provenance; a file
@@ -370,7 +372,7 @@ def import_cache(src: str | os.PathLike, out_cache: str | os.PathLike, *, model:
     meta, origin = _build_meta(source, overrides)
     dim, dtype = int(meta["embed_dim"]), np.dtype(meta["dtype"])
     if source.file_dtype != dtype:
-        log(f"note: {str(source.main)!r} holds {source.file_dtype.name} embeddings; the cache stores them as {dtype.name}")
+        logger.warning(f"note: {str(source.main)!r} holds {source.file_dtype.name} embeddings; the cache stores them as {dtype.name}")
     out_cache = Path(out_cache)
     if out_cache.is_dir():
         raise UsageError(f"--out {str(out_cache)!r} is a folder; pass the cache file to write (e.g. {str(out_cache / 'imported.h5')!r})")

@@ -15,6 +15,7 @@ step), so a resumed run needs no scheduler object and stays exact.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -52,6 +53,8 @@ from .augment import AugmentedDataset, epoch_order, train_transform
 from .model import FineTuneModel, assemble, head_module_from
 from .options import FinetuneOptions, resolve_options
 from .trainer import Trainer, rng_state, set_rng_state, state_digest
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "featcache.checkpoint"
 CHECKPOINT_SCHEMA = 1
@@ -137,7 +140,6 @@ def run_finetune(
     wait: float = 0.0,
     plots: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
-    log: Callable[[str], None] = lambda msg: None,
     trust_hub: HubTrust = False,
     **fields: Any,
 ) -> FineTuneResult:
@@ -163,7 +165,7 @@ def run_finetune(
     team.run_on_main(lock.acquire)
     try:
         workers = default_workers(dev.type) if given.workers is None else given.workers
-        job = FineTuneJob(loaded, out_path, data_dir, given, resume, force, workers, dev, log, team, trust_hub=trust_hub)
+        job = FineTuneJob(loaded, out_path, data_dir, given, resume, force, workers, dev, team, trust_hub=trust_hub)
         result = job.run(progress)
     finally:
         if team.is_main:
@@ -180,9 +182,9 @@ class FineTuneJob:
     ``run`` trains epoch by epoch, checkpointing after each and keeping the best."""
 
     def __init__(self, loaded: LoadedHead, out_path: Path, data_dir: str | os.PathLike | None, given: FinetuneOptions, resume: bool,
-                 force: bool, workers: int, device: torch.device, log: Callable[[str], None], team: World | None = None, *,
+                 force: bool, workers: int, device: torch.device, team: World | None = None, *,
                  trust_hub: HubTrust = False):
-        self.loaded, self.prov, self.out_path, self.workers, self.device, self.log = loaded, loaded.provenance, out_path, workers, device, log
+        self.loaded, self.prov, self.out_path, self.workers, self.device = loaded, loaded.provenance, out_path, workers, device
         self.trust_hub = trust_hub
         self.team = team or World()
         self.ckpt_path = checkpoint_path_for(out_path)
@@ -235,13 +237,13 @@ class FineTuneJob:
         self.train_set = AugmentedDataset(self.scan.root, train_records, train_transform(self.backbone.preprocessing, opts.augment), opts.seed)
         self.trainer = Trainer(self.model, opts, self.device, self.labels[self.index["train"]], self.team, self.backbone.preprocessing.input_size)
         if self.trainer.precision.note:
-            self.log(self.trainer.precision.note)
+            logger.info(self.trainer.precision.note)
         shown = ", ".join(self.thawed[-3:]) + (" …" if len(self.thawed) > 3 else "")
         n = {s: len(v) for s, v in self.index.items()}
-        self.log(f"{prov['model']} + {self.loaded.kind} head ({'fresh' if opts.head == 'new' else 'from ' + self.loaded.path.name}); "
-                 f"trainable: {len(self.thawed)} backbone blocks{f' ({shown})' if self.thawed else ''} + head{' + inception aux classifier' if aux else ''}; "
-                 f"BatchNorm frozen; {n['train']} train / {n['val']} val / {n['test']} test images"
-                 + (f"; DDP over {self.team.size} ranks x batch {opts.batch_size}" if self.team.enabled else ""))
+        logger.info(f"{prov['model']} + {self.loaded.kind} head ({'fresh' if opts.head == 'new' else 'from ' + self.loaded.path.name}); "
+                    f"trainable: {len(self.thawed)} backbone blocks{f' ({shown})' if self.thawed else ''} + head{' + inception aux classifier' if aux else ''}; "
+                    f"BatchNorm frozen; {n['train']} train / {n['val']} val / {n['test']} test images"
+                    + (f"; DDP over {self.team.size} ranks x batch {opts.batch_size}" if self.team.enabled else ""))
 
     # -- pieces of an epoch
     def evaluate(self, split_name: str) -> dict[str, Any] | None:
@@ -325,8 +327,8 @@ class FineTuneJob:
         threads = prev.get("threads")
         if threads and threads != torch.get_num_threads():  # sums split across threads round differently
             torch.set_num_threads(int(threads))
-            self.log(f"using {threads} threads as the checkpoint's run did (another count would not continue it bit-for-bit)")
-        self.log(f"resuming after epoch {prev['epoch']} of {self.opts.epochs} from {self.ckpt_path}")
+            logger.info(f"using {threads} threads as the checkpoint's run did (another count would not continue it bit-for-bit)")
+        logger.info(f"resuming after epoch {prev['epoch']} of {self.opts.epochs} from {self.ckpt_path}")
         return list(prev["history"]), dict(prev["best"]), int(prev["epoch"])
 
     # -- the run
@@ -350,9 +352,9 @@ class FineTuneJob:
                         clear_reports(self.out_path)  # the previous run's reports must not sit beside this run's model
                     self.save_model(0, metrics, history)
                     if "val" in metrics:
-                        self.log(f"epoch 0 (as assembled): val loss {metrics['val']['loss']:.4f} acc {metrics['val']['accuracy']:.4f}")
+                        logger.info(f"epoch 0 (as assembled): val loss {metrics['val']['loss']:.4f} acc {metrics['val']['accuracy']:.4f}")
                 if start >= epochs > 0:
-                    self.log(f"the checkpoint already finished {start} epochs; pass a larger --epochs to train more")
+                    logger.info(f"the checkpoint already finished {start} epochs; pass a larger --epochs to train more")
                 try:
                     for epoch in range(start, epochs):
                         best = self._epoch(epoch, history, best, progress)
@@ -362,7 +364,7 @@ class FineTuneJob:
             kept = f"the checkpoint of epoch {len(history)} is intact at {str(self.ckpt_path)!r}" if history else "no epoch had finished"
             raise Interrupted(f"interrupted during epoch {epoch + 1}; {kept}; run the same command with --resume to continue") from None
         if history and best["epoch"] == 0:
-            self.log(f"no epoch beat the assembled model's validation accuracy ({best['val_accuracy']:.4f}); {self.out_path} holds it unchanged")
+            logger.info(f"no epoch beat the assembled model's validation accuracy ({best['val_accuracy']:.4f}); {self.out_path} holds it unchanged")
         metrics = {**best["metrics"], "best_epoch": best["epoch"]}
         return FineTuneResult(
             str(self.out_path), str(self.ckpt_path), str(self.loaded.path), len(history), int(best["epoch"]), metrics, history,
@@ -410,9 +412,9 @@ class FineTuneJob:
         if team.is_main:
             _save_checkpoint(self.ckpt_path, self.model, trainer, opts, self.identity, epoch + 1, history, best)
             _write_history(self.out_path, history)
-        self.log(f"epoch {epoch + 1}/{opts.epochs}: train loss {stats.loss:.4f} acc {stats.accuracy:.4f}"
-                 + (f" | val loss {val['loss']:.4f} acc {val['accuracy']:.4f}" if val is not None else "")
-                 + f" | lr {row['lr_head']:.2e} | {stats.seconds:.1f}s ({row['images_per_s']:.1f} img/s)" + (" *best*" if improved else ""))
+        logger.info(f"epoch {epoch + 1}/{opts.epochs}: train loss {stats.loss:.4f} acc {stats.accuracy:.4f}"
+                    + (f" | val loss {val['loss']:.4f} acc {val['accuracy']:.4f}" if val is not None else "")
+                    + f" | lr {row['lr_head']:.2e} | {stats.seconds:.1f}s ({row['images_per_s']:.1f} img/s)" + (" *best*" if improved else ""))
         return best
 
 

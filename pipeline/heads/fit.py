@@ -1,6 +1,7 @@
 """Stage 2: fit a head on a cache, score it, save it with provenance; compare caches."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -10,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from .. import logs
 from ..errors import UsageError
 from ..options import build
 from ..provenance import inherited, timestamp, versions
@@ -21,6 +21,8 @@ from .knn import KNNHead
 from .metrics import REPORTS_NEED, classification_metrics, clear_reports, kept_epoch, plot_leaderboard, write_reports
 from .options import FitOptions
 from .splits import SplitRule, assign_splits
+
+logger = logging.getLogger(__name__)
 
 
 class CacheSource:
@@ -88,7 +90,7 @@ def _check_training_classes(cache: Path, table: RowTable, split: np.ndarray, rul
                "fit on every row with --val-fraction 0")
         raise UsageError(f"cache {str(cache)!r}: the training rows hold only class {only}; a head needs training rows of at least 2 classes: {fix}")
     if unseen:
-        logs.warning(f"fit-head: class(es) {', '.join(map(repr, unseen[:10]))} have no training rows under this split: the head cannot predict "
+        logger.warning(f"fit-head: class(es) {', '.join(map(repr, unseen[:10]))} have no training rows under this split: the head cannot predict "
                      "them, and their val/test rows count as mistakes")
 
 
@@ -202,7 +204,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
         else:
             head.fit(X["train"], y_train)
     if getattr(head, "C_at_edge_", "") == "largest":  # (the smallest edge is a model of class frequencies: recorded, nothing beyond it)
-        logs.warning(f"logreg: the chosen C={head.C_:g} is the largest value searched; a weaker regularisation may be better "
+        logger.warning(f"logreg: the chosen C={head.C_:g} is the largest value searched; a weaker regularisation may be better "
                      "(try --C with larger values)")
     seconds = time.perf_counter() - t0
 

@@ -12,6 +12,7 @@ and stops early on its own validation loss.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -22,11 +23,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import logs
 from ..divergence import DivergenceGuard
 from ..errors import TrainingDivergedError
 from .common import head_device
 from .estimators import BatchSource, TorchHead, build_head_module, class_weight_vector
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,7 @@ class GridDivergence:
 
     def warn(self) -> None:
         if self.why:
-            logs.warning(f"grid: {len(self.why)} of {len(self.members)} heads diverged and were dropped ({self._listing()}); the best of the others "
+            logger.warning(f"grid: {len(self.why)} of {len(self.members)} heads diverged and were dropped ({self._listing()}); the best of the others "
                          f"is kept; leave out learning rates as high as {self._lrs([self.members[i] for i in self.why])} (--lr)")
 
     def _listing(self) -> str:

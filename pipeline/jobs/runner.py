@@ -9,6 +9,7 @@ of an unchanged job does no work and says so.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,8 @@ from ..errors import ExitCode, FeatcacheError
 from ..finetune import FinetuneOptions
 from ..store import WriterLock, atomic_path
 from .spec import BackboneSpec, HeadSpec, JobSpec, load_job
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -153,7 +156,7 @@ def finetune_plan(model_path: Path, head_path: Path, options: FinetuneOptions) -
 
 
 def run_job(path: str | Path, overrides: list[str] | None = None, *, force: bool = False, dry_run: bool = False, wait: float = 0.0,
-            device: str | None = None, workers: int | None = None, log: Callable[[str], None] = lambda m: None,
+            device: str | None = None, workers: int | None = None,
             progress: Callable[[str], Callable[[int, int, float], None] | None] = lambda label: None, trust_hub: bool = False) -> JobResult:
     """Validate the job file, then run its stale steps in order (or only plan them: ``dry_run``).
 
@@ -174,7 +177,7 @@ def run_job(path: str | Path, overrides: list[str] | None = None, *, force: bool
     else:
         with WriterLock(job.path, command=f"run {job.path.name}", wait=wait):
             try:
-                _execute(job, result, force, wait, log, progress, hub_consent(job, trust_hub))
+                _execute(job, result, force, wait, progress, hub_consent(job, trust_hub))
             except BaseException as exc:
                 result.seconds = round(time.perf_counter() - t0, 3)
                 result.fail(exc)
@@ -230,7 +233,7 @@ def hub_consent(job: JobSpec, trust_hub: bool) -> HubTrust:
     return True if trust_hub else tuple(bb.model for bb in job.backbones)
 
 
-def _execute(job: JobSpec, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress, consent: HubTrust) -> None:
+def _execute(job: JobSpec, result: JobResult, force: bool, wait: float, progress, consent: HubTrust) -> None:
     from ..extract import extract_many
 
     for root in job.data:
@@ -238,12 +241,12 @@ def _execute(job: JobSpec, result: JobResult, force: bool, wait: float, log: Cal
             per_model = [cache_paths_for(job, root, bb) for bb in group]
             caches = [c for paths in per_model for c in paths]
             for bb, paths in zip(group, per_model):
-                log(f"[{job.name}] extract {root} with {bb.model} ({bb.weights}) -> {', '.join(map(str, paths))}")
+                logger.info(f"[{job.name}] extract {root} with {bb.model} ({bb.weights}) -> {', '.join(map(str, paths))}")
             t = time.perf_counter()
             result.begin("extract", ", ".join(map(str, caches)), "run", "incremental extraction")
             opts = group[0].options
             summaries = extract_many(root, [bb.model for bb in group], per_model, opts, device=job.device,
-                                     workers=opts.workers if opts.workers is not None else job.workers, wait=wait, progress=progress("extract"), log=log,
+                                     workers=opts.workers if opts.workers is not None else job.workers, wait=wait, progress=progress("extract"),
                                      trust_hub=consent)
             seconds = round(time.perf_counter() - t, 3)
             for cache, s in zip(caches, summaries):
@@ -252,12 +255,12 @@ def _execute(job: JobSpec, result: JobResult, force: bool, wait: float, log: Cal
                                    f"{s.new} new, {s.removed} removed, {s.new_failed} newly failed" if changed else "up to date (no new, changed or removed files)",
                                    seconds, {k: v for k, v in s.to_dict().items() if k not in ("failures", "skipped")}))
                 result.failed_inputs += s.failed
-                log(f"[{job.name}]   {s.model}: {s.new} new, {s.cached} cached, {s.failed} failed, {s.removed} removed")
+                logger.info(f"[{job.name}]   {s.model}: {s.new} new, {s.cached} cached, {s.failed} failed, {s.removed} removed")
             for cache in caches:
-                _fit_and_finetune(job, cache, result, force, wait, log, progress, consent)
+                _fit_and_finetune(job, cache, result, force, wait, progress, consent)
     result.did_work = any(s.action != "skip" for s in result.steps)
     if not result.did_work:
-        log(f"[{job.name}] nothing to do: every cache, head and model is up to date")
+        logger.info(f"[{job.name}] nothing to do: every cache, head and model is up to date")
 
 
 def audit_path_for(job: JobSpec, cache: Path) -> Path:
@@ -269,14 +272,14 @@ class _CacheAudit:
     """The audit of one cache, run once for all its heads' reports (and only when one is written);
     its counts are kept in ``audit.json`` so a run with nothing stale still reports them."""
 
-    def __init__(self, job: JobSpec, cache: Path, log: Callable[[str], None]):
-        self.job, self.cache, self.log, self.audit = job, cache, log, None
+    def __init__(self, job: JobSpec, cache: Path):
+        self.job, self.cache, self.audit = job, cache, None
 
     def get(self):
         from ..quality import audit_cache
 
         if self.audit is None:
-            self.audit = audit_cache(self.cache, log=self.log)
+            self.audit = audit_cache(self.cache)
             with atomic_path(audit_path_for(self.job, self.cache)) as tmp:
                 tmp.write_text(json.dumps({"cache": str(self.cache), "counts": self.audit.counts(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
         return self.audit
@@ -290,21 +293,21 @@ class _CacheAudit:
             return None
 
 
-def _fit_and_finetune(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress,
+def _fit_and_finetune(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, progress,
                       consent: HubTrust) -> None:
     """The heads of one cache (and their reports), then the fine-tune that starts from one of them: each only when stale."""
-    audit = _CacheAudit(job, cache, log)
+    audit = _CacheAudit(job, cache)
     try:
-        _fit_heads(job, cache, result, force, wait, log, audit)
+        _fit_heads(job, cache, result, force, wait, audit)
     finally:
         counts = audit.counts() if job.report else None
         if counts is not None:
             result.audit[str(cache)] = counts
     if job.finetune is not None:
-        _finetune(job, cache, result, force, wait, log, progress, audit, consent)
+        _finetune(job, cache, result, force, wait, progress, audit, consent)
 
 
-def _fit_heads(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, log: Callable[[str], None], audit: _CacheAudit) -> None:
+def _fit_heads(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, audit: _CacheAudit) -> None:
     from ..heads import fit_head
 
     for h in job.heads:
@@ -312,23 +315,23 @@ def _fit_heads(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: 
         why = "--force" if force else head_staleness(head, cache, h)
         if not why:
             result.steps.append(Step("fit-head", str(head), "skip", "up to date"))
-            log(f"[{job.name}] fit-head {h.name}: up to date ({head})")
+            logger.info(f"[{job.name}] fit-head {h.name}: up to date ({head})")
             continue
-        log(f"[{job.name}] fit-head {h.name} ({why}) -> {head}")
+        logger.info(f"[{job.name}] fit-head {h.name} ({why}) -> {head}")
         t = time.perf_counter()
         result.begin("fit-head", str(head), "run", why)
         r = fit_head(cache, h.options, head, wait=wait, title=h.name, extra_provenance={"job_spec": h.digest(), "job": str(job.path)})
         if job.report:
             from ..report import write_report
 
-            r.reports["report_html"] = write_report(head, audit=audit.get(), log=log).path
+            r.reports["report_html"] = write_report(head, audit=audit.get()).path
         m = r.metrics.get("val") or r.metrics.get("test") or {}
         result.finish(Step("fit-head", str(head), "run", why, round(time.perf_counter() - t, 3),
                            {"val_accuracy": m.get("accuracy"), "n_train": r.n_train, "reports": r.reports}))
-        log(f"[{job.name}]   fitted on {r.n_train} rows" + (f", val accuracy {m['accuracy']:.4f}" if m else ""))
+        logger.info(f"[{job.name}]   fitted on {r.n_train} rows" + (f", val accuracy {m['accuracy']:.4f}" if m else ""))
 
 
-def _finetune(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, log: Callable[[str], None], progress, audit: _CacheAudit,
+def _finetune(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: float, progress, audit: _CacheAudit,
               consent: HubTrust) -> None:
     """The fine-tune (when stale), and its report when the job writes reports (the cache's audit reused)."""
     from ..finetune import run_finetune
@@ -339,19 +342,19 @@ def _finetune(job: JobSpec, cache: Path, result: JobResult, force: bool, wait: f
     action, reason = ("start over", "--force") if force else finetune_plan(model, head, ft.options)
     if action == "skip":
         result.steps.append(Step("finetune", str(model), "skip", reason))
-        log(f"[{job.name}] finetune: {reason} ({model})")
+        logger.info(f"[{job.name}] finetune: {reason} ({model})")
         return
-    log(f"[{job.name}] finetune from head {ft.from_head!r} ({reason}) -> {model}")
+    logger.info(f"[{job.name}] finetune from head {ft.from_head!r} ({reason}) -> {model}")
     t = time.perf_counter()
     result.begin("finetune", str(model), action, reason)
     r = run_finetune(head, model, options=ft.options, resume=action == "resume", force=action != "resume",
                      workers=ft.options.workers if ft.options.workers is not None else job.workers, device=job.device, wait=wait,
-                     progress=progress("train"), log=log, trust_hub=consent)
+                     progress=progress("train"), trust_hub=consent)
     result.failed_inputs += len(r.failures)
     if job.report:
         from ..report import write_report
 
-        r.reports["report_html"] = write_report(model, audit=audit.get(), log=log).path
+        r.reports["report_html"] = write_report(model, audit=audit.get()).path
     val = r.metrics.get("val", {})
     result.finish(Step("finetune", str(model), action, reason, round(time.perf_counter() - t, 3),
                        {"best_epoch": r.best_epoch, "epochs_done": r.epochs_done, "val_accuracy": val.get("accuracy"), "reports": r.reports}))

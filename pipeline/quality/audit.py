@@ -8,9 +8,9 @@ similarity pass on 128 components).
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ from .options import AuditOptions
 from .precision import HARDEST_SHARE, MIN_PLANTED, POOR_PRECISION, PrecisionEstimate, estimate_precision
 from .similarity import unit_rows
 from .space import MIN_ROWS, EmbeddingSpace, fit_space
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -178,7 +180,7 @@ class Projected:
     no_space: str = ""  # why ``space`` is None
 
 
-def project_rows(X: np.ndarray, dims: int, log: Callable[[str], None] = lambda m: None) -> Projected:
+def project_rows(X: np.ndarray, dims: int) -> Projected:
     """The whitened principal-component space of ``X`` and the rows in it (None below
     ``MIN_ROWS`` or when the rows do not vary), and which rows are byte-identical."""
     t = time.perf_counter()
@@ -192,21 +194,20 @@ def project_rows(X: np.ndarray, dims: int, log: Callable[[str], None] = lambda m
                          "beyond exact copies and the map cannot be assessed")
     whitened = space.project(X)
     seconds = time.perf_counter() - t
-    log(f"audit: {space.dims} principal components ({100 * space.explained:.1f} % of the variance) in {seconds:.1f}s")
+    logger.info(f"audit: {space.dims} principal components ({100 * space.explained:.1f} % of the variance) in {seconds:.1f}s")
     return Projected(space, whitened, seconds, identical)
 
 
 def run_audit(X: np.ndarray, labels: np.ndarray, split: np.ndarray, paths: np.ndarray, classes: list[str], options: AuditOptions | None = None, *,
-              sha256: np.ndarray | None = None, failures: list[tuple[str, str]] | None = None, log: Callable[[str], None] = lambda m: None) -> Audit:
+              sha256: np.ndarray | None = None, failures: list[tuple[str, str]] | None = None) -> Audit:
     """Every check on rows in memory: ``X`` [N, D] embeddings, ``labels`` [N] (-1 unlabeled),
     ``split`` [N] names, ``sha256`` [N, 32] file hashes (exact duplicates), ``failures`` (path, reason)."""
     opts = options or AuditOptions()
-    return audit_projected(project_rows(X, opts.dims, log), labels, split, paths, classes, opts, sha256=sha256, failures=failures, log=log)
+    return audit_projected(project_rows(X, opts.dims), labels, split, paths, classes, opts, sha256=sha256, failures=failures)
 
 
 def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, paths: np.ndarray, classes: list[str], options: AuditOptions | None = None,
-                    *, sha256: np.ndarray | None = None, failures: list[tuple[str, str]] | None = None,
-                    log: Callable[[str], None] = lambda m: None) -> Audit:
+                    *, sha256: np.ndarray | None = None, failures: list[tuple[str, str]] | None = None) -> Audit:
     """``run_audit`` on rows already projected (``project_rows``)."""
     opts = options or AuditOptions()
     labels = np.asarray(labels, dtype=np.int64)
@@ -232,8 +233,8 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
     if audit.duplicates.pairs.truncated:
         audit.notes.append(f"{audit.duplicates.pairs.found:,} near-duplicate pairs found; the {opts.max_pairs:,} kept are the exact copies, then the "
                            "most similar (--max-pairs)")
-    log(f"audit: {len(audit.duplicates)} near-duplicate pair(s) ({int(audit.duplicates.exact.sum())} exact) at cosine >= {threshold:.4g} "
-        f"in {audit.seconds['duplicates']:.1f}s")
+    logger.info(f"audit: {len(audit.duplicates)} near-duplicate pair(s) ({int(audit.duplicates.exact.sum())} exact) at cosine >= {threshold:.4g} "
+                f"in {audit.seconds['duplicates']:.1f}s")
 
     t = time.perf_counter()
     present = np.unique(labels[labelled])
@@ -252,12 +253,12 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
             measured = (f"; on {e.planted} planted flips: precision {e.precision:.2f}, recall {e.recall:.2f}" if e is not None
                         else "; precision not estimated (too few rows to plant flips)")
             if audit.label_errors_reliable:
-                log(f"audit: {len(audit.label_error_rows())} likely label error(s) ({audit.oof.folds}-fold out-of-fold logreg, C={audit.oof.C:g}, "
-                    f"accuracy {audit.oof.accuracy:.4f}{measured}) in {audit.seconds['label_errors']:.1f}s")
+                logger.info(f"audit: {len(audit.label_error_rows())} likely label error(s) ({audit.oof.folds}-fold out-of-fold logreg, C={audit.oof.C:g}, "
+                            f"accuracy {audit.oof.accuracy:.4f}{measured}) in {audit.seconds['label_errors']:.1f}s")
             else:
-                log(f"audit: label errors not reported: the detector is not reliable on this data (precision {e.precision_at_cleanlab:.2f} on "
-                    f"{e.planted} planted flips, under {POOR_PRECISION:g}); {len(audit.hardest_rows())} hardest examples listed instead, "
-                    f"in {audit.seconds['label_errors']:.1f}s")
+                logger.info(f"audit: label errors not reported: the detector is not reliable on this data (precision {e.precision_at_cleanlab:.2f} on "
+                            f"{e.planted} planted flips, under {POOR_PRECISION:g}); {len(audit.hardest_rows())} hardest examples listed instead, "
+                            f"in {audit.seconds['label_errors']:.1f}s")
         else:
             audit.seconds["label_errors"] = time.perf_counter() - t
             audit.label_errors_skipped = (
@@ -265,11 +266,11 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
                 f"the largest class ({audit.oof.chance:.3f}; binomial p = {audit.oof.p_value:.2g}), so the embeddings do not separate these "
                 "classes and any suspects would be noise; a pretrained or stronger backbone (--model, --weights) gives the check something to go on")
     if audit.label_errors_skipped:
-        log(f"audit: {audit.label_errors_skipped}")
+        logger.info(f"audit: {audit.label_errors_skipped}")
     return audit
 
 
-def audit_cache(cache: str | os.PathLike, options: AuditOptions | None = None, *, log: Callable[[str], None] = lambda m: None) -> Audit:
+def audit_cache(cache: str | os.PathLike, options: AuditOptions | None = None) -> Audit:
     """``run_audit`` on a cache's rows (``load_cache``: its gathers bounded to 64 MiB beside the
     embeddings); the split is the cache's own (pre-split data) or fit-head's hash rule with the
     options' ``val_fraction`` and ``seed``.
@@ -282,9 +283,9 @@ def audit_cache(cache: str | os.PathLike, options: AuditOptions | None = None, *
     data = load_cache(cache)
     split, _ = assign_splits(data.paths, data.labels, data.split, opts.val_fraction, opts.seed)
     read_s = time.perf_counter() - t0
-    rows = project_rows(data.embeddings, opts.dims, log)
+    rows = project_rows(data.embeddings, opts.dims)
     data.embeddings = None  # the checks need only the projected rows: one copy of the embeddings at the peak, not two
-    audit = audit_projected(rows, data.labels, split, data.paths, data.classes, opts, sha256=data.fingerprints.get("sha256"), failures=data.failures, log=log)
+    audit = audit_projected(rows, data.labels, split, data.paths, data.classes, opts, sha256=data.fingerprints.get("sha256"), failures=data.failures)
     audit.cache = str(Path(cache))
     audit.seconds = {"read": read_s, **audit.seconds, "total": time.perf_counter() - t0}
     return audit

@@ -13,9 +13,9 @@ and curves come from the artifact, and the data sections from its base head's ca
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from ..store import atomic_path, load_cache, read_rows
 from . import sections
 from .html import page
 from .thumbnails import Thumbnails
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,7 +80,7 @@ def _cache_for(loaded: LoadedHead, cache: str | os.PathLike | None) -> tuple[Pat
 
 
 def write_report(artifact: str | os.PathLike, cache: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
-                 options: ReportOptions | None = None, *, audit: Audit | None = None, log: Callable[[str], None] = lambda m: None) -> ReportResult:
+                 options: ReportOptions | None = None, *, audit: Audit | None = None) -> ReportResult:
     """Write the report of ``artifact`` (a head or fine-tuned model) to ``out`` (default: beside
     it, ``*.report.html``) atomically. ``audit``: one already run on the same cache (a job
     reuses it for every head of a cache).
@@ -114,13 +116,12 @@ def write_report(artifact: str | os.PathLike, cache: str | os.PathLike | None = 
             if same_data:
                 with read_rows(cache_path) as table:
                     view["stale"] = table.content_digest() != prov.get("cache_fingerprint")
-            log(f"report: scored {sum(len(r) for r in view['scored'].groups.values())} rows of {cache_path}")
+            logger.info(f"report: scored {sum(len(r) for r in view['scored'].groups.values())} rows of {cache_path}")
         reuse = audit is not None and Path(audit.cache).resolve() == cache_path.resolve() and len(audit.paths) == len(data.paths)
-        rows = None if reuse else project_rows(data.embeddings, opts.dims, log)
+        rows = None if reuse else project_rows(data.embeddings, opts.dims)
         data.embeddings = None  # scored and projected: the checks need only the projected rows (one copy of the embeddings at the peak)
         if not reuse:
-            audit = audit_projected(rows, data.labels, split, data.paths, classes, opts, sha256=data.fingerprints.get("sha256"), failures=data.failures,
-                                    log=log)
+            audit = audit_projected(rows, data.labels, split, data.paths, classes, opts, sha256=data.fingerprints.get("sha256"), failures=data.failures)
             audit.cache = str(cache_path)
         view["audit"] = audit.judged_by(split)
         view["data"] = data
@@ -128,7 +129,7 @@ def write_report(artifact: str | os.PathLike, cache: str | os.PathLike | None = 
         view["thumbs"] = Thumbnails(data.meta, opts.thumb_size)
     result = _render(view, out_path)
     result.seconds = round(time.perf_counter() - t0, 3)
-    log(f"report: {out_path} ({result.thumbnails} thumbnails, {result.missing_images} missing) in {result.seconds:.1f}s")
+    logger.info(f"report: {out_path} ({result.thumbnails} thumbnails, {result.missing_images} missing) in {result.seconds:.1f}s")
     return result
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ from ..heads import LoadedHead, artifact_id, head_scorer, load_head
 from ..images import DEFAULT_MAX_PIXELS, decode_image
 from ..inference import engine_context, engines_home, resolve_precision
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
+
 
 METADATA_FORMAT = "featcache.classifier"  # marks a featcache ONNX model's metadata_props
 METADATA_SCHEMA = 1
@@ -142,14 +143,14 @@ class TorchClassifier(Classifier):
         return self._metadata
 
 
-def _engine_for(backbone: Backbone, loaded: LoadedHead, engine: str, device: torch.device, batch_size: int, log: Log,
+def _engine_for(backbone: Backbone, loaded: LoadedHead, engine: str, device: torch.device, batch_size: int,
                 precision: str | None = None) -> Engine:
     """``auto``: the engine measured fastest for this backbone on this machine (``featcache
     engines``, or an earlier ``extract``), else eager — a service does not stop to measure
     at start; a named engine is built and checked against eager as ``extract`` builds it.
     ``precision``: as ``--precision`` (None: the precision the head's cache was extracted in)."""
     cache_dir = engines_home(loaded.provenance)
-    chosen = resolve_precision(precision or loaded.provenance.get("precision") or "fp32", device, log)
+    chosen = resolve_precision(precision or loaded.provenance.get("precision") or "fp32", device)
     ctx = engine_context(backbone, device, chosen, batch_size, cache_dir)
     if engine == "eager":
         return ctx.eager()
@@ -158,19 +159,19 @@ def _engine_for(backbone: Backbone, loaded: LoadedHead, engine: str, device: tor
         model = (f"--model {loaded.path}" if "base_head" in prov else
                  f"--model {prov['model']} --weights {prov.get('weights_spec') or prov['weights']}" + (f" --seed {prov['seed']}" if prov.get("seed") else ""))
         model += f" --precision {chosen.name}" if chosen.name != "fp32" else ""
-        log(f"engine auto -> eager: no engine was measured for this backbone in {chosen.name} on this machine "
-            f"(`{command_hint(f'engines {model} --batch-size {batch_size} --cache-dir {cache_dir}')}` measures once; the service then runs the fastest)")
+        logger.info(f"engine auto -> eager: no engine was measured for this backbone in {chosen.name} on this machine "
+                    f"(`{command_hint(f'engines {model} --batch-size {batch_size} --cache-dir {cache_dir}')}` measures once; the service then runs the fastest)")
         return ctx.eager()
     # a long-lived service repays rebuilding a remembered engine whose export/compile cache is cold
-    return build_engine(engine, ctx, SERVICE_IMAGES, log)
+    return build_engine(engine, ctx, SERVICE_IMAGES)
 
 
 def load_torch_classifier(path: str | os.PathLike, trust_hub: HubTrust = False, engine: str = "auto", device: str = "auto",
-                          batch_size: int = 32, log: Log = lambda m: None, precision: str | None = None) -> TorchClassifier:
+                          batch_size: int = 32, precision: str | None = None) -> TorchClassifier:
     loaded = load_head(path)
     backbone = loaded.load_backbone(trust_hub)
     dev = resolve_device(device)
-    return TorchClassifier(loaded, backbone, _engine_for(backbone, loaded, engine, dev, batch_size, log, precision))
+    return TorchClassifier(loaded, backbone, _engine_for(backbone, loaded, engine, dev, batch_size, precision))
 
 
 # ----------------------------------------------------------------------------- ONNX files
@@ -273,8 +274,7 @@ class OnnxClassifier(Classifier):
         return {k: v for k, v in self.meta.items()}
 
 
-def load_classifier(path: str | os.PathLike, *, trust_hub: HubTrust = False, engine: str = "auto", device: str = "auto", batch_size: int = 32,
-                    log: Log = lambda m: None, precision: str | None = None) -> Classifier:
+def load_classifier(path: str | os.PathLike, *, trust_hub: HubTrust = False, engine: str = "auto", device: str = "auto", batch_size: int = 32, precision: str | None = None) -> Classifier:
     """A classifier for a head or fine-tuned model file (``.pt``), or a model written by
     ``export-model`` (``.onnx``). ``trust_hub``: consent to run the code of a ``hub:``
     backbone a ``.pt`` file names (an ONNX file runs no Python code). ``engine``/``device``
@@ -285,5 +285,5 @@ def load_classifier(path: str | os.PathLike, *, trust_hub: HubTrust = False, eng
             raise UsageError(f"--precision applies to a head or model file (.pt); {str(path)!r} runs in the precision it was exported in")
         classifier: Classifier = OnnxClassifier(path)
     else:
-        classifier = load_torch_classifier(path, trust_hub, engine, device, batch_size, log, precision)
+        classifier = load_torch_classifier(path, trust_hub, engine, device, batch_size, precision)
     return classifier

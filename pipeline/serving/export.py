@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -40,7 +41,9 @@ from ..images import DEFAULT_MAX_PIXELS, DecodeError, is_manifest, load_image, s
 from ..inference import embed_batch, prepare_model
 from ..options import build, check_types, choose, require
 from ..store import atomic_path
-from .classifier import Log, classifier_metadata, graph_digest, needs_onnx
+from .classifier import classifier_metadata, graph_digest, needs_onnx
+
+logger = logging.getLogger(__name__)
 
 KNN_MAX_BYTES = 256 << 20  # training rows a kNN graph may hold
 PROBE_IMAGES = 8
@@ -312,8 +315,7 @@ def _run(session, input_name: str, x: np.ndarray) -> np.ndarray:
     return np.asarray(session.run(None, {input_name: np.ascontiguousarray(x)})[0], dtype=np.float64)
 
 
-def export_model(path: str | Path, out: str | Path | None = None, options: ExportOptions | dict | None = None, *, trust_hub: HubTrust = False,
-                 log: Log = lambda m: None, **fields: Any) -> ExportResult:
+def export_model(path: str | Path, out: str | Path | None = None, options: ExportOptions | dict | None = None, *, trust_hub: HubTrust = False, **fields: Any) -> ExportResult:
     """Write the head or fine-tuned model at ``path`` as one ONNX file (``out``, default
     beside it with the suffix ``.onnx``), checked in ONNX Runtime against ``predict`` first.
     ``trust_hub``: consent to run the code of a ``hub:`` backbone the file names.
@@ -344,7 +346,7 @@ def export_model(path: str | Path, out: str | Path | None = None, options: Expor
     x = pixels if options.uint8 else float_pixels
     input_name = "pixels" if options.uint8 else "images"
     example = x[:2] if len(x) >= 2 else torch.cat([x, x])  # a batch of 2 keeps the batch axis symbolic
-    log(f"exporting {path.name} ({backbone.name} + {loaded.kind} head) to ONNX, opset {OPSET}, {options.input_kind} input")
+    logger.info(f"exporting {path.name} ({backbone.name} + {loaded.kind} head) to ONNX, opset {OPSET}, {options.input_kind} input")
     proto = _export(model, example.contiguous(), input_name, OPSET)
 
     x_np = x.numpy()
@@ -380,5 +382,5 @@ def export_model(path: str | Path, out: str | Path | None = None, options: Expor
     with atomic_path(out, need=len(data)) as tmp:
         tmp.write_bytes(data)
     seconds = time.perf_counter() - t0
-    log(f"wrote {out} ({len(data) / 2**20:.1f} MiB): max |Δp| {diff:.2g} against predict on {len(names)} probe image(s) in {seconds:.1f}s")
+    logger.info(f"wrote {out} ({len(data) / 2**20:.1f} MiB): max |Δp| {diff:.2g} against predict on {len(names)} probe image(s) in {seconds:.1f}s")
     return ExportResult(str(out), options.input_kind, loaded.kind, metadata["classes"], len(data), names, diff, agree, round(seconds, 3), metadata)

@@ -16,6 +16,7 @@ exits 0. It binds 127.0.0.1 unless told otherwise and has no authentication of i
 # imported inside build_app so the extra stays optional) when they are defined
 import asyncio
 import collections
+import logging
 import os
 import signal
 import socket
@@ -37,7 +38,9 @@ from ..images import DEFAULT_MAX_PIXELS, DecodeError
 from ..interrupts import signals_handled, stop_grace
 from ..options import OUTSIDE_IDENTITY, build, check_device, check_types, choose, require
 from ..predictions import score
-from .classifier import Classifier, Log, load_classifier
+from .classifier import Classifier, load_classifier
+
+logger = logging.getLogger(__name__)
 
 RAW_TYPES = ("application/octet-stream",)  # besides image/*: what curl --data-binary users often send
 
@@ -228,7 +231,7 @@ def _topk(query: dict[str, str], default: int, n_classes: int) -> int:
     return min(k, n_classes)
 
 
-def build_app(classifier: Classifier, options: ServeOptions, log: Log = lambda m: None, summary: ServeSummary | None = None):
+def build_app(classifier: Classifier, options: ServeOptions, summary: ServeSummary | None = None):
     """The FastAPI app serving ``classifier`` (its batcher and decoder threads live with the
     app: started and stopped by its lifespan)."""
     from fastapi import FastAPI, Request
@@ -246,8 +249,8 @@ def build_app(classifier: Classifier, options: ServeOptions, log: Log = lambda m
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
-        log(f"serving {classifier.source} ({classifier.engine_name} {classifier.precision}, {len(classes)} classes) on {summary.url}: POST /predict, GET /health, "
-            "GET /metadata; it has no authentication of its own (README: Export and serve)")
+        logger.info(f"serving {classifier.source} ({classifier.engine_name} {classifier.precision}, {len(classes)} classes) on {summary.url}: POST /predict, GET /health, "
+                    "GET /metadata; it has no authentication of its own (README: Export and serve)")
         try:
             yield
         finally:
@@ -324,7 +327,7 @@ def build_app(classifier: Classifier, options: ServeOptions, log: Log = lambda m
         except HTTPException as exc:
             return refuse(exc.status_code, str(exc.detail))
         except Exception as exc:  # the model failed on this batch: say so, keep serving
-            log(f"error: internal error on a request: {type(exc).__name__}: {exc}")
+            logger.error(f"error: internal error on a request: {type(exc).__name__}: {exc}")
             return refuse(500, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             in_flight[0] -= 1
@@ -375,7 +378,7 @@ def _server_class():
     return StopOnce
 
 
-def serve(path: str | Path, options: ServeOptions | dict | None = None, *, trust_hub: HubTrust = False, log: Log = lambda m: None,
+def serve(path: str | Path, options: ServeOptions | dict | None = None, *, trust_hub: HubTrust = False,
           quiet: bool = False, **fields: Any) -> ServeSummary:
     """Serve the head, fine-tuned model or exported ONNX file at ``path`` until SIGTERM or
     Ctrl-C; what was in flight is answered first. ``trust_hub``: consent to run the code of a
@@ -394,12 +397,12 @@ def serve(path: str | Path, options: ServeOptions | dict | None = None, *, trust
 
     import uvicorn
 
-    classifier = load_classifier(path, trust_hub=trust_hub, engine=options.engine, device=options.device, batch_size=options.max_batch, log=log,
+    classifier = load_classifier(path, trust_hub=trust_hub, engine=options.engine, device=options.device, batch_size=options.max_batch,
                                  precision=options.precision)
     sock = _listen(options.host, options.port)
     host, port = sock.getsockname()[:2]
     summary = ServeSummary(f"http://{'[' + host + ']' if ':' in host else host}:{port}", classifier.engine_name)
-    app = build_app(classifier, options, log, summary)
+    app = build_app(classifier, options, summary)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"  # stdout is --json's
     config = uvicorn.Config(app, log_config=log_config, log_level="warning" if quiet else "info", access_log=not quiet,
@@ -410,6 +413,6 @@ def serve(path: str | Path, options: ServeOptions | dict | None = None, *, trust
     got = getattr(server, "stop_signals", [])
     summary.seconds = round(time.perf_counter() - t0, 3)
     summary.stopped_by = signal.Signals(got[0]).name if got else ""
-    log(f"stopped{' by ' + summary.stopped_by if got else ''}: {summary.requests} request(s) answered ({summary.images} image(s) in "
-        f"{summary.batches} batch(es)), {summary.rejected} refused")
+    logger.info(f"stopped{' by ' + summary.stopped_by if got else ''}: {summary.requests} request(s) answered ({summary.images} image(s) in "
+                f"{summary.batches} batch(es)), {summary.rejected} refused")
     return summary

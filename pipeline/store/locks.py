@@ -22,7 +22,7 @@ from pathlib import Path
 from ..errors import LockHeldError, StorageError
 from .atomic import remove_stale_temporaries, storage_error
 
-log = logging.getLogger("featcache")
+logger = logging.getLogger(__name__)
 
 
 def lock_path_for(target: Path) -> Path:
@@ -90,7 +90,7 @@ class WriterLock:
         fh.seek(0)
         left = fh.read().strip()
         if left:  # a clean release empties the file: whoever wrote this died holding the lock
-            log.warning(f"recovered the lock on {str(self.target)!r}: {_describe(left)} stopped without releasing it "
+            logger.warning(f"recovered the lock on {str(self.target)!r}: {_describe(left)} stopped without releasing it "
                         "(its committed work is kept)")
         try:
             fh.seek(0)

@@ -10,6 +10,7 @@ resolves any path listed twice.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from .manifest import Manifest, PartInfo, read_manifest, write_manifest
 from .parts import DAMAGE, PartFile, entry_for, peek_part
 from .schema import SCHEMA_VERSION, check_compatible, open_cache_file, parts_dir_for
 from .seal import SealError, check_file
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -176,7 +179,7 @@ def rebuild_manifest(path: Path, meta: dict[str, Any], damaged: list[dict[str, A
     return Manifest(newest_meta, generation, min((h["created"] for h in heads), default=time.time()), parts, [])
 
 
-def repair_cache(path: str | Path, meta: dict[str, Any], log: Callable[[str], None] = lambda m: None) -> RepairReport:
+def repair_cache(path: str | Path, meta: dict[str, Any]) -> RepairReport:
     """Make the cache at ``path`` consistent again, dropping what cannot be trusted (the caller
     holds the writer lock; a later extract re-embeds the dropped images)."""
     from .writer import CacheWriter
@@ -198,13 +201,13 @@ def repair_cache(path: str | Path, meta: dict[str, Any], log: Callable[[str], No
     if manifest is None:
         manifest = rebuild_manifest(path, meta, report.dropped)
         report.rebuilt_manifest = True
-        log(f"rebuilt the manifest of {str(path)!r} from {len(manifest.parts)} part file(s)")
+        logger.info(f"rebuilt the manifest of {str(path)!r} from {len(manifest.parts)} part file(s)")
     keep = []
     for info in manifest.parts:
         problem = check_part(path, info)
         if problem:
             report.dropped.append({"part": info.name, "rows": info.live_rows, "problem": problem})
-            log(f"dropped damaged part {info.name} ({info.live_rows} rows: {problem}); its images will be extracted again")
+            logger.info(f"dropped damaged part {info.name} ({info.live_rows} rows: {problem}); its images will be extracted again")
         else:
             keep.append(info)
     if report.dropped or report.rebuilt_manifest:
