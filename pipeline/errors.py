@@ -7,8 +7,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sklearn.exceptions import NotFittedError
-
 
 def command_hint(args: str) -> str:
     """``args`` as a command the user can paste: ``python cli.py ARGS`` when they ran the
@@ -117,6 +115,3 @@ class TrainingDivergedError(FeatcacheError):
 
 TrainingDiverged = TrainingDivergedError  # the earlier name
 
-
-class HeadNotFittedError(FeatcacheError, NotFittedError):
-    """A head used before ``fit``; also a scikit-learn ``NotFittedError``."""

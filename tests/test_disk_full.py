@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 UNCHECKED = "import pipeline.store.atomic as a; a.free_bytes = lambda folder: 1 << 62; "  # every free-space check passes
 
@@ -67,7 +67,7 @@ def test_extract_onto_a_full_disk_exits_6_and_loses_nothing_committed(small_disk
     proc = _cli(["extract", str(digits_small), "-m", tiny_hub, "-w", "none", "--out", str(out), "--commit-every", "8", "--batch-size", "8"], unchecked)
     _assert_clean_exit_6(proc)
     unfill()
-    again = _cli(["extract", str(digits_small), "-m", tiny_hub, "-w", "none", "--out", str(out), "--json"], False)
+    again = run_cli("extract", str(digits_small), "-m", tiny_hub, "-w", "none", "--out", str(out), "--json")  # in this process: nothing to fake
     assert again.returncode == 0, again.stderr
     summary = json.loads(again.stdout)
     n_images = sum(1 for p in Path(digits_small).rglob("*.png"))
@@ -79,7 +79,7 @@ def test_extract_onto_a_full_disk_exits_6_and_loses_nothing_committed(small_disk
 def test_fit_head_onto_a_full_disk_exits_6_and_keeps_the_previous_head(small_disk, digits_cache, unchecked):
     mount, fill, _ = small_disk
     head = mount / "h.pt"
-    first = _cli(["fit-head", str(digits_cache), "--clf", "mlp", "--epochs", "2", "--out", str(head)], False)
+    first = run_cli("fit-head", str(digits_cache), "--clf", "mlp", "--epochs", "2", "--out", str(head))
     assert first.returncode == 0, first.stderr
     before = head.read_bytes()
     fill(40_000)

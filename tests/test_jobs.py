@@ -23,7 +23,9 @@ from conftest import ROOT, make_image, run_cli
 pytestmark = pytest.mark.slow
 
 
-def _write_job(folder: Path, tiny_hub: str, finetune: bool = True, extra: str = "", finetune_extra: str = "") -> Path:
+def _write_job(folder: Path, tiny_hub: str, finetune: bool = True, extra: str = "", finetune_extra: str = "", report: bool = False) -> Path:
+    """The job these tests run; ``report``: an HTML report and an audit per head (seconds each,
+    so only where they are what a test checks)."""
     job = folder / "nightly job é.toml"  # spaces and non-ASCII in the path on purpose
     text = f'''
 name = "nightly"
@@ -31,6 +33,7 @@ data = ["digits"]
 cache_dir = "cache"
 out_dir = "runs"
 workers = 0
+report = {str(report).lower()}
 
 [[backbones]]
 model = "{tiny_hub}"
@@ -69,7 +72,7 @@ def _json_run(*args: str, expect: int = 0) -> dict:
 
 
 def test_second_run_of_an_unchanged_job_does_nothing(job_dir, tiny_hub):
-    job = _write_job(job_dir, tiny_hub)
+    job = _write_job(job_dir, tiny_hub, report=True)
     first = _json_run(str(job))
     assert [(s["kind"], s["action"]) for s in first["steps"]] == [("extract", "run"), ("fit-head", "run"), ("fit-head", "run"), ("finetune", "run")]
     assert first["did_work"] and first["steps"][0]["summary"]["new"] == 80

@@ -158,6 +158,7 @@ data = ["{digits}"]
 cache_dir = "{tmp_path / 'cache'}"
 out_dir = "{tmp_path / 'runs'}"
 workers = 0
+report = false
 
 [[backbones]]
 model = "resnet18"
