@@ -36,6 +36,7 @@ from pipeline.choices import (
     LAYOUTS,
     MAP_METHODS,
     MODEL_EXPORT_FORMATS,
+    NEAR_DUPLICATE_SEARCH,
     OPTIMIZERS,
     PRECISIONS,
     SCHEDULES,
@@ -68,6 +69,7 @@ Optimizer = Literal[OPTIMIZERS]
 Schedule = Literal[SCHEDULES]
 MapMethod = Literal[MAP_METHODS]
 LabelMethod = Literal[LABEL_METHODS]
+NearDuplicateSearch = Literal[NEAR_DUPLICATE_SEARCH]
 ModelFormat = Literal[MODEL_EXPORT_FORMATS]
 ClfName = enum.Enum("ClfName", {k: k for k in HEAD_KINDS}, type=str)  # typer takes lists of enums, not of Literals
 
@@ -768,6 +770,8 @@ def _audit_flags() -> dict[str, tuple[str, Any]]:
         "dims": ("int", typer.Option(128, "--dims", help="Principal components (whitened) the checks work in; 0 = all.")),
         "duplicate_threshold": ("float", typer.Option(DUPLICATE_THRESHOLD, "--duplicate-threshold", help="Near-duplicates: cosine similarity (whitened space) at or above which two rows are copies.")),
         "max_pairs": ("int", typer.Option(10_000, "--max-pairs", help="Near-duplicates: keep at most this many pairs (the most similar).")),
+        "near_duplicates": ("NearDuplicateSearch", _choice("auto", "--near-duplicates", help="Near-duplicates: exact (every pair), ann (FAISS index, "
+                            "its recall measured and printed; pip install 'featcache[ann]') or auto (exact up to 200,000 rows, then ann, else exact on a sample).")),
         "imbalance_ratio": ("float", typer.Option(10.0, "--imbalance-ratio", help="Imbalance: flag classes under largest/RATIO rows.")),
         "seed": ("int", typer.Option(0, "--seed", help="Seed for the folds and the map's sample.")),
         "device": ("str", typer.Option("auto", "--device", help="Where similarities are computed: auto (the GPU when present), cpu or cuda[:N].")),

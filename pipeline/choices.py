@@ -34,6 +34,7 @@ OPTIMIZERS = ("sgd", "adamw")
 # report and audit
 MAP_METHODS = ("pca", "umap", "tsne")  # the 2-D map: PCA always; UMAP (the umap extra) and t-SNE (scikit-learn) on a sample
 LABEL_METHODS = ("prune_by_class", "prune_by_noise_rate")  # cleanlab find_label_issues filter_by methods featcache implements
+NEAR_DUPLICATE_SEARCH = ("auto", "exact", "ann")  # auto: exact up to 200,000 rows, then the FAISS index (the ann extra), else exact on a sample
 DUPLICATE_THRESHOLD = 0.96  # the default near-duplicate cosine (whitened space), calibrated in pipeline/quality/options.py; here so --help needs no torch
 AUDIT_CHECKS = ("label-errors", "duplicates", "leaks", "imbalance", "failed-files")  # what `audit --fail-on` can fail on
 # export and serving

@@ -11,6 +11,7 @@ from .fit import compare_caches, fit_head, full_proba
 from .knn import KNNHead
 from .metrics import (
                       CELL_LABEL_MAX_CLASSES,
+                      RunningMetrics,
                       classification_metrics,
                       clear_reports,
                       confusion_figure,
@@ -27,7 +28,7 @@ from .options import FitOptions
 from .scoring import head_scorer
 from .splits import assign_splits, recorded_rule, split_as_recorded
 
-__all__ = ["CELL_LABEL_MAX_CLASSES", "HEAD_KINDS", "FitOptions", "KNNHead", "LinearHead", "LoadedHead", "LogRegHead", "MLPHead", "TorchHead", "artifact_id", "assign_splits", "recorded_rule", "split_as_recorded", "build_head_module",
+__all__ = ["CELL_LABEL_MAX_CLASSES", "HEAD_KINDS", "FitOptions", "KNNHead", "LinearHead", "LoadedHead", "LogRegHead", "MLPHead", "RunningMetrics", "TorchHead", "artifact_id", "assign_splits", "recorded_rule", "split_as_recorded", "build_head_module",
            "classification_metrics", "clear_reports", "compare_caches", "confusion_figure", "evaluate_head", "score_head", "Scored", "fit_head", "format_metrics", "full_proba", "head_scorer",
            "history_figure", "kept_epoch", "literal_text", "load_head", "pyplot",
            "save_blob", "save_figure", "save_model_artifact", "top_confusions", "write_reports"]

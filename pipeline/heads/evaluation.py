@@ -15,7 +15,7 @@ from ..errors import UsageError
 from ..store import read_rows
 from .artifacts import LoadedHead, load_head
 from .fit import full_proba, read_embeddings
-from .metrics import classification_metrics
+from .metrics import RunningMetrics
 from .splits import split_as_recorded
 
 SCORE_ROWS = 8192  # rows scored at a time (the head's standardisation and logits are copies of them)
@@ -32,18 +32,29 @@ class Scored:
 
 
 def score_head(loaded: LoadedHead, rows_of: Callable[[np.ndarray], np.ndarray], labels: np.ndarray, split: np.ndarray, same_data: bool,
-               classes: Sequence[str]) -> Scored:
-    """Probabilities and metrics of ``loaded``'s head on the rows it is evaluated on;
-    ``rows_of(indices)`` gives their embeddings (read a chunk at a time)."""
+               classes: Sequence[str], keep_proba: bool = True) -> Scored:
+    """Metrics (and with ``keep_proba`` the probabilities) of ``loaded``'s head on the rows it
+    is evaluated on; ``rows_of(indices)`` gives their embeddings, read and scored a chunk at a
+    time, so without ``keep_proba`` memory does not follow the number of rows."""
     if same_data:
         groups = {s: np.flatnonzero(split == s) for s in ("val", "test")}
         train = np.flatnonzero(split == "train")
     else:  # another dataset of the same backbone: every labelled row is new to the head
         groups, train = {"all": np.flatnonzero(labels >= 0)}, np.zeros(0, dtype=np.int64)
     groups = {s: rows for s, rows in groups.items() if len(rows)}
-    proba = {s: np.concatenate([full_proba(loaded.head, np.asarray(rows_of(rows[c : c + SCORE_ROWS]), dtype=np.float32), len(classes))
-                                for c in range(0, len(rows), SCORE_ROWS)]) for s, rows in groups.items()}
-    metrics = {s: classification_metrics(labels[rows], proba[s], list(classes)) for s, rows in groups.items()}
+    proba: dict[str, np.ndarray] = {}
+    metrics: dict[str, dict[str, Any]] = {}
+    for s, rows in groups.items():
+        running, kept = RunningMetrics(list(classes)), []
+        for c in range(0, len(rows), SCORE_ROWS):
+            chunk = rows[c : c + SCORE_ROWS]
+            p = full_proba(loaded.head, np.asarray(rows_of(chunk), dtype=np.float32), len(classes))
+            running.add(labels[chunk], p)
+            if keep_proba:
+                kept.append(p)
+        metrics[s] = running.result()
+        if keep_proba:
+            proba[s] = np.concatenate(kept)
     return Scored(groups, proba, metrics, train)
 
 
@@ -59,5 +70,6 @@ def evaluate_head(head_path: str | os.PathLike, cache: str | os.PathLike, val_fr
     same_data = table.meta.get("data_root") == loaded.provenance.get("data_root")
     split = split_as_recorded(loaded.provenance, table.paths, table.labels, table.split, val_fraction)
     dim = int(table.meta["embed_dim"])
-    scored = score_head(loaded, lambda rows: read_embeddings(table, table.index_rows[rows], dim), table.labels, split, same_data, table.classes)
+    scored = score_head(loaded, lambda rows: read_embeddings(table, table.index_rows[rows], dim), table.labels, split, same_data, table.classes,
+                        keep_proba=False)
     return {"head": str(head_path), "cache": str(cache), "kind": loaded.kind, **scored.metrics}

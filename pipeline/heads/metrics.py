@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, log_loss, precision_recall_fscore_support, top_k_accuracy_score
 
 from ..names import printable
 from ..store import atomic_path
@@ -21,21 +20,63 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: S
 
     ``y_true`` holds indices into ``class_names``; ``proba`` is [N, C] in that order.
     """
-    n_classes = len(class_names)
-    labels = np.arange(n_classes)
-    pred = proba.argmax(axis=1)
-    p, r, f, support = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)
-    out: dict[str, Any] = {
-        "n": int(len(y_true)),
-        "accuracy": float(accuracy_score(y_true, pred)),
-        "macro_f1": float(f1_score(y_true, pred, labels=labels, average="macro", zero_division=0)),
-        "log_loss": float(log_loss(y_true, proba / proba.sum(axis=1, keepdims=True), labels=labels)),
-        "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])} for i, c in enumerate(class_names)},
-        "confusion_matrix": confusion_matrix(y_true, pred, labels=labels).tolist(),
-    }
-    if n_classes > 5:
-        out["top5_accuracy"] = float(top_k_accuracy_score(y_true, proba, k=5, labels=labels))
-    return out
+    running = RunningMetrics(class_names)
+    running.add(y_true, proba)
+    return running.result()
+
+
+class RunningMetrics:
+    """``classification_metrics`` over predictions that arrive a chunk at a time: a confusion
+    matrix, a log-loss sum and a top-5 count are all it holds (C x C, whatever N), and the
+    result equals scikit-learn's on every row at once (its clipping, its tie order for top-5)."""
+
+    def __init__(self, class_names: Sequence[str]):
+        self.class_names = list(class_names)
+        c = len(self.class_names)
+        self.confusion = np.zeros((c, c), dtype=np.int64)
+        self.loss_sum = 0.0
+        self.top5_hits = 0
+
+    def add(self, y_true: np.ndarray, proba: np.ndarray) -> None:
+        """One chunk: labels (indices into the classes) and [n, C] probabilities."""
+        y = np.asarray(y_true, dtype=np.int64)
+        c = len(self.class_names)
+        if not len(y):
+            return
+        if y.min() < 0 or y.max() >= c or proba.shape != (len(y), c):
+            raise ValueError(f"labels must lie in [0, {c}) and probabilities be [{len(y)}, {c}] (got {proba.shape})")
+        pred = proba.argmax(axis=1)
+        self.confusion += np.bincount(y * c + pred, minlength=c * c).reshape(c, c)
+        p = proba / proba.sum(axis=1, keepdims=True)
+        eps = np.finfo(p.dtype).eps
+        self.loss_sum += float(-np.log(np.clip(p[np.arange(len(y)), y], eps, 1 - eps)).sum(dtype=np.float64))
+        if c > 5:
+            top = np.argsort(proba, axis=1, kind="mergesort")[:, ::-1][:, :5]
+            self.top5_hits += int((top == y[:, None]).any(axis=1).sum())
+
+    @property
+    def n(self) -> int:
+        return int(self.confusion.sum())
+
+    def result(self) -> dict[str, Any]:
+        cm, n = self.confusion, self.n
+        support, predicted, right = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            precision = np.where(predicted > 0, right / np.maximum(predicted, 1), 0.0)
+            recall = np.where(support > 0, right / np.maximum(support, 1), 0.0)
+            f1 = np.where(support + predicted > 0, 2 * right / np.maximum(support + predicted, 1), 0.0)  # 2 tp / (2 tp + fp + fn), as scikit-learn
+        out: dict[str, Any] = {
+            "n": n,
+            "accuracy": float(right.sum() / n) if n else 0.0,
+            "macro_f1": float(f1.mean()) if len(f1) else 0.0,
+            "log_loss": self.loss_sum / n if n else float("nan"),
+            "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+                          for i, name in enumerate(self.class_names)},
+            "confusion_matrix": cm.tolist(),
+        }
+        if len(self.class_names) > 5:
+            out["top5_accuracy"] = self.top5_hits / n if n else 0.0
+        return out
 
 
 def format_metrics(name: str, m: dict[str, Any]) -> str:

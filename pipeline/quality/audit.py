@@ -228,8 +228,12 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
     if threshold > opts.duplicate_threshold:
         audit.notes.append(f"near-duplicate threshold raised from {opts.duplicate_threshold:g} to {threshold:.4g}: {len(labels):,} rows give only "
                            f"{audit.space.dims} components, and in so few dimensions unrelated images often reach {opts.duplicate_threshold:g}")
-    audit.duplicates = find_duplicates(audit.unit, threshold, split, sha256, identical=rows.identical, max_pairs=opts.max_pairs, device=opts.device)
+    audit.duplicates = find_duplicates(audit.unit, threshold, split, sha256, identical=rows.identical, max_pairs=opts.max_pairs, device=opts.device,
+                                       search=opts.near_duplicates, seed=opts.seed)
     audit.seconds["duplicates"] = time.perf_counter() - t
+    if audit.duplicates.search.note():
+        audit.notes.append(audit.duplicates.search.note())
+        logger.info(f"audit: {audit.duplicates.search.note()}")
     if audit.duplicates.pairs.truncated:
         audit.notes.append(f"{audit.duplicates.pairs.found:,} near-duplicate pairs found; the {opts.max_pairs:,} kept are the exact copies, then the "
                            "most similar (--max-pairs)")

@@ -1,7 +1,8 @@
 """Near-duplicates and the split leaks among them.
 
 Two rows are near-duplicates when their cosine similarity in the whitened space
-(``space.py``) reaches the threshold (exact search in blocks: ``similarity.pairs_above``);
+(``space.py``) reaches the threshold (exact search in blocks: ``similarity.pairs_above``; above ``ann.ANN_MIN_ROWS`` rows an
+approximate index with its recall measured, ``ann.py``);
 a pair is *exact* when the cache recorded the same SHA-256 for both files or their stored
 embeddings are byte-identical (imported rows carry no hash). Exact copies are found by content,
 not by similarity: they are reported whatever the threshold and whatever the whitening makes of
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .ann import ANN_MIN_ROWS, INSTALL_HINT, IndexShape, approximate_pairs_above, have_faiss, measured_recall, require_faiss
 from .similarity import Pairs, pairs_above
 
 SPLITS = ("train", "val", "test")
@@ -123,6 +125,56 @@ def chance_threshold(dims: int, rows: int, alpha: float = CHANCE_PAIRS) -> float
     return min(CEILING, float(np.sqrt(max(0.0, 1.0 - x))))
 
 
+@dataclass(frozen=True)
+class NearSearch:
+    """How the near-duplicate pairs were searched: ``exact`` (every pair), ``ann`` (the FAISS
+    index, ``ann.py``; its recall measured against exact search) or ``sample`` (exact among a
+    seeded sample of ``rows`` rows: no FAISS for a collection too large to search whole)."""
+
+    method: str
+    rows: int  # rows searched
+    total: int  # rows there were
+    recall: float | None = None  # ann: share of the exactly searched sample's pairs the index found
+    recall_pairs: int = 0  # pairs that share was measured on
+    index: IndexShape | None = None
+
+    def note(self) -> str:
+        """A line for the audit's notes ("" for a plain exact search)."""
+        if self.method == "ann":
+            measured = (f"recall {self.recall:.3f} against exact search on the {self.recall_pairs:,} pairs of a seeded sample of rows"
+                        if self.recall is not None else "recall not measured (no pair in the sampled rows, or the pairs were cut at --max-pairs)")
+            return (f"near-duplicates of {self.total:,} rows searched with an approximate index (FAISS IVF, {self.index.nlist:,} cells, "
+                    f"{self.index.nprobe} probed per row): {measured}; --near-duplicates exact searches every pair")
+        if self.method == "sample":
+            return (f"near-duplicates searched exactly among a seeded sample of {self.rows:,} of {self.total:,} rows: every pair of all of them "
+                    f"would take hours; for all rows install FAISS ({INSTALL_HINT}); exact copies (same file or embedding) are listed for all rows")
+        return ""
+
+
+def near_pairs(U: np.ndarray, threshold: float, *, search: str = "auto", max_pairs: int = 10_000, device: str = "auto",
+               exclude_groups: np.ndarray | None = None, seed: int = 0) -> tuple[Pairs, NearSearch]:
+    """The pairs of unit rows ``U`` at cosine >= ``threshold``, searched as ``search`` says:
+    exact, ann (FAISS), or auto: exact below ``ANN_MIN_ROWS`` rows, above it the index, or
+    without FAISS exact search among a seeded sample of ``ANN_MIN_ROWS`` rows."""
+    n = len(U)
+    method = search
+    if search == "ann":
+        require_faiss()
+    elif search == "auto":
+        method = "exact" if n <= ANN_MIN_ROWS else "ann" if have_faiss() else "sample"
+    if method == "exact":
+        return pairs_above(U, threshold, max_pairs=max_pairs, device=device, exclude_groups=exclude_groups), NearSearch("exact", n, n)
+    if method == "ann":
+        shape = IndexShape.for_rows(n)
+        pairs = approximate_pairs_above(U, threshold, max_pairs=max_pairs, exclude_groups=exclude_groups, seed=seed, shape=shape)
+        recall, measured = (None, 0) if pairs.truncated else measured_recall(U, threshold, pairs, exclude_groups=exclude_groups, seed=seed, device=device)
+        return pairs, NearSearch("ann", n, n, recall, measured, shape)
+    rows = np.sort(np.random.default_rng(seed).choice(n, ANN_MIN_ROWS, replace=False))
+    groups = exclude_groups[rows] if exclude_groups is not None else None
+    p = pairs_above(np.ascontiguousarray(U[rows]), threshold, max_pairs=max_pairs, device=device, exclude_groups=groups)
+    return Pairs(rows[p.i], rows[p.j], p.similarity, p.found, threshold), NearSearch("sample", len(rows), n)
+
+
 @dataclass
 class Duplicates:
     pairs: Pairs
@@ -130,6 +182,7 @@ class Duplicates:
     leak: np.ndarray  # [P] bool: the two rows are in different splits
     groups: np.ndarray | None = None  # [N] copy-group label per row (``copy_groups``): re-anchors the exact pairs for another split
     identical: np.ndarray | None = None  # [N] ``identical_rows``
+    search: NearSearch | None = None  # how the near pairs were found (None: no space, exact copies only)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -162,7 +215,7 @@ def _exact_similarity(i: np.ndarray, j: np.ndarray, identical: np.ndarray, U: np
 
 
 def _merged(exact: tuple[np.ndarray, np.ndarray, np.ndarray], near: Pairs | None, threshold: float, split: np.ndarray, limit: int,
-            groups: np.ndarray, identical: np.ndarray) -> Duplicates:
+            groups: np.ndarray, identical: np.ndarray, search: NearSearch | None) -> Duplicates:
     """The exact pairs ``(i, j, similarity)`` and the near ones, exact first then most similar, at most ``limit``."""
     empty = np.zeros(0, dtype=np.int64)
     ni, nj, ns = (near.i, near.j, near.similarity) if near is not None else (empty, empty, np.zeros(0, dtype=np.float32))
@@ -171,11 +224,12 @@ def _merged(exact: tuple[np.ndarray, np.ndarray, np.ndarray], near: Pairs | None
     is_exact = np.r_[np.ones(len(exact[0]), dtype=bool), np.zeros(len(ni), dtype=bool)]
     keep = np.lexsort((j, i, -s, ~is_exact))[:limit]
     pairs = Pairs(i[keep], j[keep], s[keep], len(exact[0]) + (near.found if near is not None else 0), threshold)
-    return Duplicates(pairs, is_exact[keep], leak_mask(pairs.i, pairs.j, split), groups, identical)
+    return Duplicates(pairs, is_exact[keep], leak_mask(pairs.i, pairs.j, split), groups, identical, search)
 
 
 def find_duplicates(U: np.ndarray | None, threshold: float, split: np.ndarray, sha256: np.ndarray | None = None, *,
-                    identical: np.ndarray | None = None, max_pairs: int = 10_000, device: str = "auto") -> Duplicates:
+                    identical: np.ndarray | None = None, max_pairs: int = 10_000, device: str = "auto", search: str = "auto",
+                    seed: int = 0) -> Duplicates:
     """The exact copies, then the near-duplicate pairs of the unit rows ``U`` at ``threshold``
     (None: no space to search, exact copies only); each pair marked exact and leak; exact pairs
     first, then the most similar, at most ``max_pairs`` in all.
@@ -183,14 +237,15 @@ def find_duplicates(U: np.ndarray | None, threshold: float, split: np.ndarray, s
     Exact: the same SHA-256 (``sha256`` [N, 32], all zeros = no hash) or byte-identical
     embeddings (``identical``, from ``identical_rows``), paired as the module doc says; their
     similarity is 1 for identical embeddings, else their cosine in ``U`` (1 without ``U``).
-    The search skips pairs inside a group of copies: those are already reported."""
+    The search skips pairs inside a group of copies: those are already reported; ``search``
+    and ``seed`` as ``near_pairs``."""
     split = np.asarray(split)
     n = len(split)
     identical = identical if identical is not None else np.full(n, -1, dtype=np.int64)
     groups = copy_groups(same_file_rows(sha256, n), identical)
     ei, ej = exact_pairs(groups, split)
-    near = pairs_above(U, threshold, max_pairs=max_pairs, device=device, exclude_groups=groups) if U is not None else None
-    return _merged((ei, ej, _exact_similarity(ei, ej, identical, U)), near, threshold, split, max_pairs, groups, identical)
+    near, how = near_pairs(U, threshold, search=search, max_pairs=max_pairs, device=device, exclude_groups=groups, seed=seed) if U is not None else (None, None)
+    return _merged((ei, ej, _exact_similarity(ei, ej, identical, U)), near, threshold, split, max_pairs, groups, identical, how)
 
 
 def with_split(d: Duplicates, split: np.ndarray, U: np.ndarray | None = None) -> Duplicates:
@@ -199,8 +254,8 @@ def with_split(d: Duplicates, split: np.ndarray, U: np.ndarray | None = None) ->
     unit rows, for the cosine of copies whose embeddings differ)."""
     split = np.asarray(split)
     if d.groups is None:
-        return Duplicates(d.pairs, d.exact, leak_mask(d.pairs.i, d.pairs.j, split))
+        return Duplicates(d.pairs, d.exact, leak_mask(d.pairs.i, d.pairs.j, split), search=d.search)
     ei, ej = exact_pairs(d.groups, split)
     p, near = d.pairs, ~d.exact
     kept_near = Pairs(p.i[near], p.j[near], p.similarity[near], p.found - len(ei), p.threshold)  # a group of k copies is k - 1 pairs in any split
-    return _merged((ei, ej, _exact_similarity(ei, ej, d.identical, U)), kept_near, p.threshold, split, len(p), d.groups, d.identical)
+    return _merged((ei, ej, _exact_similarity(ei, ej, d.identical, U)), kept_near, p.threshold, split, len(p), d.groups, d.identical, d.search)

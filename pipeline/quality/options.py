@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..choices import AUDIT_CHECKS, DUPLICATE_THRESHOLD, LABEL_METHODS, MAP_METHODS, canonical
+from ..choices import AUDIT_CHECKS, DUPLICATE_THRESHOLD, LABEL_METHODS, MAP_METHODS, NEAR_DUPLICATE_SEARCH, canonical
 from ..options import OUTSIDE_IDENTITY, check_device, check_types, choose, require
 
 # Cosine similarity, in the whitened principal-component space of ``space.py``, above which
@@ -29,6 +29,7 @@ class AuditOptions:
     dims: int = 128  # principal components kept (whitened) for similarities and the out-of-fold logreg; 0 = all
     duplicate_threshold: float = DEFAULT_DUPLICATE_THRESHOLD
     max_pairs: int = 10_000  # near-duplicate pairs kept (the most similar); bounds memory on heavily duplicated data
+    near_duplicates: str = "auto"  # how pairs are searched: exact, ann (FAISS index, recall measured), auto (quality/ann.py)
     imbalance_ratio: float = 10.0
     val_fraction: float = 0.2  # the split of a cache that is not pre-split (as fit-head's default)
     seed: int = 0
@@ -41,6 +42,7 @@ class AuditOptions:
         require(self.dims >= 0, f"--dims must be 0 (all) or more (got {self.dims})")
         require(0 < self.duplicate_threshold <= 1, f"--duplicate-threshold is a cosine similarity in (0, 1] (got {self.duplicate_threshold})")
         require(self.max_pairs >= 1, f"--max-pairs must be at least 1 (got {self.max_pairs})")
+        choose(self, "near_duplicates", NEAR_DUPLICATE_SEARCH, "ann needs the ann extra: pip install 'featcache[ann]'")
         require(self.imbalance_ratio >= 1, f"--imbalance-ratio must be at least 1 (got {self.imbalance_ratio})")
         require(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
         check_device(self)

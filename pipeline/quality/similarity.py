@@ -87,13 +87,13 @@ def pairs_above(U: np.ndarray, threshold: float, *, max_pairs: int = 10_000, dev
             kept_s.append(S[a, b].float().cpu().numpy())
             held += len(a)
             if held > 2 * max_pairs:  # keep memory bounded: only the most similar survive
-                kept_i, kept_j, kept_s = (list(x) for x in zip(_top(kept_i, kept_j, kept_s, max_pairs)))
+                kept_i, kept_j, kept_s = (list(x) for x in zip(top_pairs(kept_i, kept_j, kept_s, max_pairs)))
                 held = len(kept_i[0])
-    i, j, s = _top(kept_i, kept_j, kept_s, max_pairs)
+    i, j, s = top_pairs(kept_i, kept_j, kept_s, max_pairs)
     return Pairs(i, j, s, found, threshold)
 
 
-def _top(i: list[np.ndarray], j: list[np.ndarray], s: list[np.ndarray], limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def top_pairs(i: list[np.ndarray], j: list[np.ndarray], s: list[np.ndarray], limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``limit`` most similar of the pairs held in pieces, most similar first (ties: by row, then column)."""
     if not i:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
