@@ -174,22 +174,43 @@ def cli_json(*args: str, expect: int = 0) -> dict:
     return json.loads(lines[0])
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder ``build(folder)`` fills once per test session, shared by the xdist workers: the
+    first worker to need it builds it, a worker that needs it meanwhile waits (it would have
+    spent as long building its own), later ones reuse it. The tests only read it."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above every worker's own
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if the build fails
+        if not done.exists():
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def digits_cache(tmp_path_factory) -> Path:
     """All 1,797 digits through a seeded random resnet18: real embeddings a head must learn from.
-    The costliest fixture: ONNX Runtime where installed (57 s on one core here, eager 82 s;
-    the same embeddings within 1e-6)."""
+    The costliest fixture, built once for all workers: ONNX Runtime where installed (57 s on
+    one core here, eager 82 s; the same embeddings within 1e-6)."""
     import importlib.util
 
     from pipeline.demo import write_digits
     from pipeline.extract import run_extract
 
-    base = tmp_path_factory.mktemp("digits_full")
-    data = write_digits(base / "digits", size=32)
-    out = base / "digits_resnet18.h5"
-    engine = "onnxruntime" if importlib.util.find_spec("onnxruntime") else "eager"
-    run_extract(data, "resnet18", "none", out, batch_size=64, engine=engine)
-    return out
+    def build(base: Path) -> None:
+        engine = "onnxruntime" if importlib.util.find_spec("onnxruntime") else "eager"
+        run_extract(write_digits(base / "digits", size=32), "resnet18", "none", base / "digits_resnet18.h5", batch_size=64, engine=engine)
+
+    return built_once(tmp_path_factory, "digits_full", build) / "digits_resnet18.h5"
 
 
 
