@@ -61,10 +61,10 @@ class RunningMetrics:
     def result(self) -> dict[str, Any]:
         cm, n = self.confusion, self.n
         support, predicted, right = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            precision = np.where(predicted > 0, right / np.maximum(predicted, 1), 0.0)
-            recall = np.where(support > 0, right / np.maximum(support, 1), 0.0)
-            f1 = np.where(support + predicted > 0, 2 * right / np.maximum(support + predicted, 1), 0.0)  # 2 tp / (2 tp + fp + fn), as scikit-learn
+        # 0 where nothing was predicted / present, as scikit-learn's zero_division=0 (the denominators are never 0)
+        precision = right / np.maximum(predicted, 1)
+        recall = right / np.maximum(support, 1)
+        f1 = 2 * right / np.maximum(support + predicted, 1)  # 2 tp / (2 tp + fp + fn), as scikit-learn
         out: dict[str, Any] = {
             "n": n,
             "accuracy": float(right.sum() / n) if n else 0.0,

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..devices import head_device
 from ..errors import UsageError
-from .similarity import Pairs, top_pairs
+from .similarity import PairCollector, Pairs
 
 ANN_MIN_ROWS = 200_000  # from here `auto` uses the index (exact search: ~1 minute at this size on 2 cores, then growing with N²)
 RECALL_QUERIES = 2_000  # rows searched exactly against every row to measure the index's recall
@@ -78,7 +78,7 @@ def approximate_pairs_above(U: np.ndarray, threshold: float, *, max_pairs: int =
     index.train(U[sample])
     index.add(U)
     index.nprobe = shape.nprobe
-    kept_i, kept_j, kept_s, held, found = [], [], [], 0, 0
+    kept = PairCollector(max_pairs)
     # a float32 inner product of a row with itself is 1 within rounding: search a hair below
     # the threshold and keep what reaches it, as the exact search does
     for q0 in range(0, n, QUERY_ROWS):
@@ -89,18 +89,9 @@ def approximate_pairs_above(U: np.ndarray, threshold: float, *, max_pairs: int =
         keep = (ids > rows) & (sims >= threshold)
         if exclude_groups is not None:
             keep &= exclude_groups[rows] != exclude_groups[np.maximum(ids, 0)]
-        if not keep.any():
-            continue
-        found += int(keep.sum())
-        kept_i.append(rows[keep])
-        kept_j.append(ids[keep])
-        kept_s.append(sims[keep].astype(np.float32))
-        held += int(keep.sum())
-        if held > 2 * max_pairs:
-            kept_i, kept_j, kept_s = (list(x) for x in zip(top_pairs(kept_i, kept_j, kept_s, max_pairs)))
-            held = len(kept_i[0])
-    i, j, s = top_pairs(kept_i, kept_j, kept_s, max_pairs)
-    return Pairs(i, j, s, found, threshold)
+        if keep.any():
+            kept.add(rows[keep], ids[keep], sims[keep].astype(np.float32))
+    return kept.pairs(threshold)
 
 
 def measured_recall(U: np.ndarray, threshold: float, approximate: Pairs, *, exclude_groups: np.ndarray | None = None, seed: int = 0,

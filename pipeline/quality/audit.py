@@ -231,9 +231,10 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
     audit.duplicates = find_duplicates(audit.unit, threshold, split, sha256, identical=rows.identical, max_pairs=opts.max_pairs, device=opts.device,
                                        search=opts.near_duplicates, seed=opts.seed)
     audit.seconds["duplicates"] = time.perf_counter() - t
-    if audit.duplicates.search.note():
-        audit.notes.append(audit.duplicates.search.note())
-        logger.info(f"audit: {audit.duplicates.search.note()}")
+    searched = audit.duplicates.search.note()
+    if searched:
+        audit.notes.append(searched)
+        logger.info(f"audit: {searched}")
     if audit.duplicates.pairs.truncated:
         audit.notes.append(f"{audit.duplicates.pairs.found:,} near-duplicate pairs found; the {opts.max_pairs:,} kept are the exact copies, then the "
                            "most similar (--max-pairs)")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ann import ANN_MIN_ROWS, INSTALL_HINT, IndexShape, approximate_pairs_above, have_faiss, measured_recall, require_faiss
+from .ann import ANN_MIN_ROWS, INSTALL_HINT, IndexShape, approximate_pairs_above, have_faiss, measured_recall
 from .similarity import Pairs, pairs_above
 
 SPLITS = ("train", "val", "test")
@@ -158,9 +158,7 @@ def near_pairs(U: np.ndarray, threshold: float, *, search: str = "auto", max_pai
     without FAISS exact search among a seeded sample of ``ANN_MIN_ROWS`` rows."""
     n = len(U)
     method = search
-    if search == "ann":
-        require_faiss()
-    elif search == "auto":
+    if search == "auto":
         method = "exact" if n <= ANN_MIN_ROWS else "ann" if have_faiss() else "sample"
     if method == "exact":
         return pairs_above(U, threshold, max_pairs=max_pairs, device=device, exclude_groups=exclude_groups), NearSearch("exact", n, n)

@@ -66,7 +66,7 @@ def pairs_above(U: np.ndarray, threshold: float, *, max_pairs: int = 10_000, dev
     n = len(U)
     rows = _Rows(np.ascontiguousarray(U, dtype=np.float32), dev)
     group = torch.from_numpy(np.asarray(exclude_groups, dtype=np.int64)).to(dev) if exclude_groups is not None else None
-    kept_i, kept_j, kept_s, held, found = [], [], [], 0, 0
+    kept = PairCollector(max_pairs)
     for r0 in range(0, n, block_rows):
         r1 = min(n, r0 + block_rows)
         A = rows.block(r0, r1)
@@ -79,21 +79,37 @@ def pairs_above(U: np.ndarray, threshold: float, *, max_pairs: int = 10_000, dev
             if group is not None:
                 hit &= group[r0:r1, None] != group[None, c0:c1]
             a, b = torch.nonzero(hit, as_tuple=True)
-            if not len(a):
-                continue
-            found += len(a)
-            kept_i.append((a + r0).cpu().numpy())
-            kept_j.append((b + c0).cpu().numpy())
-            kept_s.append(S[a, b].float().cpu().numpy())
-            held += len(a)
-            if held > 2 * max_pairs:  # keep memory bounded: only the most similar survive
-                kept_i, kept_j, kept_s = (list(x) for x in zip(top_pairs(kept_i, kept_j, kept_s, max_pairs)))
-                held = len(kept_i[0])
-    i, j, s = top_pairs(kept_i, kept_j, kept_s, max_pairs)
-    return Pairs(i, j, s, found, threshold)
+            if len(a):
+                kept.add((a + r0).cpu().numpy(), (b + c0).cpu().numpy(), S[a, b].float().cpu().numpy())
+    return kept.pairs(threshold)
 
 
-def top_pairs(i: list[np.ndarray], j: list[np.ndarray], s: list[np.ndarray], limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+class PairCollector:
+    """Pairs arriving in pieces, of which only the ``limit`` most similar are wanted: memory
+    stays about twice that, whatever was found (``found`` counts them all)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.found, self.held = limit, 0, 0
+        self.i: list[np.ndarray] = []
+        self.j: list[np.ndarray] = []
+        self.s: list[np.ndarray] = []
+
+    def add(self, i: np.ndarray, j: np.ndarray, s: np.ndarray) -> None:
+        self.found += len(i)
+        self.held += len(i)
+        self.i.append(i)
+        self.j.append(j)
+        self.s.append(s)
+        if self.held > 2 * self.limit:  # keep memory bounded: only the most similar survive
+            i, j, s = _top_pairs(self.i, self.j, self.s, self.limit)
+            self.i, self.j, self.s, self.held = [i], [j], [s], len(i)
+
+    def pairs(self, threshold: float) -> Pairs:
+        i, j, s = _top_pairs(self.i, self.j, self.s, self.limit)
+        return Pairs(i, j, s, self.found, threshold)
+
+
+def _top_pairs(i: list[np.ndarray], j: list[np.ndarray], s: list[np.ndarray], limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``limit`` most similar of the pairs held in pieces, most similar first (ties: by row, then column)."""
     if not i:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
