@@ -46,7 +46,6 @@ from .overlap import StageClock, WriterThread
 logger = logging.getLogger(__name__)
 
 
-
 # ----------------------------------------------------------------------------- this machine
 
 

@@ -52,6 +52,7 @@ class _CurrentStderrHandler(logging.StreamHandler):
 
 _console: logging.Handler | None = None
 _ours: list[logging.Handler] = []  # the handlers configure() installed (a caller's own stay)
+_before: tuple[int, bool] | None = None  # the logger's level and propagation before configure(), which reset() puts back
 
 
 def configure(log_file: Path | None = None, json_lines: bool = False) -> None:
@@ -59,8 +60,9 @@ def configure(log_file: Path | None = None, json_lines: bool = False) -> None:
 
     ``json_lines`` formats the file as JSON lines (or stderr, when there is no file).
     """
-    global _console
+    global _console, _before
     reset()
+    _before = (LOGGER.level, LOGGER.propagate)
     LOGGER.setLevel(logging.INFO)
     LOGGER.propagate = False  # the command line owns the terminal: nothing printed twice through the root logger
     _console = _CurrentStderrHandler()
@@ -105,15 +107,18 @@ def _main_rank_or_trouble(record: logging.LogRecord) -> bool:
 
 
 def reset() -> None:
-    """Back to what an imported library has: no handler of ours, records propagate (a test that
-    ran the command line in this process leaves logging as it found it)."""
-    global _console
+    """Undo ``configure``: its handlers removed, the logger's level and propagation as they were
+    (a test that ran the command line in this process leaves logging as it found it; a
+    caller's own handlers and level stay)."""
+    global _console, _before
     while _ours:
         handler = _ours.pop()
         LOGGER.removeHandler(handler)
         handler.close()
-    LOGGER.propagate = True
-    LOGGER.setLevel(logging.NOTSET)
+    if _before is not None:
+        LOGGER.setLevel(_before[0])  # setLevel, not the attribute: it clears the loggers' cached isEnabledFor answers
+        LOGGER.propagate = _before[1]
+        _before = None
     _console = None
 
 

@@ -48,21 +48,14 @@ def test_under_torchrun_only_rank_0_says_what_happens(monkeypatch, rank, expecte
     assert err.getvalue() == expected
 
 
-def test_reset_keeps_a_callers_own_handler():
-    """The command line removes only the handlers it installed."""
+def test_reset_keeps_a_callers_own_handler_and_level(said):
+    """The command line removes only the handlers it installed, and leaves the level and
+    propagation of the ``pipeline`` logger as the caller had set them (``said``: INFO)."""
     from pipeline import logs
 
-    lines: list[str] = []
-    mine = logging.Handler(logging.INFO)
-    mine.emit = lambda record: lines.append(record.getMessage())
     logger = logging.getLogger("pipeline")
-    logger.addHandler(mine)
-    try:
-        logs.configure()
-        logs.reset()
-        logger.setLevel(logging.INFO)
-        logging.getLogger("pipeline.demo").info("still heard")
-    finally:
-        logger.removeHandler(mine)
-        logger.setLevel(logging.NOTSET)
-    assert lines == ["still heard"]
+    logs.configure()
+    logs.reset()
+    assert (logger.level, logger.propagate) == (logging.INFO, True)
+    logging.getLogger("pipeline.demo").info("still heard")
+    assert said == ["still heard"]

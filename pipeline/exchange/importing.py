@@ -372,7 +372,7 @@ def import_cache(src: str | os.PathLike, out_cache: str | os.PathLike, *, model:
     meta, origin = _build_meta(source, overrides)
     dim, dtype = int(meta["embed_dim"]), np.dtype(meta["dtype"])
     if source.file_dtype != dtype:
-        logger.warning(f"note: {str(source.main)!r} holds {source.file_dtype.name} embeddings; the cache stores them as {dtype.name}")
+        logger.info(f"note: {str(source.main)!r} holds {source.file_dtype.name} embeddings; the cache stores them as {dtype.name}")
     out_cache = Path(out_cache)
     if out_cache.is_dir():
         raise UsageError(f"--out {str(out_cache)!r} is a folder; pass the cache file to write (e.g. {str(out_cache / 'imported.h5')!r})")

@@ -91,7 +91,7 @@ def _check_training_classes(cache: Path, table: RowTable, split: np.ndarray, rul
         raise UsageError(f"cache {str(cache)!r}: the training rows hold only class {only}; a head needs training rows of at least 2 classes: {fix}")
     if unseen:
         logger.warning(f"fit-head: class(es) {', '.join(map(repr, unseen[:10]))} have no training rows under this split: the head cannot predict "
-                     "them, and their val/test rows count as mistakes")
+                       "them, and their val/test rows count as mistakes")
 
 
 def _load_split(cache: Path, val_fraction: float, seed: int):
@@ -205,7 +205,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
             head.fit(X["train"], y_train)
     if getattr(head, "C_at_edge_", "") == "largest":  # (the smallest edge is a model of class frequencies: recorded, nothing beyond it)
         logger.warning(f"logreg: the chosen C={head.C_:g} is the largest value searched; a weaker regularisation may be better "
-                     "(try --C with larger values)")
+                       "(try --C with larger values)")
     seconds = time.perf_counter() - t0
 
     metrics: dict[str, Any] = {}

@@ -175,7 +175,7 @@ class GridDivergence:
     def warn(self) -> None:
         if self.why:
             logger.warning(f"grid: {len(self.why)} of {len(self.members)} heads diverged and were dropped ({self._listing()}); the best of the others "
-                         f"is kept; leave out learning rates as high as {self._lrs([self.members[i] for i in self.why])} (--lr)")
+                           f"is kept; leave out learning rates as high as {self._lrs([self.members[i] for i in self.why])} (--lr)")
 
     def _listing(self) -> str:
         return "; ".join(f"{self.members[i].name()}: {why}" for i, why in sorted(self.why.items()))

@@ -32,7 +32,6 @@ from ..inference import engine_context, engines_home, resolve_precision
 
 logger = logging.getLogger(__name__)
 
-
 METADATA_FORMAT = "featcache.classifier"  # marks a featcache ONNX model's metadata_props
 METADATA_SCHEMA = 1
 JSON_KEYS = ("schema_version", "classes", "preprocessing", "provenance")  # metadata values stored as JSON (the rest are plain strings)

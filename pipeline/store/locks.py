@@ -91,7 +91,7 @@ class WriterLock:
         left = fh.read().strip()
         if left:  # a clean release empties the file: whoever wrote this died holding the lock
             logger.warning(f"recovered the lock on {str(self.target)!r}: {_describe(left)} stopped without releasing it "
-                        "(its committed work is kept)")
+                           "(its committed work is kept)")
         try:
             fh.seek(0)
             fh.truncate()
