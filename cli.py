@@ -86,6 +86,11 @@ def _quiet_flag() -> Any:
     return typer.Option(False, "--quiet", "-q", help="No progress bars or messages on stderr and no summary on stdout; warnings and errors still go to stderr (--log-file gets everything).")
 
 
+def _memory_flag() -> Any:
+    return typer.Option("auto", "--memory-budget", help="Memory the cache's rows may take (e.g. 2GiB, 512MiB; a bare number is GiB); over it the command "
+                        "streams the cache in chunks and says so. Default auto: a quarter of the memory available when the command starts.")
+
+
 def _trust_hub_flag(what: str = "a head or model file") -> Any:
     return typer.Option(False, "--trust-hub", help=f"Let {what} that names a hub:REPO_OR_DIR:ENTRY backbone run that repo's hubconf.py (Python code); "
                                                    "without it such a file is refused (exit 5) before any of that code runs.")
@@ -509,7 +514,7 @@ def fit_head(
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Validation share when the data is not pre-split (hash of path: stable)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the split and the head."),
     stream: bool = typer.Option(False, "--stream", help="Stream the cache in chunks instead of loading it (logreg: the same objective summed over chunks; automatic over --memory-budget)."),
-    memory_budget: float = typer.Option(4.0, "--memory-budget", help="GiB of embeddings to load before streaming automatically."),
+    memory_budget: str = _memory_flag(),
     k: str | None = typer.Option(None, "--k", help="knn: neighbours, one count or several (e.g. 10,20,100,200: scored in one pass, the best on val kept; default 20)."),
     select_on: SelectOn = _choice("cv", "--select-on", help="logreg: choose C by cross-validation on the training rows (cv) or on the validation rows (val)."),
     wait: float = typer.Option(0.0, "--wait", help="Seconds to wait for another writer of the same head file."),
@@ -544,6 +549,7 @@ def fit_head(
 def evaluate(
     head: Path = typer.Argument(..., metavar="HEAD", help="Head written by fit-head, or a model written by finetune."),
     cache: Path = typer.Option(..., "--cache", help="A cache of the same backbone, weights and classes."),
+    memory_budget: str = _memory_flag(),
     as_json: bool = _json_flag("Print one JSON object with the metrics on stdout."),
     quiet: bool = _quiet_flag(),
 ) -> int:
@@ -551,7 +557,7 @@ def evaluate(
     from pipeline.heads import evaluate_head
 
     _begin(as_json, quiet)
-    result = evaluate_head(head, cache)
+    result = evaluate_head(head, cache, memory_budget=memory_budget)
     if as_json:
         _emit_json(result)
     else:
@@ -577,6 +583,7 @@ def predict(
     decode: Decode | None = _choice(None, "--decode", help="Default: the decoding the head's cache recorded; as for extract."),
     gpu_decoder: GpuDecoder = _choice("auto", "--gpu-decoder", help="As for extract."),
     max_pixels: int = typer.Option(89_478_485, "--max-pixels", help="Larger images are decompression bombs: listed as failed."),
+    memory_budget: str = _memory_flag(),
     trust_hub: bool = _trust_hub_flag(),
     as_json: bool = _json_flag("Print one JSON object on stdout (top-k as a list of {class, probability}; with --out at most the first 10,000 predictions, the file has them all)."),
     quiet: bool = _quiet_flag(),
@@ -679,6 +686,7 @@ def compare(
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Validation share (same hash split for every cache)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the split and the heads."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Folder for the fitted heads and the chart (default: heads/compare/, or $FEATCACHE_HEAD_DIR/compare/)."),
+    memory_budget: str = _memory_flag(),
     as_json: bool = _json_flag(),
     quiet: bool = _quiet_flag(),
 ) -> int:
@@ -775,6 +783,7 @@ def _audit_flags() -> dict[str, tuple[str, Any]]:
         "imbalance_ratio": ("float", typer.Option(10.0, "--imbalance-ratio", help="Imbalance: flag classes under largest/RATIO rows.")),
         "seed": ("int", typer.Option(0, "--seed", help="Seed for the folds and the map's sample.")),
         "device": ("str", typer.Option("auto", "--device", help="Where similarities are computed: auto (the GPU when present), cpu or cuda[:N].")),
+        "memory_budget": ("str", _memory_flag()),
     }
 
 

@@ -31,6 +31,7 @@ from .heads import LoadedHead, head_scorer, literal_text, load_head
 from .images import DEFAULT_MAX_PIXELS, DecodedBatch, ImageRecord, is_manifest, is_shards, scan_source
 from .inference import Feed, ReadOptions, build_mapper, engines_home, open_reader, resolve_decode, resolve_precision, run_batches
 from .interrupts import sigterm_as_interrupt
+from .memory import budget_bytes, check_budget, rows_per_chunk
 from .options import OUTSIDE_IDENTITY, build, check_device, check_types, choose, require
 from .overlap import StageClock
 from .predictions import PredictionWriter, Scored, concatenate, output_format, score
@@ -64,8 +65,10 @@ class PredictOptions:
     decode: str | None = None  # default: the decoding the head's cache recorded
     gpu_decoder: str = field(default="auto", metadata={OUTSIDE_IDENTITY: True})
     max_pixels: int = DEFAULT_MAX_PIXELS
+    memory_budget: str = field(default="auto", metadata={OUTSIDE_IDENTITY: True})  # --cache: rows read and scored at once (pipeline/memory.py)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "memory_budget", check_budget(self.memory_budget))  # a number of GiB is accepted
         check_types(self)
         check_device(self)
         choose(self, "engine", ENGINES)
@@ -277,8 +280,9 @@ def _predict_cache(loaded: LoadedHead, cache: Path, opts: PredictOptions) -> _Ru
         root = Path(table.meta.get("data_root") or "/")
         dim = int(table.meta["embed_dim"])
         try:
-            for a in range(0, len(rows), CACHE_CHUNK):
-                idx = rows[a : a + CACHE_CHUNK]
+            step = min(CACHE_CHUNK, rows_per_chunk(budget_bytes(opts.memory_budget), dim * 4 * 3 + 8 * len(classes)))
+            for a in range(0, len(rows), step):
+                idx = rows[a : a + step]
                 X = np.empty((len(idx), dim), dtype=np.dtype(table.meta.get("dtype", "float32")))
                 table.snapshot.read_into(X, table.index_rows[idx], np.arange(len(idx)))  # ascending ids: decoded straight into X
                 paths = table.paths[idx].tolist()

@@ -32,7 +32,7 @@ SAMPLES = {
                      "path_col": "file", "label_col": "cls", "split_col": "part"},
     FitOptions: {"clf": "mlp", "C": 0.5, "workers": 2, "epochs": 3, "lr": 0.01, "weight_decay": 0.001, "batch_size": 16, "hidden": [8, 4],
                  "dropout": [0.1, 0.2], "label_smoothing": 0.1, "schedule": "step", "patience": 2, "class_weight": "balanced",
-                 "val_fraction": 0.3, "seed": 4, "stream": True, "memory_budget": 0.5, "k": [5, 10], "select_on": "val"},
+                 "val_fraction": 0.3, "seed": 4, "stream": True, "memory_budget": "512MiB", "k": [5, 10], "select_on": "val"},
     FinetuneOptions: {"head": "new", "unfreeze": "last:2", "augment": "light", "optimizer": "adamw", "lr_backbone": 0.001, "lr_head": 0.01,
                       "momentum": 0.5, "weight_decay": 0.01, "schedule": "step", "warmup": 0.2, "epochs": 2, "batch_size": 4, "accum": 2,
                       "clip_grad": 0.5, "label_smoothing": 0.1, "amp": False, "precision": "bf16", "channels_last": False, "seed": 5, "workers": 1},

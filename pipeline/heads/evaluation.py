@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import UsageError
+from ..memory import budget_bytes, check_budget, rows_per_chunk
 from ..store import read_rows
 from .artifacts import LoadedHead, load_head
 from .fit import full_proba, read_embeddings
 from .metrics import RunningMetrics
 from .splits import split_as_recorded
 
-SCORE_ROWS = 8192  # rows scored at a time (the head's standardisation and logits are copies of them)
+SCORE_ROWS = 8192  # rows scored at a time by default
+SCORE_COPIES = 3  # a chunk's rows as read, as float32, and standardised
 
 
 @dataclass
@@ -26,16 +28,23 @@ class Scored:
     """The head's predictions on the rows it is evaluated on."""
 
     groups: dict[str, np.ndarray]  # "val"/"test" (its own data) or "all" (another dataset) -> row indices
-    proba: dict[str, np.ndarray]
+    proba: dict[str, np.ndarray]  # group -> probabilities of the rows ``kept`` names
     metrics: dict[str, dict[str, Any]]
     train: np.ndarray  # rows the head was fitted on (empty for another dataset)
+    kept: dict[str, np.ndarray] = field(default_factory=dict)  # group -> the rows whose probabilities ``proba`` holds
+
+
+KEEP = ("all", "mistakes", "none")
 
 
 def score_head(loaded: LoadedHead, rows_of: Callable[[np.ndarray], np.ndarray], labels: np.ndarray, split: np.ndarray, same_data: bool,
-               classes: Sequence[str], keep_proba: bool = True) -> Scored:
-    """Metrics (and with ``keep_proba`` the probabilities) of ``loaded``'s head on the rows it
-    is evaluated on; ``rows_of(indices)`` gives their embeddings, read and scored a chunk at a
-    time, so without ``keep_proba`` memory does not follow the number of rows."""
+               classes: Sequence[str], keep: str = "all", chunk_rows: int = SCORE_ROWS) -> Scored:
+    """Metrics of ``loaded``'s head on the rows it is evaluated on, and the probabilities of
+    ``keep``: every row, only the misclassified ones (a report), or none (``evaluate``).
+    ``rows_of(indices)`` gives their embeddings, read and scored a chunk at a time, so with
+    ``none`` memory does not follow the number of rows, and with ``mistakes`` only the errors'."""
+    if keep not in KEEP:
+        raise ValueError(f"keep={keep!r}: one of {KEEP}")
     if same_data:
         groups = {s: np.flatnonzero(split == s) for s in ("val", "test")}
         train = np.flatnonzero(split == "train")
@@ -43,24 +52,30 @@ def score_head(loaded: LoadedHead, rows_of: Callable[[np.ndarray], np.ndarray], 
         groups, train = {"all": np.flatnonzero(labels >= 0)}, np.zeros(0, dtype=np.int64)
     groups = {s: rows for s, rows in groups.items() if len(rows)}
     proba: dict[str, np.ndarray] = {}
+    kept_rows: dict[str, np.ndarray] = {}
     metrics: dict[str, dict[str, Any]] = {}
     for s, rows in groups.items():
-        running, kept = RunningMetrics(list(classes)), []
-        for c in range(0, len(rows), SCORE_ROWS):
-            chunk = rows[c : c + SCORE_ROWS]
+        running, kept, which = RunningMetrics(list(classes)), [], []
+        for c in range(0, len(rows), chunk_rows):
+            chunk = rows[c : c + chunk_rows]
             p = full_proba(loaded.head, np.asarray(rows_of(chunk), dtype=np.float32), len(classes))
             running.add(labels[chunk], p)
-            if keep_proba:
-                kept.append(p)
+            if keep != "none":
+                pick = slice(None) if keep == "all" else p.argmax(axis=1) != labels[chunk]
+                kept.append(p[pick])
+                which.append(chunk[pick])
         metrics[s] = running.result()
-        if keep_proba:
+        if keep != "none":
             proba[s] = np.concatenate(kept)
-    return Scored(groups, proba, metrics, train)
+            kept_rows[s] = np.concatenate(which)
+    return Scored(groups, proba, metrics, train, kept_rows)
 
 
-def evaluate_head(head_path: str | os.PathLike, cache: str | os.PathLike, val_fraction: float | None = None) -> dict[str, Any]:
+def evaluate_head(head_path: str | os.PathLike, cache: str | os.PathLike, val_fraction: float | None = None, memory_budget: str = "auto") -> dict[str, Any]:
     """Re-score a saved head on a compatible cache: its val/test rows by the head's split rule,
-    or every labelled row when the cache is another dataset (different data root)."""
+    or every labelled row when the cache is another dataset (different data root). The rows are
+    read and scored in chunks sized from ``memory_budget`` (``pipeline.memory``)."""
+    budget = budget_bytes(check_budget(memory_budget))
     loaded: LoadedHead = load_head(head_path)
     cache = Path(cache)
     table = read_rows(cache)
@@ -70,6 +85,7 @@ def evaluate_head(head_path: str | os.PathLike, cache: str | os.PathLike, val_fr
     same_data = table.meta.get("data_root") == loaded.provenance.get("data_root")
     split = split_as_recorded(loaded.provenance, table.paths, table.labels, table.split, val_fraction)
     dim = int(table.meta["embed_dim"])
+    chunk = rows_per_chunk(budget, dim * 4 * SCORE_COPIES + 8 * len(table.classes))
     scored = score_head(loaded, lambda rows: read_embeddings(table, table.index_rows[rows], dim), table.labels, split, same_data, table.classes,
-                        keep_proba=False)
+                        keep="none", chunk_rows=chunk)
     return {"head": str(head_path), "cache": str(cache), "kind": loaded.kind, **scored.metrics}

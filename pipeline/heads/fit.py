@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UsageError
+from ..memory import chunk_bytes, human, say_streaming
 from ..options import build
 from ..provenance import inherited, timestamp, versions
 from ..store import SCHEMA_VERSION, RowTable, WriterLock, ensure_free_space, iter_embeddings, payload_bytes, read_cache_meta, read_rows
@@ -23,6 +24,8 @@ from .options import FitOptions
 from .splits import SplitRule, assign_splits
 
 logger = logging.getLogger(__name__)
+
+IN_MEMORY_COPIES = 3  # an in-memory logreg holds the float32 rows and their float64 standardised copy (12 bytes a value)
 
 
 class CacheSource:
@@ -166,8 +169,11 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
         raise UsageError(f"cache {str(cache)!r} has no training rows; add images or lower --val-fraction")
     known = np.isin(table.labels[idx["val"]], table.labels[idx["train"]])
     fit_idx = {**idx, "val": idx["val"][known]}  # the val rows a head can be scored on while it fits (early stopping, k, C)
-    n_bytes = len(table.index_rows) * dim * 4
-    streaming = opts.stream or n_bytes > opts.memory_budget_bytes
+    budget = opts.memory_budget_bytes
+    need = len(table.index_rows) * dim * 4 * (IN_MEMORY_COPIES if kind == "logreg" else 1)
+    streaming = opts.stream or need > budget
+    if streaming and not opts.stream:
+        say_streaming(f"fit-head --clf {kind}", need, budget, f"streaming the cache in chunks of {human(chunk_bytes(budget))}")
     head = make_head(kind, **opts.estimator_params())
     t0 = time.perf_counter()
     if opts.select_on == "val" and not len(idx["val"]):
@@ -178,7 +184,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
         on_val = opts.select_on == "val" and known.any()
         Xv = read_embeddings(table, table.index_rows[fit_idx["val"]], dim) if on_val else None
         head.fit_rows(lambda pos: read_embeddings(table, table.index_rows[tr[pos]], dim), table.labels[tr], dim,
-                      chunk_rows=max(1024, opts.memory_budget_bytes // (dim * 8 * 4)),  # float32 read, float64 standardised, its tensor
+                      chunk_rows=max(1024, chunk_bytes(budget) // (dim * 4 * IN_MEMORY_COPIES)),
                       X_val=Xv, y_val=table.labels[fit_idx["val"]] if on_val else None)
         X = {s: None for s in idx}
     elif opts.is_grid():

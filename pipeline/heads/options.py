@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..choices import CLASS_WEIGHTS, HEAD_KINDS, SELECT_ON, TORCH_SCHEDULES
+from ..memory import budget_bytes, check_budget
 from ..options import OUTSIDE_IDENTITY, check_types, choose, require
 
 
@@ -29,11 +30,12 @@ class FitOptions:
     val_fraction: float = 0.2  # validation share when the data is not pre-split
     seed: int = 0  # the split and the head
     stream: bool = False  # stream the cache in chunks (logreg: the same fit, summed over chunks; torch heads: minibatches)
-    memory_budget: float = 4.0  # GiB of embeddings loaded before streaming automatically
+    memory_budget: str = field(default="auto", metadata={OUTSIDE_IDENTITY: True})  # rows held in memory before streaming (pipeline/memory.py); a number is GiB
     k: tuple[int, ...] | None = None  # knn: neighbour counts; several are scored in one pass and the best on val kept (default 20)
     select_on: str = "cv"  # logreg: choose C by cross-validation on train, or on the cache's val split
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "memory_budget", check_budget(self.memory_budget))  # before the types: a number of GiB is accepted
         check_types(self)
         choose(self, "clf", HEAD_KINDS)
         choose(self, "class_weight", CLASS_WEIGHTS, "or leave it out for equal weights")
@@ -52,11 +54,10 @@ class FitOptions:
         require(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
         require(self.k is None or (len(self.k) > 0 and all(k >= 1 for k in self.k)), f"--k takes counts of at least 1, e.g. --k 10,20,100 (got {self.k})")
         choose(self, "select_on", SELECT_ON, "cv: folds of the training rows; val: the validation rows")
-        require(self.memory_budget > 0, f"--memory-budget must be more than 0 GiB (got {self.memory_budget})")
 
     @property
     def memory_budget_bytes(self) -> int:
-        return int(self.memory_budget * 2**30)
+        return budget_bytes(self.memory_budget)
 
     def estimator_params(self) -> dict[str, Any]:
         """The head estimator's constructor arguments (only those that were set)."""

@@ -69,21 +69,21 @@ def approximate_pairs_above(U: np.ndarray, threshold: float, *, max_pairs: int =
     """``similarity.pairs_above`` through an IVF index: every pair (i < j) of unit rows the
     range search finds at cosine >= ``threshold``, the ``max_pairs`` most similar kept."""
     faiss = require_faiss()
-    U = np.ascontiguousarray(U, dtype=np.float32)
     n, d = U.shape
     shape = shape or IndexShape.for_rows(n)
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, shape.nlist, faiss.METRIC_INNER_PRODUCT)
     sample = np.sort(np.random.default_rng(seed).choice(n, shape.train_rows, replace=False))
-    index.train(U[sample])
-    index.add(U)
+    index.train(np.ascontiguousarray(U[sample], dtype=np.float32))
+    for a in range(0, n, QUERY_ROWS * 4):  # added a block at a time: rows on disk (``spill.py``) are never read whole
+        index.add(np.ascontiguousarray(U[a : a + QUERY_ROWS * 4], dtype=np.float32))
     index.nprobe = shape.nprobe
     kept = PairCollector(max_pairs)
     # a float32 inner product of a row with itself is 1 within rounding: search a hair below
     # the threshold and keep what reaches it, as the exact search does
     for q0 in range(0, n, QUERY_ROWS):
         q1 = min(n, q0 + QUERY_ROWS)
-        lims, sims, ids = index.range_search(U[q0:q1], float(threshold) - 1e-6)
+        lims, sims, ids = index.range_search(np.ascontiguousarray(U[q0:q1], dtype=np.float32), float(threshold) - 1e-6)
         rows = np.repeat(np.arange(q0, q1, dtype=np.int64), np.diff(lims.astype(np.int64)))
         ids = ids.astype(np.int64)
         keep = (ids > rows) & (sims >= threshold)
@@ -101,15 +101,14 @@ def measured_recall(U: np.ndarray, threshold: float, approximate: Pairs, *, excl
     no pair. Only meaningful when ``approximate`` was not cut by ``max_pairs``."""
     import torch
 
-    U = np.ascontiguousarray(U, dtype=np.float32)
     n = len(U)
     picked = np.sort(np.random.default_rng(seed + 1).choice(n, min(n, queries), replace=False))
     dev = head_device(device)
-    q = torch.from_numpy(U[picked]).to(dev)
+    q = torch.from_numpy(np.ascontiguousarray(U[picked], dtype=np.float32)).to(dev)
     truth: set[tuple[int, int]] = set()
     for c0 in range(0, n, 65_536):
         c1 = min(n, c0 + 65_536)
-        S = q @ torch.from_numpy(U[c0:c1]).to(dev).T
+        S = q @ torch.from_numpy(np.ascontiguousarray(U[c0:c1], dtype=np.float32)).to(dev).T
         a, b = torch.nonzero(S >= threshold, as_tuple=True)
         qi, cj = picked[a.cpu().numpy()], b.cpu().numpy() + c0
         other = qi != cj

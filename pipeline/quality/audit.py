@@ -19,17 +19,24 @@ import numpy as np
 
 from ..choices import AUDIT_CHECKS
 from ..heads import assign_splits
+from ..memory import budget_bytes, human, say_streaming
 from ..names import printable as _printable
-from ..store import load_cache
+from ..store import read_rows
 from .duplicates import Duplicates, chance_threshold, find_duplicates, identical_rows, with_split
 from .label_errors import LabelIssues, find_label_issues
 from .oof import OutOfFold, out_of_fold_proba
 from .options import AuditOptions
 from .precision import HARDEST_SHARE, MIN_PLANTED, POOR_PRECISION, PrecisionEstimate, estimate_precision
 from .similarity import unit_rows
+from .space import CHUNK_ROWS as SPACE_CHUNK_ROWS
 from .space import MIN_ROWS, EmbeddingSpace, fit_space
+from .spill import CacheRows, SpilledRows, rows_of
 
 logger = logging.getLogger(__name__)
+
+FOLD_ROWS_FLOOR = 250_000  # rows a fold of the out-of-fold logreg may always fit on (a cache this small fits exactly as in memory)
+FIT_BYTES_PER_VALUE = 16  # the fold's rows as read (float32) and standardised (float64), and its share of the solver
+PROBA_FLOAT64_FLOOR = 256 << 20  # out-of-fold probabilities stay float64 up to this size (beyond a quarter of the budget, float32)
 
 
 @dataclass
@@ -174,10 +181,12 @@ class Projected:
     (callers drop those before the checks run, to keep the peak memory at one copy)."""
 
     space: EmbeddingSpace | None
-    whitened: np.ndarray | None  # [N, k]
+    whitened: np.ndarray | SpilledRows | None  # [N, k]
     seconds: float = 0.0
     identical: np.ndarray | None = None  # [N] first row of each row's byte-identical embedding, -1 (``identical_rows``)
     no_space: str = ""  # why ``space`` is None
+    unit: SpilledRows | None = None  # [N, k] unit rows, when spilled beside ``whitened`` (else made from it)
+    budget: int | None = None  # --memory-budget in bytes, when the rows are on disk (bounds the label-error fits)
 
 
 def project_rows(X: np.ndarray, dims: int) -> Projected:
@@ -196,6 +205,44 @@ def project_rows(X: np.ndarray, dims: int) -> Projected:
     seconds = time.perf_counter() - t
     logger.info(f"audit: {space.dims} principal components ({100 * space.explained:.1f} % of the variance) in {seconds:.1f}s")
     return Projected(space, whitened, seconds, identical)
+
+
+def project_streamed(X: CacheRows, dims: int, budget: int, beside: Path) -> Projected:
+    """``project_rows`` for a cache over the memory budget: the space from streamed passes over
+    the embeddings (the same sums, chunk by chunk: the same space), then every row projected a
+    chunk at a time into float32 spills beside the cache (whitened and unit rows; ``spill.py``).
+    Memory is a chunk of embeddings and the D x D covariance, whatever N."""
+    t = time.perf_counter()
+    n = len(X)
+    identical = identical_rows(X)
+    if n < MIN_ROWS:
+        return Projected(None, None, identical=identical, no_space=f"{n} row(s): too few for label errors, near-duplicates or a map")
+    space = fit_space(X, dims)
+    if space.dims == 0:
+        return Projected(None, None, time.perf_counter() - t, identical,
+                         f"every one of the {n:,} embeddings is the same vector (no variance): label errors, near-duplicates "
+                         "beyond exact copies and the map cannot be assessed")
+    whitened = SpilledRows(n, space.dims, beside, "whitened")
+    unit = SpilledRows(n, space.dims, beside, "unit")
+    for a in range(0, n, SPACE_CHUNK_ROWS):  # the chunks of ``EmbeddingSpace.project``: the same rows as in memory
+        block = space.project(X[a : a + SPACE_CHUNK_ROWS])
+        whitened.append(block)
+        unit.append(unit_rows(block))
+    seconds = time.perf_counter() - t
+    logger.info(f"audit: {space.dims} principal components ({100 * space.explained:.1f} % of the variance), {n:,} rows projected "
+                f"and spilled to {whitened.folder} ({human(2 * whitened.nbytes)}, removed at exit) in {seconds:.1f}s")
+    return Projected(space, whitened, seconds, identical, unit=unit, budget=budget)
+
+
+def _label_error_limits(rows: Projected, n_labelled: int, n_classes: int) -> dict[str, Any]:
+    """``out_of_fold_proba``'s limits for rows on disk: each fold's training sample and the
+    result's dtype from the budget (with floors: a small cache fits exactly as in memory)."""
+    if rows.budget is None:
+        return {}
+    dims = rows.space.dims
+    fit_rows = max(FOLD_ROWS_FLOOR, rows.budget // (dims * FIT_BYTES_PER_VALUE))
+    wide = n_labelled * n_classes * 8 <= max(rows.budget // 4, PROBA_FLOAT64_FLOOR)
+    return {"max_train_rows": int(fit_rows), "dtype": np.float64 if wide else np.float32}
 
 
 def run_audit(X: np.ndarray, labels: np.ndarray, split: np.ndarray, paths: np.ndarray, classes: list[str], options: AuditOptions | None = None, *,
@@ -220,7 +267,8 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
         audit.label_errors_skipped = (f"label errors need at least {MIN_ROWS} rows (there are {len(labels)}); not assessed" if len(labels) < MIN_ROWS
                                       else "label errors not assessed: the embeddings do not vary, so nothing in them tells the classes apart")
         return audit
-    audit.space, audit.whitened, audit.unit = rows.space, rows.whitened, unit_rows(rows.whitened)
+    audit.space, audit.whitened = rows.space, rows.whitened
+    audit.unit = rows.unit if rows.unit is not None else unit_rows(rows.whitened)
     audit.seconds["space"] = rows.seconds
 
     t = time.perf_counter()
@@ -248,11 +296,13 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
     elif np.bincount(labels[labelled]).max() < 2:
         audit.label_errors_skipped = "label errors need a class with at least 2 labelled rows (out-of-fold probabilities need folds); not assessed"
     else:
-        audit.oof = out_of_fold_proba(audit.whitened[labelled], labels[labelled], len(classes), opts.folds, opts.seed)
+        Z = rows_of(audit.whitened, labelled)
+        limits = _label_error_limits(rows, len(labelled), len(classes))
+        audit.oof = out_of_fold_proba(Z, labels[labelled], len(classes), opts.folds, opts.seed, **limits)
         if audit.oof.informative:
             audit.issues = find_label_issues(labels[labelled], audit.oof.proba, opts.label_method)
-            audit.estimate = estimate_precision(audit.whitened[labelled], labels[labelled], len(classes), audit.issues.mask, audit.oof.folds,
-                                                opts.seed, audit.oof.C, opts.label_method)
+            audit.estimate = estimate_precision(Z, labels[labelled], len(classes), audit.issues.mask, audit.oof.folds,
+                                                opts.seed, audit.oof.C, opts.label_method, **limits)
             audit.seconds["label_errors"] = time.perf_counter() - t
             e = audit.estimate
             measured = (f"; on {e.planted} planted flips: precision {e.precision:.2f}, recall {e.recall:.2f}" if e is not None
@@ -275,22 +325,41 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
     return audit
 
 
+def in_memory_bytes(n: int, dim: int, itemsize: int, dims: int) -> int:
+    """What ``run_audit`` holds for ``n`` rows: the embeddings, then the whitened and unit rows."""
+    k = min(dim, dims) if dims > 0 else dim
+    return n * (dim * itemsize + 2 * k * 4)
+
+
 def audit_cache(cache: str | os.PathLike, options: AuditOptions | None = None) -> Audit:
-    """``run_audit`` on a cache's rows (``load_cache``: its gathers bounded to 64 MiB beside the
-    embeddings); the split is the cache's own (pre-split data) or fit-head's hash rule with the
-    options' ``val_fraction`` and ``seed``.
+    """``run_audit`` on a cache's rows; the split is the cache's own (pre-split data) or
+    fit-head's hash rule with the options' ``val_fraction`` and ``seed``. A cache whose rows
+    need more than ``options.memory_budget`` is audited from disk (``project_streamed``): the
+    same space, checks and findings, the embeddings read a chunk at a time.
 
     Raises:
-        UsageError, CacheError, DamagedCacheError (as ``load_cache``).
+        UsageError, CacheError, DamagedCacheError (as ``load_cache``), StorageError (no room
+        beside the cache, nor in the temporary folder, for the projected rows).
     """
     opts = options or AuditOptions()
     t0 = time.perf_counter()
-    data = load_cache(cache)
-    split, _ = assign_splits(data.paths, data.labels, data.split, opts.val_fraction, opts.seed)
-    read_s = time.perf_counter() - t0
-    rows = project_rows(data.embeddings, opts.dims)
-    data.embeddings = None  # the checks need only the projected rows: one copy of the embeddings at the peak, not two
-    audit = audit_projected(rows, data.labels, split, data.paths, data.classes, opts, sha256=data.fingerprints.get("sha256"), failures=data.failures)
+    with read_rows(cache) as table:
+        split, _ = assign_splits(table.paths, table.labels, table.split, opts.val_fraction, opts.seed)
+        failures = sorted((p, r) for p, r, _, _ in table.snapshot.failure_columns().items())
+        X = CacheRows(table)
+        budget = budget_bytes(opts.memory_budget)
+        need = in_memory_bytes(len(X), X.shape[1], X.dtype.itemsize, opts.dims)
+        read_s = 0.0
+        if need <= budget:
+            X = X[:]
+            read_s = time.perf_counter() - t0
+            rows = project_rows(X, opts.dims)
+            del X  # the checks need only the projected rows: one copy of the embeddings at the peak, not two
+        else:
+            say_streaming("audit", need, budget, "reading the embeddings a chunk at a time and spilling the projected rows to disk")
+            rows = project_streamed(X, opts.dims, budget, Path(cache))
+        audit = audit_projected(rows, table.labels, split, table.paths, table.classes, opts, sha256=table.fingerprints.get("sha256"),
+                                failures=failures)
     audit.cache = str(Path(cache))
     audit.seconds = {"read": read_s, **audit.seconds, "total": time.perf_counter() - t0}
     return audit

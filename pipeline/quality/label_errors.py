@@ -36,6 +36,7 @@ from sklearn.metrics import confusion_matrix
 from ..choices import LABEL_METHODS
 
 EPS = 1e-6  # cleanlab's FLOATING_POINT_COMPARISON
+CHUNK_ROWS = 65_536  # rows of [N, K] copied at a time
 MISSING_CLASS_THRESHOLD = 2.0  # cleanlab's BIG_VALUE: a class no row has is never confidently predicted
 
 
@@ -63,7 +64,7 @@ class LabelIssues:
 def confident_thresholds(labels: np.ndarray, proba: np.ndarray) -> np.ndarray:
     """Mean probability of class k over the rows labelled k (cleanlab's ``get_confident_thresholds``)."""
     k = proba.shape[1]
-    out = np.array([proba[labels == c, c].mean() if (labels == c).any() else MISSING_CLASS_THRESHOLD for c in range(k)])
+    out = np.array([proba[labels == c, c].mean(dtype=np.float64) if (labels == c).any() else MISSING_CLASS_THRESHOLD for c in range(k)])
     return np.clip(out, 2 * EPS, None)
 
 
@@ -128,7 +129,7 @@ def find_label_issues(labels: np.ndarray, proba: np.ndarray, method: str = "prun
     if method not in LABEL_METHODS:
         raise ValueError(f"method {method!r}: choose one of {', '.join(LABEL_METHODS)}")
     labels = np.asarray(labels, dtype=np.int64)
-    proba = np.asarray(proba, dtype=np.float64)
+    proba = np.asarray(proba)  # float64, or float32 from a large audit (no float64 copy of [N, K])
     k = proba.shape[1]
     thresholds = confident_thresholds(labels, proba)
     joint = confident_joint(labels, proba, thresholds)
@@ -152,10 +153,11 @@ def find_label_issues(labels: np.ndarray, proba: np.ndarray, method: str = "prun
                 margin = p[:, true] - p[:, given]
                 flagged[np.argsort(-margin)[:n]] = True
         mask[members] = flagged
-    bumped = proba.copy()
-    bumped[np.arange(len(labels)), labels] += EPS
-    mask[bumped.argmax(axis=1) == labels] = False  # the given label is (about) the most probable: keep it
-    self_conf = proba[np.arange(len(labels)), labels]
+    for a in range(0, len(labels), CHUNK_ROWS):  # a chunk at a time: no copy of [N, K]
+        bumped = proba[a : a + CHUNK_ROWS].astype(np.float64)
+        bumped[np.arange(len(bumped)), labels[a : a + CHUNK_ROWS]] += EPS
+        mask[a : a + CHUNK_ROWS][bumped.argmax(axis=1) == labels[a : a + CHUNK_ROWS]] = False  # the given label is (about) the most probable: keep it
+    self_conf = proba[np.arange(len(labels)), labels].astype(np.float64)
     flagged_rows = np.flatnonzero(mask)
     ranked = flagged_rows[np.argsort(self_conf[flagged_rows])]  # as cleanlab orders them (its argsort, so ties fall alike)
     return LabelIssues(mask, ranked, self_conf, proba.argmax(axis=1), labels, thresholds, joint)

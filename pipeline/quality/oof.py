@@ -20,8 +20,10 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
 from ..heads import LogRegHead, full_proba
+from ..heads.logreg_path import stratified_subsample
 
 CHANCE_ALPHA = 0.01
+SCORE_ROWS = 65_536  # held-out rows scored at a time
 
 
 def chance_test(labels: np.ndarray, correct: int) -> tuple[float, float]:
@@ -64,11 +66,17 @@ def fold_count(labels: np.ndarray, wanted: int) -> int:
     return max(2, min(wanted, largest))
 
 
-def out_of_fold_proba(Z: np.ndarray, labels: np.ndarray, n_classes: int, folds: int = 5, seed: int = 0, C: float | None = None) -> OutOfFold:
+def out_of_fold_proba(Z: np.ndarray, labels: np.ndarray, n_classes: int, folds: int = 5, seed: int = 0, C: float | None = None, *,
+                      max_train_rows: int | None = None, dtype: type = np.float64) -> OutOfFold:
     """[N, n_classes] probabilities of ``labels`` (0..n_classes-1) from ``folds``-fold
     cross-fitting on the rows of ``Z``; a class missing from a fold's training rows gets 0.
     ``C`` None: chosen on the first fold, then every fold at it; a number fixes it (the
     planted-flip refit of ``precision.py`` reuses the baseline's: no second search).
+
+    ``Z`` may be rows on disk (``spill.py``): each fold then reads its training rows, at most
+    ``max_train_rows`` of them (a stratified, seeded sample: the model has only k x classes
+    weights, and a few hundred thousand rows pin them down), and scores its held-out rows a
+    chunk at a time; ``dtype`` float32 halves the [N, n_classes] result.
 
     Raises:
         ValueError: fewer than 2 classes, or no class with 2 rows (the caller skips label errors).
@@ -79,7 +87,7 @@ def out_of_fold_proba(Z: np.ndarray, labels: np.ndarray, n_classes: int, folds: 
         raise ValueError("out-of-fold probabilities need at least 2 classes")
     n_folds = fold_count(labels, folds)
     splitter = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
-    proba = np.zeros((len(labels), n_classes))
+    proba = np.zeros((len(labels), n_classes), dtype=dtype)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         splits = list(splitter.split(np.zeros(len(labels)), labels))
@@ -88,10 +96,14 @@ def out_of_fold_proba(Z: np.ndarray, labels: np.ndarray, n_classes: int, folds: 
         if len(seen) < 2:  # the fold's other classes are all in its test rows: a model of one class says that class
             proba[test, seen[0]] = 1.0
             continue
+        if max_train_rows is not None and len(train) > max_train_rows:
+            train = train[stratified_subsample(labels[train], max_train_rows, seed)]
         head = LogRegHead(C=C, random_state=seed, tol=1e-3)
         head.fit(Z[train], labels[train])
         C = head.C_
-        proba[test] = full_proba(head, Z[test], n_classes)
+        for c in range(0, len(test), SCORE_ROWS):
+            rows = test[c : c + SCORE_ROWS]
+            proba[rows] = full_proba(head, Z[rows], n_classes)
     correct = int((proba.argmax(axis=1) == labels).sum())
     accuracy = correct / len(labels)
     chance, p_value = chance_test(labels, correct)

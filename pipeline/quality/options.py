@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..choices import AUDIT_CHECKS, DUPLICATE_THRESHOLD, LABEL_METHODS, MAP_METHODS, NEAR_DUPLICATE_SEARCH, canonical
+from ..memory import check_budget
 from ..options import OUTSIDE_IDENTITY, check_device, check_types, choose, require
 
 # Cosine similarity, in the whitened principal-component space of ``space.py``, above which
@@ -34,8 +35,10 @@ class AuditOptions:
     val_fraction: float = 0.2  # the split of a cache that is not pre-split (as fit-head's default)
     seed: int = 0
     device: str = field(default="auto", metadata={OUTSIDE_IDENTITY: True})  # where similarities are computed: auto (the GPU when present), cpu, cuda[:N]
+    memory_budget: str = field(default="auto", metadata={OUTSIDE_IDENTITY: True})  # over it the audit streams the cache (pipeline/memory.py)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "memory_budget", check_budget(self.memory_budget))  # a number of GiB is accepted
         check_types(self)
         require(self.folds >= 2, f"--folds must be at least 2 (got {self.folds})")
         choose(self, "label_method", LABEL_METHODS, "cleanlab's find_label_issues filter_by methods")

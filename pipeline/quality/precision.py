@@ -84,10 +84,10 @@ def _rates(flagged: np.ndarray, planted: np.ndarray, baseline: np.ndarray) -> tu
 
 
 def estimate_precision(Z: np.ndarray, labels: np.ndarray, n_classes: int, baseline: np.ndarray, folds: int, seed: int, C: float,
-                       method: str = "prune_by_class") -> PrecisionEstimate | None:
+                       method: str = "prune_by_class", **limits: Any) -> PrecisionEstimate | None:
     """Plant flips in a copy of ``labels`` (rows of ``Z``), refit out of fold at ``C``, and
     measure confident learning on them (module doc); ``baseline`` [N] bool is its mask on the
-    real labels. None when too few rows can be planted."""
+    real labels. None when too few rows can be planted. ``limits``: as ``out_of_fold_proba``'s."""
     t0 = time.perf_counter()
     labels = np.asarray(labels, dtype=np.int64)
     present = np.unique(labels)
@@ -103,7 +103,7 @@ def estimate_precision(Z: np.ndarray, labels: np.ndarray, n_classes: int, baseli
         flipped[r] = others[rng.integers(len(others))]
     planted = np.zeros(len(labels), dtype=bool)
     planted[rows] = True
-    oof = out_of_fold_proba(Z, flipped, n_classes, folds, seed, C=C if np.isfinite(C) else None)
+    oof = out_of_fold_proba(Z, flipped, n_classes, folds, seed, C=C if np.isfinite(C) else None, **limits)
     issues = find_label_issues(flipped, oof.proba, method)
     given = issues.self_confidence
     precision0, recall0 = _rates(issues.mask, planted, baseline)

@@ -26,17 +26,20 @@ def unit_rows(Z: np.ndarray) -> np.ndarray:
 
 
 class _Rows:
-    """Blocks of ``U`` on ``device``: all of it moved once when it fits comfortably, else per block."""
+    """Blocks of ``U`` on ``device``: all of it moved once when it is in memory and fits
+    comfortably, else per block (rows on disk, ``spill.py``, are read a block at a time)."""
 
     def __init__(self, U: np.ndarray, device: torch.device):
-        self.U, self.device = U, device
-        whole = device.type == "cpu" or U.nbytes < torch.cuda.mem_get_info(device)[0] // 4
-        self.on_device = torch.from_numpy(U).to(device) if whole else None
+        in_memory = isinstance(U, np.ndarray)
+        self.U = np.ascontiguousarray(U, dtype=np.float32) if in_memory else U
+        self.device = device
+        whole = in_memory and (device.type == "cpu" or self.U.nbytes < torch.cuda.mem_get_info(device)[0] // 4)
+        self.on_device = torch.from_numpy(self.U).to(device) if whole else None
 
     def block(self, start: int, stop: int) -> torch.Tensor:
         if self.on_device is not None:
             return self.on_device[start:stop]
-        return torch.from_numpy(self.U[start:stop]).to(self.device, non_blocking=True)
+        return torch.from_numpy(np.ascontiguousarray(self.U[start:stop], dtype=np.float32)).to(self.device, non_blocking=True)
 
 
 @dataclass
@@ -64,7 +67,7 @@ def pairs_above(U: np.ndarray, threshold: float, *, max_pairs: int = 10_000, dev
     label ([N] int) are never paired (copies the caller reports on its own)."""
     dev = head_device(device)
     n = len(U)
-    rows = _Rows(np.ascontiguousarray(U, dtype=np.float32), dev)
+    rows = _Rows(U, dev)
     group = torch.from_numpy(np.asarray(exclude_groups, dtype=np.int64)).to(dev) if exclude_groups is not None else None
     kept = PairCollector(max_pairs)
     for r0 in range(0, n, block_rows):
@@ -128,7 +131,7 @@ def top_k(queries: np.ndarray, base: np.ndarray, k: int, *, device: str = "auto"
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(dev)
     best_s = torch.full((len(q), k), -np.inf, device=dev)
     best_i = torch.zeros((len(q), k), dtype=torch.long, device=dev)
-    rows = _Rows(np.ascontiguousarray(base, dtype=np.float32), dev)
+    rows = _Rows(base, dev)
     skip = torch.as_tensor(exclude if exclude is not None else np.full(len(q), -1), device=dev)
     for c0 in range(0, len(base), block_cols):
         c1 = min(len(base), c0 + block_cols)

@@ -25,8 +25,12 @@ import numpy as np
 from .. import __version__
 from ..errors import UsageError, command_hint
 from ..heads import LoadedHead, Scored, load_head, score_head, split_as_recorded
+from ..heads.evaluation import SCORE_COPIES
+from ..memory import budget_bytes, rows_per_chunk, say_streaming
 from ..quality import Audit, ReportOptions, advice, audit_projected, check_map_method, embedding_map, project_rows, top_k
-from ..store import atomic_path, load_cache, read_rows
+from ..quality.audit import in_memory_bytes, project_streamed
+from ..quality.spill import CacheRows, rows_of
+from ..store import CacheData, RowTable, atomic_path, read_rows
 from . import sections
 from .html import page
 from .thumbnails import Thumbnails
@@ -99,38 +103,56 @@ def write_report(artifact: str | os.PathLike, cache: str | os.PathLike | None = 
         raise UsageError(f"--out {str(out_path)!r}: the report is an HTML file; name it *.html")
     if out_path.is_dir():
         raise UsageError(f"--out {str(out_path)!r} is a folder; name the report file, e.g. {out_path / 'report.html'}")
-    prov = loaded.provenance
     cache_path, scored_here, note = _cache_for(loaded, cache)
     notes = [note] if note else []
     view: dict[str, Any] = {"loaded": loaded, "options": opts, "notes": notes, "cache": cache_path, "scored": None, "audit": None}
     if cache_path is not None:
-        data = load_cache(cache_path)
-        if scored_here:
-            loaded.check_cache(data.meta, cache_path)
-        classes = list(data.classes)
-        same_data = data.meta.get("data_root") == prov.get("data_root")
-        split = split_as_recorded(prov, data.paths, data.labels, data.split)
-        if scored_here:
-            embeddings = data.embeddings
-            view["scored"] = score_head(loaded, lambda rows: embeddings[rows], data.labels, split, same_data, classes)
-            if same_data:
-                with read_rows(cache_path) as table:
-                    view["stale"] = table.content_digest() != prov.get("cache_fingerprint")
-            logger.info(f"report: scored {sum(len(r) for r in view['scored'].groups.values())} rows of {cache_path}")
-        reuse = audit is not None and Path(audit.cache).resolve() == cache_path.resolve() and len(audit.paths) == len(data.paths)
-        rows = None if reuse else project_rows(data.embeddings, opts.dims)
-        data.embeddings = None  # scored and projected: the checks need only the projected rows (one copy of the embeddings at the peak)
-        if not reuse:
-            audit = audit_projected(rows, data.labels, split, data.paths, classes, opts, sha256=data.fingerprints.get("sha256"), failures=data.failures)
-            audit.cache = str(cache_path)
-        view["audit"] = audit.judged_by(split)
-        view["data"] = data
-        view["map"] = embedding_map(audit.space, audit.whitened, opts.map, max_points=opts.map_points, seed=opts.seed) if audit.space is not None else None
-        view["thumbs"] = Thumbnails(data.meta, opts.thumb_size)
+        with read_rows(cache_path) as table:
+            view.update(_read_and_audit(table, cache_path, loaded, scored_here, opts, audit))
     result = _render(view, out_path)
     result.seconds = round(time.perf_counter() - t0, 3)
     logger.info(f"report: {out_path} ({result.thumbnails} thumbnails, {result.missing_images} missing) in {result.seconds:.1f}s")
     return result
+
+
+def _read_and_audit(table: RowTable, cache_path: Path, loaded: LoadedHead, scored_here: bool, opts: ReportOptions, audit: Audit | None) -> dict[str, Any]:
+    """The head scored on the cache's rows, the audit (``audit``'s when it is of this cache),
+    the map: everything the data sections show. Over ``--memory-budget`` the embeddings are
+    read a chunk at a time and the projected rows spilled to disk, as ``audit`` does, and only
+    the misclassified rows' probabilities are kept: memory follows what is shown, not N."""
+    prov = loaded.provenance
+    if scored_here:
+        loaded.check_cache(table.meta, cache_path)
+    classes = list(table.classes)
+    failures = sorted((p, r) for p, r, _, _ in table.snapshot.failure_columns().items())
+    data = CacheData(cache_path, None, table.labels, table.paths, classes, table.split, failures, dict(table.meta), table.fingerprints)
+    same_data = table.meta.get("data_root") == prov.get("data_root")
+    split = split_as_recorded(prov, table.paths, table.labels, table.split)
+    X = CacheRows(table)
+    budget = budget_bytes(opts.memory_budget)
+    need = in_memory_bytes(len(X), X.shape[1], X.dtype.itemsize, opts.dims)
+    streamed = need > budget
+    if streamed:
+        say_streaming("report", need, budget, "reading the embeddings a chunk at a time and spilling the projected rows to disk")
+    else:
+        X = X[:]
+    view: dict[str, Any] = {"data": data}
+    if scored_here:
+        chunk = rows_per_chunk(budget, X.shape[1] * 4 * SCORE_COPIES + 8 * len(classes))
+        view["scored"] = score_head(loaded, lambda rows: X[rows], table.labels, split, same_data, classes, keep="mistakes", chunk_rows=chunk)
+        if same_data:
+            view["stale"] = table.content_digest() != prov.get("cache_fingerprint")
+        logger.info(f"report: scored {sum(len(r) for r in view['scored'].groups.values())} rows of {cache_path}")
+    reuse = audit is not None and Path(audit.cache).resolve() == cache_path.resolve() and len(audit.paths) == len(table.paths)
+    if not reuse:
+        rows = project_streamed(X, opts.dims, budget, cache_path) if streamed else project_rows(X, opts.dims)
+        del X  # scored and projected: the checks need only the projected rows (one copy of the embeddings at the peak)
+        audit = audit_projected(rows, table.labels, split, table.paths, classes, opts, sha256=table.fingerprints.get("sha256"), failures=failures)
+        audit.cache = str(cache_path)
+    view["audit"] = audit.judged_by(split)
+    view["map"] = embedding_map(audit.space, audit.whitened, opts.map, max_points=opts.map_points, seed=opts.seed) if audit.space is not None else None
+    view["thumbs"] = Thumbnails(data.meta, opts.thumb_size)
+    return view
 
 
 def _mistakes(view: dict[str, Any]) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
@@ -142,7 +164,7 @@ def _mistakes(view: dict[str, Any]) -> tuple[str, np.ndarray, np.ndarray, np.nda
     group = next((g for g in ("val", "all", "test") if g in scored.groups), "")
     if not group:
         return "", np.zeros(0, dtype=np.int64), np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
-    rows, proba = scored.groups[group], scored.proba[group]
+    rows, proba = scored.kept[group], scored.proba[group]
     labels = view["data"].labels[rows]
     pred = proba.argmax(axis=1)
     wrong = np.flatnonzero(pred != labels)
@@ -185,7 +207,7 @@ def _render(view: dict[str, Any], out_path: Path) -> ReportResult:
     neighbours = None
     if len(m_rows) and opts.neighbours and scored is not None and len(scored.train) and audit is not None and audit.unit is not None:
         shown = m_rows[: opts.max_images]
-        idx, sims = top_k(audit.unit[shown], audit.unit[scored.train], opts.neighbours, device=opts.device)
+        idx, sims = top_k(audit.unit[shown], rows_of(audit.unit, scored.train), opts.neighbours, device=opts.device)
         neighbours = (scored.train[idx], sims)
     title = f"featcache report: {loaded.path.name}"
     subtitle = (f"{loaded.kind} {'fine-tuned model' if 'base_head' in loaded.provenance else 'head'} on {loaded.provenance.get('model')} "
