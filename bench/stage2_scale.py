@@ -3,7 +3,7 @@ reads a cache, each in its own process, with its wall time and peak RSS.
 
     python bench/stage2_scale.py                        # 1,000,000 x 2,048 and 10,000,000 x 128 (hours, ~15 GB of disk)
     python bench/stage2_scale.py --sizes 200000x2048    # one size
-    python bench/stage2_scale.py --quick                # 20,000 x 256 and 60,000 x 32 under a 4 MiB budget (CI: proves it runs)
+    python bench/stage2_scale.py --quick                # 8,000 x 128 and 30,000 x 16 under a 2 MiB budget (CI: proves it runs)
 
 Each cache is written through ``CacheWriter`` a chunk at a time: 100 classes with overlapping,
 low-rank structure through a ReLU (bench/common.py's ``hard_features``: accuracy well below 100 %),
@@ -12,7 +12,8 @@ in the cache folder between runs. Then, with ``--memory-budget`` (default 1GiB),
 each: ``fit-head --clf logreg``, ``fit-head --clf linear`` (``--epochs 2``), ``evaluate``,
 ``predict --cache --out CSV``, the audit (with the planted copies' recall and precision), and
 ``report``. Side by side on ``--side-rows`` rows of the first size: fit-head logreg in memory
-against streamed (forced by the budget), in one run: time ratio and accuracies.
+against streamed (forced by the budget), and streamed by 2 torchrun ranks on this machine, in
+one run: time ratios, accuracies, and how often the 2-rank head predicts what the 1-process one does.
 
 Printed: one row per command (seconds, peak RSS MiB, what it found), then a JSON summary.
 Goals on a 2-core machine (#32): peak RSS <= 2.5 GiB for every command at both sizes; the
@@ -149,7 +150,25 @@ def side_by_side(cache: Path, budget: str, work: Path) -> dict:
         out[name] = {"wall_s": r["wall_s"], "fit_seconds": round(r["fit_seconds"], 1), "peak_rss_mib": r["peak_rss_mib"],
                      "val_accuracy": r["metrics"]["val"]["accuracy"], "streamed": r["streamed"]}
     out["time_ratio_streamed_over_in_memory"] = round(out["streamed"]["fit_seconds"] / out["in-memory"]["fit_seconds"], 2)
+    # torchrun: 2 ranks on this machine (they share its cores), each streaming half the rows under the same budget
+    cmd = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", cli, "--log-file", str(work / "command.log"), "fit-head", str(cache),
+           "--clf", "logreg", "--out", str(work / "side-torchrun.pt"), "--json", "--memory-budget", budget]
+    r = rss_of(cmd, work / "command.log")
+    out["torchrun-2-ranks"] = {"wall_s": r["wall_s"], "fit_seconds": round(r["fit_seconds"], 1), "val_accuracy": r["metrics"]["val"]["accuracy"]}
+    out["time_ratio_2_ranks_over_1"] = round(out["torchrun-2-ranks"]["fit_seconds"] / out["streamed"]["fit_seconds"], 2)
+    out["same_predictions_2_ranks"] = _same_predictions(work / "side-torchrun.pt", work / "side-streamed.pt", cache)
     return out
+
+
+def _same_predictions(a: Path, b: Path, cache: Path) -> float:
+    """Share of the cache's first 50,000 rows on which two heads predict the same class."""
+    from pipeline.heads import load_head
+    from pipeline.quality.spill import CacheRows
+    from pipeline.store import read_rows
+
+    with read_rows(cache) as table:
+        X = CacheRows(table)[: min(50_000, len(table))]
+    return float((load_head(a).head.predict(X) == load_head(b).head.predict(X)).mean())
 
 
 def main() -> None:
@@ -162,7 +181,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.sizes, args.budget, args.copies, args.side_rows = "20000x256,60000x32", "4MiB", 100, 20_000
+        args.sizes, args.budget, args.copies, args.side_rows = "8000x128,30000x16", "2MiB", 50, 8_000
         args.folder = args.folder.with_name(args.folder.name + "-quick")
     args.folder.mkdir(parents=True, exist_ok=True)
     summary: dict = {"budget": args.budget, "cores": len(os.sched_getaffinity(0)), "sizes": {}}
@@ -189,7 +208,9 @@ def main() -> None:
     summary["side_by_side"] = {"rows": side_rows, "dim": dim0, **side_by_side(side, args.budget, args.folder)}
     s = summary["side_by_side"]
     print(f"\nfit-head logreg on {side_rows:,} x {dim0}: in memory {s['in-memory']['fit_seconds']}s (acc {s['in-memory']['val_accuracy']:.4f}), "
-          f"streamed {s['streamed']['fit_seconds']}s (acc {s['streamed']['val_accuracy']:.4f}): {s['time_ratio_streamed_over_in_memory']}x")
+          f"streamed {s['streamed']['fit_seconds']}s (acc {s['streamed']['val_accuracy']:.4f}): {s['time_ratio_streamed_over_in_memory']}x; "
+          f"torchrun 2 ranks {s['torchrun-2-ranks']['fit_seconds']}s ({s['time_ratio_2_ranks_over_1']}x one streamed process, "
+          f"same prediction on {100 * s['same_predictions_2_ranks']:.2f} % of rows)")
     worst = max(c["peak_rss_mib"] for t in summary["sizes"].values() for c in t.values())
     summary["worst_peak_rss_mib"] = worst
     print(f"worst peak RSS of any command: {worst} MiB")

@@ -59,6 +59,15 @@ class World:
         dist.all_reduce(t)
         return t.tolist()
 
+    def all_reduce_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum each tensor over the ranks, in place (one collective for all of them)."""
+        if not self.enabled or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
+
     def run_on_main(self, fn: Callable[[], T]) -> T | None:
         """Run ``fn`` on rank 0; if it raises a featcache error, every rank raises the same
         error (no rank is left waiting at the next collective)."""

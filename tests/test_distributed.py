@@ -179,3 +179,27 @@ def test_two_ranks_fill_every_tapped_layer_cache_of_a_timm_model(folder, tmp_pat
         a, b = load_cache(tmp_path / f"ddp__at-{layer}.h5"), load_cache(tmp_path / f"one__at-{layer}.h5")
         assert list(a.paths) == list(b.paths) and a.meta["layer"] == layer and a.failures == b.failures
         np.testing.assert_allclose(a.embeddings, b.embeddings, rtol=1e-5, atol=1e-6)
+
+
+def test_two_ranks_fit_the_one_process_logreg(digits_cache, tmp_path):
+    """torchrun fit-head --clf logreg (#32 item 2): each rank streams half of the training rows,
+    the standardisation, loss and gradient are summed over the ranks, rank 0 writes the head:
+    the one-process model (the same C, the same predictions, the objective to solver tolerance)."""
+    from pipeline.heads import fit_head, load_head
+
+    one = load_head(fit_head(digits_cache, "logreg", tmp_path / "one.pt", class_weight="balanced", plots=False).head_path)
+    proc = torchrun("fit-head", str(digits_cache), "--clf", "logreg", "--class-weight", "balanced", "--out", str(tmp_path / "two.pt"), "--json")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    printed = [line for line in out.splitlines() if line.startswith("{")]
+    assert len(printed) == 1 and json.loads(printed[0])["head"] == str(tmp_path / "two.pt")  # rank 0 alone reports
+    two = load_head(tmp_path / "two.pt")
+    assert two.provenance["ranks"] == 2 and (one.provenance["fit_path"], two.provenance["fit_path"]) == ("in-memory", "streamed")
+    assert two.head.C_ == one.head.C_
+    mean1, scale1, coef1, _ = one.head.as_linear()
+    mean2, scale2, coef2, _ = two.head.as_linear()
+    np.testing.assert_allclose(mean2, mean1, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(scale2, scale1, rtol=1e-9)
+    X = load_cache(digits_cache).embeddings
+    np.testing.assert_array_equal(two.head.predict(X), one.head.predict(X))
+    assert np.abs(coef2 - coef1).max() <= 1e-2 * np.abs(coef1).max()  # L-BFGS from the same start to the same tolerance

@@ -6,9 +6,10 @@ Never reads images: everything here works on cached embeddings.
 """
 from .artifacts import LoadedHead, artifact_id, load_head, save_blob, save_model_artifact
 from .estimators import HEAD_KINDS, LinearHead, LogRegHead, MLPHead, TorchHead, build_head_module
-from .evaluation import Scored, evaluate_head, score_head
+from .evaluation import Scored, evaluate_head, score_chunk_rows, score_head
 from .fit import compare_caches, fit_head, full_proba
 from .knn import KNNHead
+from .logreg_path import stratified_subsample
 from .metrics import (
                       CELL_LABEL_MAX_CLASSES,
                       RunningMetrics,
@@ -29,6 +30,6 @@ from .scoring import head_scorer
 from .splits import assign_splits, recorded_rule, split_as_recorded
 
 __all__ = ["CELL_LABEL_MAX_CLASSES", "HEAD_KINDS", "FitOptions", "KNNHead", "LinearHead", "LoadedHead", "LogRegHead", "MLPHead", "RunningMetrics", "TorchHead", "artifact_id", "assign_splits", "recorded_rule", "split_as_recorded", "build_head_module",
-           "classification_metrics", "clear_reports", "compare_caches", "confusion_figure", "evaluate_head", "score_head", "Scored", "fit_head", "format_metrics", "full_proba", "head_scorer",
+           "classification_metrics", "clear_reports", "compare_caches", "confusion_figure", "evaluate_head", "score_chunk_rows", "score_head", "stratified_subsample", "Scored", "fit_head", "format_metrics", "full_proba", "head_scorer",
            "history_figure", "kept_epoch", "literal_text", "load_head", "pyplot",
            "save_blob", "save_figure", "save_model_artifact", "top_confusions", "write_reports"]

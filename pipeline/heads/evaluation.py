@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UsageError
-from ..memory import budget_bytes, check_budget, rows_per_chunk
+from ..memory import budget_bytes, check_budget, rows_per_chunk, say_streaming
 from ..store import read_rows
 from .artifacts import LoadedHead, load_head
 from .fit import full_proba, read_embeddings
@@ -71,6 +71,11 @@ def score_head(loaded: LoadedHead, rows_of: Callable[[np.ndarray], np.ndarray], 
     return Scored(groups, proba, metrics, train, kept_rows)
 
 
+def score_chunk_rows(budget: int, dim: int, n_classes: int) -> int:
+    """Rows scored at a time under a memory budget of ``budget`` bytes (their copies and probabilities)."""
+    return rows_per_chunk(budget, dim * 4 * SCORE_COPIES + 8 * n_classes)
+
+
 def evaluate_head(head_path: str | os.PathLike, cache: str | os.PathLike, val_fraction: float | None = None, memory_budget: str = "auto") -> dict[str, Any]:
     """Re-score a saved head on a compatible cache: its val/test rows by the head's split rule,
     or every labelled row when the cache is another dataset (different data root). The rows are
@@ -85,7 +90,10 @@ def evaluate_head(head_path: str | os.PathLike, cache: str | os.PathLike, val_fr
     same_data = table.meta.get("data_root") == loaded.provenance.get("data_root")
     split = split_as_recorded(loaded.provenance, table.paths, table.labels, table.split, val_fraction)
     dim = int(table.meta["embed_dim"])
-    chunk = rows_per_chunk(budget, dim * 4 * SCORE_COPIES + 8 * len(table.classes))
+    row_bytes = dim * 4 * SCORE_COPIES + 8 * len(table.classes)
+    chunk = score_chunk_rows(budget, dim, len(table.classes))
+    if len(table) * row_bytes > budget:
+        say_streaming("evaluate", len(table) * row_bytes, budget, f"scoring {chunk:,} rows at a time")
     scored = score_head(loaded, lambda rows: read_embeddings(table, table.index_rows[rows], dim), table.labels, split, same_data, table.classes,
                         keep="none", chunk_rows=chunk)
     return {"head": str(head_path), "cache": str(cache), "kind": loaded.kind, **scored.metrics}

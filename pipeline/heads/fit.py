@@ -1,6 +1,7 @@
 """Stage 2: fit a head on a cache, score it, save it with provenance; compare caches."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..distributed import World, launched_by_torchrun, world
 from ..errors import UsageError
 from ..memory import chunk_bytes, human, say_streaming
 from ..options import build
@@ -19,7 +21,7 @@ from ..store import SCHEMA_VERSION, RowTable, WriterLock, ensure_free_space, ite
 from .artifacts import save_head
 from .estimators import ArraySource, TorchHead, make_head
 from .knn import KNNHead
-from .metrics import REPORTS_NEED, classification_metrics, clear_reports, kept_epoch, plot_leaderboard, write_reports
+from .metrics import REPORTS_NEED, RunningMetrics, classification_metrics, clear_reports, kept_epoch, plot_leaderboard, write_reports
 from .options import FitOptions
 from .splits import SplitRule, assign_splits
 
@@ -111,13 +113,31 @@ def _load_split(cache: Path, val_fraction: float, seed: int):
     return table, split, rule
 
 
-def read_embeddings(table: RowTable, rows: np.ndarray, dim: int) -> np.ndarray:
-    """Embeddings of ``rows`` (ids of ``table``'s version) as float32, read in storage order."""
-    X = np.empty((len(rows), dim), dtype=np.float32)
+def read_embeddings(table: RowTable, rows: np.ndarray, dim: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Embeddings of ``rows`` (ids of ``table``'s version) as float32, read in storage order;
+    into ``out`` (float32, at least that many rows) when given: a stream reuses one buffer (a
+    fresh one per chunk costs its page faults again, as much as the read on a VM)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    X = np.empty((len(rows), dim), dtype=np.float32) if out is None else out[: len(rows)]
+    sorted_reader = getattr(table.snapshot, "read_sorted_into", None)  # schema-2 caches
+    if sorted_reader is not None and np.all(rows[1:] > rows[:-1]) and table.meta.get("dtype", "float32") == "float32":  # a chunk in storage order
+        sorted_reader(X, rows)
+        return X
     order = np.argsort(rows)
-    for pos, block in iter_embeddings(table, np.asarray(rows)[order], chunk_rows=1 << 16):
+    for pos, block in iter_embeddings(table, rows[order], chunk_rows=1 << 16):
         X[order[pos]] = block
     return X
+
+
+def _metrics_in_chunks(head, table: RowTable, rows: np.ndarray, dim: int, classes: list[str], chunk_rows: int) -> dict[str, Any]:
+    """``classification_metrics`` of ``head`` on ``rows``, read and scored ``chunk_rows`` at a time in storage order."""
+    rows = rows[np.argsort(table.index_rows[rows], kind="stable")]
+    running = RunningMetrics(list(classes))
+    buffer = np.empty((min(chunk_rows, len(rows)), dim), dtype=np.float32)
+    for c in range(0, len(rows), chunk_rows):
+        r = rows[c : c + chunk_rows]
+        running.add(table.labels[r], full_proba(head, read_embeddings(table, table.index_rows[r], dim, buffer), len(classes)))
+    return running.result()
 
 
 def full_proba(head, X: np.ndarray, n_classes: int) -> np.ndarray:
@@ -150,8 +170,13 @@ def fit_head(cache: str | os.PathLike, options: FitOptions | str | Mapping[str, 
     cache = Path(cache)
     out_path = Path(out) if out is not None else _default_head_path(cache, opts.clf)
     loaded = _load_split(cache, opts.val_fraction, opts.seed)  # a bad cache is refused before anything is created
-    with WriterLock(out_path, command=f"fit-head --clf {opts.clf}", wait=wait):
-        return _fit_head_locked(cache, loaded, opts, out_path, plots, extra_provenance or {}, title)
+    w = world("cpu") if launched_by_torchrun() else World()
+    if w.enabled and (opts.clf != "logreg" or opts.is_grid()):
+        raise UsageError(f"fit-head under torchrun fits --clf logreg (its rows split across the ranks); --clf {opts.clf} runs in one process: "
+                         "python cli.py fit-head ...")
+    lock = WriterLock(out_path, command=f"fit-head --clf {opts.clf}", wait=wait) if w.is_main else contextlib.nullcontext()
+    with lock:  # rank 0 writes the head: only it holds the lock
+        return _fit_head_locked(cache, loaded, opts, out_path, plots, extra_provenance or {}, title, w)
 
 
 def _plot_label(kind: str, title: str | None) -> str:
@@ -160,10 +185,10 @@ def _plot_label(kind: str, title: str | None) -> str:
 
 
 def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Path, plots: bool, extra_provenance: dict[str, Any],
-                     title: str | None = None) -> FitResult:
+                     title: str | None = None, w: World = World()) -> FitResult:
     kind = opts.clf
     table, split, rule = loaded
-    meta, classes, dim = table.meta, table.classes, int(table.meta["embed_dim"])
+    dim = int(table.meta["embed_dim"])
     idx = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
     if not len(idx["train"]):
         raise UsageError(f"cache {str(cache)!r} has no training rows; add images or lower --val-fraction")
@@ -171,8 +196,11 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
     fit_idx = {**idx, "val": idx["val"][known]}  # the val rows a head can be scored on while it fits (early stopping, k, C)
     budget = opts.memory_budget_bytes
     need = len(table.index_rows) * dim * 4 * (IN_MEMORY_COPIES if kind == "logreg" else 1)
-    streaming = opts.stream or need > budget
-    if streaming and not opts.stream:
+    streaming = opts.stream or need > budget or w.enabled
+    if w.enabled:
+        logger.info(f"fit-head --clf {kind}: {w.size} ranks, each streaming its {len(idx['train']) // w.size:,} of the training rows; "
+                    "loss and gradient summed over the ranks")
+    elif streaming and not opts.stream:
         say_streaming(f"fit-head --clf {kind}", need, budget, f"streaming the cache in chunks of {human(chunk_bytes(budget))}")
     head = make_head(kind, **opts.estimator_params())
     t0 = time.perf_counter()
@@ -181,11 +209,13 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
     grid_board: list[dict[str, Any]] = []
     if streaming and kind == "logreg" and not opts.is_grid():  # the same fit, summed over chunks read from the cache
         tr = idx["train"]
+        share = np.array_split(np.argsort(table.index_rows[tr], kind="stable"), w.size)[w.rank]  # storage order: a chunk is one read
         on_val = opts.select_on == "val" and known.any()
         Xv = read_embeddings(table, table.index_rows[fit_idx["val"]], dim) if on_val else None
-        head.fit_rows(lambda pos: read_embeddings(table, table.index_rows[tr[pos]], dim), table.labels[tr], dim,
+        head.fit_rows(lambda pos, out=None: read_embeddings(table, table.index_rows[tr[pos]], dim, out), table.labels[tr], dim,
                       chunk_rows=max(1024, chunk_bytes(budget) // (dim * 4 * IN_MEMORY_COPIES)),
-                      X_val=Xv, y_val=table.labels[fit_idx["val"]] if on_val else None)
+                      X_val=Xv, y_val=table.labels[fit_idx["val"]] if on_val else None,
+                      stream_order=share, keep_bytes=max(0, budget - 2 * chunk_bytes(budget)), world=w)
         X = {s: None for s in idx}
     elif opts.is_grid():
         head, grid_board = _fit_grid(cache, table, fit_idx, opts, head, streaming, dim)
@@ -209,16 +239,26 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
             head.fit(X["train"], y_train, X["val"][known], table.labels[fit_idx["val"]])
         else:
             head.fit(X["train"], y_train)
-    if getattr(head, "C_at_edge_", "") == "largest":  # (the smallest edge is a model of class frequencies: recorded, nothing beyond it)
+    if w.is_main and getattr(head, "C_at_edge_", "") == "largest":  # (the smallest edge is a model of class frequencies: recorded, nothing beyond it)
         logger.warning(f"logreg: the chosen C={head.C_:g} is the largest value searched; a weaker regularisation may be better "
                        "(try --C with larger values)")
     seconds = time.perf_counter() - t0
+    result = w.run_on_main(lambda: _score_and_save(cache, table, idx, X, head, opts, out_path, plots, extra_provenance, title, seconds, grid_board,
+                                                   dim, budget, rule, w.size))
+    return w.broadcast(result)
 
+
+def _score_and_save(cache: Path, table, idx: dict[str, np.ndarray], X: dict[str, Any], head, opts: FitOptions, out_path: Path, plots: bool,
+                    extra_provenance: dict[str, Any], title: str | None, seconds: float, grid_board: list, dim: int, budget: int, rule: SplitRule,
+                    ranks: int) -> FitResult:
+    """Metrics on val/test, the artifact with its provenance, the reports (rank 0's work under torchrun)."""
+    kind, meta, classes = opts.clf, table.meta, table.classes
     metrics: dict[str, Any] = {}
     for s in ("val", "test"):
-        if len(idx[s]):
-            Xs = X[s] if X[s] is not None else read_embeddings(table, table.index_rows[idx[s]], dim)
-            metrics[s] = classification_metrics(table.labels[idx[s]], full_proba(head, Xs, len(classes)), classes)
+        if len(idx[s]) and X[s] is not None:
+            metrics[s] = classification_metrics(table.labels[idx[s]], full_proba(head, X[s], len(classes)), classes)
+        elif len(idx[s]):  # streamed: scored a chunk at a time (RunningMetrics equals classification_metrics)
+            metrics[s] = _metrics_in_chunks(head, table, idx[s], dim, classes, max(1024, chunk_bytes(budget) // (dim * 4 * IN_MEMORY_COPIES)))
     metrics["fit_seconds"] = seconds
     if grid_board:
         metrics["grid"] = grid_board
@@ -232,6 +272,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
         "cache_fingerprint": table.content_digest(),
         "split_rule": rule.to_dict(),
         **({"fit_path": "streamed" if getattr(head, "streamed_", False) else "in-memory"} if kind == "logreg" else {}),
+        **({"ranks": ranks} if ranks > 1 else {}),
         "n_train": int(len(idx["train"])), "n_val": int(len(idx["val"])), "n_test": int(len(idx["test"])),
         **versions("sklearn"), "fitted_at": timestamp(),
         **extra_provenance,

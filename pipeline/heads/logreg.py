@@ -23,6 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import validate_data
 
+from ..distributed import World
 from .common import check_fitted, head_device
 from .logreg_path import DEFAULT_CS, ChunkedLogisticProblem, LogisticProblem, balanced_weights, select_C, stratified_subsample
 
@@ -39,6 +40,21 @@ def _threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def combine_scalers(scaler: StandardScaler, parts: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+    """Set ``scaler`` to the statistics of the union of the rows behind ``parts`` ((count, mean,
+    variance) per rank, in rank order: Chan, Golub & LeVeque's pairwise combination)."""
+    counts = np.array([int(np.max(c)) for c, _, _ in parts], dtype=np.float64)  # n_samples_seen_: a number, or one per feature
+    means = np.stack([m for _, m, _ in parts])
+    variances = np.stack([v for _, _, v in parts])
+    n = counts.sum()
+    mean = (counts[:, None] * means).sum(0) / n
+    var = (counts[:, None] * (variances + (means - mean) ** 2)).sum(0) / n
+    scaler.mean_, scaler.var_, scaler.n_samples_seen_ = mean, var, int(n)
+    eps = np.finfo(np.float64).eps
+    constant = var <= n * eps * var + (n * mean * eps) ** 2  # scikit-learn's _is_constant_feature: such features keep scale 1
+    scaler.scale_ = np.where(constant, 1.0, np.sqrt(var))
 
 
 class LogRegHead(ClassifierMixin, BaseEstimator):
@@ -83,35 +99,67 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
                                        as_tensor, dtype)
         return self._finish(scaler, W, b, n_iter, t0, streamed=False)
 
-    def fit_rows(self, read: Callable[[np.ndarray], np.ndarray], y, n_features: int, chunk_rows: int, X_val=None, y_val=None) -> LogRegHead:
-        """:meth:`fit` on rows read ``chunk_rows`` at a time (``read(positions)``: float rows of
-        ``n_features``, positions into ``y``): the same standardisation (accumulated chunk by
+    def fit_rows(self, read: Callable[..., np.ndarray], y, n_features: int, chunk_rows: int, X_val=None, y_val=None,
+                 stream_order: np.ndarray | None = None, keep_bytes: int = 0, world: World | None = None) -> LogRegHead:
+        """:meth:`fit` on rows read ``chunk_rows`` at a time (``read(positions, out)``: float32 rows
+        of ``n_features``, positions into ``y``, into the buffer ``out`` when it is not None and
+        returned): the same standardisation (accumulated chunk by
         chunk), the same C selection (its subsample read once) and the same objective, summed
-        over chunks, so memory is one chunk plus the model however many rows there are."""
+        over chunks, so memory is one chunk plus the model however many rows there are.
+        ``stream_order``: the positions in the order to read them (a cache's storage order,
+        where a chunk is one contiguous read; the sums do not depend on it). ``keep_bytes``:
+        standardised chunks held in memory up to this size, so each pass of the solver reads
+        only the rest (the budget spent where it saves the most: re-reading every pass).
+        ``world`` (torchrun): ``stream_order`` is this rank's share of the rows, ``y`` every
+        row's label; the standardisation, the loss and its gradient are summed over the ranks,
+        C is rank 0's, so every rank ends with the one-process model."""
         y = np.asarray(y)
         labels = self._start(y)
         self.n_features_in_ = int(n_features)
         n = len(labels)
-        starts = range(0, n, max(1, int(chunk_rows)))
+        order = np.arange(n) if stream_order is None else np.asarray(stream_order, dtype=np.int64)
+        chunk_rows = max(1, int(chunk_rows))
+        starts = range(0, len(order), chunk_rows)
+        buffer = np.empty((max(1, min(chunk_rows, len(order))), self.n_features_in_), dtype=np.float32)  # one for every chunk of every pass
         scaler = StandardScaler()
         for a in starts:
-            scaler.partial_fit(np.asarray(read(np.arange(a, min(a + chunk_rows, n))), dtype=np.float64))
+            scaler.partial_fit(read(order[a : a + chunk_rows], buffer))
+        distributed = world is not None and world.enabled
+        if distributed:
+            zeros = np.zeros(self.n_features_in_)
+            mine = (getattr(scaler, "n_samples_seen_", 0), getattr(scaler, "mean_", zeros), getattr(scaler, "var_", zeros))  # a rank may have no rows
+            combine_scalers(scaler, world.gather(mine))
         dtype, as_tensor = self._tensors(n * self.n_features_in_)
         weights = lambda rows: self._row_weights(labels[rows], len(self.classes_), as_tensor)  # noqa: E731
         every = self._row_weights(labels, len(self.classes_), np.asarray)  # from all the labels ("balanced" counts every class), sliced per chunk
 
+        mean, scale = as_tensor(scaler.mean_), as_tensor(scaler.scale_)
+        standardised = torch.empty(buffer.shape, dtype=dtype, device=mean.device)  # reused: a chunk's graph is gone before the next is read
+
+        kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []  # the first chunks, standardised once
+        row_bytes = self.n_features_in_ * torch.finfo(dtype).bits // 8
+
         def chunks():
-            for a in starts:
-                rows = np.arange(a, min(a + chunk_rows, n))
-                yield (as_tensor(scaler.transform(np.asarray(read(rows), dtype=np.float64))), as_tensor(labels[rows], torch.long),
-                       as_tensor(every[rows]) if every is not None else None)
+            for k, a in enumerate(starts):
+                if k < len(kept):
+                    yield kept[k]
+                    continue
+                rows = order[a : a + chunk_rows]
+                keep = k == len(kept) and (k + 1) * chunk_rows * row_bytes <= keep_bytes
+                Z = torch.empty((len(rows), self.n_features_in_), dtype=dtype, device=mean.device) if keep else standardised[: len(rows)]
+                Z.copy_(torch.from_numpy(read(rows, buffer)))
+                chunk = (Z.sub_(mean).div_(scale), as_tensor(labels[rows], torch.long), as_tensor(every[rows]) if every is not None else None)
+                if keep:
+                    kept.append(chunk)
+                yield chunk
 
         t0 = time.perf_counter()
         with _threads(self.n_jobs):
             total = float(every.sum()) if every is not None else float(n)
-            problem = ChunkedLogisticProblem(chunks, len(self.classes_), self.n_features_in_, total, dtype, head_device(self.device))
-            subsample = lambda rows: as_tensor(scaler.transform(np.asarray(read(rows), dtype=np.float64)))  # noqa: E731
-            W, b, n_iter = self._solve(problem, subsample, labels, weights, X_val, y_val, scaler, as_tensor, dtype)
+            problem = ChunkedLogisticProblem(chunks, len(self.classes_), self.n_features_in_, total, dtype, head_device(self.device),
+                                             world.all_reduce_ if distributed else None)
+            subsample = lambda rows: as_tensor(scaler.transform(np.asarray(read(rows, None), dtype=np.float64)))  # noqa: E731
+            W, b, n_iter = self._solve(problem, subsample, labels, weights, X_val, y_val, scaler, as_tensor, dtype, world if distributed else None)
         return self._finish(scaler, W, b, n_iter, t0, streamed=True)
 
     def _start(self, y: np.ndarray) -> np.ndarray:
@@ -128,8 +176,10 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         dtype = torch.float64 if values <= FLOAT64_MAX_VALUES and device.type == "cpu" else torch.float32
         return dtype, lambda a, dt=dtype: torch.as_tensor(np.ascontiguousarray(a), dtype=dt, device=device)
 
-    def _solve(self, problem: LogisticProblem, subsample, labels, weights, X_val, y_val, scaler, as_tensor, dtype):
-        """C (given, or selected from warm-started paths), then the kept model on every training row."""
+    def _solve(self, problem: LogisticProblem, subsample, labels, weights, X_val, y_val, scaler, as_tensor, dtype, world: World | None = None):
+        """C (given, or selected from warm-started paths), then the kept model on every training
+        row; under torchrun (``world``) rank 0's C and warm start on every rank (thread counts
+        may round the ranks' paths apart)."""
         warm = None
         self.cv_scores_, self.path_, self.C_at_edge_ = {}, [], ""
         if self.C is not None:
@@ -143,6 +193,8 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
                 self.cv_scores_ = {p.C: p.score for p in selection.points}
                 self.path_ = [asdict(p) for p in selection.points]
                 warm = tuple(torch.stack([s[i] for s in selection.warm]).mean(0) for i in range(2))
+        if world is not None:
+            self.C_, self.C_at_edge_, self.cv_scores_, self.path_, warm = world.broadcast((self.C_, self.C_at_edge_, self.cv_scores_, self.path_, warm))
         # in float64 the kept model is solved tighter than scikit-learn's tol (its predictions are compared
         # with scikit-learn's); in float32 (large sets) that would only spend iterations on rounding noise
         return problem.solve(self.C_, warm, tol=self.tol * (1e-2 if dtype == torch.float64 else 1.0), max_iter=self.max_iter)

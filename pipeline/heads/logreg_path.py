@@ -112,11 +112,13 @@ class LogisticProblem:
 class ChunkedLogisticProblem(LogisticProblem):
     """The same objective summed over row chunks read one at a time (``chunks()`` yields
     standardised rows, labels and weights or None): memory is one chunk plus the model,
-    whatever the number of rows."""
+    whatever the number of rows. ``reduce`` (torchrun) sums the loss and gradient of each
+    rank's rows over the ranks before the penalty is added once: every rank then takes the
+    same L-BFGS steps as one process holding every row."""
 
     def __init__(self, chunks: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]], n_classes: int, dim: int,
-                 total: float, dtype: torch.dtype, device: torch.device):
-        self.chunks, self.n_classes, self.total = chunks, n_classes, total
+                 total: float, dtype: torch.dtype, device: torch.device, reduce: Callable[[list[torch.Tensor]], None] | None = None):
+        self.chunks, self.n_classes, self.total, self.reduce = chunks, n_classes, total, reduce
         self.rows = 1 if n_classes == 2 else n_classes
         self.dim, self.dtype, self.device = dim, dtype, device
 
@@ -131,6 +133,11 @@ class ChunkedLogisticProblem(LogisticProblem):
             part = ((ce * w).sum() if w is not None else ce.sum()) / self.total
             part.backward()
             loss += part.detach()
+        if self.reduce is not None:  # torchrun: every rank summed its own rows; the sums of all of them, on every rank
+            for p in (W, b):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.reduce([loss, W.grad, b.grad])
         reg = (W * W).sum() / (2.0 * C * self.total)
         reg.backward()
         return loss + reg.detach()

@@ -21,7 +21,7 @@ from ..choices import AUDIT_CHECKS
 from ..heads import assign_splits
 from ..memory import budget_bytes, human, say_streaming
 from ..names import printable as _printable
-from ..store import read_rows
+from ..store import RowTable, read_rows
 from .duplicates import Duplicates, chance_threshold, find_duplicates, identical_rows, with_split
 from .label_errors import LabelIssues, find_label_issues
 from .oof import OutOfFold, out_of_fold_proba
@@ -331,6 +331,24 @@ def in_memory_bytes(n: int, dim: int, itemsize: int, dims: int) -> int:
     return n * (dim * itemsize + 2 * k * 4)
 
 
+def cache_rows(table: RowTable, options: AuditOptions, command: str) -> tuple[np.ndarray | CacheRows, int]:
+    """The cache's embeddings (in its table's order) and the budget in bytes: in memory when
+    they and the audit's working rows fit ``options.memory_budget``, else read on demand
+    (``spill.CacheRows``), which ``project`` then audits from disk; ``command`` says so."""
+    X = CacheRows(table)
+    budget = budget_bytes(options.memory_budget)
+    need = in_memory_bytes(len(X), X.shape[1], X.dtype.itemsize, options.dims)
+    if need <= budget:
+        return X[:], budget
+    say_streaming(command, need, budget, "reading the embeddings a chunk at a time and spilling the projected rows to disk")
+    return X, budget
+
+
+def project(X: np.ndarray | CacheRows, dims: int, budget: int, beside: Path) -> Projected:
+    """``project_rows`` for rows in memory, ``project_streamed`` for rows read on demand."""
+    return project_rows(X, dims) if isinstance(X, np.ndarray) else project_streamed(X, dims, budget, beside)
+
+
 def audit_cache(cache: str | os.PathLike, options: AuditOptions | None = None) -> Audit:
     """``run_audit`` on a cache's rows; the split is the cache's own (pre-split data) or
     fit-head's hash rule with the options' ``val_fraction`` and ``seed``. A cache whose rows
@@ -346,18 +364,10 @@ def audit_cache(cache: str | os.PathLike, options: AuditOptions | None = None) -
     with read_rows(cache) as table:
         split, _ = assign_splits(table.paths, table.labels, table.split, opts.val_fraction, opts.seed)
         failures = sorted((p, r) for p, r, _, _ in table.snapshot.failure_columns().items())
-        X = CacheRows(table)
-        budget = budget_bytes(opts.memory_budget)
-        need = in_memory_bytes(len(X), X.shape[1], X.dtype.itemsize, opts.dims)
-        read_s = 0.0
-        if need <= budget:
-            X = X[:]
-            read_s = time.perf_counter() - t0
-            rows = project_rows(X, opts.dims)
-            del X  # the checks need only the projected rows: one copy of the embeddings at the peak, not two
-        else:
-            say_streaming("audit", need, budget, "reading the embeddings a chunk at a time and spilling the projected rows to disk")
-            rows = project_streamed(X, opts.dims, budget, Path(cache))
+        X, budget = cache_rows(table, opts, "audit")
+        read_s = time.perf_counter() - t0 if isinstance(X, np.ndarray) else 0.0
+        rows = project(X, opts.dims, budget, Path(cache))
+        del X  # the checks need only the projected rows: one copy of the embeddings at the peak, not two
         audit = audit_projected(rows, table.labels, split, table.paths, table.classes, opts, sha256=table.fingerprints.get("sha256"),
                                 failures=failures)
     audit.cache = str(Path(cache))

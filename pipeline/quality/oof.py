@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
-from ..heads import LogRegHead, full_proba
-from ..heads.logreg_path import stratified_subsample
+from ..heads import LogRegHead, full_proba, stratified_subsample
 
 CHANCE_ALPHA = 0.01
 SCORE_ROWS = 65_536  # held-out rows scored at a time

@@ -24,12 +24,8 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UsageError, command_hint
-from ..heads import LoadedHead, Scored, load_head, score_head, split_as_recorded
-from ..heads.evaluation import SCORE_COPIES
-from ..memory import budget_bytes, rows_per_chunk, say_streaming
-from ..quality import Audit, ReportOptions, advice, audit_projected, check_map_method, embedding_map, project_rows, top_k
-from ..quality.audit import in_memory_bytes, project_streamed
-from ..quality.spill import CacheRows, rows_of
+from ..heads import LoadedHead, Scored, load_head, score_chunk_rows, score_head, split_as_recorded
+from ..quality import Audit, ReportOptions, advice, audit_projected, cache_rows, check_map_method, embedding_map, project, rows_of, top_k
 from ..store import CacheData, RowTable, atomic_path, read_rows
 from . import sections
 from .html import page
@@ -128,24 +124,17 @@ def _read_and_audit(table: RowTable, cache_path: Path, loaded: LoadedHead, score
     data = CacheData(cache_path, None, table.labels, table.paths, classes, table.split, failures, dict(table.meta), table.fingerprints)
     same_data = table.meta.get("data_root") == prov.get("data_root")
     split = split_as_recorded(prov, table.paths, table.labels, table.split)
-    X = CacheRows(table)
-    budget = budget_bytes(opts.memory_budget)
-    need = in_memory_bytes(len(X), X.shape[1], X.dtype.itemsize, opts.dims)
-    streamed = need > budget
-    if streamed:
-        say_streaming("report", need, budget, "reading the embeddings a chunk at a time and spilling the projected rows to disk")
-    else:
-        X = X[:]
+    X, budget = cache_rows(table, opts, "report")
     view: dict[str, Any] = {"data": data}
     if scored_here:
-        chunk = rows_per_chunk(budget, X.shape[1] * 4 * SCORE_COPIES + 8 * len(classes))
+        chunk = score_chunk_rows(budget, X.shape[1], len(classes))
         view["scored"] = score_head(loaded, lambda rows: X[rows], table.labels, split, same_data, classes, keep="mistakes", chunk_rows=chunk)
         if same_data:
             view["stale"] = table.content_digest() != prov.get("cache_fingerprint")
         logger.info(f"report: scored {sum(len(r) for r in view['scored'].groups.values())} rows of {cache_path}")
     reuse = audit is not None and Path(audit.cache).resolve() == cache_path.resolve() and len(audit.paths) == len(table.paths)
     if not reuse:
-        rows = project_streamed(X, opts.dims, budget, cache_path) if streamed else project_rows(X, opts.dims)
+        rows = project(X, opts.dims, budget, cache_path)
         del X  # scored and projected: the checks need only the projected rows (one copy of the embeddings at the peak)
         audit = audit_projected(rows, table.labels, split, table.paths, classes, opts, sha256=table.fingerprints.get("sha256"), failures=failures)
         audit.cache = str(cache_path)

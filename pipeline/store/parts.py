@@ -207,6 +207,12 @@ class PartFile:
     def path_width(self) -> int:
         return self.f["paths"].dtype.itemsize
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one stored embedding row."""
+        ds = self.f["embeddings"]
+        return int(ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
+
     def columns(self, rows: slice | np.ndarray = slice(None)) -> RowColumns:
         with self.guard():
             out = {attr: self.f[ds][rows] for attr, ds in ROW_COLUMNS.items()}

@@ -45,6 +45,7 @@ class Snapshot:
         self.offsets = np.concatenate([[0], np.cumsum([p.rows for p in self.parts], dtype=np.int64)]).astype(np.int64)
         self._files: dict[int, PartFile] = {}
         self._deletions: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+        self._scratch: np.ndarray | None = None  # ``read_sorted_into``'s span buffer, reused chunk after chunk
         missing = [p.name for p in self.parts if not (self.parts_dir / p.name).is_file()]
         if missing:
             self.close()
@@ -133,8 +134,9 @@ class Snapshot:
         out = np.empty((len(ids), dim), dtype=dtype)
         if not len(ids):
             return out
-        order = np.argsort(ids, kind="stable")
-        sorted_ids = ids[order]
+        ascending = bool(np.all(ids[1:] > ids[:-1]))
+        order = None if ascending else np.argsort(ids, kind="stable")
+        sorted_ids = ids if ascending else ids[order]
         which = np.searchsorted(self.offsets, sorted_ids, side="right") - 1
         if sorted_ids[0] < 0 or sorted_ids[-1] >= self.offsets[-1]:
             raise IndexError(f"row ids outside this cache version (0..{self.offsets[-1] - 1})")
@@ -142,7 +144,10 @@ class Snapshot:
         for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(ids)]])):
             i = int(which[lo])
             local = sorted_ids[lo:hi] - self.offsets[i]
-            out[order[lo:hi]] = _read_rows(self.file(i), local)
+            if ascending:  # a slice of ``out``: no scatter (a fancy assignment is several times slower than the read)
+                out[lo:hi] = _read_rows(self.file(i), local)
+            else:
+                out[order[lo:hi]] = _read_rows(self.file(i), local)
         return out
 
     def read_into(self, out: np.ndarray, ids: np.ndarray, where: np.ndarray, min_run: int = 256) -> None:
@@ -165,6 +170,30 @@ class Snapshot:
             sel = rest[c : c + step]
             out[where[sel]] = self.read(ids[sel])
 
+    def read_sorted_into(self, out: np.ndarray, ids: np.ndarray, gap: int = 256) -> None:
+        """``out[k] = embedding of ids[k]`` for ascending ``ids`` (a chunk of rows streamed in
+        storage order): each stretch of nearby rows (gaps up to ``gap``) is decoded into one
+        scratch span and taken from it straight into ``out``: one HDF5 read and one copy."""
+        ids = np.asarray(ids, np.int64)
+        if not len(ids):
+            return
+        part = np.searchsorted(self.offsets, ids, side="right") - 1
+        if ids[0] < 0 or ids[-1] >= self.offsets[-1]:
+            raise IndexError(f"row ids outside this cache version (0..{self.offsets[-1] - 1})")
+        span_rows = max(gap + 1, GATHER_BYTES // max(1, out.shape[1] * out.itemsize))  # the scratch span stays under ~2 x GATHER_BYTES
+        brk = np.flatnonzero((np.diff(ids) > gap) | (np.diff(part) != 0) | (np.diff(ids // span_rows) != 0)) + 1
+        for s, e in zip(np.r_[0, brk].tolist(), np.r_[brk, len(ids)].tolist()):
+            i = int(part[s])
+            a, span = int(ids[s] - self.offsets[i]), int(ids[e - 1] - ids[s]) + 1
+            if span == e - s:  # no gap: decoded in place
+                self.file(i).read_direct(out, a, span, s)
+                continue
+            scratch = self._scratch
+            if scratch is None or len(scratch) < span or scratch.shape[1:] != out.shape[1:] or scratch.dtype != out.dtype:
+                scratch = self._scratch = np.empty((max(span, span_rows), *out.shape[1:]), dtype=out.dtype)  # kept: the next chunk reuses it
+            self.file(i).read_direct(scratch, a, span, 0)
+            np.take(scratch, ids[s:e] - ids[s], axis=0, out=out[s:e], mode="clip")  # in range by construction; "raise" would buffer a copy
+
     def close(self) -> None:
         _close_all(self._files, self.lease)
 
@@ -180,11 +209,14 @@ def gather_rows(out: np.ndarray) -> int:
 
 def _read_rows(pf: PartFile, local: np.ndarray, gap: int = 256) -> np.ndarray:
     """Sorted unique local rows of one part, read as runs of nearby rows (a run's gaps of up
-    to ``gap`` rows are read and dropped: far cheaper than HDF5 point selections)."""
+    to ``gap`` rows are read and dropped: far cheaper than HDF5 point selections). No run
+    spans more than ``GATHER_BYTES`` of rows: a sparse sample (every 25th row of a 2 GB part)
+    would otherwise be one run, the whole part read into memory to keep 4 % of it."""
     a, b = int(local[0]), int(local[-1]) + 1
     if b - a == len(local):  # a whole span (load_cache, merges): no gather
         return pf.embeddings(slice(a, b))
-    breaks = np.flatnonzero(np.diff(local) > gap) + 1
+    span = max(gap + 1, GATHER_BYTES // max(1, pf.row_bytes))
+    breaks = np.flatnonzero((np.diff(local) > gap) | (np.diff(local // span) != 0)) + 1
     starts, ends = np.concatenate([[0], breaks]), np.concatenate([breaks, [len(local)]])
     if len(starts) == 1:
         a = int(local[0])
