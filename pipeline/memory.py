@@ -37,7 +37,10 @@ def parse_size(text: str | float, option: str = "--memory-budget") -> int:
     m = _SIZE.match(str(text).lower())
     if not m or m.group(2) not in _UNITS:
         raise UsageError(f"{option} {text!r}: give a size such as 2GiB, 512MiB or 1.5 (GiB), or auto")
-    value = int(float(m.group(1)) * _UNITS[m.group(2)])
+    number = float(m.group(1)) * _UNITS[m.group(2)]
+    if not number < 2**62:
+        raise UsageError(f"{option} {text!r}: too large; give a size such as 2GiB, or auto")
+    value = int(number)
     if value <= 0:
         raise UsageError(f"{option} {text!r}: must be more than 0 bytes")
     return value

@@ -103,3 +103,37 @@ def test_report_over_the_budget_shows_what_the_in_memory_report_shows(noisy_copi
     pages = [(tmp_path / f"{k}.html").read_text() for k in ("memory", "disk")]
     for name in ("mistakes", "label-errors", "duplicates"):
         assert section(pages[0], name) == section(pages[1], name), name
+
+
+def test_a_full_disk_while_spilling_is_one_clear_error(noisy_copied_digits, monkeypatch, tmp_path):
+    """ENOSPC in the middle of the spill (after the free-space check passed): a StorageError
+    naming the folder and the fix, the cache untouched, no file left beside it."""
+    import errno
+
+    from pipeline.errors import StorageError
+
+    folder = noisy_copied_digits.parent
+    before = sorted(os.listdir(folder))
+    calls = {"n": 0}
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(StorageError, match="the disk is full"):
+        audit_cache(noisy_copied_digits, AuditOptions(memory_budget="64KiB"))
+    monkeypatch.undo()
+    assert sorted(os.listdir(folder)) == before
+    assert len(load_cache(noisy_copied_digits).labels) == 1827
+
+
+@pytest.mark.parametrize("text", ["0", "abc", "-1GiB", "1e400", "5 parsecs"])
+def test_bad_memory_budgets_are_one_line_usage_errors(text, tmp_path):
+    from conftest import run_cli
+
+    r = run_cli("audit", str(tmp_path / "none.h5"), "--memory-budget", text)
+    assert r.returncode == 2 and "--memory-budget" in r.stderr and "Traceback" not in r.stderr, r.stderr

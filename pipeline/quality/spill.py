@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..store import RowTable, ensure_free_space
+from ..store import RowTable, ensure_free_space, storage_error
 
 RUN_ROWS = 16_384  # ids gathered by one read of a spill
 
@@ -105,7 +105,7 @@ class SpilledRows(_Indexed):
         self.row_bytes = self.shape[1] * 4
         folder = Path(beside).parent if Path(beside).parent.is_dir() and os.access(Path(beside).parent, os.W_OK) else Path(tempfile.gettempdir())
         self.folder = folder
-        target = folder / f".{Path(beside).name}.audit-{label}"
+        target = self.target = folder / f".{Path(beside).name}.audit-{label}"
         ensure_free_space(target, self.shape[0] * self.row_bytes)
         fd, name = tempfile.mkstemp(prefix=target.name + "-", dir=folder)
         os.unlink(name)
@@ -117,8 +117,12 @@ class SpilledRows(_Indexed):
             raise ValueError(f"block {data.shape} does not fit a [{self.shape[0]}, {self.shape[1]}] spill at row {self.written}")
         view = memoryview(data).cast("B")
         offset, done = self.written * self.row_bytes, 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], offset + done)
+        try:
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:], offset + done)
+        except OSError as exc:  # the disk filled up after the check: one clear line, and the space returns as the file closes
+            self.close()
+            raise storage_error(exc, self.target) from None
         self.written += len(data)
 
     def _read_range(self, a: int, b: int) -> np.ndarray:

@@ -12,7 +12,7 @@ Never decides what to extract: it keeps what it is given, and refuses to mix row
 different backbones, weights or preprocessing.
 """
 from ..choices import DTYPES
-from .atomic import TMP_MARK, atomic_path, ensure_free_space, payload_bytes, remove_stale_temporaries, write_bytes_atomically
+from .atomic import TMP_MARK, atomic_path, ensure_free_space, payload_bytes, remove_stale_temporaries, storage_error, write_bytes_atomically
 from .columns import encode_paths, sha_hex
 from .compaction import CompactionPolicy
 from .known import KnownFiles
@@ -24,5 +24,5 @@ from .writer import CacheWriter, PendingRow, new_cache_meta
 
 __all__ = ["DTYPES", "SCHEMA_VERSION", "TMP_MARK", "check_compatible", "remove_stale_temporaries", "CacheData", "CacheWriter", "CompactionPolicy", "KnownFiles", "PendingRow", "RepairReport", "RowTable",
            "VerifyReport", "WriterLock", "atomic_path", "cache_disk_bytes", "encode_paths", "ensure_free_space", "iter_embeddings", "load_cache", "lock_path_for",
-           "new_cache_meta", "parts_dir_for", "payload_bytes", "read_cache_meta", "read_index_info", "read_rows", "repair_cache", "sha_hex", "verify_cache",
+           "new_cache_meta", "parts_dir_for", "payload_bytes", "read_cache_meta", "read_index_info", "read_rows", "repair_cache", "sha_hex", "storage_error", "verify_cache",
            "weights_identity", "write_bytes_atomically"]
