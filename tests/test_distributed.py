@@ -203,3 +203,30 @@ def test_two_ranks_fit_the_one_process_logreg(digits_cache, tmp_path):
     X = load_cache(digits_cache).embeddings
     np.testing.assert_array_equal(two.head.predict(X), one.head.predict(X))
     assert np.abs(coef2 - coef1).max() <= 1e-2 * np.abs(coef1).max()  # L-BFGS from the same start to the same tolerance
+
+
+def test_two_ranks_evaluate_and_predict_a_cache_as_one_process(digits_cache, tmp_path):
+    """evaluate and predict --cache under torchrun: each rank scores a contiguous share; the
+    metrics (summed counts) and the predictions file (joined in rank order) equal one process's."""
+    import pandas as pd
+
+    from pipeline.heads import evaluate_head, fit_head
+
+    head = fit_head(digits_cache, "logreg", tmp_path / "h.pt", C=0.01, plots=False).head_path
+    one = evaluate_head(head, digits_cache)
+    proc = torchrun("evaluate", head, "--cache", str(digits_cache), "--json")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    (printed,) = [line for line in out.splitlines() if line.startswith("{")]
+    two = json.loads(printed)
+    assert two["val"]["n"] == one["val"]["n"] > 300
+    assert two["val"]["confusion_matrix"] == one["val"]["confusion_matrix"]
+    assert two["val"]["log_loss"] == pytest.approx(one["val"]["log_loss"], rel=1e-12)
+    assert run_cli("predict", head, "--cache", str(digits_cache), "--out", str(tmp_path / "one.csv")).returncode == 0
+    proc = torchrun("predict", head, "--cache", str(digits_cache), "--out", str(tmp_path / "two.csv"), "--json")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    a, b = pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "two.csv")
+    assert len(a) == 1797 and list(a.path) == list(b.path) and list(a.predicted) == list(b.predicted)
+    np.testing.assert_allclose(a.probability, b.probability, rtol=1e-6)
+    assert not [p for p in tmp_path.iterdir() if ".rank" in p.name]

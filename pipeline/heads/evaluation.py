@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..distributed import World, launched_by_torchrun, world
 from ..errors import UsageError
 from ..memory import budget_bytes, check_budget, rows_per_chunk, say_streaming
 from ..store import read_rows
@@ -38,11 +39,13 @@ KEEP = ("all", "mistakes", "none")
 
 
 def score_head(loaded: LoadedHead, rows_of: Callable[[np.ndarray], np.ndarray], labels: np.ndarray, split: np.ndarray, same_data: bool,
-               classes: Sequence[str], keep: str = "all", chunk_rows: int = SCORE_ROWS) -> Scored:
+               classes: Sequence[str], keep: str = "all", chunk_rows: int = SCORE_ROWS, world: World | None = None) -> Scored:
     """Metrics of ``loaded``'s head on the rows it is evaluated on, and the probabilities of
     ``keep``: every row, only the misclassified ones (a report), or none (``evaluate``).
     ``rows_of(indices)`` gives their embeddings, read and scored a chunk at a time, so with
-    ``none`` memory does not follow the number of rows, and with ``mistakes`` only the errors'."""
+    ``none`` memory does not follow the number of rows, and with ``mistakes`` only the errors'.
+    Under torchrun (``world``, with ``keep="none"``) each rank scores a contiguous share of
+    each group and the counts are summed: every rank returns the metrics of all the rows."""
     if keep not in KEEP:
         raise ValueError(f"keep={keep!r}: one of {KEEP}")
     if same_data:
@@ -54,7 +57,12 @@ def score_head(loaded: LoadedHead, rows_of: Callable[[np.ndarray], np.ndarray], 
     proba: dict[str, np.ndarray] = {}
     kept_rows: dict[str, np.ndarray] = {}
     metrics: dict[str, dict[str, Any]] = {}
+    w = world if world is not None and world.enabled else None
+    if w is not None and keep != "none":
+        raise ValueError("score_head shares rows across ranks only with keep='none'")
     for s, rows in groups.items():
+        if w is not None:
+            rows = np.array_split(rows, w.size)[w.rank]
         running, kept, which = RunningMetrics(list(classes)), [], []
         for c in range(0, len(rows), chunk_rows):
             chunk = rows[c : c + chunk_rows]
@@ -64,6 +72,8 @@ def score_head(loaded: LoadedHead, rows_of: Callable[[np.ndarray], np.ndarray], 
                 pick = slice(None) if keep == "all" else p.argmax(axis=1) != labels[chunk]
                 kept.append(p[pick])
                 which.append(chunk[pick])
+        if w is not None:
+            running = RunningMetrics(list(classes)).merge(w.gather(running))
         metrics[s] = running.result()
         if keep != "none":
             proba[s] = np.concatenate(kept)
@@ -94,6 +104,7 @@ def evaluate_head(head_path: str | os.PathLike, cache: str | os.PathLike, val_fr
     chunk = score_chunk_rows(budget, dim, len(table.classes))
     if len(table) * row_bytes > budget:
         say_streaming("evaluate", len(table) * row_bytes, budget, f"scoring {chunk:,} rows at a time")
+    w = world("cpu") if launched_by_torchrun() else None  # torchrun: each rank scores its share, the counts are summed
     scored = score_head(loaded, lambda rows: read_embeddings(table, table.index_rows[rows], dim), table.labels, split, same_data, table.classes,
-                        keep="none", chunk_rows=chunk)
+                        keep="none", chunk_rows=chunk, world=w)
     return {"head": str(head_path), "cache": str(cache), "kind": loaded.kind, **scored.metrics}

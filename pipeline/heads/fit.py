@@ -337,5 +337,6 @@ def compare_caches(caches: list[str | os.PathLike], options: FitOptions | str | 
     rows.sort(key=lambda r: -r["accuracy"])
     kinds = "+".join(h.clf for h in heads)
     what = "backbone" if len(heads) == 1 else "backbone and head" if len(caches) > 1 else "head"
-    chart = plot_leaderboard(rows, out_dir / f"leaderboard.{kinds}.png", f"{kinds}: validation accuracy by {what}")
+    w = world("cpu") if launched_by_torchrun() else World()
+    chart = w.broadcast(w.run_on_main(lambda: plot_leaderboard(rows, out_dir / f"leaderboard.{kinds}.png", f"{kinds}: validation accuracy by {what}")))
     return {"clf": kinds, "leaderboard": rows, "chart_png": str(chart)}

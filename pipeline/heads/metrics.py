@@ -54,6 +54,14 @@ class RunningMetrics:
             top = np.argsort(proba, axis=1, kind="mergesort")[:, ::-1][:, :5]
             self.top5_hits += int((top == y[:, None]).any(axis=1).sum())
 
+    def merge(self, others: Sequence[RunningMetrics]) -> RunningMetrics:
+        """These counts plus ``others``' (the shares of torchrun ranks): the metrics of all their rows."""
+        for o in others:
+            self.confusion += o.confusion
+            self.loss_sum += o.loss_sum
+            self.top5_hits += o.top5_hits
+        return self
+
     @property
     def n(self) -> int:
         return int(self.confusion.sum())
