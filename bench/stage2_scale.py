@@ -176,7 +176,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000000x2048,10000000x128", help="ROWSxDIM, comma-separated")
     ap.add_argument("--budget", default="1GiB")
     ap.add_argument("--copies", type=int, default=1000)
-    ap.add_argument("--side-rows", type=int, default=250_000, help="rows of the in-memory vs streamed logreg (the first size's width)")
+    ap.add_argument("--side-rows", type=int, default=250_000, help="rows of the in-memory vs streamed logreg (the first size's width); 0: skip it")
     ap.add_argument("--folder", type=Path, default=ROOT / "cache" / "bench-stage2")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -203,6 +203,9 @@ def main() -> None:
         summary["sizes"][f"{rows}x{dim}"] = table
     rows0, dim0 = sizes[0]
     side_rows = min(args.side_rows, rows0)
+    if side_rows <= 0:  # --side-rows 0: the commands alone
+        print(json.dumps(summary))
+        return
     side = args.folder / f"synthetic-{side_rows}x{dim0}.h5"
     write_cache(side, side_rows, dim0, min(args.copies, side_rows // 10))
     summary["side_by_side"] = {"rows": side_rows, "dim": dim0, **side_by_side(side, args.budget, args.folder)}
