@@ -27,11 +27,11 @@ from .choices import DECODES, GPU_DECODERS
 from .devices import resolve_device
 from .distributed import World, rank_device, world
 from .errors import DataError, IncompatibleError, Interrupted, UsageError
-from .heads import LoadedHead, head_scorer, literal_text, load_head
+from .heads import LoadedHead, head_scorer, literal_text, load_head, score_chunk_rows
 from .images import DEFAULT_MAX_PIXELS, DecodedBatch, ImageRecord, is_manifest, is_shards, scan_source
 from .inference import Feed, ReadOptions, build_mapper, engines_home, open_reader, resolve_decode, resolve_precision, run_batches
 from .interrupts import sigterm_as_interrupt
-from .memory import budget_bytes, check_budget, rows_per_chunk, say_streaming
+from .memory import budget_bytes, check_budget
 from .options import OUTSIDE_IDENTITY, build, check_device, check_types, choose, require
 from .overlap import StageClock
 from .predictions import PredictionWriter, Scored, concatenate, output_format, score
@@ -283,10 +283,7 @@ def _predict_cache(loaded: LoadedHead, cache: Path, opts: PredictOptions) -> _Ru
         root = Path(table.meta.get("data_root") or "/")
         dim = int(table.meta["embed_dim"])
         try:
-            budget, row_bytes = budget_bytes(opts.memory_budget), dim * 4 * 3 + 8 * len(classes)
-            step = min(CACHE_CHUNK, rows_per_chunk(budget, row_bytes))
-            if len(rows) * row_bytes > budget:
-                say_streaming("predict", len(rows) * row_bytes, budget, f"scoring {step:,} rows at a time")
+            step = score_chunk_rows(budget_bytes(opts.memory_budget), dim, len(classes), rows=len(rows), command="predict", most=CACHE_CHUNK)
             for a in range(0, len(rows), step):
                 idx = rows[a : a + step]
                 X = np.empty((len(idx), dim), dtype=np.dtype(table.meta.get("dtype", "float32")))

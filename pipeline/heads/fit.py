@@ -129,6 +129,11 @@ def read_embeddings(table: RowTable, rows: np.ndarray, dim: int, out: np.ndarray
     return X
 
 
+def _stream_chunk_rows(budget: int, dim: int) -> int:
+    """Rows of a streamed chunk: ``chunk_bytes`` of them with their working copies (at least 1,024)."""
+    return max(1024, chunk_bytes(budget) // (dim * 4 * IN_MEMORY_COPIES))
+
+
 def _metrics_in_chunks(head, table: RowTable, rows: np.ndarray, dim: int, classes: list[str], chunk_rows: int) -> dict[str, Any]:
     """``classification_metrics`` of ``head`` on ``rows``, read and scored ``chunk_rows`` at a time in storage order."""
     rows = rows[np.argsort(table.index_rows[rows], kind="stable")]
@@ -213,7 +218,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
         on_val = opts.select_on == "val" and known.any()
         Xv = read_embeddings(table, table.index_rows[fit_idx["val"]], dim) if on_val else None
         head.fit_rows(lambda pos, out=None: read_embeddings(table, table.index_rows[tr[pos]], dim, out), table.labels[tr], dim,
-                      chunk_rows=max(1024, chunk_bytes(budget) // (dim * 4 * IN_MEMORY_COPIES)),
+                      chunk_rows=_stream_chunk_rows(budget, dim),
                       X_val=Xv, y_val=table.labels[fit_idx["val"]] if on_val else None,
                       stream_order=share, keep_bytes=max(0, budget - 2 * chunk_bytes(budget)), world=w)
         X = {s: None for s in idx}
@@ -258,7 +263,7 @@ def _score_and_save(cache: Path, table, idx: dict[str, np.ndarray], X: dict[str,
         if len(idx[s]) and X[s] is not None:
             metrics[s] = classification_metrics(table.labels[idx[s]], full_proba(head, X[s], len(classes)), classes)
         elif len(idx[s]):  # streamed: scored a chunk at a time (RunningMetrics equals classification_metrics)
-            metrics[s] = _metrics_in_chunks(head, table, idx[s], dim, classes, max(1024, chunk_bytes(budget) // (dim * 4 * IN_MEMORY_COPIES)))
+            metrics[s] = _metrics_in_chunks(head, table, idx[s], dim, classes, _stream_chunk_rows(budget, dim))
     metrics["fit_seconds"] = seconds
     if grid_board:
         metrics["grid"] = grid_board

@@ -192,26 +192,15 @@ class Projected:
 def project_rows(X: np.ndarray, dims: int) -> Projected:
     """The whitened principal-component space of ``X`` and the rows in it (None below
     ``MIN_ROWS`` or when the rows do not vary), and which rows are byte-identical."""
-    t = time.perf_counter()
-    identical = identical_rows(X)
-    if len(X) < MIN_ROWS:
-        return Projected(None, None, identical=identical, no_space=f"{len(X)} row(s): too few for label errors, near-duplicates or a map")
-    space = fit_space(X, dims)
-    if space.dims == 0:
-        return Projected(None, None, time.perf_counter() - t, identical,
-                         f"every one of the {len(X):,} embeddings is the same vector (no variance): label errors, near-duplicates "
-                         "beyond exact copies and the map cannot be assessed")
-    whitened = space.project(X)
-    seconds = time.perf_counter() - t
-    logger.info(f"audit: {space.dims} principal components ({100 * space.explained:.1f} % of the variance) in {seconds:.1f}s")
-    return Projected(space, whitened, seconds, identical)
+    return project(X, dims)
 
 
-def project_streamed(X: CacheRows, dims: int, budget: int, beside: Path) -> Projected:
-    """``project_rows`` for a cache over the memory budget: the space from streamed passes over
-    the embeddings (the same sums, chunk by chunk: the same space), then every row projected a
-    chunk at a time into float32 spills beside the cache (whitened and unit rows; ``spill.py``).
-    Memory is a chunk of embeddings and the D x D covariance, whatever N."""
+def project(X: np.ndarray | CacheRows, dims: int, budget: int | None = None, beside: Path | None = None) -> Projected:
+    """``project_rows`` for rows in memory, or read on demand from a cache over the memory
+    budget (``CacheRows``): then the space comes from the same streamed passes (the same sums,
+    chunk by chunk: the same space) and every row is projected a chunk at a time into float32
+    spills ``beside`` the cache (whitened and unit rows; ``spill.py``), so memory is a chunk
+    of embeddings and the D x D covariance, whatever N."""
     t = time.perf_counter()
     n = len(X)
     identical = identical_rows(X)
@@ -222,16 +211,19 @@ def project_streamed(X: CacheRows, dims: int, budget: int, beside: Path) -> Proj
         return Projected(None, None, time.perf_counter() - t, identical,
                          f"every one of the {n:,} embeddings is the same vector (no variance): label errors, near-duplicates "
                          "beyond exact copies and the map cannot be assessed")
-    whitened = SpilledRows(n, space.dims, beside, "whitened")
-    unit = SpilledRows(n, space.dims, beside, "unit")
-    for a in range(0, n, SPACE_CHUNK_ROWS):  # the chunks of ``EmbeddingSpace.project``: the same rows as in memory
-        block = space.project(X[a : a + SPACE_CHUNK_ROWS])
-        whitened.append(block)
-        unit.append(unit_rows(block))
+    in_memory = isinstance(X, np.ndarray)
+    if in_memory:
+        whitened, unit, spilled = space.project(X), None, ""
+    else:
+        whitened, unit = SpilledRows(n, space.dims, beside, "whitened"), SpilledRows(n, space.dims, beside, "unit")
+        for a in range(0, n, SPACE_CHUNK_ROWS):  # the chunks of ``EmbeddingSpace.project``: the same rows as in memory
+            block = space.project(X[a : a + SPACE_CHUNK_ROWS])
+            whitened.append(block)
+            unit.append(unit_rows(block))
+        spilled = f", {n:,} rows projected and spilled to {whitened.folder} ({human(2 * whitened.nbytes)}, removed at exit)"
     seconds = time.perf_counter() - t
-    logger.info(f"audit: {space.dims} principal components ({100 * space.explained:.1f} % of the variance), {n:,} rows projected "
-                f"and spilled to {whitened.folder} ({human(2 * whitened.nbytes)}, removed at exit) in {seconds:.1f}s")
-    return Projected(space, whitened, seconds, identical, unit=unit, budget=budget)
+    logger.info(f"audit: {space.dims} principal components ({100 * space.explained:.1f} % of the variance){spilled} in {seconds:.1f}s")
+    return Projected(space, whitened, seconds, identical, unit=unit, budget=None if in_memory else budget)
 
 
 def _label_error_limits(rows: Projected, n_labelled: int, n_classes: int) -> dict[str, Any]:
@@ -344,15 +336,10 @@ def cache_rows(table: RowTable, options: AuditOptions, command: str) -> tuple[np
     return X, budget
 
 
-def project(X: np.ndarray | CacheRows, dims: int, budget: int, beside: Path) -> Projected:
-    """``project_rows`` for rows in memory, ``project_streamed`` for rows read on demand."""
-    return project_rows(X, dims) if isinstance(X, np.ndarray) else project_streamed(X, dims, budget, beside)
-
-
 def audit_cache(cache: str | os.PathLike, options: AuditOptions | None = None) -> Audit:
     """``run_audit`` on a cache's rows; the split is the cache's own (pre-split data) or
     fit-head's hash rule with the options' ``val_fraction`` and ``seed``. A cache whose rows
-    need more than ``options.memory_budget`` is audited from disk (``project_streamed``): the
+    need more than ``options.memory_budget`` is audited from disk (``project``): the
     same space, checks and findings, the embeddings read a chunk at a time.
 
     Raises:

@@ -65,11 +65,6 @@ class _Indexed:
             out = self._read_rows(uniq)[inverse.ravel()] if len(uniq) else np.empty((0, self.shape[1]), self.dtype)
         return out[:, cols]
 
-    def blocks(self, rows: int) -> Any:
-        """``(start, block)`` for consecutive blocks of ``rows`` rows."""
-        for a in range(0, len(self), rows):
-            yield a, self[a : a + rows]
-
 
 class CacheRows(_Indexed):
     """A cache version's embeddings in its table's order (``read_rows``: by path), read on demand."""
