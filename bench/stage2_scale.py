@@ -178,6 +178,8 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=1000)
     ap.add_argument("--side-rows", type=int, default=250_000, help="rows of the in-memory vs streamed logreg (the first size's width); 0: skip it")
     ap.add_argument("--folder", type=Path, default=ROOT / "cache" / "bench-stage2")
+    ap.add_argument("--only", default="", help="comma-separated commands to run, in this order (default: all); evaluate, predict and report "
+                                                "need the logreg head of an earlier run or of 'fit-head logreg' before them")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -194,7 +196,14 @@ def main() -> None:
         table = {}
         print(f"\n{rows:,} x {dim}, --memory-budget {args.budget} ({rows * dim * 4 / 2**30:.2f} GiB of float32 embeddings)")
         print(f"  {'command':<18} {'seconds':>9} {'peak RSS':>10}  streamed  result")
-        for name, cmd, describe in commands(cache, planted, args.budget, work):
+        chosen = commands(cache, planted, args.budget, work)
+        if args.only:
+            by_name = {name: (name, cmd, describe) for name, cmd, describe in chosen}
+            unknown = [n for n in args.only.split(",") if n not in by_name]
+            if unknown:
+                raise SystemExit(f"--only: unknown command(s) {', '.join(unknown)}; choose among {', '.join(by_name)}")
+            chosen = [by_name[n] for n in args.only.split(",")]
+        for name, cmd, describe in chosen:
             r = rss_of(cmd, work / "command.log")
             table[name] = {"wall_s": r["wall_s"], "peak_rss_mib": r["peak_rss_mib"], "streamed": r["streamed"], "result": describe(r)}
             if name == "audit":

@@ -137,3 +137,24 @@ def test_bad_memory_budgets_are_one_line_usage_errors(text, tmp_path):
 
     r = run_cli("audit", str(tmp_path / "none.h5"), "--memory-budget", text)
     assert r.returncode == 2 and "--memory-budget" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("method", ["prune_by_class", "prune_by_noise_rate"])
+def test_out_of_fold_probabilities_spilled_to_disk(noisy_copied_digits, monkeypatch, method):
+    """Past a quarter of the budget the [N, K] out-of-fold probabilities go to an unlinked
+    float32 file (10 M x 100 classes: 4 GB never held), and confident learning reads them a
+    chunk (or one class's rows) at a time: the same label errors as in memory."""
+    import pipeline.quality.audit as audit_module
+
+    memory = audit_cache(noisy_copied_digits, AuditOptions(memory_budget="8GiB", label_method=method))
+    monkeypatch.setattr(audit_module, "PROBA_FLOAT64_FLOOR", 0)
+    disk = audit_cache(noisy_copied_digits, AuditOptions(memory_budget="64KiB", label_method=method))
+    assert isinstance(disk.oof.proba, SpilledRows) and isinstance(memory.oof.proba, np.ndarray)
+    np.testing.assert_allclose(disk.oof.proba[:], memory.oof.proba, rtol=1e-5, atol=1e-7)
+    assert disk.oof.accuracy == memory.oof.accuracy
+    assert len(memory.issues) >= 40
+    np.testing.assert_array_equal(disk.issues.mask, memory.issues.mask)
+    np.testing.assert_array_equal(disk.issues.ranked, memory.issues.ranked)
+    np.testing.assert_array_equal(disk.issues.confident_joint, memory.issues.confident_joint)
+    np.testing.assert_array_equal(disk.label_error_rows(), memory.label_error_rows())
+    assert strip(disk.to_dict()) == strip(memory.to_dict())

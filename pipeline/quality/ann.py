@@ -3,13 +3,15 @@ and the recall of that search measured against exact search.
 
 Exact blocked search (``similarity.pairs_above``) costs N² x dims: minutes at a few hundred
 thousand rows on 2 cores, hours at millions. Above ``ANN_MIN_ROWS`` the audit searches an
-inverted-file index instead (FAISS ``IndexIVFFlat``, inner product on the unit rows: cosine):
-the rows are clustered into ``nlist`` cells (about 4 x sqrt(N), trained on a seeded sample),
-and each row's range search (every row at or above the threshold) visits its ``nprobe`` (16)
-nearest cells. A near-duplicate is by definition very close to its row, so it almost always
-sits in one of the few nearest cells; how often it does not is measured, not assumed:
-``measured_recall`` searches a seeded sample of rows exactly against every row and reports
-the share of those pairs the index found (printed by the audit, goal >= 0.95).
+inverted-file index instead (FAISS ``IndexIVFScalarQuantizer``, inner product on the unit rows:
+cosine): the rows are clustered into ``nlist`` cells (about 4 x sqrt(N), trained on a seeded
+sample), stored as 8-bit codes (a quarter of float32: 1.3 GB at 10 M x 128), and each row's
+range search visits its ``nprobe`` nearest cells; every candidate the codes put near the
+threshold is re-scored exactly from the rows, so the similarities reported are exact. A
+near-duplicate is by definition very close to its row, so it almost always sits in one of the
+few nearest cells; how often it does not is measured, not assumed: ``measured_recall`` searches
+a seeded sample of rows exactly against every row and reports the share of those pairs the
+index found (printed by the audit, goal >= 0.95).
 
 Without FAISS (``pip install 'featcache[ann]'``) a large collection is searched exactly
 among a seeded sample of ``ANN_MIN_ROWS`` rows, and the audit says so: never a silent
@@ -18,17 +20,24 @@ O(N²) run of hours.
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ..devices import head_device
 from ..errors import UsageError
 from .similarity import PairCollector, Pairs
+from .spill import SpilledRows
 
 ANN_MIN_ROWS = 200_000  # from here `auto` uses the index (exact search: ~1 minute at this size on 2 cores, then growing with N²)
 RECALL_QUERIES = 2_000  # rows searched exactly against every row to measure the index's recall
 QUERY_ROWS = 16_384  # rows range-searched at a time (bounds the result lists held at once)
+FULL_PROBE_ROWS = 1_000_000  # up to here every query probes 16 cells; beyond, fewer (``IndexShape.for_rows``)
+MIN_PROBES = 4
+KMEANS_ITERATIONS = 10  # FAISS's default is 25: the cells only route queries, and 10 cost 93 s at 10 M rows, not 230
+QUANTIZED_SLACK = 0.02  # candidates this far below the threshold are re-scored exactly (8-bit components, one range for all: max error 0.006 on 21,500 pairs of 128-d unit rows)
 INSTALL_HINT = "pip install 'featcache[ann]'"
 
 
@@ -56,41 +65,74 @@ class IndexShape:
 
     @staticmethod
     def for_rows(n: int) -> IndexShape:
-        """About 4 sqrt(N) cells (FAISS's guideline for IVF), each query visiting the 16 nearest:
-        a near-duplicate sits in its row's nearest cells. On 300,000 x 128 isotropic rows with
-        1,000 planted copies (``bench/near_duplicates.py``, 2,190 cells): 16 probed found all of
-        them in 0.15 of exact search's time; 4 probed, 99.4 % in 0.07; 68 probed, all in 0.47."""
+        """About 4 sqrt(N) cells (FAISS's guideline for IVF), each query visiting the 16 nearest
+        up to ``FULL_PROBE_ROWS`` rows, fewer beyond (a query scans nprobe x N / nlist rows, so
+        the search grows as N^1.5 at a fixed nprobe): a near-duplicate sits in its row's nearest
+        cells. On 300,000 x 128 isotropic rows with 1,000 planted copies (``bench/near_duplicates.py``,
+        2,190 cells): 16 probed found all of them in 0.15 of exact search's time; 4 probed, 99.4 %
+        in 0.07; 68 probed, all in 0.47. The recall is measured on every run (``measured_recall``)."""
         nlist = max(1, min(n // 39, int(4 * math.sqrt(n))))
-        return IndexShape(nlist, min(nlist, 16), min(n, max(39 * nlist, 50_000)))
+        nprobe = max(MIN_PROBES, min(16, round(16 * math.sqrt(FULL_PROBE_ROWS / max(n, 1)))))
+        return IndexShape(nlist, min(nlist, nprobe), min(n, max(39 * nlist, 50_000)))
 
 
 def approximate_pairs_above(U: np.ndarray, threshold: float, *, max_pairs: int = 10_000, exclude_groups: np.ndarray | None = None,
                             seed: int = 0, shape: IndexShape | None = None) -> Pairs:
     """``similarity.pairs_above`` through an IVF index: every pair (i < j) of unit rows the
-    range search finds at cosine >= ``threshold``, the ``max_pairs`` most similar kept."""
+    range search finds at cosine >= ``threshold``, the ``max_pairs`` most similar kept.
+
+    The index stores each row in 8 bits a component (``IndexIVFScalarQuantizer``: N x k bytes,
+    1.3 GB at 10 M x 128 where float32 would hold 5 GB), so its similarities are approximate:
+    it returns every candidate within ``QUANTIZED_SLACK`` below the threshold, and each
+    candidate's cosine is then computed exactly from ``U`` (in memory or on disk), as the exact
+    search would. Each row's cells are found once (the coarse search is most of the cost at
+    10 M rows) and kept on disk for the range search (``spill.SpilledRows``) when ``U`` is."""
+    from faiss.contrib.ivf_tools import add_preassigned, range_search_preassigned
+
     faiss = require_faiss()
     n, d = U.shape
     shape = shape or IndexShape.for_rows(n)
     quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFFlat(quantizer, d, shape.nlist, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexIVFScalarQuantizer(quantizer, d, shape.nlist, faiss.ScalarQuantizer.QT_8bit_uniform, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = KMEANS_ITERATIONS
     sample = np.sort(np.random.default_rng(seed).choice(n, shape.train_rows, replace=False))
     index.train(np.ascontiguousarray(U[sample], dtype=np.float32))
-    for a in range(0, n, QUERY_ROWS * 4):  # added a block at a time: rows on disk (``spill.py``) are never read whole
-        index.add(np.ascontiguousarray(U[a : a + QUERY_ROWS * 4], dtype=np.float32))
     index.nprobe = shape.nprobe
+    on_disk = not isinstance(U, np.ndarray)
+    if on_disk:
+        beside = getattr(U, "beside", None) or Path(tempfile.gettempdir()) / "near-duplicates"
+        cells, coarse = SpilledRows(n, shape.nprobe, beside, "cells", np.int64), SpilledRows(n, shape.nprobe, beside, "coarse")
+    else:
+        cells, coarse = np.empty((n, shape.nprobe), dtype=np.int64), np.empty((n, shape.nprobe), dtype=np.float32)
+    for a in range(0, n, QUERY_ROWS):  # a block at a time: rows on disk (``spill.py``) are never read whole
+        block = np.ascontiguousarray(U[a : a + QUERY_ROWS], dtype=np.float32)
+        dist, ids = quantizer.search(block, shape.nprobe)
+        add_preassigned(index, block, np.ascontiguousarray(ids[:, 0]))
+        if on_disk:
+            cells.append(ids)
+            coarse.append(dist)
+        else:
+            cells[a : a + len(block)], coarse[a : a + len(block)] = ids, dist
     kept = PairCollector(max_pairs)
     # a float32 inner product of a row with itself is 1 within rounding: search a hair below
     # the threshold and keep what reaches it, as the exact search does
     for q0 in range(0, n, QUERY_ROWS):
         q1 = min(n, q0 + QUERY_ROWS)
-        lims, sims, ids = index.range_search(np.ascontiguousarray(U[q0:q1], dtype=np.float32), float(threshold) - 1e-6)
+        block = np.ascontiguousarray(U[q0:q1], dtype=np.float32)
+        lims, _, ids = range_search_preassigned(index, block, float(threshold) - QUANTIZED_SLACK, np.ascontiguousarray(cells[q0:q1]),
+                                                np.ascontiguousarray(coarse[q0:q1]))
         rows = np.repeat(np.arange(q0, q1, dtype=np.int64), np.diff(lims.astype(np.int64)))
         ids = ids.astype(np.int64)
-        keep = (ids > rows) & (sims >= threshold)
+        keep = ids > rows
         if exclude_groups is not None:
             keep &= exclude_groups[rows] != exclude_groups[np.maximum(ids, 0)]
-        if keep.any():
-            kept.add(rows[keep], ids[keep], sims[keep].astype(np.float32))
+        rows, ids = rows[keep], ids[keep]
+        if not len(rows):
+            continue
+        sims = np.einsum("ij,ij->i", block[rows - q0], np.asarray(U[ids], dtype=np.float32))  # exact: the candidates' own rows
+        close = sims >= threshold
+        if close.any():
+            kept.add(rows[close], ids[close], sims[close].astype(np.float32))
     return kept.pairs(threshold)
 
 

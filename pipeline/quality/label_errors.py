@@ -29,9 +29,9 @@ Suspects are ranked by self-confidence (probability of the given label), lowest 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from sklearn.metrics import confusion_matrix
 
 from ..choices import LABEL_METHODS
 
@@ -63,8 +63,22 @@ class LabelIssues:
 
 def confident_thresholds(labels: np.ndarray, proba: np.ndarray) -> np.ndarray:
     """Mean probability of class k over the rows labelled k (cleanlab's ``get_confident_thresholds``)."""
-    k = proba.shape[1]
-    out = np.array([proba[labels == c, c].mean(dtype=np.float64) if (labels == c).any() else MISSING_CLASS_THRESHOLD for c in range(k)])
+    return _thresholds(labels, _given_probability(labels, proba), proba.shape[1])
+
+
+def _given_probability(labels: np.ndarray, proba: Any) -> np.ndarray:
+    """[N] float64 probability of each row's label, ``proba`` read ``CHUNK_ROWS`` rows at a time."""
+    out = np.empty(len(labels), dtype=np.float64)
+    for a in range(0, len(labels), CHUNK_ROWS):
+        block = proba[a : a + CHUNK_ROWS]
+        out[a : a + len(block)] = block[np.arange(len(block)), labels[a : a + len(block)]]
+    return out
+
+
+def _thresholds(labels: np.ndarray, given: np.ndarray, k: int) -> np.ndarray:
+    counts = np.bincount(labels, minlength=k)
+    sums = np.array([given[labels == c].sum() for c in range(k)]) if len(labels) else np.zeros(k)
+    out = np.where(counts > 0, sums / np.maximum(counts, 1), MISSING_CLASS_THRESHOLD)
     return np.clip(out, 2 * EPS, None)
 
 
@@ -87,18 +101,19 @@ def _round_rows(matrix: np.ndarray) -> np.ndarray:
     return np.apply_along_axis(_round_preserving_sum, 1, matrix).astype(int)
 
 
-def confident_joint(labels: np.ndarray, proba: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
-    """[K, K] calibrated confident joint, rows = given label, columns = likely true label."""
+def confident_joint(labels: np.ndarray, proba: Any, thresholds: np.ndarray | None = None) -> np.ndarray:
+    """[K, K] calibrated confident joint, rows = given label, columns = likely true label.
+    ``proba`` [N, K] is read ``CHUNK_ROWS`` rows at a time (an array, or rows on disk)."""
     k = proba.shape[1]
     thresholds = confident_thresholds(labels, proba) if thresholds is None else thresholds
-    confident = proba >= thresholds - EPS
-    n_confident = confident.sum(axis=1)
-    guess = np.where(n_confident > 1, proba.argmax(axis=1), confident.argmax(axis=1))
-    some = n_confident > 0
-    if some.any():
-        joint = confusion_matrix(y_true=guess[some], y_pred=labels[some], labels=range(k)).T
-    else:
-        joint = np.zeros((k, k), dtype=int)
+    joint = np.zeros((k, k), dtype=np.int64)
+    for a in range(0, len(labels), CHUNK_ROWS):
+        p = np.asarray(proba[a : a + CHUNK_ROWS])
+        confident = p >= thresholds - EPS
+        n_confident = confident.sum(axis=1)
+        guess = np.where(n_confident > 1, p.argmax(axis=1), confident.argmax(axis=1))
+        some = n_confident > 0
+        joint += np.bincount(labels[a : a + len(p)][some] * k + guess[some], minlength=k * k).reshape(k, k)
     np.fill_diagonal(joint, joint.diagonal().clip(min=1))
     counts = np.bincount(labels, minlength=k)
     calibrated = (joint.T / np.clip(joint.sum(axis=1), 1e-100, None) * counts).T
@@ -120,44 +135,46 @@ def _prune_counts(joint: np.ndarray, keep: int = 1) -> np.ndarray:
     return _round_rows(reduced.astype(int)).astype(int)
 
 
-def find_label_issues(labels: np.ndarray, proba: np.ndarray, method: str = "prune_by_class") -> LabelIssues:
+def find_label_issues(labels: np.ndarray, proba: Any, method: str = "prune_by_class") -> LabelIssues:
     """Rows whose given label is likely wrong, from out-of-fold probabilities (module doc).
 
-    ``labels`` [N] are 0..K-1; ``proba`` [N, K] out-of-fold predicted probabilities;
-    ``method`` prune_by_class or prune_by_noise_rate.
+    ``labels`` [N] are 0..K-1; ``proba`` [N, K] out-of-fold predicted probabilities, float64 or
+    float32, in memory or on disk (``spill.SpilledRows``): it is read ``CHUNK_ROWS`` rows at a
+    time, and prune_by_noise_rate reads one class's rows at a time, so nothing [N, K] is
+    copied; ``method`` prune_by_class or prune_by_noise_rate.
     """
     if method not in LABEL_METHODS:
         raise ValueError(f"method {method!r}: choose one of {', '.join(LABEL_METHODS)}")
     labels = np.asarray(labels, dtype=np.int64)
-    proba = np.asarray(proba)  # float64, or float32 from a large audit (no float64 copy of [N, K])
-    k = proba.shape[1]
-    thresholds = confident_thresholds(labels, proba)
+    n, k = len(labels), proba.shape[1]
+    self_conf = _given_probability(labels, proba)
+    thresholds = _thresholds(labels, self_conf, k)
     joint = confident_joint(labels, proba, thresholds)
     prune = _prune_counts(joint)
-    mask = np.zeros(len(labels), dtype=bool)
+    mask = np.zeros(n, dtype=bool)
     for given in range(k):
         members = np.flatnonzero(labels == given)
         if len(members) <= 1:  # min_examples_per_class
             continue
         flagged = np.zeros(len(members), dtype=bool)
-        p = proba[members]
         if method == "prune_by_class":
-            n = len(members) - prune[given, given]
-            if n >= 1:
-                flagged[np.argsort(p[:, given])[:n]] = True
-            mask[members] = flagged
-            continue
-        for true in range(k):
-            n = prune[true, given]
-            if true != given and n > 0:
+            count = len(members) - prune[given, given]
+            if count >= 1:
+                flagged[np.argsort(self_conf[members])[:count]] = True
+        else:
+            trues = [t for t in range(k) if t != given and prune[t, given] > 0]
+            p = np.asarray(proba[members]) if trues else None  # this class's rows only
+            for true in trues:
                 margin = p[:, true] - p[:, given]
-                flagged[np.argsort(-margin)[:n]] = True
+                flagged[np.argsort(-margin)[: prune[true, given]]] = True
         mask[members] = flagged
-    for a in range(0, len(labels), CHUNK_ROWS):  # a chunk at a time: no copy of [N, K]
-        bumped = proba[a : a + CHUNK_ROWS].astype(np.float64)
-        bumped[np.arange(len(bumped)), labels[a : a + CHUNK_ROWS]] += EPS
-        mask[a : a + CHUNK_ROWS][bumped.argmax(axis=1) == labels[a : a + CHUNK_ROWS]] = False  # the given label is (about) the most probable: keep it
-    self_conf = proba[np.arange(len(labels)), labels].astype(np.float64)
+    suggested = np.empty(n, dtype=np.int64)
+    for a in range(0, n, CHUNK_ROWS):
+        block = np.asarray(proba[a : a + CHUNK_ROWS])
+        suggested[a : a + len(block)] = block.argmax(axis=1)
+        bumped = block.astype(np.float64)
+        bumped[np.arange(len(bumped)), labels[a : a + len(block)]] += EPS
+        mask[a : a + len(block)][bumped.argmax(axis=1) == labels[a : a + len(block)]] = False  # the given label is (about) the most probable: keep it
     flagged_rows = np.flatnonzero(mask)
     ranked = flagged_rows[np.argsort(self_conf[flagged_rows])]  # as cleanlab orders them (its argsort, so ties fall alike)
-    return LabelIssues(mask, ranked, self_conf, proba.argmax(axis=1), labels, thresholds, joint)
+    return LabelIssues(mask, ranked, self_conf, suggested, labels, thresholds, joint)

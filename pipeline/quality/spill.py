@@ -93,13 +93,14 @@ class CacheRows(_Indexed):
 
 
 class SpilledRows(_Indexed):
-    """A float32 [rows, cols] matrix written block by block to an unlinked temporary file (module doc)."""
+    """A [rows, cols] matrix (float32 unless ``dtype`` says) written block by block to an
+    unlinked temporary file (module doc)."""
 
-    def __init__(self, rows: int, cols: int, beside: Path, label: str = "rows"):
-        self.shape, self.dtype = (int(rows), int(cols)), np.dtype(np.float32)
-        self.row_bytes = self.shape[1] * 4
+    def __init__(self, rows: int, cols: int, beside: Path, label: str = "rows", dtype: Any = np.float32):
+        self.shape, self.dtype = (int(rows), int(cols)), np.dtype(dtype)
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
         folder = Path(beside).parent if Path(beside).parent.is_dir() and os.access(Path(beside).parent, os.W_OK) else Path(tempfile.gettempdir())
-        self.folder = folder
+        self.folder, self.beside = folder, Path(beside)
         target = self.target = folder / f".{Path(beside).name}.audit-{label}"
         ensure_free_space(target, self.shape[0] * self.row_bytes)
         fd, name = tempfile.mkstemp(prefix=target.name + "-", dir=folder)
@@ -107,7 +108,7 @@ class SpilledRows(_Indexed):
         self.fd, self.written = fd, 0
 
     def append(self, block: np.ndarray) -> None:
-        data = np.ascontiguousarray(block, dtype=np.float32)
+        data = np.ascontiguousarray(block, dtype=self.dtype)
         if data.ndim != 2 or data.shape[1] != self.shape[1] or self.written + len(data) > self.shape[0]:
             raise ValueError(f"block {data.shape} does not fit a [{self.shape[0]}, {self.shape[1]}] spill at row {self.written}")
         view = memoryview(data).cast("B")
@@ -123,7 +124,7 @@ class SpilledRows(_Indexed):
     def _read_range(self, a: int, b: int) -> np.ndarray:
         if b > self.written:
             raise IndexError(f"rows {a}..{b} not written yet ({self.written} of {self.shape[0]})")
-        out = np.empty((b - a, self.shape[1]), dtype=np.float32)
+        out = np.empty((b - a, self.shape[1]), dtype=self.dtype)
         view, offset, done = memoryview(out).cast("B"), a * self.row_bytes, 0
         while done < len(view):
             got = os.preadv(self.fd, [view[done:]], offset + done)
@@ -134,7 +135,7 @@ class SpilledRows(_Indexed):
 
     def _read_rows(self, ids: np.ndarray) -> np.ndarray:
         """Sorted unique rows: runs read whole, sparse stretches read row by row."""
-        out = np.empty((len(ids), self.shape[1]), dtype=np.float32)
+        out = np.empty((len(ids), self.shape[1]), dtype=self.dtype)
         brk = np.flatnonzero(np.diff(ids) > 64) + 1  # gaps of up to 64 rows are read through: one read beats many
         brk = np.union1d(brk, np.arange(RUN_ROWS, len(ids), RUN_ROWS))  # and no read holds more than RUN_ROWS ids
         for s, e in zip(np.r_[0, brk].tolist(), np.r_[brk, len(ids)].tolist()):
