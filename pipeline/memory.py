@@ -116,3 +116,18 @@ def chunk_bytes(budget: int) -> int:
 def rows_per_chunk(budget: int, row_bytes: int, least: int = 256) -> int:
     """Rows of ``row_bytes`` (a row and its working copies) in one chunk of ``chunk_bytes(budget)``."""
     return max(least, chunk_bytes(budget) // max(1, row_bytes))
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    glibc keeps freed blocks for reuse, and after a large block is freed it raises its mmap
+    threshold, so the next ones come from the heap too: a process that read a cache in 25 MB
+    blocks kept 648 MiB resident for 1 M rows written (76 MiB after a trim). A streamed
+    command calls this between its stages, so its resident memory is what it holds."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

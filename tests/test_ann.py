@@ -37,10 +37,11 @@ def test_the_index_finds_every_planted_copy_and_the_pairs_exact_search_finds():
     assert (recall, pairs) == (1.0, len(planted))
 
 
-def test_rows_on_disk_give_the_same_pairs_with_exact_similarities(tmp_path):
+def test_rows_on_disk_give_the_same_pairs_with_exact_similarities(tmp_path, monkeypatch):
     """The streamed audit's unit rows live in a spill: the index (8-bit codes) is filled and
     its cells kept on disk, and every candidate is re-scored from the rows themselves, so the
-    similarities are the exact ones (not the codes'), and nothing is left in the folder."""
+    similarities are the exact ones (not the codes'), and nothing is left in the folder; an
+    index bounded in bytes (shards searched one after the other) finds the same pairs."""
     pytest.importorskip("faiss", reason="the ann extra is not installed")
     from pipeline.quality.spill import SpilledRows
 
@@ -49,9 +50,14 @@ def test_rows_on_disk_give_the_same_pairs_with_exact_similarities(tmp_path):
     disk.append(U)
     shape = IndexShape.for_rows(len(U))
     a, b = approximate_pairs_above(U, 0.95, shape=shape), approximate_pairs_above(disk, 0.95, shape=shape)
+    from pipeline.quality import ann
+
+    monkeypatch.setattr(ann, "QUERY_ROWS", 400)
+    sharded = approximate_pairs_above(disk, 0.95, shape=shape, index_bytes=1)  # an index of 400 rows at a time: 8 shards
     assert {(int(i), int(j)) for i, j in zip(b.i, b.j)} == planted
     for field in ("i", "j", "similarity"):
         np.testing.assert_array_equal(getattr(b, field), getattr(a, field))
+        np.testing.assert_array_equal(getattr(sharded, field), getattr(a, field))
     np.testing.assert_allclose(b.similarity, (U[b.i] * U[b.j]).sum(axis=1), rtol=0, atol=1e-6)
     assert list(tmp_path.iterdir()) == []
 

@@ -230,3 +230,31 @@ def test_two_ranks_evaluate_and_predict_a_cache_as_one_process(digits_cache, tmp
     assert len(a) == 1797 and list(a.path) == list(b.path) and list(a.predicted) == list(b.predicted)
     np.testing.assert_allclose(a.probability, b.probability, rtol=1e-6)
     assert not [p for p in tmp_path.iterdir() if ".rank" in p.name]
+
+
+@pytest.mark.parametrize("kind, extra", [("linear", ["--batch-size", "37"]),
+                                         ("mlp", ["--batch-size", "50", "--hidden", "32", "--dropout", "0.3", "--class-weight", "balanced"])])
+def test_two_ranks_train_the_one_process_torch_head(digits_cache, tmp_path, kind, extra):
+    """torchrun fit-head --clf linear|mlp (#32 item 2): every rank draws the same global batches
+    (and dropout masks), trains on its share of each, and the gradients are summed: the one
+    process's weights, epoch by epoch, to float rounding; rank 0 alone writes the head."""
+    from pipeline.heads import load_head
+
+    args = ["fit-head", str(digits_cache), "--clf", kind, "--epochs", "3", "--stream", "--json", *extra]
+    assert run_cli(*args, "--out", str(tmp_path / "one.pt")).returncode == 0
+    proc = torchrun(*args, "--out", str(tmp_path / "two.pt"))
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert len([line for line in out.splitlines() if line.startswith("{")]) == 1
+    one, two = load_head(tmp_path / "one.pt"), load_head(tmp_path / "two.pt")
+    assert two.provenance["ranks"] == 2
+    a, b = one.head.get_state()["state_dict"], two.head.get_state()["state_dict"]
+    assert a.keys() == b.keys() and len(a) >= 4
+    for name in a:
+        np.testing.assert_allclose(b[name].numpy(), a[name].numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+    assert len(one.extra["history"]) == 3
+    for h1, h2 in zip(one.extra["history"], two.extra["history"], strict=True):
+        assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-5)
+        assert h2["train_accuracy"] == h1["train_accuracy"] and h2["val_accuracy"] == h1["val_accuracy"]
+    X = load_cache(digits_cache).embeddings
+    np.testing.assert_array_equal(two.head.predict(X), one.head.predict(X))

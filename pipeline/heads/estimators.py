@@ -29,6 +29,7 @@ from sklearn.utils.validation import validate_data
 from torch import nn
 
 from ..choices import HEAD_KINDS  # noqa: F401  (re-exported: pipeline.heads.HEAD_KINDS)
+from ..distributed import World
 from ..divergence import DivergenceGuard
 from ..errors import TrainingDivergedError
 from .common import check_fitted as _check_fitted
@@ -44,22 +45,40 @@ class BatchSource(Protocol):
 
     n_rows: int
 
-    def batches(self, batch_size: int, shuffle: bool, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+    def shares(self, batch_size: int, shuffle: bool, rng: np.random.Generator, rank: int = 0,
+               size: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray, int, np.ndarray]]:
+        """The global batches (the same on every rank for the same ``rng``), as this rank's
+        share of each: ``(X, y, first, y_batch)``, rows ``first..first+len(X)`` of a batch
+        whose labels are ``y_batch`` (``batch_share``). One rank: the whole batches."""
+        ...
 
-    def moments(self) -> tuple[np.ndarray, np.ndarray]: ...
+    def moments(self, world: World | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def batch_share(batch: np.ndarray, rank: int, size: int) -> tuple[int, np.ndarray]:
+    """``(first, rows)``: rank ``rank``'s contiguous part of ``batch`` among ``size`` ranks
+    (``np.array_split``'s parts: sizes differ by at most one)."""
+    q, r = divmod(len(batch), size)
+    first = rank * q + min(rank, r)
+    return first, batch[first : first + q + (rank < r)]
 
 
 class ArraySource:
     def __init__(self, X: np.ndarray, y: np.ndarray):
         self.X, self.y, self.n_rows = X, y, len(X)
 
-    def batches(self, batch_size, shuffle, rng):
+    def shares(self, batch_size, shuffle, rng, rank=0, size=1):
         order = rng.permutation(self.n_rows) if shuffle else np.arange(self.n_rows)
         for i in range(0, self.n_rows, batch_size):
-            idx = order[i : i + batch_size]
-            yield self.X[idx], self.y[idx]
+            batch = order[i : i + batch_size]
+            first, idx = batch_share(batch, rank, size)
+            yield self.X[idx], self.y[idx], first, self.y[batch]
 
-    def moments(self):
+    def batches(self, batch_size: int, shuffle: bool, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for X, y, _, _ in self.shares(batch_size, shuffle, rng):
+            yield X, y
+
+    def moments(self, world: World | None = None):
         return self.X.mean(axis=0, dtype=np.float64), self.X.std(axis=0, dtype=np.float64)
 
 
@@ -75,13 +94,32 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.scale
 
 
+class BatchDropout(nn.Dropout):
+    """``nn.Dropout`` whose mask is drawn for the whole global batch and cut to this rank's
+    rows (``rows``: first row, rows in the global batch), so ranks under torchrun drop what one
+    process training on the whole batch drops (every rank draws the same numbers from the same
+    seed). Without ``rows`` the batch is the input itself. No parameters: a head saved with
+    ``nn.Dropout`` loads unchanged."""
+
+    rows: tuple[int, int] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.p >= 1:
+            return x * 0
+        first, total = self.rows if self.rows is not None else (0, len(x))
+        keep = torch.empty((total, *x.shape[1:]), dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        return x * keep[first : first + len(x)] / (1 - self.p)
+
+
 def build_head_module(in_dim: int, n_classes: int, hidden: tuple[int, ...], dropout: tuple[float, ...]) -> nn.Sequential:
     """Standardize -> [Linear -> ReLU -> Dropout]* -> Linear."""
     layers: list[nn.Module] = [Standardize(in_dim)]
     width = in_dim
     drops = list(dropout) + [dropout[-1] if dropout else 0.0] * max(0, len(hidden) - len(dropout))
     for h, p in zip(hidden, drops):
-        layers += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(p)]
+        layers += [nn.Linear(width, h), nn.ReLU(inplace=True), BatchDropout(p)]
         width = h
     layers.append(nn.Linear(width, n_classes))
     return nn.Sequential(*layers)
@@ -128,20 +166,39 @@ class TorchHead(ClassifierMixin, BaseEstimator):
     def initialize_module(self, in_dim: int, n_classes: int) -> nn.Module:
         return build_head_module(in_dim, n_classes, tuple(self.hidden), tuple(self.dropout))
 
-    def get_batches(self, source: BatchSource, shuffle: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for X, y in source.batches(self.batch_size, shuffle, self._rng):
-            yield (torch.as_tensor(np.asarray(X, dtype=np.float32), device=self.device_),
-                   torch.as_tensor(np.searchsorted(self.classes_, y), dtype=torch.long, device=self.device_))
+    def get_batches(self, source: BatchSource, shuffle: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]]:
+        """This rank's share of each global batch as tensors: ``(x, y, first, y_batch)`` (``BatchSource.shares``)."""
+        w = self._world
+        for X, y, first, y_batch in source.shares(self.batch_size, shuffle, self._rng, w.rank, w.size):
+            yield (torch.as_tensor(np.asarray(X, dtype=np.float32), device=self.device_), self._class_index(y), first, self._class_index(y_batch))
 
-    def train_step(self, xb: torch.Tensor, yb: torch.Tensor) -> float:
+    def _class_index(self, y: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.searchsorted(self.classes_, y), dtype=torch.long, device=self.device_)
+
+    def train_step(self, xb: torch.Tensor, yb: torch.Tensor, first: int = 0, y_batch: torch.Tensor | None = None) -> float:
+        """One optimiser step on the global batch ``y_batch`` of which ``xb, yb`` are this rank's
+        rows from ``first``: the loss is this share's sum over the batch's total weight, so the
+        gradients summed over the ranks are one process's gradient of the batch mean. Returns
+        the batch's mean loss times its rows (every rank the same)."""
+        y_batch = yb if y_batch is None else y_batch
         self.module_.train()
         self._optimizer.zero_grad(set_to_none=True)
+        for m in self._dropouts:
+            m.rows = (first, len(y_batch))
         logits = self.module_(xb)
-        loss = self._criterion(logits, yb)
+        weight_total = self._weight[y_batch].sum() if self._weight is not None else torch.tensor(float(len(y_batch)), device=self.device_)
+        loss = self._criterion(logits, yb) / weight_total
         loss.backward()
-        self._optimizer.step()
         self._train_correct += (logits.detach().argmax(1) == yb).sum()  # train accuracy from the step's own logits (on device)
-        return float(loss.detach()) * len(xb)
+        loss = loss.detach().reshape(1)
+        if self._world.enabled:
+            params = [p for p in self.module_.parameters() if p.requires_grad]
+            for p in params:
+                if p.grad is None:  # a rank whose share of a tiny last batch is empty still adds its zeros
+                    p.grad = torch.zeros_like(p)
+            self._world.all_reduce_([p.grad for p in params] + [loss])
+        self._optimizer.step()
+        return float(loss) * len(y_batch)
 
     def evaluation_step(self, xb: torch.Tensor) -> torch.Tensor:
         self.module_.eval()
@@ -180,22 +237,26 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         return self.fit_source(ArraySource(X, y), val, classes=classes, n_features=X.shape[1])
 
     def fit_source(self, train: BatchSource, val: BatchSource | None, classes: np.ndarray, n_features: int,
-                   train_labels: np.ndarray | None = None, epochs: int | None = None) -> TorchHead:
-        """Train from any :class:`BatchSource` (the streaming path for big caches)."""
+                   train_labels: np.ndarray | None = None, epochs: int | None = None, world: World | None = None) -> TorchHead:
+        """Train from any :class:`BatchSource` (the streaming path for big caches). Under
+        torchrun (``world``) every rank runs the same steps on its share of each global batch,
+        gradients summed over the ranks: one process's training, to float rounding."""
+        self._world = world or World()
         torch.manual_seed(self.random_state)
         self._rng = np.random.default_rng(self.random_state)
         self.classes_ = np.asarray(classes)
         self.n_features_in_ = n_features
         self.device_ = _device(self.device)
         self.module_ = self.initialize_module(n_features, len(self.classes_)).to(self.device_)
-        mean, std = train.moments()
+        self._dropouts = [m for m in self.module_.modules() if isinstance(m, BatchDropout)]
+        mean, std = train.moments(self._world)
         std = np.where(std > 1e-12, std, 1.0)
         self.module_[0].mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.module_[0].scale.copy_(torch.as_tensor(std, dtype=torch.float32))
         weight = class_weight_vector(self.class_weight, self.classes_, train_labels if train_labels is not None else getattr(train, "y", None),
                                      self.device_)
         self._weight = weight
-        self._criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=self.label_smoothing)
+        self._criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=self.label_smoothing, reduction="sum")  # over the batch's weight: ``train_step``
         self._optimizer = torch.optim.AdamW(self.module_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         epochs = self.epochs if epochs is None else epochs
         if self.schedule == "cosine":
@@ -210,7 +271,8 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         for epoch in range(epochs):
             t0 = time.perf_counter()
             total = self._train_epoch(train, epoch)
-            row = {"epoch": epoch + 1, "train_loss": total / max(train.n_rows, 1), "train_accuracy": int(self._train_correct) / max(train.n_rows, 1),
+            correct = self._world.sum([float(self._train_correct)], self.device_)[0]
+            row = {"epoch": epoch + 1, "train_loss": total / max(train.n_rows, 1), "train_accuracy": correct / max(train.n_rows, 1),
                    "lr": self._optimizer.param_groups[0]["lr"]}
             self._check_divergence(row["train_loss"], epoch)
             sched.step()
@@ -228,7 +290,9 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             self.module_.load_state_dict(best_state)
         self.n_epochs_ = len(self.history_)
         self.module_.eval()
-        del self._optimizer, self._criterion, self._rng, self._weight, self._guard, self._train_correct
+        for m in self._dropouts:
+            m.rows = None
+        del self._optimizer, self._criterion, self._rng, self._weight, self._guard, self._train_correct, self._world, self._dropouts
         return self
 
     def _train_epoch(self, train: BatchSource, epoch: int) -> float:
@@ -237,10 +301,10 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         as it was before each step, dropout on, as Keras' and Lightning's train accuracy)."""
         total = 0.0
         self._train_correct = torch.zeros((), dtype=torch.long, device=self.device_)
-        for xb, yb in self.get_batches(train, shuffle=True):
-            loss = self.train_step(xb, yb)
+        for xb, yb, first, y_batch in self.get_batches(train, shuffle=True):
+            loss = self.train_step(xb, yb, first, y_batch)
             if self._guard is None:  # the first batch's loss is computed before any update: the starting loss
-                self._guard = DivergenceGuard.starting_at(loss / max(len(xb), 1), len(self.classes_))
+                self._guard = DivergenceGuard.starting_at(loss / max(len(y_batch), 1), len(self.classes_))
             if not math.isfinite(loss):
                 self._check_divergence(loss, epoch)
             total += loss
@@ -259,11 +323,12 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         early stopping watches the objective being optimised."""
         loss_fn = nn.CrossEntropyLoss(weight=self._weight, reduction="sum")
         total, norm, correct = 0.0, 0.0, 0
-        for xb, yb in self.get_batches(source, shuffle=False):
+        for xb, yb, _, _ in self.get_batches(source, shuffle=False):  # under torchrun each rank scores its share; the sums are added
             logits = self.evaluation_step(xb)
             total += float(loss_fn(logits, yb))
             norm += float(self._weight[yb].sum()) if self._weight is not None else len(yb)
             correct += int((logits.argmax(1) == yb).sum())
+        total, norm, correct = self._world.sum([total, norm, correct], self.device_)
         return total / max(norm, 1e-12), correct / source.n_rows
 
     # -- inference

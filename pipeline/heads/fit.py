@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..distributed import World, launched_by_torchrun, world
 from ..errors import UsageError
@@ -19,7 +20,7 @@ from ..options import build
 from ..provenance import inherited, timestamp, versions
 from ..store import SCHEMA_VERSION, RowTable, WriterLock, ensure_free_space, iter_embeddings, payload_bytes, read_cache_meta, read_rows
 from .artifacts import save_head
-from .estimators import ArraySource, TorchHead, make_head
+from .estimators import ArraySource, TorchHead, batch_share, make_head
 from .knn import KNNHead
 from .metrics import REPORTS_NEED, RunningMetrics, classification_metrics, clear_reports, kept_epoch, plot_leaderboard, write_reports
 from .options import FitOptions
@@ -27,6 +28,7 @@ from .splits import SplitRule, assign_splits
 
 logger = logging.getLogger(__name__)
 
+DISTRIBUTED_HEADS = ("logreg", "linear", "mlp")  # the heads torchrun splits across ranks
 IN_MEMORY_COPIES = 3  # an in-memory logreg holds the float32 rows and their float64 standardised copy (12 bytes a value)
 
 
@@ -39,24 +41,42 @@ class CacheSource:
         self.table, self.rows, self.y = table, np.asarray(index_rows)[order], np.asarray(labels)[order]
         self.n_rows, self.chunk_rows = len(self.rows), chunk_rows
 
-    def batches(self, batch_size, shuffle, rng) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def shares(self, batch_size, shuffle, rng, rank=0, size=1) -> Iterator[tuple[np.ndarray, np.ndarray, int, np.ndarray]]:
+        """``BatchSource.shares``: each chunk's batches are drawn alike on every rank, and a
+        rank reads only its rows of them (one read a chunk)."""
         starts = np.arange(0, self.n_rows, self.chunk_rows)
         if shuffle:
             starts = rng.permutation(starts)
         for s in starts:
             rows, y = self.rows[s : s + self.chunk_rows], self.y[s : s + self.chunk_rows]
-            (_, X), = iter_embeddings(self.table, rows, chunk_rows=len(rows))
             order = rng.permutation(len(rows)) if shuffle else np.arange(len(rows))
-            for i in range(0, len(rows), batch_size):
-                idx = order[i : i + batch_size]
-                yield X[idx].astype(np.float32), y[idx]
+            batches = [order[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+            parts = [batch_share(b, rank, size) for b in batches]
+            need = np.unique(np.concatenate([idx for _, idx in parts]))  # sorted: the rank's rows of this chunk
+            X = np.empty((0, 0), dtype=np.float32)
+            if len(need):
+                (_, X), = iter_embeddings(self.table, rows[need], chunk_rows=len(need))
+            for b, (first, idx) in zip(batches, parts):
+                yield X[np.searchsorted(need, idx)].astype(np.float32), y[idx], first, y[b]
 
-    def moments(self) -> tuple[np.ndarray, np.ndarray]:
-        total = total_sq = None
-        for _, X in iter_embeddings(self.table, self.rows, chunk_rows=self.chunk_rows):
+    def batches(self, batch_size, shuffle, rng) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for X, y, _, _ in self.shares(batch_size, shuffle, rng):
+            yield X, y
+
+    def moments(self, world: World | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of every column; under torchrun each rank sums its
+        contiguous share and the sums are added."""
+        w = world or World()
+        total, total_sq = np.zeros(0), np.zeros(0)
+        for _, X in iter_embeddings(self.table, np.array_split(self.rows, w.size)[w.rank], chunk_rows=self.chunk_rows):
             X = X.astype(np.float64)
-            total = X.sum(0) if total is None else total + X.sum(0)
-            total_sq = (X**2).sum(0) if total_sq is None else total_sq + (X**2).sum(0)
+            total = X.sum(0) if not len(total) else total + X.sum(0)
+            total_sq = (X**2).sum(0) if not len(total_sq) else total_sq + (X**2).sum(0)
+        if w.enabled:
+            dim = int(self.table.meta["embed_dim"])
+            sums = [torch.as_tensor(t if len(t) else np.zeros(dim)) for t in (total, total_sq)]
+            w.all_reduce_(sums)
+            total, total_sq = (t.numpy() for t in sums)
         mean = total / self.n_rows
         return mean, np.sqrt(np.maximum(total_sq / self.n_rows - mean**2, 0))
 
@@ -176,9 +196,10 @@ def fit_head(cache: str | os.PathLike, options: FitOptions | str | Mapping[str, 
     out_path = Path(out) if out is not None else _default_head_path(cache, opts.clf)
     loaded = _load_split(cache, opts.val_fraction, opts.seed)  # a bad cache is refused before anything is created
     w = world("cpu") if launched_by_torchrun() else World()
-    if w.enabled and (opts.clf != "logreg" or opts.is_grid()):
-        raise UsageError(f"fit-head under torchrun fits --clf logreg (its rows split across the ranks); --clf {opts.clf} runs in one process: "
-                         "python cli.py fit-head ...")
+    if w.enabled and (opts.clf not in DISTRIBUTED_HEADS or opts.is_grid()):
+        what = "a grid of heads" if opts.is_grid() else f"--clf {opts.clf}"
+        raise UsageError(f"fit-head under torchrun fits --clf {', '.join(DISTRIBUTED_HEADS)} (the rows split across the ranks); {what} runs in one "
+                         "process: python cli.py fit-head ...")
     lock = WriterLock(out_path, command=f"fit-head --clf {opts.clf}", wait=wait) if w.is_main else contextlib.nullcontext()
     with lock:  # rank 0 writes the head: only it holds the lock
         return _fit_head_locked(cache, loaded, opts, out_path, plots, extra_provenance or {}, title, w)
@@ -203,8 +224,9 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
     need = len(table.index_rows) * dim * 4 * (IN_MEMORY_COPIES if kind == "logreg" else 1)
     streaming = opts.stream or need > budget or w.enabled
     if w.enabled:
-        logger.info(f"fit-head --clf {kind}: {w.size} ranks, each streaming its {len(idx['train']) // w.size:,} of the training rows; "
-                    "loss and gradient summed over the ranks")
+        shared = ("loss and gradient summed over the ranks" if kind == "logreg" else
+                  "each global batch split across the ranks, gradients summed (one process's batches and steps)")
+        logger.info(f"fit-head --clf {kind}: {w.size} ranks, each streaming its {len(idx['train']) // w.size:,} of the training rows; {shared}")
     elif streaming and not opts.stream:
         say_streaming(f"fit-head --clf {kind}", need, budget, f"streaming the cache in chunks of {human(chunk_bytes(budget))}")
     head = make_head(kind, **opts.estimator_params())
@@ -234,7 +256,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
     elif streaming:
         src = lambda s: CacheSource(table, table.index_rows[fit_idx[s]], table.labels[fit_idx[s]])  # noqa: E731
         head.fit_source(src("train"), src("val") if len(fit_idx["val"]) else None, classes=np.unique(table.labels[idx["train"]]),
-                        n_features=dim, train_labels=table.labels[idx["train"]])
+                        n_features=dim, train_labels=table.labels[idx["train"]], world=w)
         X = {s: None for s in idx}
     else:
         X = {s: read_embeddings(table, table.index_rows[idx[s]], dim) for s in idx}

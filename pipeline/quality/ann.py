@@ -33,6 +33,7 @@ from .spill import SpilledRows
 
 ANN_MIN_ROWS = 200_000  # from here `auto` uses the index (exact search: ~1 minute at this size on 2 cores, then growing with N²)
 RECALL_QUERIES = 2_000  # rows searched exactly against every row to measure the index's recall
+RECALL_BLOCK_ROWS = 8_192  # rows those queries are compared with at a time
 QUERY_ROWS = 16_384  # rows range-searched at a time (bounds the result lists held at once)
 FULL_PROBE_ROWS = 1_000_000  # up to here every query probes 16 cells; beyond, fewer (``IndexShape.for_rows``)
 MIN_PROBES = 4
@@ -77,27 +78,31 @@ class IndexShape:
 
 
 def approximate_pairs_above(U: np.ndarray, threshold: float, *, max_pairs: int = 10_000, exclude_groups: np.ndarray | None = None,
-                            seed: int = 0, shape: IndexShape | None = None) -> Pairs:
+                            seed: int = 0, shape: IndexShape | None = None, index_bytes: int | None = None) -> Pairs:
     """``similarity.pairs_above`` through an IVF index: every pair (i < j) of unit rows the
     range search finds at cosine >= ``threshold``, the ``max_pairs`` most similar kept.
 
-    The index stores each row in 8 bits a component (``IndexIVFScalarQuantizer``: N x k bytes,
-    1.3 GB at 10 M x 128 where float32 would hold 5 GB), so its similarities are approximate:
-    it returns every candidate within ``QUANTIZED_SLACK`` below the threshold, and each
-    candidate's cosine is then computed exactly from ``U`` (in memory or on disk), as the exact
-    search would. Each row's cells are found once (the coarse search is most of the cost at
-    10 M rows) and kept on disk for the range search (``spill.SpilledRows``) when ``U`` is."""
+    The index stores each row in 8 bits a component (``IndexIVFScalarQuantizer``: N x (k + 8)
+    bytes with its ids, 1.4 GB at 10 M x 128 where float32 would hold 5 GB), so its
+    similarities are approximate: it returns every candidate within ``QUANTIZED_SLACK`` below
+    the threshold, and each candidate's cosine is then computed exactly from ``U`` (in memory
+    or on disk), as the exact search would. Each row's cells are found once (the coarse search
+    is most of the cost at 10 M rows), kept on disk (``spill.SpilledRows``) when ``U`` is.
+
+    ``index_bytes`` bounds the index: the rows go in in shards of that size, one after the
+    other, sharing the trained cells; each shard is searched by the rows before its end (a
+    pair i < j is found from i in j's shard), so nothing is searched twice and a shard's
+    queries scan only its share of each cell."""
     from faiss.contrib.ivf_tools import add_preassigned, range_search_preassigned
 
     faiss = require_faiss()
     n, d = U.shape
     shape = shape or IndexShape.for_rows(n)
     quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFScalarQuantizer(quantizer, d, shape.nlist, faiss.ScalarQuantizer.QT_8bit_uniform, faiss.METRIC_INNER_PRODUCT)
-    index.cp.niter = KMEANS_ITERATIONS
+    trained = faiss.IndexIVFScalarQuantizer(quantizer, d, shape.nlist, faiss.ScalarQuantizer.QT_8bit_uniform, faiss.METRIC_INNER_PRODUCT)
+    trained.cp.niter = KMEANS_ITERATIONS
     sample = np.sort(np.random.default_rng(seed).choice(n, shape.train_rows, replace=False))
-    index.train(np.ascontiguousarray(U[sample], dtype=np.float32))
-    index.nprobe = shape.nprobe
+    trained.train(np.ascontiguousarray(U[sample], dtype=np.float32))
     on_disk = not isinstance(U, np.ndarray)
     if on_disk:
         beside = getattr(U, "beside", None) or Path(tempfile.gettempdir()) / "near-duplicates"
@@ -105,34 +110,41 @@ def approximate_pairs_above(U: np.ndarray, threshold: float, *, max_pairs: int =
     else:
         cells, coarse = np.empty((n, shape.nprobe), dtype=np.int64), np.empty((n, shape.nprobe), dtype=np.float32)
     for a in range(0, n, QUERY_ROWS):  # a block at a time: rows on disk (``spill.py``) are never read whole
-        block = np.ascontiguousarray(U[a : a + QUERY_ROWS], dtype=np.float32)
-        dist, ids = quantizer.search(block, shape.nprobe)
-        add_preassigned(index, block, np.ascontiguousarray(ids[:, 0]))
+        dist, ids = quantizer.search(np.ascontiguousarray(U[a : a + QUERY_ROWS], dtype=np.float32), shape.nprobe)
         if on_disk:
             cells.append(ids)
             coarse.append(dist)
         else:
-            cells[a : a + len(block)], coarse[a : a + len(block)] = ids, dist
+            cells[a : a + len(ids)], coarse[a : a + len(ids)] = ids, dist
+    shard_rows = n if index_bytes is None else max(QUERY_ROWS, int(index_bytes) // (d + 8))
     kept = PairCollector(max_pairs)
-    # a float32 inner product of a row with itself is 1 within rounding: search a hair below
-    # the threshold and keep what reaches it, as the exact search does
-    for q0 in range(0, n, QUERY_ROWS):
-        q1 = min(n, q0 + QUERY_ROWS)
-        block = np.ascontiguousarray(U[q0:q1], dtype=np.float32)
-        lims, _, ids = range_search_preassigned(index, block, float(threshold) - QUANTIZED_SLACK, np.ascontiguousarray(cells[q0:q1]),
-                                                np.ascontiguousarray(coarse[q0:q1]))
-        rows = np.repeat(np.arange(q0, q1, dtype=np.int64), np.diff(lims.astype(np.int64)))
-        ids = ids.astype(np.int64)
-        keep = ids > rows
-        if exclude_groups is not None:
-            keep &= exclude_groups[rows] != exclude_groups[np.maximum(ids, 0)]
-        rows, ids = rows[keep], ids[keep]
-        if not len(rows):
-            continue
-        sims = np.einsum("ij,ij->i", block[rows - q0], np.asarray(U[ids], dtype=np.float32))  # exact: the candidates' own rows
-        close = sims >= threshold
-        if close.any():
-            kept.add(rows[close], ids[close], sims[close].astype(np.float32))
+    for s0 in range(0, n, shard_rows):
+        s1 = min(n, s0 + shard_rows)
+        index = faiss.clone_index(trained)
+        index.nprobe = shape.nprobe
+        for a in range(s0, s1, QUERY_ROWS):
+            b = min(s1, a + QUERY_ROWS)
+            add_preassigned(index, np.ascontiguousarray(U[a:b], dtype=np.float32), np.ascontiguousarray(cells[a:b][:, 0]))
+        # a float32 inner product of a row with itself is 1 within rounding: search a hair below
+        # the threshold and keep what reaches it, as the exact search does
+        for q0 in range(0, s1, QUERY_ROWS):
+            q1 = min(s1, q0 + QUERY_ROWS)
+            block = np.ascontiguousarray(U[q0:q1], dtype=np.float32)
+            lims, _, ids = range_search_preassigned(index, block, float(threshold) - QUANTIZED_SLACK, np.ascontiguousarray(cells[q0:q1]),
+                                                    np.ascontiguousarray(coarse[q0:q1]))
+            rows = np.repeat(np.arange(q0, q1, dtype=np.int64), np.diff(lims.astype(np.int64)))
+            ids = ids.astype(np.int64) + s0
+            keep = ids > rows
+            if exclude_groups is not None:
+                keep &= exclude_groups[rows] != exclude_groups[ids]
+            rows, ids = rows[keep], ids[keep]
+            if not len(rows):
+                continue
+            sims = np.einsum("ij,ij->i", block[rows - q0], np.asarray(U[ids], dtype=np.float32))  # exact: the candidates' own rows
+            close = sims >= threshold
+            if close.any():
+                kept.add(rows[close], ids[close], sims[close].astype(np.float32))
+        del index
     return kept.pairs(threshold)
 
 
@@ -148,8 +160,8 @@ def measured_recall(U: np.ndarray, threshold: float, approximate: Pairs, *, excl
     dev = head_device(device)
     q = torch.from_numpy(np.ascontiguousarray(U[picked], dtype=np.float32)).to(dev)
     truth: set[tuple[int, int]] = set()
-    for c0 in range(0, n, 65_536):
-        c1 = min(n, c0 + 65_536)
+    for c0 in range(0, n, RECALL_BLOCK_ROWS):  # [queries, block] similarities at a time: 65 MB, whatever N
+        c1 = min(n, c0 + RECALL_BLOCK_ROWS)
         S = q @ torch.from_numpy(np.ascontiguousarray(U[c0:c1], dtype=np.float32)).to(dev).T
         a, b = torch.nonzero(S >= threshold, as_tuple=True)
         qi, cj = picked[a.cpu().numpy()], b.cpu().numpy() + c0

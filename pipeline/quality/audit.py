@@ -19,7 +19,7 @@ import numpy as np
 
 from ..choices import AUDIT_CHECKS
 from ..heads import assign_splits
-from ..memory import budget_bytes, human, say_streaming
+from ..memory import budget_bytes, human, return_freed_memory, say_streaming
 from ..names import printable as _printable
 from ..store import RowTable, read_rows
 from .duplicates import Duplicates, chance_threshold, find_duplicates, identical_rows, with_split
@@ -35,7 +35,9 @@ from .spill import CacheRows, SpilledRows, rows_of
 logger = logging.getLogger(__name__)
 
 FOLD_ROWS_FLOOR = 250_000  # rows a fold of the out-of-fold logreg may always fit on (a cache this small fits exactly as in memory)
-FIT_BYTES_PER_VALUE = 16  # the fold's rows as read (float32) and standardised (float64), and its share of the solver
+FIT_BYTES_PER_VALUE = 16  # the fold's rows as read (float32) and standardised (float64), and its share of the solver (measured: 520 MB at 250,000 x 128)
+FIT_SHARE = 2  # a fold's fit holds at most 1/FIT_SHARE of the budget (the rest: the per-row labels, splits and paths, which grow with N)
+INDEX_SHARE = 2  # the near-duplicate index of rows on disk holds at most 1/INDEX_SHARE of the budget (``ann.approximate_pairs_above``)
 PROBA_FLOAT64_FLOOR = 256 << 20  # out-of-fold probabilities stay float64 up to this size (beyond a quarter of the budget, float32)
 
 
@@ -195,32 +197,43 @@ def project_rows(X: np.ndarray, dims: int) -> Projected:
     return project(X, dims)
 
 
-def project(X: np.ndarray | CacheRows, dims: int, budget: int | None = None, beside: Path | None = None) -> Projected:
+def project(X: np.ndarray | CacheRows, dims: int, budget: int | None = None, beside: Path | None = None,
+            order: np.ndarray | None = None) -> Projected:
     """``project_rows`` for rows in memory, or read on demand from a cache over the memory
     budget (``CacheRows``): then the space comes from the same streamed passes (the same sums,
     chunk by chunk: the same space) and every row is projected a chunk at a time into float32
     spills ``beside`` the cache (whitened and unit rows; ``spill.py``), so memory is a chunk
-    of embeddings and the D x D covariance, whatever N."""
+    of embeddings and the D x D covariance, whatever N. ``order``: the order the passes visit
+    the rows in (``cache_rows``' storage order: rows on disk read in runs; the same order in
+    memory gives the same sums, so the same space); the results stay in the rows' own order."""
     t = time.perf_counter()
     n = len(X)
-    identical = identical_rows(X)
+    identical = identical_rows(X, order=order)
     if n < MIN_ROWS:
         return Projected(None, None, identical=identical, no_space=f"{n} row(s): too few for label errors, near-duplicates or a map")
-    space = fit_space(X, dims)
+    space = fit_space(X, dims, order)
     if space.dims == 0:
         return Projected(None, None, time.perf_counter() - t, identical,
                          f"every one of the {n:,} embeddings is the same vector (no variance): label errors, near-duplicates "
                          "beyond exact copies and the map cannot be assessed")
     in_memory = isinstance(X, np.ndarray)
-    if in_memory:
+    if in_memory and order is None:
         whitened, unit, spilled = space.project(X), None, ""
     else:
-        whitened, unit = SpilledRows(n, space.dims, beside, "whitened"), SpilledRows(n, space.dims, beside, "unit")
-        for a in range(0, n, SPACE_CHUNK_ROWS):  # the chunks of ``EmbeddingSpace.project``: the same rows as in memory
-            block = space.project(X[a : a + SPACE_CHUNK_ROWS])
-            whitened.append(block)
-            unit.append(unit_rows(block))
-        spilled = f", {n:,} rows projected and spilled to {whitened.folder} ({human(2 * whitened.nbytes)}, removed at exit)"
+        if in_memory:
+            whitened, unit, spilled = np.empty((n, space.dims), dtype=np.float32), None, ""
+        else:
+            whitened, unit = SpilledRows(n, space.dims, beside, "whitened"), SpilledRows(n, space.dims, beside, "unit")
+            spilled = f", {n:,} rows projected and spilled to {whitened.folder} ({human(2 * whitened.nbytes)}, removed at exit)"
+        order = np.arange(n) if order is None else order
+        for a in range(0, n, SPACE_CHUNK_ROWS):  # the chunks of ``EmbeddingSpace.project``, in ``order``: the same rows in memory and on disk
+            rows = order[a : a + SPACE_CHUNK_ROWS]
+            block = space.project(X[rows])
+            if in_memory:
+                whitened[rows] = block
+            else:
+                whitened.write_at(rows, block)
+                unit.write_at(rows, unit_rows(block))
     seconds = time.perf_counter() - t
     logger.info(f"audit: {space.dims} principal components ({100 * space.explained:.1f} % of the variance){spilled} in {seconds:.1f}s")
     return Projected(space, whitened, seconds, identical, unit=unit, budget=None if in_memory else budget)
@@ -234,7 +247,7 @@ def _label_error_limits(rows: Projected, n_labelled: int, n_classes: int) -> dic
     if rows.budget is None:
         return {}
     dims = rows.space.dims
-    fit_rows = max(FOLD_ROWS_FLOOR, rows.budget // (dims * FIT_BYTES_PER_VALUE))
+    fit_rows = max(FOLD_ROWS_FLOOR, rows.budget // FIT_SHARE // (dims * FIT_BYTES_PER_VALUE))
     room = max(rows.budget // 4, PROBA_FLOAT64_FLOOR)
     wide = n_labelled * n_classes * 8 <= room
     spill = n_labelled * n_classes * 4 > room and isinstance(rows.whitened, SpilledRows)
@@ -274,7 +287,8 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
         audit.notes.append(f"near-duplicate threshold raised from {opts.duplicate_threshold:g} to {threshold:.4g}: {len(labels):,} rows give only "
                            f"{audit.space.dims} components, and in so few dimensions unrelated images often reach {opts.duplicate_threshold:g}")
     audit.duplicates = find_duplicates(audit.unit, threshold, split, sha256, identical=rows.identical, max_pairs=opts.max_pairs, device=opts.device,
-                                       search=opts.near_duplicates, seed=opts.seed)
+                                       search=opts.near_duplicates, seed=opts.seed,
+                                       index_bytes=rows.budget // INDEX_SHARE if rows.budget is not None else None)
     audit.seconds["duplicates"] = time.perf_counter() - t
     searched = audit.duplicates.search.note()
     if searched:
@@ -328,17 +342,18 @@ def in_memory_bytes(n: int, dim: int, itemsize: int, dims: int) -> int:
     return n * (dim * itemsize + 2 * k * 4)
 
 
-def cache_rows(table: RowTable, options: AuditOptions, command: str) -> tuple[np.ndarray | CacheRows, int]:
-    """The cache's embeddings (in its table's order) and the budget in bytes: in memory when
-    they and the audit's working rows fit ``options.memory_budget``, else read on demand
-    (``spill.CacheRows``), which ``project`` then audits from disk; ``command`` says so."""
+def cache_rows(table: RowTable, options: AuditOptions, command: str) -> tuple[np.ndarray | CacheRows, int, np.ndarray]:
+    """The cache's embeddings (in its table's order), the budget in bytes and the rows' storage
+    order (``project``'s passes visit them in it, in memory as on disk: the same space): in
+    memory when they and the audit's working rows fit ``options.memory_budget``, else read on
+    demand (``spill.CacheRows``), which ``project`` then audits from disk; ``command`` says so."""
     X = CacheRows(table)
     budget = budget_bytes(options.memory_budget)
     need = in_memory_bytes(len(X), X.shape[1], X.dtype.itemsize, options.dims)
     if need <= budget:
-        return X[:], budget
+        return X[:], budget, X.storage_order()
     say_streaming(command, need, budget, "reading the embeddings a chunk at a time and spilling the projected rows to disk")
-    return X, budget
+    return X, budget, X.storage_order()
 
 
 def audit_cache(cache: str | os.PathLike, options: AuditOptions | None = None) -> Audit:
@@ -356,10 +371,11 @@ def audit_cache(cache: str | os.PathLike, options: AuditOptions | None = None) -
     with read_rows(cache) as table:
         split, _ = assign_splits(table.paths, table.labels, table.split, opts.val_fraction, opts.seed)
         failures = sorted((p, r) for p, r, _, _ in table.snapshot.failure_columns().items())
-        X, budget = cache_rows(table, opts, "audit")
+        X, budget, order = cache_rows(table, opts, "audit")
         read_s = time.perf_counter() - t0 if isinstance(X, np.ndarray) else 0.0
-        rows = project(X, opts.dims, budget, Path(cache))
+        rows = project(X, opts.dims, budget, Path(cache), order)
         del X  # the checks need only the projected rows: one copy of the embeddings at the peak, not two
+        return_freed_memory()
         audit = audit_projected(rows, table.labels, split, table.paths, table.classes, opts, sha256=table.fingerprints.get("sha256"),
                                 failures=failures)
     audit.cache = str(Path(cache))

@@ -53,20 +53,22 @@ def _first_of_equal(values: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def identical_rows(X: np.ndarray, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+def identical_rows(X: np.ndarray, chunk_rows: int = CHUNK_ROWS, order: np.ndarray | None = None) -> np.ndarray:
     """[N] int64: for each row whose stored embedding is byte-identical to another row's, the
     first such row; -1 for the others. Needs the embeddings themselves (identical rows may not
     stay identical, or stay apart from zero, once centred and whitened). One vectorised pass
     keys every row by a multiply-add of its bits; only rows whose key repeats are hashed
-    (BLAKE2b, 128 bits) to decide, so a collection without copies costs that one pass."""
+    (BLAKE2b, 128 bits) to decide, so a collection without copies costs that one pass, in
+    ``order`` when given (a cache's storage order: rows on disk read in runs)."""
     n = len(X)
     keys = np.zeros(n, dtype=np.uint64)
     mult = None
     for s in range(0, n, chunk_rows):
-        words = _row_words(np.asarray(X[s : s + chunk_rows]))
+        rows = slice(s, s + chunk_rows) if order is None else order[s : s + chunk_rows]
+        words = _row_words(np.asarray(X[rows]))
         if mult is None:
             mult = np.random.default_rng(0).integers(1, 2**32, words.shape[1], dtype=np.uint64).astype(np.uint32) | np.uint32(1)
-        keys[s : s + len(words)] = (words * mult).sum(axis=1, dtype=np.uint64)
+        keys[rows] = (words * mult).sum(axis=1, dtype=np.uint64)
     candidates = np.flatnonzero(_first_of_equal(keys, np.arange(n), n) >= 0)
     digests = np.array([hashlib.blake2b(np.ascontiguousarray(X[r]).tobytes(), digest_size=16).digest() for r in candidates], dtype="V16")
     return _first_of_equal(digests, candidates, n)
@@ -152,10 +154,11 @@ class NearSearch:
 
 
 def near_pairs(U: np.ndarray, threshold: float, *, search: str = "auto", max_pairs: int = 10_000, device: str = "auto",
-               exclude_groups: np.ndarray | None = None, seed: int = 0) -> tuple[Pairs, NearSearch]:
+               exclude_groups: np.ndarray | None = None, seed: int = 0, index_bytes: int | None = None) -> tuple[Pairs, NearSearch]:
     """The pairs of unit rows ``U`` at cosine >= ``threshold``, searched as ``search`` says:
     exact, ann (FAISS), or auto: exact below ``ANN_MIN_ROWS`` rows, above it the index, or
-    without FAISS exact search among a seeded sample of ``ANN_MIN_ROWS`` rows."""
+    without FAISS exact search among a seeded sample of ``ANN_MIN_ROWS`` rows; ``index_bytes``
+    bounds the index (``approximate_pairs_above``)."""
     n = len(U)
     method = search
     if search == "auto":
@@ -164,7 +167,7 @@ def near_pairs(U: np.ndarray, threshold: float, *, search: str = "auto", max_pai
         return pairs_above(U, threshold, max_pairs=max_pairs, device=device, exclude_groups=exclude_groups), NearSearch("exact", n, n)
     if method == "ann":
         shape = IndexShape.for_rows(n)
-        pairs = approximate_pairs_above(U, threshold, max_pairs=max_pairs, exclude_groups=exclude_groups, seed=seed, shape=shape)
+        pairs = approximate_pairs_above(U, threshold, max_pairs=max_pairs, exclude_groups=exclude_groups, seed=seed, shape=shape, index_bytes=index_bytes)
         recall, measured = (None, 0) if pairs.truncated else measured_recall(U, threshold, pairs, exclude_groups=exclude_groups, seed=seed, device=device)
         return pairs, NearSearch("ann", n, n, recall, measured, shape)
     rows = np.sort(np.random.default_rng(seed).choice(n, ANN_MIN_ROWS, replace=False))
@@ -227,7 +230,7 @@ def _merged(exact: tuple[np.ndarray, np.ndarray, np.ndarray], near: Pairs | None
 
 def find_duplicates(U: np.ndarray | None, threshold: float, split: np.ndarray, sha256: np.ndarray | None = None, *,
                     identical: np.ndarray | None = None, max_pairs: int = 10_000, device: str = "auto", search: str = "auto",
-                    seed: int = 0) -> Duplicates:
+                    seed: int = 0, index_bytes: int | None = None) -> Duplicates:
     """The exact copies, then the near-duplicate pairs of the unit rows ``U`` at ``threshold``
     (None: no space to search, exact copies only); each pair marked exact and leak; exact pairs
     first, then the most similar, at most ``max_pairs`` in all.
@@ -236,13 +239,14 @@ def find_duplicates(U: np.ndarray | None, threshold: float, split: np.ndarray, s
     embeddings (``identical``, from ``identical_rows``), paired as the module doc says; their
     similarity is 1 for identical embeddings, else their cosine in ``U`` (1 without ``U``).
     The search skips pairs inside a group of copies: those are already reported; ``search``
-    and ``seed`` as ``near_pairs``."""
+    ``seed`` and ``index_bytes`` as ``near_pairs``."""
     split = np.asarray(split)
     n = len(split)
     identical = identical if identical is not None else np.full(n, -1, dtype=np.int64)
     groups = copy_groups(same_file_rows(sha256, n), identical)
     ei, ej = exact_pairs(groups, split)
-    near, how = near_pairs(U, threshold, search=search, max_pairs=max_pairs, device=device, exclude_groups=groups, seed=seed) if U is not None else (None, None)
+    near, how = (near_pairs(U, threshold, search=search, max_pairs=max_pairs, device=device, exclude_groups=groups, seed=seed, index_bytes=index_bytes)
+                 if U is not None else (None, None))
     return _merged((ei, ej, _exact_similarity(ei, ej, identical, U)), near, threshold, split, max_pairs, groups, identical, how)
 
 

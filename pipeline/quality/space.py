@@ -72,8 +72,11 @@ def component_count(n_rows: int, dim: int, wanted: int) -> int:
     return max(1, min(k, max(2, n_rows // 4), n_rows - 1, dim))
 
 
-def fit_space(X: np.ndarray, dims: int = 256) -> EmbeddingSpace:
+def fit_space(X: np.ndarray, dims: int = 256, order: np.ndarray | None = None) -> EmbeddingSpace:
     """Principal components of the rows of ``X`` ([N, D], any float dtype), see the module doc.
+    ``order``: the rows' visiting order, chunk by chunk (a cache's storage order: rows on disk
+    are then read in runs, not gathered from all over the file); the sums depend on it only
+    in their rounding.
 
     Raises:
         ValueError: fewer than ``MIN_ROWS`` rows (no components to speak of).
@@ -81,14 +84,15 @@ def fit_space(X: np.ndarray, dims: int = 256) -> EmbeddingSpace:
     n, d = X.shape
     if n < MIN_ROWS:
         raise ValueError(f"a space needs at least {MIN_ROWS} rows (got {n})")
+    chunk = (lambda s: X[s : s + CHUNK_ROWS]) if order is None else (lambda s: X[order[s : s + CHUNK_ROWS]])
     total = np.zeros(d, dtype=np.float64)
     for s in range(0, n, CHUNK_ROWS):
-        total += np.asarray(X[s : s + CHUNK_ROWS], dtype=np.float64).sum(axis=0)
+        total += np.asarray(chunk(s), dtype=np.float64).sum(axis=0)
     mean = total / n
     gram = torch.zeros(d, d, dtype=torch.float64)
     mean32 = torch.from_numpy(mean.astype(np.float32))
     for s in range(0, n, CHUNK_ROWS):
-        block = torch.from_numpy(np.asarray(X[s : s + CHUNK_ROWS], dtype=np.float32)) - mean32
+        block = torch.from_numpy(np.asarray(chunk(s), dtype=np.float32)) - mean32
         gram += (block.T @ block).double()
     cov = (gram / (n - 1)).numpy()
     k = component_count(n, d, dims)

@@ -25,6 +25,7 @@ import numpy as np
 from .. import __version__
 from ..errors import UsageError, command_hint
 from ..heads import LoadedHead, Scored, load_head, score_chunk_rows, score_head, split_as_recorded
+from ..memory import return_freed_memory
 from ..quality import Audit, ReportOptions, advice, audit_projected, cache_rows, check_map_method, embedding_map, project, rows_of, top_k
 from ..store import CacheData, RowTable, atomic_path, read_rows
 from . import sections
@@ -124,7 +125,7 @@ def _read_and_audit(table: RowTable, cache_path: Path, loaded: LoadedHead, score
     data = CacheData(cache_path, None, table.labels, table.paths, classes, table.split, failures, dict(table.meta), table.fingerprints)
     same_data = table.meta.get("data_root") == prov.get("data_root")
     split = split_as_recorded(prov, table.paths, table.labels, table.split)
-    X, budget = cache_rows(table, opts, "report")
+    X, budget, order = cache_rows(table, opts, "report")
     view: dict[str, Any] = {"data": data}
     if scored_here:
         chunk = score_chunk_rows(budget, X.shape[1], len(classes))
@@ -134,8 +135,9 @@ def _read_and_audit(table: RowTable, cache_path: Path, loaded: LoadedHead, score
         logger.info(f"report: scored {sum(len(r) for r in view['scored'].groups.values())} rows of {cache_path}")
     reuse = audit is not None and Path(audit.cache).resolve() == cache_path.resolve() and len(audit.paths) == len(table.paths)
     if not reuse:
-        rows = project(X, opts.dims, budget, cache_path)
+        rows = project(X, opts.dims, budget, cache_path, order)
         del X  # scored and projected: the checks need only the projected rows (one copy of the embeddings at the peak)
+        return_freed_memory()
         audit = audit_projected(rows, table.labels, split, table.paths, classes, opts, sha256=table.fingerprints.get("sha256"), failures=failures)
         audit.cache = str(cache_path)
     view["audit"] = audit.judged_by(split)
