@@ -164,3 +164,24 @@ def test_label_errors_with_classes_of_one_row_do_not_crash(labels):
         assert audit.oof is None and "at least 2 labelled rows" in audit.label_errors_skipped
     else:
         assert audit.oof is not None and np.isfinite(audit.oof.proba).all()
+
+
+def test_first_of_equal_matches_a_plain_dictionary():
+    """The grouping under every exact-copy check, against the obvious loop: each row whose value
+    another row shares points at the smallest such row, the others at -1 (values on a subset of rows too)."""
+    from pipeline.quality.duplicates import _first_of_equal
+
+    rng = np.random.default_rng(0)
+    for n, distinct in ((1, 1), (2, 1), (50, 5), (1000, 900), (1000, 1000)):
+        rows = np.sort(rng.choice(3 * n, n, replace=False))
+        values = rng.integers(0, distinct, n).astype(np.uint64)
+        first: dict[int, int] = {}
+        count: dict[int, int] = {}
+        for r, v in zip(rows.tolist(), values.tolist()):
+            first.setdefault(v, r)
+            count[v] = count.get(v, 0) + 1
+        want = np.full(3 * n, -1)
+        for r, v in zip(rows.tolist(), values.tolist()):
+            if count[v] > 1:
+                want[r] = first[v]
+        np.testing.assert_array_equal(_first_of_equal(values, rows, 3 * n), want)

@@ -116,7 +116,7 @@ def approximate_pairs_above(U: np.ndarray, threshold: float, *, max_pairs: int =
             coarse.append(dist)
         else:
             cells[a : a + len(ids)], coarse[a : a + len(ids)] = ids, dist
-    shard_rows = n if index_bytes is None else max(QUERY_ROWS, int(index_bytes) // (d + 8))
+    shard_rows = n if index_bytes is None else max(QUERY_ROWS, int(index_bytes) // (2 * (d + 8)))  # codes and ids; lists grow by doubling
     kept = PairCollector(max_pairs)
     for s0 in range(0, n, shard_rows):
         s1 = min(n, s0 + shard_rows)

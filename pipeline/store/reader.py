@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..memory import return_freed_memory
 from ..provenance import recorded
 from .columns import decode_strings, joined_rows, sha_hex, split_names
 from .schema import open_cache_file, parts_dir_for
@@ -148,8 +149,16 @@ def read_rows(path: str | os.PathLike) -> RowTable:
         snap.close()
         raise
     order = np.argsort(view.paths_raw, kind="stable")
-    fingerprints = {"size": view.size[order], "mtime_ns": view.mtime_ns[order], "sha256": view.sha256[order]}
-    return RowTable(Path(path), snap, view.ids[order], view.paths_raw[order], view.labels[order], view.split[order], fingerprints)
+    columns = {}
+    for name in ("ids", "paths_raw", "labels", "split", "size", "mtime_ns", "sha256"):  # one at a time, its unsorted copy dropped: the peak is the columns plus one
+        columns[name] = getattr(view, name)[order]
+        setattr(view, name, None)
+    del view, order
+    ids, paths_raw, labels, split = columns.pop("ids"), columns.pop("paths_raw"), columns.pop("labels"), columns.pop("split")
+    fingerprints = columns
+    table = RowTable(Path(path), snap, ids, paths_raw, labels, split, fingerprints)
+    return_freed_memory()  # the columns as read and their sorting: ~1 GB of heap at 10 M rows, kept by glibc unless handed back
+    return table
 
 
 def iter_embeddings(table: RowTable, index_rows: np.ndarray, chunk_rows: int = 8192) -> Iterator[tuple[slice, np.ndarray]]:

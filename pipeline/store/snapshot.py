@@ -119,7 +119,11 @@ class Snapshot:
             for name in fields:
                 col = pf.column(name)[live]
                 chunks[name].append(remap_labels(col, pf.classes, classes) if name == "labels" else col)
-        out = {k: (np.concatenate(v) if v else empty.get(k, np.zeros(0, np.int64))) for k, v in chunks.items()}
+        out = {}
+        for k in list(chunks):  # one column joined at a time, its parts dropped: the peak is the columns plus one
+            parts = chunks.pop(k)
+            out[k] = np.concatenate(parts) if parts else empty.get(k, np.zeros(0, np.int64))
+            del parts
         return RowColumnsView(out["ids"], out["paths"], out["labels"], out["split"], out["size"], out["mtime_ns"], out["sha256"])
 
     def failure_columns(self) -> FailureColumns:
