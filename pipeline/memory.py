@@ -131,3 +131,15 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+WORKING_FLOOR = 64 << 20  # what a command keeps for its rows however much per-row metadata it holds
+
+
+def working_budget(budget: int, held: int) -> int:
+    """What is left of ``budget`` for the rows and their working copies once ``held`` bytes of
+    per-row metadata (a cache's table: paths, labels, splits, hashes, ~130 bytes a row, 1.3 GB
+    at 10 M rows) are counted, at least ``WORKING_FLOOR`` (or the budget itself, when smaller):
+    the budget bounds everything that grows with the cache, so a 10 M-row command under 1 GiB
+    stays near 1 GiB beyond its imports."""
+    return max(min(int(budget), WORKING_FLOOR), int(budget) - int(held))

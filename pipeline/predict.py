@@ -31,7 +31,7 @@ from .heads import LoadedHead, head_scorer, literal_text, load_head, score_chunk
 from .images import DEFAULT_MAX_PIXELS, DecodedBatch, ImageRecord, is_manifest, is_shards, scan_source
 from .inference import Feed, ReadOptions, build_mapper, engines_home, open_reader, resolve_decode, resolve_precision, run_batches
 from .interrupts import sigterm_as_interrupt
-from .memory import budget_bytes, check_budget
+from .memory import budget_bytes, check_budget, working_budget
 from .options import OUTSIDE_IDENTITY, build, check_device, check_types, choose, require
 from .overlap import StageClock
 from .predictions import PredictionWriter, Scored, concatenate, output_format, score
@@ -283,7 +283,8 @@ def _predict_cache(loaded: LoadedHead, cache: Path, opts: PredictOptions) -> _Ru
         root = Path(table.meta.get("data_root") or "/")
         dim = int(table.meta["embed_dim"])
         try:
-            step = score_chunk_rows(budget_bytes(opts.memory_budget), dim, len(classes), rows=len(rows), command="predict", most=CACHE_CHUNK)
+            budget = working_budget(budget_bytes(opts.memory_budget), table.nbytes)  # the table's paths, labels and hashes count against it
+            step = score_chunk_rows(budget, dim, len(classes), rows=len(rows), command="predict", most=CACHE_CHUNK)
             for a in range(0, len(rows), step):
                 idx = rows[a : a + step]
                 X = np.empty((len(idx), dim), dtype=np.dtype(table.meta.get("dtype", "float32")))

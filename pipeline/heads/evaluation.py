@@ -13,7 +13,7 @@ import numpy as np
 
 from ..distributed import World, launched_by_torchrun, world
 from ..errors import UsageError
-from ..memory import budget_bytes, check_budget, rows_per_chunk, say_streaming
+from ..memory import budget_bytes, check_budget, rows_per_chunk, say_streaming, working_budget
 from ..store import read_rows
 from .artifacts import LoadedHead, load_head
 from .fit import full_proba, read_embeddings
@@ -105,6 +105,7 @@ def evaluate_head(head_path: str | os.PathLike, cache: str | os.PathLike, val_fr
     same_data = table.meta.get("data_root") == loaded.provenance.get("data_root")
     split = split_as_recorded(loaded.provenance, table.paths, table.labels, table.split, val_fraction)
     dim = int(table.meta["embed_dim"])
+    budget = working_budget(budget, table.nbytes)  # the table's paths, labels and hashes count against it
     chunk = score_chunk_rows(budget, dim, len(table.classes), rows=len(table), command="evaluate")
     w = world("cpu") if launched_by_torchrun() else None  # torchrun: each rank scores its share, the counts are summed
     scored = score_head(loaded, lambda rows: read_embeddings(table, table.index_rows[rows], dim), table.labels, split, same_data, table.classes,

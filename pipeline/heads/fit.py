@@ -15,7 +15,7 @@ import torch
 
 from ..distributed import World, launched_by_torchrun, world
 from ..errors import UsageError
-from ..memory import chunk_bytes, human, say_streaming
+from ..memory import chunk_bytes, human, say_streaming, working_budget
 from ..options import build
 from ..provenance import inherited, timestamp, versions
 from ..store import SCHEMA_VERSION, RowTable, WriterLock, ensure_free_space, iter_embeddings, payload_bytes, read_cache_meta, read_rows
@@ -29,6 +29,7 @@ from .splits import SplitRule, assign_splits
 logger = logging.getLogger(__name__)
 
 DISTRIBUTED_HEADS = ("logreg", "linear", "mlp")  # the heads torchrun splits across ranks
+SCORE_COPIES = 6  # [rows, classes] tensors of a streamed logreg chunk: logits, log-softmax, probabilities and their gradients
 IN_MEMORY_COPIES = 3  # an in-memory logreg holds the float32 rows and their float64 standardised copy (12 bytes a value)
 
 
@@ -149,9 +150,11 @@ def read_embeddings(table: RowTable, rows: np.ndarray, dim: int, out: np.ndarray
     return X
 
 
-def _stream_chunk_rows(budget: int, dim: int) -> int:
-    """Rows of a streamed chunk: ``chunk_bytes`` of them with their working copies (at least 1,024)."""
-    return max(1024, chunk_bytes(budget) // (dim * 4 * IN_MEMORY_COPIES))
+def _stream_chunk_rows(budget: int, dim: int, n_classes: int) -> int:
+    """Rows of a streamed chunk: ``chunk_bytes`` of them with their working copies and their
+    [rows, classes] scores, softmax and gradient (at 128 dims and 100 classes those are most
+    of it), at least 1,024."""
+    return max(1024, chunk_bytes(budget) // (dim * 4 * IN_MEMORY_COPIES + n_classes * 4 * SCORE_COPIES))
 
 
 def _metrics_in_chunks(head, table: RowTable, rows: np.ndarray, dim: int, classes: list[str], chunk_rows: int) -> dict[str, Any]:
@@ -220,7 +223,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
         raise UsageError(f"cache {str(cache)!r} has no training rows; add images or lower --val-fraction")
     known = np.isin(table.labels[idx["val"]], table.labels[idx["train"]])
     fit_idx = {**idx, "val": idx["val"][known]}  # the val rows a head can be scored on while it fits (early stopping, k, C)
-    budget = opts.memory_budget_bytes
+    budget = working_budget(opts.memory_budget_bytes, table.nbytes)  # the table's paths, labels and hashes count against it
     need = len(table.index_rows) * dim * 4 * (IN_MEMORY_COPIES if kind == "logreg" else 1)
     streaming = opts.stream or need > budget or w.enabled
     if w.enabled:
@@ -240,7 +243,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
         on_val = opts.select_on == "val" and known.any()
         Xv = read_embeddings(table, table.index_rows[fit_idx["val"]], dim) if on_val else None
         head.fit_rows(lambda pos, out=None: read_embeddings(table, table.index_rows[tr[pos]], dim, out), table.labels[tr], dim,
-                      chunk_rows=_stream_chunk_rows(budget, dim),
+                      chunk_rows=_stream_chunk_rows(budget, dim, len(np.unique(table.labels[tr]))),
                       X_val=Xv, y_val=table.labels[fit_idx["val"]] if on_val else None,
                       stream_order=share, keep_bytes=max(0, budget - 2 * chunk_bytes(budget)), world=w)
         X = {s: None for s in idx}
@@ -285,7 +288,7 @@ def _score_and_save(cache: Path, table, idx: dict[str, np.ndarray], X: dict[str,
         if len(idx[s]) and X[s] is not None:
             metrics[s] = classification_metrics(table.labels[idx[s]], full_proba(head, X[s], len(classes)), classes)
         elif len(idx[s]):  # streamed: scored a chunk at a time (RunningMetrics equals classification_metrics)
-            metrics[s] = _metrics_in_chunks(head, table, idx[s], dim, classes, _stream_chunk_rows(budget, dim))
+            metrics[s] = _metrics_in_chunks(head, table, idx[s], dim, classes, _stream_chunk_rows(budget, dim, len(classes)))
     metrics["fit_seconds"] = seconds
     if grid_board:
         metrics["grid"] = grid_board

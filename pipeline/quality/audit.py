@@ -19,7 +19,7 @@ import numpy as np
 
 from ..choices import AUDIT_CHECKS
 from ..heads import assign_splits
-from ..memory import budget_bytes, human, return_freed_memory, say_streaming
+from ..memory import budget_bytes, human, return_freed_memory, say_streaming, working_budget
 from ..names import printable as _printable
 from ..store import RowTable, read_rows
 from .duplicates import Duplicates, chance_threshold, find_duplicates, identical_rows, with_split
@@ -34,10 +34,11 @@ from .spill import CacheRows, SpilledRows, rows_of
 
 logger = logging.getLogger(__name__)
 
-FOLD_ROWS_FLOOR = 250_000  # rows a fold of the out-of-fold logreg may always fit on (a cache this small fits exactly as in memory)
+FOLD_ROWS_FLOOR = 100_000  # rows a fold of the out-of-fold logreg may always fit on (a cache this small fits exactly as in memory; 128 x 100 weights need no more)
 FIT_BYTES_PER_VALUE = 16  # the fold's rows as read (float32) and standardised (float64), and its share of the solver (measured: 520 MB at 250,000 x 128)
 FIT_SHARE = 2  # a fold's fit holds at most 1/FIT_SHARE of the budget (the rest: the per-row labels, splits and paths, which grow with N)
 INDEX_SHARE = 2  # the near-duplicate index of rows on disk holds at most 1/INDEX_SHARE of the budget (``ann.approximate_pairs_above``)
+INDEX_FLOOR = 256 << 20  # ... and at least this (smaller shards are searched by ever more rows: 10 shards at 10 M x 128)
 PROBA_FLOAT64_FLOOR = 256 << 20  # out-of-fold probabilities stay float64 up to this size (beyond a quarter of the budget, float32)
 
 
@@ -288,7 +289,7 @@ def audit_projected(rows: Projected, labels: np.ndarray, split: np.ndarray, path
                            f"{audit.space.dims} components, and in so few dimensions unrelated images often reach {opts.duplicate_threshold:g}")
     audit.duplicates = find_duplicates(audit.unit, threshold, split, sha256, identical=rows.identical, max_pairs=opts.max_pairs, device=opts.device,
                                        search=opts.near_duplicates, seed=opts.seed,
-                                       index_bytes=rows.budget // INDEX_SHARE if rows.budget is not None else None)
+                                       index_bytes=max(INDEX_FLOOR, rows.budget // INDEX_SHARE) if rows.budget is not None else None)
     audit.seconds["duplicates"] = time.perf_counter() - t
     searched = audit.duplicates.search.note()
     if searched:
@@ -348,7 +349,7 @@ def cache_rows(table: RowTable, options: AuditOptions, command: str) -> tuple[np
     memory when they and the audit's working rows fit ``options.memory_budget``, else read on
     demand (``spill.CacheRows``), which ``project`` then audits from disk; ``command`` says so."""
     X = CacheRows(table)
-    budget = budget_bytes(options.memory_budget)
+    budget = working_budget(budget_bytes(options.memory_budget), table.nbytes)  # the table's paths, labels and hashes count against it
     need = in_memory_bytes(len(X), X.shape[1], X.dtype.itemsize, options.dims)
     if need <= budget:
         return X[:], budget, X.storage_order()

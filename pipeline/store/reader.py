@@ -78,6 +78,12 @@ class RowTable:
         return list(self.meta["classes"])
 
     @property
+    def nbytes(self) -> int:
+        """Memory the table's columns hold (decoded paths: their array and, roughly, their text)."""
+        arrays = [self.index_rows, self.labels, self.paths_raw, self.paths, self.split, *self.fingerprints.values()]
+        return int(sum(getattr(a, "nbytes", 0) for a in arrays) + self.paths_raw.nbytes)
+
+    @property
     def generation(self) -> int:
         return self.snapshot.generation
 
