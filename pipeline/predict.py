@@ -283,8 +283,9 @@ def _predict_cache(loaded: LoadedHead, cache: Path, opts: PredictOptions) -> _Ru
         root = Path(table.meta.get("data_root") or "/")
         dim = int(table.meta["embed_dim"])
         try:
-            budget = working_budget(budget_bytes(opts.memory_budget), table.nbytes)  # the table's paths, labels and hashes count against it
-            step = score_chunk_rows(budget, dim, len(classes), rows=len(rows), command="predict", most=CACHE_CHUNK)
+            stated = budget_bytes(opts.memory_budget)
+            budget = working_budget(stated, table.nbytes)  # the table's paths, labels and hashes count against it
+            step = score_chunk_rows(budget, dim, len(classes), rows=len(rows), command="predict", most=CACHE_CHUNK, held=table.nbytes, stated=stated)
             for a in range(0, len(rows), step):
                 idx = rows[a : a + step]
                 X = np.empty((len(idx), dim), dtype=np.dtype(table.meta.get("dtype", "float32")))

@@ -81,13 +81,15 @@ def score_head(loaded: LoadedHead, rows_of: Callable[[np.ndarray], np.ndarray], 
     return Scored(groups, proba, metrics, train, kept_rows)
 
 
-def score_chunk_rows(budget: int, dim: int, n_classes: int, *, rows: int = 0, command: str = "", most: int | None = None) -> int:
+def score_chunk_rows(budget: int, dim: int, n_classes: int, *, rows: int = 0, command: str = "", most: int | None = None,
+                     held: int = 0, stated: int | None = None) -> int:
     """Rows scored at a time under a memory budget of ``budget`` bytes (their copies and
-    probabilities; at most ``most``). With ``command``, says so when ``rows`` rows exceed the budget."""
+    probabilities; at most ``most``). With ``command``, says so when ``rows`` rows exceed the
+    budget (the message counts the ``held`` bytes of the cache's table against the ``stated`` budget)."""
     row_bytes = dim * 4 * SCORE_COPIES + 8 * n_classes
     chunk = min(rows_per_chunk(budget, row_bytes), most or 2**62)
     if command and rows * row_bytes > budget:
-        say_streaming(command, rows * row_bytes, budget, f"scoring {chunk:,} rows at a time")
+        say_streaming(command, rows * row_bytes + held, stated or budget, f"scoring {chunk:,} rows at a time")
     return chunk
 
 
@@ -105,8 +107,8 @@ def evaluate_head(head_path: str | os.PathLike, cache: str | os.PathLike, val_fr
     same_data = table.meta.get("data_root") == loaded.provenance.get("data_root")
     split = split_as_recorded(loaded.provenance, table.paths, table.labels, table.split, val_fraction)
     dim = int(table.meta["embed_dim"])
-    budget = working_budget(budget, table.nbytes)  # the table's paths, labels and hashes count against it
-    chunk = score_chunk_rows(budget, dim, len(table.classes), rows=len(table), command="evaluate")
+    stated, budget = budget, working_budget(budget, table.nbytes)  # the table's paths, labels and hashes count against it
+    chunk = score_chunk_rows(budget, dim, len(table.classes), rows=len(table), command="evaluate", held=table.nbytes, stated=stated)
     w = world("cpu") if launched_by_torchrun() else None  # torchrun: each rank scores its share, the counts are summed
     scored = score_head(loaded, lambda rows: read_embeddings(table, table.index_rows[rows], dim), table.labels, split, same_data, table.classes,
                         keep="none", chunk_rows=chunk, world=w)

@@ -231,7 +231,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
                   "each global batch split across the ranks, gradients summed (one process's batches and steps)")
         logger.info(f"fit-head --clf {kind}: {w.size} ranks, each streaming its {len(idx['train']) // w.size:,} of the training rows; {shared}")
     elif streaming and not opts.stream:
-        say_streaming(f"fit-head --clf {kind}", need, budget, f"streaming the cache in chunks of {human(chunk_bytes(budget))}")
+        say_streaming(f"fit-head --clf {kind}", need + table.nbytes, opts.memory_budget_bytes, f"streaming the cache in chunks of {human(chunk_bytes(budget))}")
     head = make_head(kind, **opts.estimator_params())
     t0 = time.perf_counter()
     if opts.select_on == "val" and not len(idx["val"]):

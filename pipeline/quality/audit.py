@@ -349,11 +349,12 @@ def cache_rows(table: RowTable, options: AuditOptions, command: str) -> tuple[np
     memory when they and the audit's working rows fit ``options.memory_budget``, else read on
     demand (``spill.CacheRows``), which ``project`` then audits from disk; ``command`` says so."""
     X = CacheRows(table)
-    budget = working_budget(budget_bytes(options.memory_budget), table.nbytes)  # the table's paths, labels and hashes count against it
+    stated = budget_bytes(options.memory_budget)
+    budget = working_budget(stated, table.nbytes)  # the table's paths, labels and hashes count against it
     need = in_memory_bytes(len(X), X.shape[1], X.dtype.itemsize, options.dims)
     if need <= budget:
         return X[:], budget, X.storage_order()
-    say_streaming(command, need, budget, "reading the embeddings a chunk at a time and spilling the projected rows to disk")
+    say_streaming(command, need + table.nbytes, stated, "reading the embeddings a chunk at a time and spilling the projected rows to disk")
     return X, budget, X.storage_order()
 
 
