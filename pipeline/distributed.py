@@ -6,6 +6,7 @@ Without torchrun every call here is a cheap no-op for a world of one.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,8 +107,20 @@ def world(device_type: str = "cpu") -> World:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        atexit.register(_leave_group)
     _world = World(dist.get_rank(), dist.get_world_size(), local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return _world
+
+
+def _leave_group() -> None:
+    """Close the process group before the interpreter tears down: left to the C++ destructors,
+    a gloo rank whose peer had already exited once aborted ("terminate called without an
+    active exception", under a loaded machine), failing a job that had finished."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway; a peer may be gone
+            pass
 
 
 def launched_by_torchrun() -> bool:

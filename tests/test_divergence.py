@@ -54,9 +54,9 @@ def test_a_nan_stops_the_head_at_once(blobs, monkeypatch):
     calls = []
     real = LinearHead.train_step
 
-    def poisoned(self, xb, yb):
+    def poisoned(self, xb, yb, *share):
         calls.append(1)
-        return float("nan") if len(calls) == 3 else real(self, xb, yb)
+        return float("nan") if len(calls) == 3 else real(self, xb, yb, *share)
 
     monkeypatch.setattr(LinearHead, "train_step", poisoned)
     with pytest.raises(TrainingDivergedError, match="became nan in epoch 1"):

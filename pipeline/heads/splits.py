@@ -32,14 +32,23 @@ def _unit_hash(seed: int, path: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def assign_splits(paths: list[str], labels: np.ndarray, cache_split: list[str], val_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, SplitRule]:
-    """Per row: "train", "val", "test" or "" (unused: unlabeled)."""
+_SIDES = np.array(["", "train", "val", "test"], dtype=object)  # one shared string per side: an object array of N references, not N strings
+
+
+def assign_splits(paths: Sequence[str], labels: np.ndarray, cache_split: Sequence[str], val_fraction: float = 0.2,
+                  seed: int = 0) -> tuple[np.ndarray, SplitRule]:
+    """Per row: "train", "val", "test" or "" (unused: unlabeled). ``paths`` and ``cache_split``
+    may be lists or arrays; nothing per row is copied into Python lists (at 10 M rows those
+    were 2 GB and most of evaluate's memory)."""
     labels = np.asarray(labels)
-    if any(s == "train" for s in cache_split):
-        out = np.array([s if l >= 0 else "" for s, l in zip(cache_split, labels)], dtype=object)
-        return out, SplitRule("folders", val_fraction, seed)
-    out = np.array(["" if l < 0 else ("val" if _unit_hash(seed, p) < val_fraction else "train") for p, l in zip(paths, labels)], dtype=object)
-    return out, SplitRule("hash", val_fraction, seed)
+    given = np.asarray(cache_split)
+    if len(given) and (given == "train").any():
+        side = np.select([given == "train", given == "val", given == "test"], [1, 2, 3], 0).astype(np.int8)
+        side[labels < 0] = 0
+        return _SIDES[side], SplitRule("folders", val_fraction, seed)
+    u = np.fromiter((_unit_hash(seed, p) for p in paths), dtype=np.float64, count=len(labels))
+    side = np.where(labels < 0, 0, np.where(u < val_fraction, 2, 1)).astype(np.int8)
+    return _SIDES[side], SplitRule("hash", val_fraction, seed)
 
 
 def recorded_rule(provenance: Mapping[str, Any]) -> dict[str, Any]:
@@ -56,4 +65,4 @@ def split_as_recorded(provenance: Mapping[str, Any], paths: Sequence[str], label
     validation share instead of the recorded one, as ``evaluate --val-fraction``)."""
     rule = recorded_rule(provenance)
     share = rule["val_fraction"] if val_fraction is None else val_fraction
-    return assign_splits(list(paths), labels, list(cache_split), share, rule["seed"])[0]
+    return assign_splits(paths, labels, cache_split, share, rule["seed"])[0]
