@@ -68,16 +68,15 @@ class CacheSource:
         """Mean and standard deviation of every column; under torchrun each rank sums its
         contiguous share and the sums are added."""
         w = world or World()
-        total, total_sq = np.zeros(0), np.zeros(0)
+        dim = int(self.table.meta["embed_dim"])
+        total, total_sq = np.zeros(dim), np.zeros(dim)  # a rank without rows adds zeros
         for _, X in iter_embeddings(self.table, np.array_split(self.rows, w.size)[w.rank], chunk_rows=self.chunk_rows):
             X = X.astype(np.float64)
-            total = X.sum(0) if not len(total) else total + X.sum(0)
-            total_sq = (X**2).sum(0) if not len(total_sq) else total_sq + (X**2).sum(0)
+            total += X.sum(0)
+            total_sq += (X**2).sum(0)
         if w.enabled:
-            dim = int(self.table.meta["embed_dim"])
-            sums = [torch.as_tensor(t if len(t) else np.zeros(dim)) for t in (total, total_sq)]
+            sums = [torch.from_numpy(total), torch.from_numpy(total_sq)]  # views: summed over the ranks in place
             w.all_reduce_(sums)
-            total, total_sq = (t.numpy() for t in sums)
         mean = total / self.n_rows
         return mean, np.sqrt(np.maximum(total_sq / self.n_rows - mean**2, 0))
 
@@ -243,7 +242,7 @@ def _fit_head_locked(cache: Path, loaded: tuple, opts: FitOptions, out_path: Pat
         on_val = opts.select_on == "val" and known.any()
         Xv = read_embeddings(table, table.index_rows[fit_idx["val"]], dim) if on_val else None
         head.fit_rows(lambda pos, out=None: read_embeddings(table, table.index_rows[tr[pos]], dim, out), table.labels[tr], dim,
-                      chunk_rows=_stream_chunk_rows(budget, dim, len(np.unique(table.labels[tr]))),
+                      chunk_rows=_stream_chunk_rows(budget, dim, len(table.classes)),
                       X_val=Xv, y_val=table.labels[fit_idx["val"]] if on_val else None,
                       stream_order=share, keep_bytes=max(0, budget - 2 * chunk_bytes(budget)), world=w)
         X = {s: None for s in idx}

@@ -218,23 +218,20 @@ def project(X: np.ndarray | CacheRows, dims: int, budget: int | None = None, bes
                          f"every one of the {n:,} embeddings is the same vector (no variance): label errors, near-duplicates "
                          "beyond exact copies and the map cannot be assessed")
     in_memory = isinstance(X, np.ndarray)
-    if in_memory and order is None:
-        whitened, unit, spilled = space.project(X), None, ""
+    if in_memory:
+        whitened, unit, spilled = np.empty((n, space.dims), dtype=np.float32), None, ""
     else:
+        whitened, unit = SpilledRows(n, space.dims, beside, "whitened"), SpilledRows(n, space.dims, beside, "unit")
+        spilled = f", {n:,} rows projected and spilled to {whitened.folder} ({human(2 * whitened.nbytes)}, removed at exit)"
+    order = np.arange(n) if order is None else order
+    for a in range(0, n, SPACE_CHUNK_ROWS):  # the chunks of ``EmbeddingSpace.project``, in ``order``: the same rows in memory and on disk
+        rows = order[a : a + SPACE_CHUNK_ROWS]
+        block = space.project(X[rows])
         if in_memory:
-            whitened, unit, spilled = np.empty((n, space.dims), dtype=np.float32), None, ""
+            whitened[rows] = block
         else:
-            whitened, unit = SpilledRows(n, space.dims, beside, "whitened"), SpilledRows(n, space.dims, beside, "unit")
-            spilled = f", {n:,} rows projected and spilled to {whitened.folder} ({human(2 * whitened.nbytes)}, removed at exit)"
-        order = np.arange(n) if order is None else order
-        for a in range(0, n, SPACE_CHUNK_ROWS):  # the chunks of ``EmbeddingSpace.project``, in ``order``: the same rows in memory and on disk
-            rows = order[a : a + SPACE_CHUNK_ROWS]
-            block = space.project(X[rows])
-            if in_memory:
-                whitened[rows] = block
-            else:
-                whitened.write_at(rows, block)
-                unit.write_at(rows, unit_rows(block))
+            whitened.write_at(rows, block)
+            unit.write_at(rows, unit_rows(block))
     seconds = time.perf_counter() - t
     logger.info(f"audit: {space.dims} principal components ({100 * space.explained:.1f} % of the variance){spilled} in {seconds:.1f}s")
     return Projected(space, whitened, seconds, identical, unit=unit, budget=None if in_memory else budget)
